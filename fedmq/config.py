@@ -1,0 +1,296 @@
+"""Configuration: frozen dataclasses, loaded once from file + environment + flags, validated.
+
+Precedence, lowest first: defaults, a TOML file, ``FEDMQ_<SECTION>__<KEY>`` environment
+variables (e.g. ``FEDMQ_BROKER__PORT=8883``), then command-line flags. Every problem
+raises :class:`~fedmq.errors.ConfigError` naming the dotted key, before anything connects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmq.errors import ConfigError
+from fedmq.topics import Topics, validate_agent_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "FEDMQ_"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How to reach the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    max_payload_bytes: int = 64 * 1024 * 1024
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid field."""
+        _check(0 < self.port < 65536, "broker.port", f"must be 1-65535, got {self.port}")
+        _check(self.keepalive >= 5, "broker.keepalive", "must be >= 5 seconds")
+        _check(self.max_payload_bytes >= 1024, "broker.max_payload_bytes", "must be >= 1024")
+        _check((self.cert_file is None) == (self.key_file is None), "broker.cert_file",
+               "cert_file and key_file go together")
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            _check(path is None or Path(path).is_file(), f"broker.{key}", f"no such file: {path}")
+
+
+@dataclass(frozen=True)
+class StalenessConfig:
+    """Staleness weighting ``s(t - tau)``; see :mod:`aggregator.staleness`."""
+
+    function: str = "polynomial"
+    a: float = 0.5
+    b: int = 4
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid field."""
+        _check(self.function in ("constant", "polynomial", "hinge"), "aggregator.staleness.function",
+               f"must be constant, polynomial or hinge, got {self.function!r}")
+        _check(self.a >= 0 and math.isfinite(self.a), "aggregator.staleness.a", "must be a finite number >= 0")
+        _check(self.b >= 0, "aggregator.staleness.b", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """The aggregator service."""
+
+    rule: str = "fedbuff"
+    model: str = "softmax"
+    hidden: int = 64
+    num_features: int = 64
+    num_classes: int = 10
+    buffer_size: int = 10
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    alpha: float = 0.6
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    max_staleness: int = 20
+    sync_agents: int = 0
+    eval_data: str | None = None
+    eval_every: int = 1
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 10
+    max_versions: int = 0
+    target_accuracy: float | None = None
+    metrics_interval: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid field."""
+        _check(self.rule in ("fedasync", "fedbuff", "fedavg"), "aggregator.rule",
+               f"must be fedasync, fedbuff or fedavg, got {self.rule!r}")
+        _check(self.buffer_size >= 1, "aggregator.buffer_size", "must be >= 1")
+        _check(self.server_lr > 0, "aggregator.server_lr", "must be > 0")
+        _check(0 <= self.server_momentum < 1, "aggregator.server_momentum", "must be in [0, 1)")
+        _check(0 < self.alpha <= 1, "aggregator.alpha", "must be in (0, 1]")
+        _check(self.max_staleness >= 0, "aggregator.max_staleness", "must be >= 0")
+        _check(self.sync_agents >= 0, "aggregator.sync_agents", "must be >= 0 (0: every online agent)")
+        _check(self.eval_every >= 1, "aggregator.eval_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "aggregator.checkpoint_every", "must be >= 1")
+        _check(self.max_versions >= 0, "aggregator.max_versions", "must be >= 0 (0: run until stopped)")
+        _check(self.num_features >= 1 and self.num_classes >= 2, "aggregator.num_classes",
+               "need num_features >= 1 and num_classes >= 2")
+        _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1, "aggregator.target_accuracy",
+               "must be in (0, 1]")
+        _check(self.metrics_interval > 0, "aggregator.metrics_interval", "must be > 0")
+        self.staleness.validate()
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Update-level (local) differential privacy of an agent: clip, Gaussian noise, accountant."""
+
+    enabled: bool = True
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.3
+    delta: float = 1e-5
+    epsilon_budget: float | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid field."""
+        _check(self.clip_norm > 0 and math.isfinite(self.clip_norm), "privacy.clip_norm", "must be > 0")
+        _check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier), "privacy.noise_multiplier",
+               "must be >= 0")
+        _check(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _check(self.epsilon_budget is None or self.epsilon_budget > 0, "privacy.epsilon_budget",
+               "must be > 0")
+        _check(not (self.enabled and self.epsilon_budget is not None and self.noise_multiplier == 0),
+               "privacy.noise_multiplier", "an epsilon budget needs noise_multiplier > 0")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One edge agent."""
+
+    agent_id: str = "agent-1"
+    data: str | None = None
+    model: str = "softmax"
+    hidden: int = 64
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.1
+    state_dir: str | None = None
+    max_updates: int = 0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid field."""
+        validate_agent_id(self.agent_id, key="agent.agent_id")
+        _check(self.local_epochs >= 1, "agent.local_epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "agent.batch_size", "must be >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), "agent.lr", "must be > 0")
+        _check(self.max_updates >= 0, "agent.max_updates", "must be >= 0 (0: no limit)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one process needs; each role reads its own sections."""
+
+    prefix: str = "fedmq/default"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @property
+    def topics(self) -> Topics:
+        """Topic names of this federation."""
+        return Topics(self.prefix)
+
+    def validate(self, *, role: str | None = None) -> Config:
+        """Validate the sections ``role`` uses (all when ``None``) and return ``self``."""
+        Topics(self.prefix)
+        self.broker.validate()
+        if role in (None, "aggregator"):
+            self.aggregator.validate()
+        if role in (None, "agent"):
+            self.agent.validate()
+            self.privacy.validate()
+        return self
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a file/env/flag value to the annotated type ``typ`` or raise ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a table, got {value!r}")
+        return _build(typ, value, key)  # type: ignore[arg-type]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be {typ.__name__}, got {value!r}") from None
+    raise ConfigError(key, f"unsupported type {typ!r}")  # pragma: no cover - our own bug
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(dotted, f"unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(".".join(path), "conflicts with a scalar value")
+    node[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None, role: str | None = None) -> Config:
+    """Load, merge and validate the configuration.
+
+    Args:
+        path: a TOML file (optional); its tables are the sections of :class:`Config`.
+        env: environment to read ``FEDMQ_*`` variables from (default ``os.environ``).
+        overrides: dotted keys to values, from command-line flags; ``None`` values are skipped.
+        role: validate only the sections that role uses (``"aggregator"``, ``"agent"``).
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"no such file: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+            if parts[0] in {f.name for f in dataclasses.fields(Config)}:
+                _set_path(tree, parts, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            tree = _merge(tree, _nest(dotted.split("."), value))
+    config: Config = _build(Config, tree, "")
+    return config.validate(role=role)
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _set_path(out, path, value)
+    return out

@@ -1,0 +1,178 @@
+"""Typed messages of the wire schema (version :data:`fedmq.SCHEMA_VERSION`).
+
+Each message is a msgpack map with ``schema`` (int) and ``kind`` (str) first. The
+``from_wire`` constructors validate every field of an untrusted map and raise
+:class:`~fedmq.errors.DecodeError` with a reason; see ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fedmq import SCHEMA_VERSION
+from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, Tensors, decode_tensors, encode_tensors, pack, unpack
+from fedmq.errors import DecodeError, RejectReason
+
+Mode = Literal["async", "sync"]
+AgentState = Literal["online", "offline", "training", "budget_exhausted", "stopped"]
+_AGENT_STATES = ("online", "offline", "training", "budget_exhausted", "stopped")
+
+
+def _check_header(obj: dict[str, Any], kind: str) -> None:
+    schema = obj.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise DecodeError(RejectReason.SCHEMA_VERSION, f"schema {schema!r}, this build speaks {SCHEMA_VERSION}")
+    if obj.get("kind") != kind:
+        raise DecodeError(RejectReason.WRONG_KIND, f"kind {obj.get('kind')!r}, expected {kind!r}")
+
+
+def _int(obj: dict[str, Any], key: str, *, minimum: int = 0) -> int:
+    v = obj.get(key)
+    if type(v) is not int or v < minimum:
+        raise DecodeError(RejectReason.BAD_FIELD, f"{key} must be an int >= {minimum}, got {v!r}"[:200])
+    return v
+
+
+def _float(obj: dict[str, Any], key: str, *, optional: bool = False) -> float | None:
+    v = obj.get(key)
+    if v is None and optional:
+        return None
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise DecodeError(RejectReason.BAD_FIELD, f"{key} must be a finite number, got {v!r}"[:200])
+    return float(v)
+
+
+def _str(obj: dict[str, Any], key: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str):
+        raise DecodeError(RejectReason.BAD_FIELD, f"{key} must be a string")
+    return v
+
+
+@dataclass(frozen=True)
+class ModelMessage:
+    """A global model version, published retained on ``{prefix}/model``.
+
+    ``selected`` is ``None`` in async mode (every agent may train); in sync mode it lists the
+    agent ids the round waits for, and only they train on this version.
+    """
+
+    version: int
+    model: str
+    tensors: Tensors
+    mode: Mode = "async"
+    selected: tuple[str, ...] | None = None
+    max_staleness: int = 20
+    created_at: float = 0.0
+    kind: str = field(default="model", init=False)
+
+    def to_bytes(self) -> bytes:
+        """Serialize for publishing."""
+        return pack({
+            "schema": SCHEMA_VERSION, "kind": "model", "version": self.version, "model": self.model,
+            "mode": self.mode, "selected": list(self.selected) if self.selected is not None else None,
+            "max_staleness": self.max_staleness, "created_at": self.created_at,
+            "tensors": encode_tensors(self.tensors),
+        })
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ModelMessage:
+        """Decode and validate an untrusted model message."""
+        obj = unpack(payload, limits)
+        _check_header(obj, "model")
+        mode = obj.get("mode")
+        if mode not in ("async", "sync"):
+            raise DecodeError(RejectReason.BAD_FIELD, f"mode must be 'async' or 'sync', got {mode!r}"[:200])
+        selected = obj.get("selected")
+        if selected is not None and not (isinstance(selected, list) and all(isinstance(s, str) for s in selected)):
+            raise DecodeError(RejectReason.BAD_FIELD, "selected must be null or a list of agent ids")
+        return cls(
+            version=_int(obj, "version"), model=_str(obj, "model"),
+            tensors=decode_tensors(obj.get("tensors"), where="tensors", limits=limits),
+            mode=mode, selected=tuple(selected) if selected is not None else None,
+            max_staleness=_int(obj, "max_staleness"), created_at=_float(obj, "created_at") or 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class UpdateMessage:
+    """One agent's update: ``delta = w_local - w_base`` after clipping and noise.
+
+    ``(agent_id, seq)`` identifies an update; ``seq`` increases by one per release.
+    ``epsilon`` is the agent's cumulative privacy loss after this release (``None`` when
+    the agent runs without differential privacy).
+    """
+
+    agent_id: str
+    seq: int
+    base_version: int
+    num_examples: int
+    delta: Tensors
+    train_loss: float = 0.0
+    epsilon: float | None = None
+    sent_at: float = 0.0
+    kind: str = field(default="update", init=False)
+
+    def to_bytes(self) -> bytes:
+        """Serialize for publishing."""
+        return pack({
+            "schema": SCHEMA_VERSION, "kind": "update", "agent_id": self.agent_id, "seq": self.seq,
+            "base_version": self.base_version, "num_examples": self.num_examples,
+            "train_loss": self.train_loss, "epsilon": self.epsilon, "sent_at": self.sent_at,
+            "delta": encode_tensors(self.delta),
+        })
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> UpdateMessage:
+        """Decode and validate an untrusted update."""
+        obj = unpack(payload, limits)
+        _check_header(obj, "update")
+        return cls(
+            agent_id=_str(obj, "agent_id"), seq=_int(obj, "seq"), base_version=_int(obj, "base_version"),
+            num_examples=_int(obj, "num_examples", minimum=1),
+            delta=decode_tensors(obj.get("delta"), where="delta", limits=limits),
+            train_loss=_float(obj, "train_loss") or 0.0, epsilon=_float(obj, "epsilon", optional=True),
+            sent_at=_float(obj, "sent_at") or 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    """Liveness of an agent or of the aggregator (retained; the MQTT Will publishes ``offline``)."""
+
+    agent_id: str
+    state: AgentState
+    epsilon: float | None = None
+    seq: int = 0
+    ts: float = 0.0
+    kind: str = field(default="status", init=False)
+
+    def to_bytes(self) -> bytes:
+        """Serialize for publishing."""
+        return pack({"schema": SCHEMA_VERSION, "kind": "status", "agent_id": self.agent_id, "state": self.state,
+                     "epsilon": self.epsilon, "seq": self.seq, "ts": self.ts})
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> StatusMessage:
+        """Decode and validate an untrusted status message."""
+        obj = unpack(payload, limits)
+        _check_header(obj, "status")
+        state = obj.get("state")
+        if state not in _AGENT_STATES:
+            raise DecodeError(RejectReason.BAD_FIELD, f"state must be one of {_AGENT_STATES}")
+        return cls(agent_id=_str(obj, "agent_id"), state=state, epsilon=_float(obj, "epsilon", optional=True),
+                   seq=_int(obj, "seq"), ts=_float(obj, "ts") or 0.0)
+
+
+def metrics_to_bytes(metrics: dict[str, Any]) -> bytes:
+    """Serialize an aggregator metrics map (``docs/protocol.md`` lists its keys)."""
+    return pack({"schema": SCHEMA_VERSION, "kind": "metrics", **metrics})
+
+
+def metrics_from_bytes(payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Decode a metrics map (for dashboards and tests)."""
+    obj = unpack(payload, limits)
+    _check_header(obj, "metrics")
+    return obj
