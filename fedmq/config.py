@@ -124,7 +124,7 @@ class PrivacyConfig:
 
     enabled: bool = True
     clip_norm: float = 1.0
-    noise_multiplier: float = 0.3
+    noise_multiplier: float = 1.0
     delta: float = 1e-5
     epsilon_budget: float | None = None
 
@@ -146,11 +146,10 @@ class AgentConfig:
 
     agent_id: str = "agent-1"
     data: str | None = None
-    model: str = "softmax"
-    hidden: int = 64
     local_epochs: int = 1
     batch_size: int = 16
     lr: float = 0.1
+    round_interval: float = 5.0
     state_dir: str | None = None
     max_updates: int = 0
     seed: int | None = None
@@ -162,6 +161,8 @@ class AgentConfig:
         _check(self.batch_size >= 1, "agent.batch_size", "must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), "agent.lr", "must be > 0")
         _check(self.max_updates >= 0, "agent.max_updates", "must be >= 0 (0: no limit)")
+        _check(self.round_interval >= 0 and math.isfinite(self.round_interval), "agent.round_interval",
+               "must be >= 0 seconds")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,29 @@ def _str(obj: dict[str, Any], key: str) -> str:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """What an agent needs to build the model locally: registry name and dimensions."""
+
+    name: str
+    num_features: int
+    num_classes: int
+    hidden: int = 64
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain map for the ``model`` field."""
+        return {"name": self.name, "num_features": self.num_features, "num_classes": self.num_classes,
+                "hidden": self.hidden}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> ModelSpec:
+        """Validate an untrusted ``model`` field."""
+        if not isinstance(obj, dict):
+            raise DecodeError(RejectReason.BAD_FIELD, "model must be a map")
+        return cls(_str(obj, "name"), _int(obj, "num_features", minimum=1), _int(obj, "num_classes", minimum=2),
+                   _int(obj, "hidden", minimum=1))
+
+
+@dataclass(frozen=True)
 class ModelMessage:
     """A global model version, published retained on ``{prefix}/model``.
 
@@ -60,7 +83,7 @@ class ModelMessage:
     """
 
     version: int
-    model: str
+    model: ModelSpec
     tensors: Tensors
     mode: Mode = "async"
     selected: tuple[str, ...] | None = None
@@ -71,7 +94,7 @@ class ModelMessage:
     def to_bytes(self) -> bytes:
         """Serialize for publishing."""
         return pack({
-            "schema": SCHEMA_VERSION, "kind": "model", "version": self.version, "model": self.model,
+            "schema": SCHEMA_VERSION, "kind": "model", "version": self.version, "model": self.model.to_wire(),
             "mode": self.mode, "selected": list(self.selected) if self.selected is not None else None,
             "max_staleness": self.max_staleness, "created_at": self.created_at,
             "tensors": encode_tensors(self.tensors),
@@ -89,7 +112,7 @@ class ModelMessage:
         if selected is not None and not (isinstance(selected, list) and all(isinstance(s, str) for s in selected)):
             raise DecodeError(RejectReason.BAD_FIELD, "selected must be null or a list of agent ids")
         return cls(
-            version=_int(obj, "version"), model=_str(obj, "model"),
+            version=_int(obj, "version"), model=ModelSpec.from_wire(obj.get("model")),
             tensors=decode_tensors(obj.get("tensors"), where="tensors", limits=limits),
             mode=mode, selected=tuple(selected) if selected is not None else None,
             max_staleness=_int(obj, "max_staleness"), created_at=_float(obj, "created_at") or 0.0,

@@ -1,0 +1,380 @@
+"""The aggregator service: the asyncio loop that owns all I/O around :class:`AggregatorCore`.
+
+Lifecycle (after uvicorn's ``Server``): :meth:`AggregatorService.startup` builds the model
+and core, restores the checkpoint and loads the evaluation set, failing fast on bad config;
+:meth:`AggregatorService.run` connects (reconnecting with backoff), publishes the current
+model retained, and consumes updates as they arrive; on stop (SIGTERM in the CLI) it
+checkpoints, publishes final metrics and its ``stopped`` status, and disconnects.
+
+A peer's bad message never stops the service: it is rejected with a reason, counted,
+logged once per (agent, reason) without its payload, and published in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from aggregator.core import Accepted, AggregatorCore, Rejected, make_rule
+from aggregator.staleness import make_staleness_fn
+from fedmq.codec import DecodeLimits
+from fedmq.config import Config
+from fedmq.errors import ConfigError, DecodeError, RejectReason
+from fedmq.messages import ModelMessage, ModelSpec, StatusMessage, UpdateMessage, metrics_to_bytes
+from fedmq.state import read_state, write_state
+from fedmq.transport import backoff, client_kwargs
+from models import create_model
+from models.base import evaluate
+from models.datasets import Dataset, load_source
+
+log = logging.getLogger("fedmq.aggregator")
+CHECKPOINT_NAME = "aggregator.ckpt"
+CHECKPOINT_KIND = "aggregator-checkpoint"
+
+
+@dataclass
+class Progress:
+    """A snapshot for progress displays and the metrics topic."""
+
+    version: int
+    accuracy: float | None
+    loss: float | None
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    mean_staleness: float
+    max_epsilon: float
+    agents_online: int
+    elapsed: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain map (the metrics payload)."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class EvalPoint:
+    """Test accuracy of one model version at a wall-clock time since start."""
+
+    elapsed: float
+    version: int
+    accuracy: float
+    loss: float
+
+
+@dataclass
+class _Runtime:
+    started: float = 0.0
+    evals: list[EvalPoint] = field(default_factory=list)
+    logged: set[tuple[str, str]] = field(default_factory=set)
+
+
+class _Stop(Exception):  # noqa: N818 - control flow inside the task group
+    pass
+
+
+class AggregatorService:
+    """The asyncio aggregator around a sans-IO core.
+
+    Args:
+        config: validated configuration (``broker``, ``aggregator``, ``prefix``).
+        eval_data: held-out set (overrides ``aggregator.eval_data``).
+        on_progress: called with a :class:`Progress` after each evaluation and metrics tick.
+        clock: monotonic clock (injected for tests).
+    """
+
+    def __init__(self, config: Config, *, eval_data: Dataset | None = None,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.cfg = config.aggregator
+        self.topics = config.topics
+        self.eval_data = eval_data
+        self.on_progress = on_progress
+        self.clock = clock
+        self.spec = ModelSpec(self.cfg.model, self.cfg.num_features, self.cfg.num_classes, self.cfg.hidden)
+        self.core: AggregatorCore | None = None
+        self.rt = _Runtime()
+        self.done = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
+        self._eval_wanted = asyncio.Event()
+        self._eval_model: Any = None
+        self._last_checkpoint_version = -1
+        self._client: aiomqtt.Client | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """Where checkpoints go (``None``: checkpointing off)."""
+        return Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME if self.cfg.checkpoint_dir else None
+
+    def startup(self) -> AggregatorCore:
+        """Build model and core, restore the checkpoint, load evaluation data. Fails fast, naming the key."""
+        try:
+            model = create_model(self.spec.name, num_features=self.spec.num_features,
+                                 num_classes=self.spec.num_classes, hidden=self.spec.hidden, seed=self.cfg.seed)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError("aggregator.model", str(exc)) from None
+        self._eval_model = model
+        rule = make_rule(self.cfg.rule, staleness_fn=make_staleness_fn(
+            self.cfg.staleness.function, self.cfg.staleness.a, self.cfg.staleness.b),
+            alpha=self.cfg.alpha, buffer_size=self.cfg.buffer_size, server_lr=self.cfg.server_lr,
+            momentum=self.cfg.server_momentum)
+        core = AggregatorCore(model.get_weights(), rule, max_staleness=self.cfg.max_staleness,
+                              sync_agents=self.cfg.sync_agents, seed=self.cfg.seed)
+        path = self.checkpoint_path
+        if path is not None:
+            try:
+                state = read_state(path, CHECKPOINT_KIND)
+                if state is not None:
+                    core.load_state_dict(state)
+                    log.info("resumed from %s at version %d", path, core.version)
+            except ValueError as exc:
+                raise ConfigError("aggregator.checkpoint_dir", str(exc)) from None
+        if self.eval_data is None and self.cfg.eval_data:
+            try:
+                self.eval_data = load_source(self.cfg.eval_data)
+            except (ValueError, OSError, ImportError, AttributeError) as exc:
+                raise ConfigError("aggregator.eval_data", str(exc)) from None
+        if self.eval_data is not None and self.eval_data.x.shape[1] != self.spec.num_features:
+            raise ConfigError("aggregator.num_features", f"{self.spec.num_features}, but the evaluation data has "
+                              f"{self.eval_data.x.shape[1]} features")
+        self.core = core
+        self._last_checkpoint_version = core.version
+        return core
+
+    async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
+        """Serve until ``stop`` is set, ``max_versions`` or ``target_accuracy`` is reached; return the summary."""
+        stop = stop or asyncio.Event()
+        core = self.core or self.startup()
+        self.rt.started = self.clock()
+        delays = backoff()
+        will = aiomqtt.Will(self.topics.server_status, self._status("offline"), qos=1, retain=True)
+        evaluator = asyncio.create_task(self._evaluator())
+        self._eval_wanted.set()
+        try:
+            while not stop.is_set() and not self.done.is_set():
+                try:
+                    async with aiomqtt.Client(**client_kwargs(self.config.broker), will=will, clean_session=True,
+                                              identifier=f"fedmq-aggregator-{self.topics.prefix.replace('/', '-')}",
+                                              max_queued_incoming_messages=10_000) as client:
+                        self._client = client
+                        delays = backoff()
+                        await self._session(client, stop)
+                except* aiomqtt.MqttError as group:
+                    self._client = None
+                    self.ready.clear()
+                    delay = next(delays)
+                    log.warning("broker connection lost (%s); reconnecting in %.1f s", group.exceptions[0], delay)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
+        finally:
+            self._client = None
+            evaluator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await evaluator
+            await self._final_evaluation()
+            await self.checkpoint()
+        return self.summary()
+
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        await client.publish(self.topics.server_status, self._status("online"), qos=1, retain=True)
+        await self._maybe_start_round(client)
+        await self._publish_model(client)
+        await client.subscribe(self.topics.update_wildcard, qos=1)
+        await client.subscribe(self.topics.status_wildcard, qos=1)
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(client))
+                tg.create_task(self._metrics_loop(client))
+                tg.create_task(self._watch(stop))
+        except* _Stop:
+            pass
+        await client.publish(self.topics.metrics, metrics_to_bytes(self.progress().to_dict()), qos=1, retain=True)
+        await client.publish(self.topics.server_status, self._status("stopped"), qos=1, retain=True)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.done.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        raise _Stop
+
+    # --- messages ---------------------------------------------------------------------------
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            topic = msg.topic.value
+            payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+            agent = self.topics.agent_of(topic, "update")
+            if agent is not None:
+                await self._on_update(client, agent, bytes(payload))
+                continue
+            agent = self.topics.agent_of(topic, "status")
+            if agent is not None:
+                await self._on_status(client, agent, bytes(payload))
+
+    async def _on_update(self, client: aiomqtt.Client, topic_agent: str, payload: bytes) -> None:
+        core = self._core
+        try:
+            update = UpdateMessage.from_bytes(payload, self._limits)
+        except DecodeError as exc:
+            self._count_rejection(Rejected(topic_agent, None, exc.reason, exc.detail))
+            return
+        result = core.receive(update, topic_agent_id=topic_agent)
+        if isinstance(result, Rejected):
+            self._log_rejection(result)
+            return
+        assert isinstance(result, Accepted)
+        if result.new_version is not None:
+            await self._new_version(client)
+
+    async def _on_status(self, client: aiomqtt.Client, agent: str, payload: bytes) -> None:
+        core = self._core
+        online = False
+        if payload:
+            try:
+                status = StatusMessage.from_bytes(payload, self._limits)
+            except DecodeError as exc:
+                log.debug("bad status from %s: %s", agent, exc)
+                return
+            if status.agent_id != agent:
+                log.warning("status on %s's topic names agent %r; ignored", agent, status.agent_id)
+                return
+            online = status.state in ("online", "training")
+        if core.agent_status(agent, online) is not None:
+            await self._new_version(client)
+        else:
+            await self._maybe_start_round(client)
+
+    async def _new_version(self, client: aiomqtt.Client) -> None:
+        core = self._core
+        await self._maybe_start_round(client)
+        await self._publish_model(client)
+        if core.version % self.cfg.eval_every == 0:
+            self._eval_wanted.set()
+        if core.version - self._last_checkpoint_version >= self.cfg.checkpoint_every:
+            await self.checkpoint()
+        if self.cfg.max_versions and core.version >= self.cfg.max_versions:
+            self.done.set()
+
+    async def _maybe_start_round(self, client: aiomqtt.Client) -> None:
+        core = self._core
+        if core.mode != "sync" or core.selected is not None:
+            return
+        if len(core.online) < max(1, self.cfg.sync_agents):
+            return
+        core.start_round()
+        await self._publish_model(client)
+
+    async def _publish_model(self, client: aiomqtt.Client) -> None:
+        core = self._core
+        if core.mode == "sync" and core.selected is None:
+            return  # no round open: nobody should train yet
+        msg = ModelMessage(version=core.version, model=self.spec, tensors=core.weights, mode=core.mode,  # type: ignore[arg-type]
+                           selected=core.selected, max_staleness=core.max_staleness, created_at=time.time())
+        await client.publish(self.topics.model, msg.to_bytes(), qos=1, retain=True)
+
+    def _count_rejection(self, rejected: Rejected) -> None:
+        self._core.stats.rejected[rejected.reason.value] += 1
+        self._log_rejection(rejected)
+
+    def _log_rejection(self, rejected: Rejected) -> None:
+        key = (rejected.agent_id or "?", rejected.reason.value)
+        if key not in self.rt.logged and len(self.rt.logged) < 10_000:
+            self.rt.logged.add(key)
+            log.warning("rejected an update from %s: %s (%s); further ones are counted, not logged",
+                        key[0], rejected.reason.value, rejected.detail)
+
+    # --- evaluation, metrics, checkpoints ---------------------------------------------------
+    async def _evaluator(self) -> None:
+        """Evaluate the newest version in a worker thread, one evaluation at a time."""
+        while True:
+            await self._eval_wanted.wait()
+            self._eval_wanted.clear()
+            await self._evaluate_current()
+
+    async def _evaluate_current(self) -> None:
+        if self.eval_data is None or self.core is None:
+            return
+        if self.rt.evals and self.rt.evals[-1].version == self.core.version:
+            return
+        version, weights = self.core.version, self.core.weights
+        loss, acc = await asyncio.to_thread(self._evaluate, weights)
+        self.rt.evals.append(EvalPoint(self.clock() - self.rt.started, version, acc, loss))
+        if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
+            self.done.set()
+        if self.on_progress is not None:
+            self.on_progress(self.progress())
+
+    def _evaluate(self, weights: dict[str, Any]) -> tuple[float, float]:
+        assert self.eval_data is not None
+        self._eval_model.set_weights(weights)
+        return evaluate(self._eval_model, self.eval_data.x, self.eval_data.y)
+
+    async def _final_evaluation(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._evaluate_current()
+
+    async def _metrics_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            progress = self.progress()
+            await client.publish(self.topics.metrics, metrics_to_bytes(progress.to_dict()), qos=0, retain=True)
+            if self.on_progress is not None:
+                self.on_progress(progress)
+            await asyncio.sleep(self.cfg.metrics_interval)
+
+    async def checkpoint(self) -> None:
+        """Write model, version, rule state, dedupe state and counters atomically (in a thread)."""
+        path = self.checkpoint_path
+        if path is None or self.core is None:
+            return
+        state = self.core.state_dict()
+        await asyncio.to_thread(write_state, path, CHECKPOINT_KIND, state)
+        self._last_checkpoint_version = self.core.version
+
+    # --- reporting --------------------------------------------------------------------------
+    @property
+    def _core(self) -> AggregatorCore:
+        assert self.core is not None, "startup() has not run"
+        return self.core
+
+    def _status(self, state: str) -> bytes:
+        return StatusMessage("server", state, ts=time.time()).to_bytes()  # type: ignore[arg-type]
+
+    def progress(self) -> Progress:
+        """Current figures."""
+        core = self._core
+        last = self.rt.evals[-1] if self.rt.evals else None
+        return Progress(
+            version=core.version, accuracy=last.accuracy if last else None, loss=last.loss if last else None,
+            accepted=core.stats.accepted, rejected=sum(core.stats.rejected.values()),
+            rejected_by_reason=dict(core.stats.rejected), mean_staleness=core.stats.mean_staleness,
+            max_epsilon=core.stats.max_epsilon, agents_online=len(core.online),
+            elapsed=self.clock() - self.rt.started if self.rt.started else 0.0)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's summary (the demo's JSON)."""
+        p = self.progress()
+        return {
+            "final_accuracy": p.accuracy, "final_loss": p.loss, "model_versions": p.version,
+            "updates_accepted": p.accepted, "updates_rejected": p.rejected,
+            "rejected_by_reason": p.rejected_by_reason, "mean_staleness": round(p.mean_staleness, 3),
+            "max_epsilon": p.max_epsilon, "wall_seconds": round(p.elapsed, 2), "rule": self.cfg.rule,
+            "accuracy_history": [[round(e.elapsed, 3), e.version, round(e.accuracy, 4)] for e in self.rt.evals],
+        }
+
+
+__all__ = ["AggregatorService", "EvalPoint", "Progress", "RejectReason"]

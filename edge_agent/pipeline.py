@@ -1,0 +1,112 @@
+"""The agent's release pipeline: train -> clip -> noise -> encode, composed of wrappers.
+
+Training code knows nothing of privacy. A :class:`Release` (the raw delta) passes through
+a list of steps; each step is a callable ``Release -> Release``. Privacy is two steps,
+:class:`ClipStep` and :class:`GaussianNoiseStep`; :func:`build_pipeline` composes them from
+the config. The noise step consults the accountant *before* it releases, so a release that
+would exceed the budget never happens (:class:`BudgetExhausted`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.privacy import PrivacyAccountant, add_gaussian_noise, clip_l2, l2_norm
+from fedmq.config import PrivacyConfig
+
+Tensors = dict[str, npt.NDArray[Any]]
+
+
+class BudgetExhausted(Exception):  # noqa: N818 - a state, not a failure of ours
+    """Releasing one more update would exceed the configured epsilon budget."""
+
+    def __init__(self, epsilon_now: float, epsilon_next: float, budget: float) -> None:
+        super().__init__(f"privacy budget exhausted: epsilon {epsilon_now:.3g} now, {epsilon_next:.3g} after "
+                         f"one more release > budget {budget:.3g}; no more updates are published")
+        self.epsilon_now = epsilon_now
+        self.epsilon_next = epsilon_next
+        self.budget = budget
+
+
+@dataclass(frozen=True)
+class Release:
+    """An update on its way out: the delta, and what the steps learned about it."""
+
+    delta: Tensors
+    num_examples: int
+    loss: float
+    norm: float | None = None
+    epsilon: float | None = None
+
+
+Step = Callable[[Release], Release]
+
+
+@dataclass(frozen=True)
+class ClipStep:
+    """Clip the delta to L2 norm ``bound``."""
+
+    bound: float
+
+    def __call__(self, release: Release) -> Release:
+        """Clip; records the pre-clip norm."""
+        clipped, norm = clip_l2(release.delta, self.bound)
+        return replace(release, delta=clipped, norm=norm)
+
+
+class GaussianNoiseStep:
+    """Add ``N(0, (z * bound)^2)`` noise and record the release in the accountant.
+
+    Must follow a :class:`ClipStep` with the same ``bound`` (the sensitivity).
+    """
+
+    def __init__(self, noise_multiplier: float, bound: float, rng: np.random.Generator,
+                 accountant: PrivacyAccountant, budget: float | None = None) -> None:
+        if noise_multiplier < 0 or bound <= 0:
+            raise ValueError("need noise_multiplier >= 0 and bound > 0")
+        self.noise_multiplier = noise_multiplier
+        self.bound = bound
+        self.rng = rng
+        self.accountant = accountant
+        self.budget = budget
+
+    def check_budget(self) -> None:
+        """Raise :class:`BudgetExhausted` if one more release would exceed the budget."""
+        if self.budget is None:
+            return
+        nxt = self.accountant.epsilon(extra=(self.noise_multiplier, 1))
+        if nxt > self.budget:
+            raise BudgetExhausted(self.accountant.epsilon(), nxt, self.budget)
+
+    def __call__(self, release: Release) -> Release:
+        """Check the budget, add noise, account the release."""
+        if l2_norm(release.delta) > self.bound * (1 + 1e-5):
+            raise ValueError("the noise step needs a delta clipped to its bound (put a ClipStep first)")
+        self.check_budget()
+        noisy = add_gaussian_noise(release.delta, self.noise_multiplier * self.bound, self.rng)
+        self.accountant.record(self.noise_multiplier)
+        return replace(release, delta=noisy, epsilon=self.accountant.epsilon())
+
+
+def run_pipeline(steps: Sequence[Step], release: Release) -> Release:
+    """Apply ``steps`` in order."""
+    for step in steps:
+        release = step(release)
+    return release
+
+
+def build_pipeline(privacy: PrivacyConfig, rng: np.random.Generator,
+                   accountant: PrivacyAccountant | None) -> list[Step]:
+    """The steps for a privacy config: ``[]`` when DP is off, else clip then noise."""
+    if not privacy.enabled:
+        return []
+    if accountant is None:
+        raise ValueError("differential privacy needs an accountant")
+    return [ClipStep(privacy.clip_norm),
+            GaussianNoiseStep(privacy.noise_multiplier, privacy.clip_norm, rng, accountant, privacy.epsilon_budget)]
+

@@ -1,0 +1,141 @@
+"""Local training and release, without I/O: model in, encoded-ready update out.
+
+:class:`LocalTrainer` is what the asyncio service runs in a worker thread. It decides
+whether a model version is worth training on, trains, computes the delta from the base
+version, runs the privacy pipeline and numbers the update. Its durable state (sequence
+number and accountant history) lives in one small state file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.pipeline import BudgetExhausted, GaussianNoiseStep, Release, Step, build_pipeline, run_pipeline
+from edge_agent.privacy import PrivacyAccountant
+from fedmq.config import AgentConfig, PrivacyConfig
+from fedmq.messages import ModelMessage, ModelSpec, UpdateMessage
+from fedmq.state import read_state, write_state
+from models import create_model
+from models.datasets import Dataset
+
+STATE_KIND = "agent-state"
+
+
+class LocalTrainer:
+    """Trains one agent's model on its local data and produces privatised updates.
+
+    Args:
+        agent: the agent section of the config.
+        privacy: the privacy section.
+        data: the local data set (never leaves the device).
+        rng: injected randomness for shuffling and DP noise.
+        state_path: where sequence number and accountant state persist (``None``: memory only,
+            and the sequence starts from the clock so that a restarted agent is not a duplicate).
+    """
+
+    def __init__(self, agent: AgentConfig, privacy: PrivacyConfig, data: Dataset, *, rng: np.random.Generator,
+                 state_path: Path | None = None) -> None:
+        if len(data) == 0:
+            raise ValueError("the agent's data set is empty")
+        self.agent = agent
+        self.privacy = privacy
+        self.data = data
+        self.rng = rng
+        self.state_path = state_path
+        self.accountant = PrivacyAccountant(privacy.delta) if privacy.enabled else None
+        self.steps: list[Step] = build_pipeline(privacy, rng, self.accountant)
+        self.seq = time.time_ns() // 1_000_000
+        self.last_trained_version = -1
+        self.exhausted: BudgetExhausted | None = None
+        self._model: Any = None
+        self._spec: ModelSpec | None = None
+        self._load_state()
+
+    @property
+    def epsilon(self) -> float | None:
+        """Cumulative epsilon at the configured delta (``None`` without DP)."""
+        return self.accountant.epsilon() if self.accountant is not None else None
+
+    def should_train(self, model: ModelMessage) -> bool:
+        """Whether to run a local round on ``model`` now.
+
+        Async mode: always (a device trains continuously on the newest model it has, as in
+        FedAsync and FedBuff). Sync mode: only on a version not yet trained on, and only if
+        this agent is among the round's selected agents.
+        """
+        if self.exhausted is not None:
+            return False
+        if model.mode == "async":
+            return True
+        return model.version > self.last_trained_version and (
+            model.selected is None or self.agent.agent_id in model.selected)
+
+    def check_budget(self) -> None:
+        """Raise :class:`BudgetExhausted` (and remember it) if no further release is allowed."""
+        for step in self.steps:
+            if isinstance(step, GaussianNoiseStep):
+                try:
+                    step.check_budget()
+                except BudgetExhausted as exc:
+                    self.exhausted = exc
+                    raise
+
+    def train(self, model: ModelMessage, now: float | None = None) -> UpdateMessage:
+        """Train on ``model`` and return the update to publish (blocking; run it in a thread).
+
+        Raises:
+            BudgetExhausted: the privacy budget allows no further release.
+            ValueError: the global model does not fit this agent's model or data.
+        """
+        self.check_budget()
+        local = self._local_model(model)
+        local.set_weights(model.tensors)
+        result = local.fit(self.data.x, self.data.y, epochs=self.agent.local_epochs,
+                           batch_size=self.agent.batch_size, lr=self.agent.lr, rng=self.rng)
+        trained = local.get_weights()
+        delta = {k: (trained[k] - model.tensors[k]).astype(model.tensors[k].dtype, copy=False) for k in trained}
+        release = run_pipeline(self.steps, Release(delta, result.num_examples, result.loss))
+        self.seq += 1
+        self.last_trained_version = model.version
+        self.save_state()
+        return UpdateMessage(agent_id=self.agent.agent_id, seq=self.seq, base_version=model.version,
+                             num_examples=release.num_examples, delta=release.delta, train_loss=release.loss,
+                             epsilon=release.epsilon, sent_at=time.time() if now is None else now)
+
+    def _local_model(self, model: ModelMessage) -> Any:
+        spec = model.model
+        if spec.num_features != self.data.x.shape[1]:
+            raise ValueError(f"the global model takes {spec.num_features} features, the local data has "
+                             f"{self.data.x.shape[1]}")
+        if self._model is None or spec != self._spec:
+            self._model = create_model(spec.name, num_features=spec.num_features, num_classes=spec.num_classes,
+                                       hidden=spec.hidden)
+            self._spec = spec
+        return self._model
+
+    def save_state(self) -> None:
+        """Persist sequence number and accountant history atomically (no-op without a state path)."""
+        if self.state_path is None:
+            return
+        write_state(self.state_path, STATE_KIND, {
+            "agent_id": self.agent.agent_id, "seq": self.seq,
+            "accountant": self.accountant.state_dict() if self.accountant else None,
+        })
+
+    def _load_state(self) -> None:
+        if self.state_path is None:
+            return
+        state = read_state(self.state_path, STATE_KIND)
+        if state is None:
+            return
+        if state.get("agent_id") != self.agent.agent_id:
+            raise ValueError(f"{self.state_path} belongs to agent {state.get('agent_id')!r}, "
+                             f"not {self.agent.agent_id!r}")
+        self.seq = max(self.seq, int(state["seq"]))
+        if self.accountant is not None and state.get("accountant") is not None:
+            self.accountant.load_state_dict(state["accountant"])
+

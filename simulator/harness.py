@@ -1,0 +1,165 @@
+"""Run a whole federation on one machine over a real broker.
+
+Every agent is a real :class:`edge_agent.service.AgentService` with its own MQTT
+connection; they share one event loop and one worker-thread pool (no per-agent threads
+or timers). Heterogeneity comes from simulated compute times: each agent waits a draw
+from a straggler distribution after each local round, as a slower device would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from aggregator.service import AggregatorService, Progress
+from broker.launcher import start_broker
+from edge_agent.service import AgentService
+from edge_agent.trainer import LocalTrainer
+from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig, StalenessConfig
+from models.datasets import Dataset, digits, dirichlet_split
+
+log = logging.getLogger("fedmq.simulate")
+
+
+@dataclass(frozen=True)
+class Stragglers:
+    """Simulated compute time per local round: log-normal around ``median`` seconds, plus a slow tail.
+
+    ``slow_fraction`` of the agents (chosen by seed) are ``slow_factor`` times slower.
+    ``median = 0`` disables simulated delays.
+    """
+
+    median: float = 0.1
+    sigma: float = 0.5
+    slow_fraction: float = 0.1
+    slow_factor: float = 5.0
+
+    def validate(self) -> None:
+        """Raise ValueError on nonsense parameters."""
+        if self.median < 0 or self.sigma < 0 or not 0 <= self.slow_fraction <= 1 or self.slow_factor < 1:
+            raise ValueError("stragglers: need median >= 0, sigma >= 0, 0 <= slow_fraction <= 1, slow_factor >= 1")
+
+    def delays(self, agents: int, rng: random.Random) -> list[Callable[[], float] | None]:
+        """One delay function per agent (``None`` when delays are off)."""
+        if self.median == 0:
+            return [None] * agents
+        slow = set(rng.sample(range(agents), round(self.slow_fraction * agents)))
+        out: list[Callable[[], float] | None] = []
+        for i in range(agents):
+            factor = self.slow_factor if i in slow else 1.0
+            r = random.Random(rng.random())
+            out.append(lambda r=r, f=factor: f * self.median * math.exp(r.gauss(0.0, self.sigma)))
+        return out
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated run. ``aggregator`` and ``privacy`` are the same sections a deployment uses."""
+
+    agents: int = 20
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    duration: float = 30.0
+    broker: str = "auto"
+    seed: int = 0
+    local_epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.3
+    stragglers: Stragglers = field(default_factory=Stragglers)
+    aggregator: AggregatorConfig = field(default_factory=lambda: AggregatorConfig(
+        rule="fedbuff", buffer_size=20, server_lr=0.5, eval_every=1, metrics_interval=0.5,
+        staleness=StalenessConfig("polynomial", 0.5), max_staleness=20))
+    privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(clip_norm=1.0, noise_multiplier=0.5))
+    prefix: str = "fedmq/sim"
+
+    def validate(self) -> SimConfig:
+        """Raise ValueError / ConfigError on the first invalid field."""
+        if self.agents < 1:
+            raise ValueError("agents must be >= 1")
+        if self.duration <= 0:
+            raise ValueError("duration must be > 0")
+        self.stragglers.validate()
+        self.aggregator.validate()
+        self.privacy.validate()
+        AgentConfig(agent_id="agent-0", local_epochs=self.local_epochs, batch_size=self.batch_size,
+                    lr=self.lr).validate()
+        return self
+
+
+def split_digits(cfg: SimConfig) -> tuple[list[Dataset], Dataset]:
+    """Digits, a held-out test split, and a Dirichlet(alpha) non-IID split of the rest over agents."""
+    train, test = digits(test_fraction=cfg.test_fraction, seed=cfg.seed)
+    parts = dirichlet_split(train.y, cfg.agents, cfg.alpha, np.random.default_rng(cfg.seed),
+                            min_size=max(1, min(10, len(train) // cfg.agents)))
+    return [train.subset(p) for p in parts], test
+
+
+async def run_federation(cfg: SimConfig, host: str, port: int, *, shards: list[Dataset], test: Dataset,
+                         on_progress: Callable[[Progress], None] | None = None,
+                         stop: asyncio.Event | None = None) -> dict[str, Any]:
+    """Run aggregator and agents against an already running broker; return the summary."""
+    stop = stop or asyncio.Event()
+    base = Config(prefix=cfg.prefix, broker=BrokerConfig(host=host, port=port),
+                  aggregator=replace(cfg.aggregator, num_features=test.x.shape[1],
+                                     num_classes=int(max(test.y.max(), *(s.y.max() for s in shards))) + 1),
+                  privacy=cfg.privacy)
+    if base.aggregator.rule == "fedavg" and base.aggregator.sync_agents == 0:
+        base = replace(base, aggregator=replace(base.aggregator, sync_agents=len(shards)))
+    service = AggregatorService(base, eval_data=test, on_progress=on_progress)
+    service.startup()
+    rng = random.Random(cfg.seed)
+    delays = cfg.stragglers.delays(len(shards), rng)
+    agents: list[AgentService] = []
+    for i, shard in enumerate(shards):
+        acfg = AgentConfig(agent_id=f"agent-{i}", local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                           lr=cfg.lr, round_interval=0.0)
+        trainer = LocalTrainer(acfg, cfg.privacy, shard, rng=np.random.default_rng([cfg.seed, i]))
+        agents.append(AgentService(replace(base, agent=acfg), trainer, compute_delay=delays[i],
+                                   rng=random.Random(rng.random())))
+    agent_stop = asyncio.Event()
+    started = time.monotonic()
+    async with asyncio.TaskGroup() as tg:
+        server = tg.create_task(service.run(stop))
+        for a in agents:
+            tg.create_task(a.run(agent_stop))
+        try:
+            async with asyncio.timeout(cfg.duration):
+                await service.done.wait()
+        except TimeoutError:
+            pass
+        stop.set()
+        summary = await server
+        agent_stop.set()
+    summary["agents"] = len(agents)
+    summary["updates_published"] = sum(a.stats.updates_published for a in agents)
+    eps = [a.trainer.epsilon for a in agents if a.trainer.epsilon is not None]
+    summary["max_epsilon"] = max(eps) if eps else None
+    summary["delta"] = cfg.privacy.delta if cfg.privacy.enabled else None
+    summary["privacy"] = dataclasses.asdict(cfg.privacy)
+    summary["budget_exhausted_agents"] = sum(a.trainer.exhausted is not None for a in agents)
+    summary["wall_seconds"] = round(time.monotonic() - started, 2)
+    return summary
+
+
+async def run_simulation(cfg: SimConfig, *, on_progress: Callable[[Progress], None] | None = None,
+                         stop: asyncio.Event | None = None) -> dict[str, Any]:
+    """Start a broker (Mosquitto if available, else embedded), run the federation, stop the broker."""
+    cfg.validate()
+    shards, test = split_digits(cfg)
+    broker = await asyncio.to_thread(start_broker, cfg.broker)
+    try:
+        summary = await run_federation(cfg, broker.host, broker.port, shards=shards, test=test,
+                                       on_progress=on_progress, stop=stop)
+    finally:
+        await asyncio.to_thread(broker.cleanup)
+    summary["broker"] = broker.kind
+    return summary

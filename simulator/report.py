@@ -1,0 +1,93 @@
+"""Progress display, summary table and accuracy plot for ``fedmq demo`` / ``fedmq simulate``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from aggregator.service import Progress
+
+
+class ProgressBar:
+    """One live status line (rewritten in place on a terminal, a line every few seconds otherwise)."""
+
+    def __init__(self, duration: float, target: float | None = None, stream: TextIO | None = None,
+                 interval: float = 5.0) -> None:
+        self.duration = duration
+        self.target = target
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = interval
+        self._last = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        """Render ``p``."""
+        now = time.monotonic()
+        if not self.tty and now - self._last < self.interval:
+            return
+        self._last = now
+        frac = min(1.0, p.elapsed / self.duration) if self.duration else 0.0
+        width = 24
+        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+        acc = f"{p.accuracy:.3f}" if p.accuracy is not None else "  -  "
+        eps = f"{p.max_epsilon:.1f}" if p.max_epsilon else "-"
+        line = (f"[{bar}] {p.elapsed:5.1f}s  v{p.version:<5d} acc {acc}  accepted {p.accepted:<6d} "
+                f"rejected {p.rejected:<4d} staleness {p.mean_staleness:4.2f}  eps {eps}  online {p.agents_online}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the live line."""
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A human-readable summary table."""
+    acc = s.get("final_accuracy")
+    eps = s.get("max_epsilon")
+    rows = [
+        ("broker", s.get("broker", "-")),
+        ("rule", s.get("rule", "-")),
+        ("agents", s.get("agents", "-")),
+        ("final test accuracy", f"{acc:.4f}" if acc is not None else "-"),
+        ("model versions", s.get("model_versions")),
+        ("updates accepted", s.get("updates_accepted")),
+        ("updates rejected", f"{s.get('updates_rejected')} {s.get('rejected_by_reason') or ''}".strip()),
+        ("mean staleness", s.get("mean_staleness")),
+        ("max epsilon (per agent)", f"{eps:.2f} at delta={s.get('delta')}" if eps is not None else "DP off"),
+        ("wall seconds", s.get("wall_seconds")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def plot_accuracy(summaries: dict[str, dict[str, Any]], path: str | Path, title: str = "fedmq") -> Path:
+    """Write a PNG of test accuracy against wall-clock seconds, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, s in summaries.items():
+        hist = s.get("accuracy_history") or []
+        if hist:
+            ax.plot([h[0] for h in hist], [h[2] for h in hist], label=label, lw=1.6)
+    ax.set_xlabel("wall-clock seconds")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
