@@ -1,0 +1,49 @@
+"""``fedmq aggregator``: run the aggregator service until SIGTERM (then checkpoint and exit)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from aggregator.service import AggregatorService
+from fedmq.cliutil import add_common, flag, load_from_args
+from fedmq.runtime import run_until_signalled, setup_logging
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the command's arguments."""
+    add_common(p)
+    flag(p, "--rule", "aggregator.rule", choices=["fedasync", "fedbuff", "fedavg"])
+    flag(p, "--model", "aggregator.model", help="softmax, mlp, digits-cnn, med-cnn")
+    flag(p, "--num-features", "aggregator.num_features", type=int)
+    flag(p, "--num-classes", "aggregator.num_classes", type=int)
+    flag(p, "--buffer-size", "aggregator.buffer_size", type=int, help="FedBuff K")
+    flag(p, "--server-lr", "aggregator.server_lr", type=float)
+    flag(p, "--server-momentum", "aggregator.server_momentum", type=float)
+    flag(p, "--alpha", "aggregator.alpha", type=float, help="FedAsync mixing weight")
+    flag(p, "--staleness", "aggregator.staleness.function", choices=["constant", "polynomial", "hinge"])
+    flag(p, "--staleness-a", "aggregator.staleness.a", type=float)
+    flag(p, "--staleness-b", "aggregator.staleness.b", type=int)
+    flag(p, "--max-staleness", "aggregator.max_staleness", type=int)
+    flag(p, "--sync-agents", "aggregator.sync_agents", type=int, help="fedavg: agents per round (0: all online)")
+    flag(p, "--eval-data", "aggregator.eval_data", help="held-out data: .npz, folder, builtin:digits-test")
+    flag(p, "--checkpoint-dir", "aggregator.checkpoint_dir")
+    flag(p, "--checkpoint-every", "aggregator.checkpoint_every", type=int)
+    flag(p, "--max-versions", "aggregator.max_versions", type=int)
+    flag(p, "--target-accuracy", "aggregator.target_accuracy", type=float)
+    flag(p, "--seed", "aggregator.seed", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate config, start up (fail fast), serve until signalled."""
+    setup_logging(args.log_level)
+    config = load_from_args(args, "aggregator")
+    service = AggregatorService(config)
+    core = service.startup()
+    logging.getLogger("fedmq.aggregator").info(
+        "aggregator: rule %s, model %s, version %d, broker %s:%d, prefix %s", config.aggregator.rule,
+        config.aggregator.model, core.version, config.broker.host, config.broker.port, config.prefix)
+    summary = run_until_signalled(service.run)
+    print(json.dumps({k: v for k, v in summary.items() if k != "accuracy_history"}))
+    return 0

@@ -1,0 +1,66 @@
+"""``fedmq agent``: run one edge agent against a broker and a local data source."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.service import AgentService
+from edge_agent.trainer import LocalTrainer
+from fedmq.cliutil import add_common, flag, load_from_args
+from fedmq.errors import ConfigError
+from fedmq.runtime import run_until_signalled, setup_logging
+from models.datasets import load_source
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the command's arguments."""
+    add_common(p)
+    flag(p, "--id", "agent.agent_id", help="agent id: 1-64 of [A-Za-z0-9_.-]")
+    flag(p, "--data", "agent.data", help=".npz with x and y, a folder with x.npy/y.npy, or module:function")
+    flag(p, "--epochs", "agent.local_epochs", type=int)
+    flag(p, "--batch-size", "agent.batch_size", type=int)
+    flag(p, "--lr", "agent.lr", type=float)
+    flag(p, "--round-interval", "agent.round_interval", type=float, help="seconds between local rounds")
+    flag(p, "--state-dir", "agent.state_dir", help="where sequence number and privacy accountant persist")
+    flag(p, "--max-updates", "agent.max_updates", type=int)
+    flag(p, "--seed", "agent.seed", type=int)
+    flag(p, "--clip-norm", "privacy.clip_norm", type=float)
+    flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)
+    flag(p, "--delta", "privacy.delta", type=float)
+    flag(p, "--epsilon-budget", "privacy.epsilon_budget", type=float)
+    p.add_argument("--no-dp", dest="cfg:privacy.enabled", action="store_const", const=False, default=None,
+                   help="switch differential privacy off (updates then leak more about local data)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load data, build the trainer, serve until signalled."""
+    setup_logging(args.log_level)
+    config = load_from_args(args, "agent")
+    if not config.agent.data:
+        raise ConfigError("agent.data", "no data source given (--data PATH)")
+    try:
+        data = load_source(config.agent.data)
+    except (ValueError, OSError, ImportError, AttributeError) as exc:
+        raise ConfigError("agent.data", str(exc)) from None
+    state_path = Path(config.agent.state_dir) / f"{config.agent.agent_id}.state" if config.agent.state_dir else None
+    try:
+        trainer = LocalTrainer(config.agent, config.privacy, data, rng=np.random.default_rng(config.agent.seed),
+                               state_path=state_path)
+    except ValueError as exc:
+        raise ConfigError("agent.state_dir", str(exc)) from None
+    logging.getLogger("fedmq.agent").info("agent %s: %d examples, broker %s:%d, DP %s", config.agent.agent_id,
+                                          len(data), config.broker.host, config.broker.port,
+                                          "on" if config.privacy.enabled else "OFF")
+
+    async def main(stop: asyncio.Event) -> dict[str, object]:
+        stats = await AgentService(config, trainer).run(stop)
+        return dict(stats.__dict__)
+
+    print(json.dumps(run_until_signalled(main)))
+    return 0

@@ -1,0 +1,58 @@
+"""The thin ``fedmq`` command line.
+
+Each subcommand lives with its role and is imported only when it runs (so ``fedmq agent``
+loads neither the aggregator nor scikit-learn). A command module exposes
+``configure(parser)`` and ``run(args) -> int``; this file names them by dotted path and
+imports no role package itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fedmq import __version__
+from fedmq.errors import ConfigError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("simulator.cli_demo", "broker + aggregator + 20 agents on the digits data, with a live progress bar"),
+    "simulate": ("simulator.cli_simulate", "N simulated agents in one process: compare rules, DP, stragglers"),
+    "broker": ("broker.cli", "run Mosquitto (or the embedded broker) with the project's configuration"),
+    "aggregator": ("aggregator.cli", "run the aggregator service"),
+    "agent": ("edge_agent.cli", "run one edge agent against a broker and a local data source"),
+    "predict": ("edge_agent.cli_predict", "predict with an exported ONNX global model (no torch needed)"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(prog="fedmq", description="Asynchronous federated learning over MQTT.")
+    parser.add_argument("--version", action="version", version=f"fedmq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if name == command:
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedmq`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(args_list)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args))
+    except ConfigError as exc:
+        print(f"fedmq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Process lifecycle helpers shared by the services: logging, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from urllib.parse import unquote, urlsplit
+
+from fedmq.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One log format for every fedmq process."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run ``main(stop)`` on a new event loop; SIGTERM and SIGINT set ``stop`` (graceful shutdown)."""
+
+    async def runner() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX or non-main thread
+                pass
+        return await main(stop)
+
+    return asyncio.run(runner())
+
+
+def broker_url_overrides(url: str) -> dict[str, object]:
+    """Config overrides from ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` turns TLS on)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+        raise ConfigError("broker.url", f"{url!r} is not mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError("broker.url", f"{url!r} has an invalid port") from None
+    out: dict[str, object] = {"broker.host": parts.hostname, "broker.port": port, "broker.tls": tls}
+    if parts.username:
+        out["broker.username"] = unquote(parts.username)
+    if parts.password:
+        out["broker.password"] = unquote(parts.password)
+    return out

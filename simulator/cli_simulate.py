@@ -1,0 +1,115 @@
+"""``fedmq simulate``: the researcher's tool. N agents in one process; every knob a flag."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fedmq.config import AggregatorConfig, PrivacyConfig, StalenessConfig
+from fedmq.runtime import setup_logging
+from simulator.harness import SimConfig, Stragglers, run_simulation
+from simulator.report import ProgressBar, format_summary, plot_accuracy
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``simulate`` and ``demo``."""
+    d = SimConfig()
+    p.add_argument("--agents", type=int, default=d.agents)
+    p.add_argument("--duration", type=float, default=d.duration, help="wall-clock seconds (default %(default)s)")
+    p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of test accuracy against wall-clock time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the command's arguments."""
+    d = SimConfig()
+    a, pr, s = d.aggregator, d.privacy, d.stragglers
+    add_run_args(p)
+    g = p.add_argument_group("aggregation")
+    g.add_argument("--rule", choices=["fedasync", "fedbuff", "fedavg"], default=a.rule)
+    g.add_argument("--model", default=a.model, help="softmax, mlp, digits-cnn (torch)")
+    g.add_argument("--buffer-size", type=int, default=a.buffer_size, help="FedBuff K")
+    g.add_argument("--server-lr", type=float, default=a.server_lr)
+    g.add_argument("--server-momentum", type=float, default=a.server_momentum)
+    g.add_argument("--mix-alpha", type=float, default=a.alpha, help="FedAsync alpha")
+    g.add_argument("--staleness", choices=["constant", "polynomial", "hinge"], default=a.staleness.function)
+    g.add_argument("--staleness-a", type=float, default=a.staleness.a)
+    g.add_argument("--staleness-b", type=int, default=a.staleness.b)
+    g.add_argument("--max-staleness", type=int, default=a.max_staleness)
+    g.add_argument("--sync-agents", type=int, default=0, help="fedavg: agents per round (0: all)")
+    g.add_argument("--max-versions", type=int, default=0)
+    g.add_argument("--target-accuracy", type=float, default=None, help="stop when reached")
+    g = p.add_argument_group("agents")
+    g.add_argument("--epochs", type=int, default=d.local_epochs)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--dirichlet-alpha", type=float, default=d.alpha, help="non-IID skew (smaller: more skewed)")
+    g = p.add_argument_group("privacy")
+    g.add_argument("--no-dp", action="store_true")
+    g.add_argument("--clip-norm", type=float, default=pr.clip_norm)
+    g.add_argument("--noise-multiplier", type=float, default=pr.noise_multiplier)
+    g.add_argument("--delta", type=float, default=pr.delta)
+    g.add_argument("--epsilon-budget", type=float, default=None)
+    g = p.add_argument_group("stragglers (simulated compute time per local round)")
+    g.add_argument("--straggler-median", type=float, default=s.median, help="seconds; 0 disables")
+    g.add_argument("--straggler-sigma", type=float, default=s.sigma, help="log-normal sigma")
+    g.add_argument("--slow-fraction", type=float, default=s.slow_fraction)
+    g.add_argument("--slow-factor", type=float, default=s.slow_factor)
+
+
+def sim_config(args: argparse.Namespace) -> SimConfig:
+    """Build the run's configuration from the flags."""
+    d = SimConfig()
+    return SimConfig(
+        agents=args.agents, alpha=args.dirichlet_alpha, duration=args.duration, broker=args.broker, seed=args.seed,
+        local_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        stragglers=Stragglers(args.straggler_median, args.straggler_sigma, args.slow_fraction, args.slow_factor),
+        aggregator=replace(d.aggregator, rule=args.rule, model=args.model, buffer_size=args.buffer_size,
+                           server_lr=args.server_lr, server_momentum=args.server_momentum, alpha=args.mix_alpha,
+                           staleness=StalenessConfig(args.staleness, args.staleness_a, args.staleness_b),
+                           max_staleness=args.max_staleness, sync_agents=args.sync_agents,
+                           max_versions=args.max_versions, target_accuracy=args.target_accuracy,
+                           seed=args.seed),
+        privacy=PrivacyConfig(enabled=not args.no_dp, clip_norm=args.clip_norm,
+                              noise_multiplier=args.noise_multiplier, delta=args.delta,
+                              epsilon_budget=args.epsilon_budget),
+    )
+
+
+def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, Any]:
+    """Run with a progress bar, print the summary, write JSON and plot if asked."""
+    setup_logging(args.log_level)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        print(f"fedmq: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    bar = None if args.quiet else ProgressBar(cfg.duration, cfg.aggregator.target_accuracy)
+    summary = asyncio.run(run_simulation(cfg, on_progress=bar))
+    if bar is not None:
+        bar.close()
+    print(f"\n{title}\n{format_summary(summary)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"  summary written to {args.json}")
+    if args.plot:
+        plot_accuracy({summary["rule"]: summary}, args.plot, title=title)
+        print(f"  plot written to {args.plot}")
+    logging.shutdown()
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point."""
+    execute(sim_config(args), args, f"fedmq simulate: {args.rule}, {args.agents} agents")
+    return 0
