@@ -62,7 +62,8 @@ def encode_tensor(array: npt.NDArray[Any]) -> dict[str, Any]:
     name = array.dtype.name
     if name not in DTYPES:
         raise TypeError(f"dtype {array.dtype} cannot be sent; use one of {sorted(DTYPES)}")
-    arr = np.ascontiguousarray(array, dtype=DTYPES[name])
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+    arr = np.require(array, dtype=DTYPES[name], requirements="C")
     return {"dtype": name, "shape": list(arr.shape), "data": memoryview(arr.reshape(-1)).cast("B")}
 
 

@@ -71,8 +71,8 @@ def export_onnx(model_name: str, weights: Mapping[str, npt.NDArray[Any]], path: 
         module.eval()
         example = torch.zeros(1, num_features)
         torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["probabilities"],
-                          dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
-                          opset_version=OPSET, external_data=False, dynamo=False)
+                          dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          opset_version=18, external_data=False, dynamo=True)
         proto = onnx.load(str(path))
     else:
         proto = _numpy_graph(model_name, weights)

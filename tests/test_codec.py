@@ -1,0 +1,179 @@
+"""Tier 1: the msgpack tensor codec and message schema, with golden bytes and hypothesis round-trips."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedmq import SCHEMA_VERSION
+from fedmq.codec import DTYPES, DecodeLimits, decode_tensor, decode_tensors, encode_tensor, pack, unpack
+from fedmq.errors import DecodeError, RejectReason
+from fedmq.messages import ModelMessage, ModelSpec, StatusMessage, UpdateMessage, metrics_from_bytes, metrics_to_bytes
+
+# {"dtype": "float32", "shape": [2], "data": bin(00 00 80 3f 00 00 00 c0)}: [1.0, -2.0] little-endian,
+# written out by hand from the msgpack spec (fixmap 3, fixstr keys, fixarray shape, bin 8).
+GOLDEN_TENSOR = bytes.fromhex(
+    "83" "a5" + b"dtype".hex() + "a7" + b"float32".hex() + "a5" + b"shape".hex() + "9102"
+    "a4" + b"data".hex() + "c408" "0000803f" "000000c0")
+
+GOLDEN_UPDATE = bytes.fromhex(
+    "8aa6736368656d6101a46b696e64a6757064617465a86167656e745f6964a26131a373657107ac626173655f76657273696f6e03ac"
+    "6e756d5f6578616d706c65730caa747261696e5f6c6f7373cb3fd0000000000000a7657073696c6f6ecb3ff8000000000000a77365"
+    "6e745f6174cb4059000000000000a564656c746181a16283a56474797065a7666c6f61743332a573686170659102a464617461c408"
+    "0000003f000080bf")
+
+
+def test_tensor_golden_bytes() -> None:
+    assert pack(encode_tensor(np.array([1.0, -2.0], dtype=np.float32))) == GOLDEN_TENSOR
+    arr = decode_tensor(unpack(GOLDEN_TENSOR), where="t")
+    assert arr.dtype == np.float32 and arr.tolist() == [1.0, -2.0]
+
+
+def test_update_golden_bytes_and_plain_msgpack_reader() -> None:
+    u = UpdateMessage(agent_id="a1", seq=7, base_version=3, num_examples=12,
+                      delta={"b": np.array([0.5, -1.0], dtype=np.float32)}, train_loss=0.25, epsilon=1.5, sent_at=100.0)
+    assert u.to_bytes() == GOLDEN_UPDATE
+    # Any msgpack reader, with no fedmq code and no extension hooks, sees plain maps and bytes.
+    plain = msgpack.unpackb(GOLDEN_UPDATE, raw=False)
+    assert plain["schema"] == SCHEMA_VERSION and plain["kind"] == "update" and plain["seq"] == 7
+    data = plain["delta"]["b"]["data"]
+    assert struct.unpack("<2f", data) == (0.5, -1.0)
+    back = UpdateMessage.from_bytes(GOLDEN_UPDATE)
+    assert back.agent_id == "a1" and back.base_version == 3 and back.epsilon == 1.5
+    np.testing.assert_array_equal(back.delta["b"], [0.5, -1.0])
+
+
+def test_encode_packs_from_a_view_without_copying() -> None:
+    arr = np.arange(1000, dtype=np.float32)
+    wire = encode_tensor(arr)
+    assert isinstance(wire["data"], memoryview)
+    assert np.shares_memory(np.frombuffer(wire["data"], dtype=np.float32), arr)
+
+
+def test_decode_returns_a_read_only_view_of_the_payload() -> None:
+    payload = pack({"t": encode_tensor(np.ones(64, dtype=np.float32))})
+    arr = decode_tensors(unpack(payload), where="x")["t"]
+    assert not arr.flags.writeable
+    assert not arr.flags.owndata
+
+
+def test_big_endian_and_non_contiguous_inputs_are_normalised() -> None:
+    a = np.arange(12, dtype=">f4").reshape(3, 4)[:, ::2]
+    back = decode_tensor(unpack(pack(encode_tensor(a))), where="t")
+    np.testing.assert_array_equal(back, a)
+    assert back.dtype == np.dtype("<f4")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(DTYPES)).flatmap(
+    lambda name: hnp.arrays(np.dtype(name), hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
+                            elements=hnp.from_dtype(np.dtype(name), allow_nan=False, allow_infinity=False))))
+def test_roundtrip_any_supported_tensor(arr: np.ndarray) -> None:
+    back = decode_tensor(unpack(pack(encode_tensor(arr))), where="t")
+    assert back.dtype == arr.dtype.newbyteorder("<") and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=12),
+                       hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6),
+                                  elements=st.floats(-1e6, 1e6, width=32)), max_size=6),
+       st.integers(0, 2**40), st.integers(0, 2**31))
+def test_update_message_roundtrip(delta: dict[str, np.ndarray], seq: int, base: int) -> None:
+    u = UpdateMessage(agent_id="dev-1", seq=seq, base_version=base, num_examples=5, delta=delta)
+    back = UpdateMessage.from_bytes(u.to_bytes())
+    assert (back.seq, back.base_version, back.agent_id) == (seq, base, "dev-1")
+    assert back.delta.keys() == delta.keys()
+    for k in delta:
+        np.testing.assert_array_equal(back.delta[k], delta[k])
+
+
+def test_model_and_status_roundtrip() -> None:
+    m = ModelMessage(version=4, model=ModelSpec("mlp", 64, 10, 32), tensors={"W": np.eye(2, dtype=np.float32)},
+                     mode="sync", selected=("a", "b"), max_staleness=0, created_at=1.0)
+    back = ModelMessage.from_bytes(m.to_bytes())
+    assert (back.version, back.model, back.mode, back.selected) == (4, m.model, "sync", ("a", "b"))
+    s = StatusMessage("a", "offline", epsilon=None, seq=3, ts=2.0)
+    assert StatusMessage.from_bytes(s.to_bytes()) == s
+    assert metrics_from_bytes(metrics_to_bytes({"version": 3}))["version"] == 3
+
+
+def _update_map(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {"schema": SCHEMA_VERSION, "kind": "update", "agent_id": "a", "seq": 1,
+                               "base_version": 0, "num_examples": 3, "train_loss": 0.0, "epsilon": None,
+                               "sent_at": 0.0, "delta": {"w": encode_tensor(np.zeros(4, dtype=np.float32))}}
+    base.update(over)
+    return base
+
+
+def _bad_tensor(dtype: str = "float32", shape: object = (4,), data: bytes = b"\0" * 16) -> dict[str, object]:
+    return {"w": {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data": data}}
+
+
+HOSTILE = {
+    "truncated": (pack(_update_map())[:-7], RejectReason.MALFORMED),
+    "empty": (b"", RejectReason.MALFORMED),
+    "not a map": (msgpack.packb([1, 2, 3]), RejectReason.MALFORMED),
+    "wrong schema": (pack(_update_map(schema=99)), RejectReason.SCHEMA_VERSION),
+    "wrong kind": (pack(_update_map(kind="model")), RejectReason.WRONG_KIND),
+    "ext type": (msgpack.packb({"schema": 1, "x": msgpack.ExtType(5, b"boom")}), RejectReason.MALFORMED),
+    "deep nesting": (b"\x91" * 100_000 + b"\x00", RejectReason.MALFORMED),
+    "huge declared array": (b"\xdd\xff\xff\xff\xff" + b"\x00" * 8, RejectReason.MALFORMED),
+    "huge declared bin": (b"\x81\xa1x\xc6\x7f\xff\xff\xff" + b"\x00" * 8, RejectReason.MALFORMED),
+    "bad dtype": (pack(_update_map(delta=_bad_tensor(dtype="object"))), RejectReason.BAD_DTYPE),
+    "complex dtype": (pack(_update_map(delta=_bad_tensor(dtype="complex64"))), RejectReason.BAD_DTYPE),
+    "shape mismatch": (pack(_update_map(delta=_bad_tensor(shape=(5,)))), RejectReason.SHAPE_MISMATCH),
+    "negative shape": (pack(_update_map(delta=_bad_tensor(shape=(-4,)))), RejectReason.SHAPE_MISMATCH),
+    "float shape": (pack(_update_map(delta=_bad_tensor(shape=[4.0]))), RejectReason.SHAPE_MISMATCH),
+    "nan": (pack(_update_map(delta={"w": encode_tensor(np.array([0, np.nan], np.float32))})), RejectReason.NON_FINITE),
+    "inf": (pack(_update_map(delta={"w": encode_tensor(np.array([np.inf], np.float32))})), RejectReason.NON_FINITE),
+    "seq negative": (pack(_update_map(seq=-1)), RejectReason.BAD_FIELD),
+    "seq bool": (pack(_update_map(seq=True)), RejectReason.BAD_FIELD),
+    "zero examples": (pack(_update_map(num_examples=0)), RejectReason.BAD_FIELD),
+    "nan loss": (pack(_update_map(train_loss=float("nan"))), RejectReason.BAD_FIELD),
+    "agent id not str": (pack(_update_map(agent_id=5)), RejectReason.BAD_FIELD),
+    "extra tensor field": (pack(_update_map(delta={"w": {"dtype": "float32", "shape": [0], "data": b"", "x": 1}})),
+                           RejectReason.BAD_FIELD),
+    "int map key": (msgpack.packb({1: 2}), RejectReason.MALFORMED),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_payloads_are_rejected_with_a_reason(name: str) -> None:
+    payload, reason = HOSTILE[name]
+    with pytest.raises(DecodeError) as info:
+        UpdateMessage.from_bytes(payload)
+    assert info.value.reason is reason, info.value
+
+
+def test_payload_over_the_limit_is_refused_before_parsing() -> None:
+    payload = pack(_update_map(delta={"w": encode_tensor(np.zeros(10_000, np.float32))}))
+    with pytest.raises(DecodeError) as info:
+        UpdateMessage.from_bytes(payload, DecodeLimits(max_payload_bytes=1024))
+    assert info.value.reason is RejectReason.TOO_LARGE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_decoder_fuzz_never_raises_anything_but_decode_error(data: bytes) -> None:
+    try:
+        UpdateMessage.from_bytes(data)
+    except DecodeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(GOLDEN_UPDATE) - 1), st.integers(0, 255))
+def test_single_byte_corruptions_decode_or_raise_decode_error(pos: int, value: int) -> None:
+    data = bytearray(GOLDEN_UPDATE)
+    data[pos] = value
+    try:
+        UpdateMessage.from_bytes(bytes(data))
+    except DecodeError:
+        pass

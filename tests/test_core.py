@@ -1,0 +1,184 @@
+"""Tier 1: the sans-IO aggregation core: validation, versioning, rules, sync rounds, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.core import Accepted, AggregatorCore, FedAsyncRule, FedBuffRule, Rejected, SyncFedAvgRule
+from aggregator.rules import fedbuff_step
+from aggregator.staleness import constant, polynomial
+from fedmq.errors import RejectReason
+from fedmq.messages import UpdateMessage
+from fedmq.state import read_state, write_state
+
+W0 = {"W": np.zeros((4, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+def upd(agent: str, seq: int, base: int, value: float = 1.0, n: int = 10, **kw: object) -> UpdateMessage:
+    delta = {"W": np.full((4, 2), value, np.float32), "b": np.full(2, value, np.float32)}
+    delta.update(kw.pop("delta", {}))  # type: ignore[arg-type]
+    return UpdateMessage(agent_id=agent, seq=seq, base_version=base, num_examples=n, delta=delta, **kw)  # type: ignore[arg-type]
+
+
+def fedbuff_core(k: int = 2, **kw: object) -> AggregatorCore:
+    return AggregatorCore(W0, FedBuffRule(k, lambda s: polynomial(s, 0.5)), **kw)  # type: ignore[arg-type]
+
+
+def test_fedbuff_core_advances_every_k_updates_with_oracle_weights() -> None:
+    core = fedbuff_core(2)
+    r1 = core.receive(upd("a", 1, 0, 1.0, n=10), topic_agent_id="a")
+    assert isinstance(r1, Accepted) and r1.new_version is None and core.version == 0
+    r2 = core.receive(upd("b", 1, 0, 3.0, n=30), topic_agent_id="b")
+    assert isinstance(r2, Accepted) and r2.new_version == 1
+    np.testing.assert_allclose(core.weights["W"], np.full((4, 2), (10 * 1 + 30 * 3) / 40))
+    # one version stale: weight 10 * 2**-0.5 against 10 * 1
+    core.receive(upd("a", 2, 0, 2.0, n=10))
+    core.receive(upd("b", 2, 1, 0.0, n=10))
+    s = 2 ** -0.5
+    np.testing.assert_allclose(core.weights["b"], np.full(2, 2.5 + (s * 2.0) / (s + 1)), rtol=1e-6)
+    assert core.stats.accepted == 4 and core.stats.staleness_sum == 1
+
+
+def test_weights_are_read_only() -> None:
+    core = fedbuff_core(1)
+    with pytest.raises(ValueError):
+        core.weights["W"][0, 0] = 1.0
+
+
+@pytest.mark.parametrize(("update", "topic", "reason"), [
+    (upd("b", 1, 0), "a", RejectReason.AGENT_ID_MISMATCH),
+    (upd("a", 1, 5), "a", RejectReason.UNKNOWN_BASE_VERSION),
+    (upd("a", 1, 0, delta={"extra": np.zeros(1, np.float32)}), "a", RejectReason.MODEL_MISMATCH),
+    (upd("a", 1, 0, delta={"W": np.zeros((2, 4), np.float32)}), "a", RejectReason.MODEL_MISMATCH),
+    (upd("a", 1, 0, delta={"W": np.zeros((4, 2), np.float64)}), "a", RejectReason.MODEL_MISMATCH),
+])
+def test_invalid_updates_are_rejected_counted_and_change_nothing(update: UpdateMessage, topic: str,
+                                                                 reason: RejectReason) -> None:
+    core = fedbuff_core(1)
+    result = core.receive(update, topic_agent_id=topic)
+    assert isinstance(result, Rejected) and result.reason is reason
+    assert core.stats.rejected[reason.value] == 1 and core.stats.accepted == 0
+    assert core.version == 0 and not core.weights["W"].any()
+
+
+def test_duplicates_and_replays_are_rejected() -> None:
+    core = fedbuff_core(1)
+    assert isinstance(core.receive(upd("a", 5, 0)), Accepted)
+    for seq in (5, 4):
+        r = core.receive(upd("a", seq, 1))
+        assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE
+    assert core.version == 1
+
+
+def test_too_stale_is_rejected() -> None:
+    core = fedbuff_core(1, max_staleness=2)
+    for i in range(3):
+        core.receive(upd("a", i + 1, i))
+    assert core.version == 3
+    r = core.receive(upd("b", 1, 0))
+    assert isinstance(r, Rejected) and r.reason is RejectReason.TOO_STALE
+    assert isinstance(core.receive(upd("b", 2, 1)), Accepted)
+
+
+def test_fedasync_mixes_against_the_base_version() -> None:
+    core = AggregatorCore(W0, FedAsyncRule(0.5, lambda s: polynomial(s, 1.0)), max_staleness=3)
+    core.receive(upd("a", 1, 0, 2.0))  # v1 = 0.5 * 0 + 0.5 * (0 + 2) = 1
+    np.testing.assert_allclose(core.weights["b"], [1.0, 1.0])
+    core.receive(upd("b", 1, 0, 4.0))  # stale 1: a = 0.5 / 2; v2 = 0.75 * 1 + 0.25 * (0 + 4) = 1.75
+    np.testing.assert_allclose(core.weights["b"], [1.75, 1.75])
+    assert core.version == 2
+
+
+def test_sync_round_waits_for_every_selected_agent() -> None:
+    core = AggregatorCore(W0, SyncFedAvgRule(), sync_agents=0, seed=1)
+    for a in ("a", "b", "c"):
+        core.agent_status(a, True)
+    assert core.start_round() == ("a", "b", "c")
+    assert core.receive(upd("a", 1, 0, 1.0, n=1)).new_version is None  # type: ignore[union-attr]
+    r = core.receive(upd("a", 2, 0, 1.0))
+    assert isinstance(r, Rejected) and r.reason is RejectReason.NOT_SELECTED
+    assert core.receive(upd("b", 1, 0, 2.0, n=1)).new_version is None  # type: ignore[union-attr]
+    assert core.round_open
+    r3 = core.receive(upd("c", 1, 0, 6.0, n=2))
+    assert isinstance(r3, Accepted) and r3.new_version == 1
+    np.testing.assert_allclose(core.weights["b"], [(1 + 2 + 12) / 4] * 2)
+    assert core.selected is None
+
+
+def test_sync_round_completes_when_an_awaited_agent_goes_offline() -> None:
+    core = AggregatorCore(W0, SyncFedAvgRule(), sync_agents=2, seed=0)
+    for a in ("a", "b", "c"):
+        core.agent_status(a, True)
+    selected = core.start_round()
+    assert len(selected) == 2
+    core.receive(upd(selected[0], 1, 0, 1.0))
+    assert core.agent_status(selected[1], False) == 1
+    np.testing.assert_allclose(core.weights["b"], [1.0, 1.0])
+
+
+def test_sync_stale_update_is_rejected() -> None:
+    core = AggregatorCore(W0, SyncFedAvgRule())
+    core.agent_status("a", True)
+    core.start_round()
+    core.receive(upd("a", 1, 0))
+    core.start_round()
+    r = core.receive(upd("a", 2, 0))
+    assert isinstance(r, Rejected) and r.reason is RejectReason.TOO_STALE
+
+
+def test_checkpoint_roundtrip_continues_bit_identically(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def rnd(agent: str, seq: int, base: int) -> UpdateMessage:
+        return UpdateMessage(agent_id=agent, seq=seq, base_version=base, num_examples=int(rng.integers(1, 50)),
+                             delta={"W": rng.standard_normal((4, 2)).astype(np.float32),
+                                    "b": rng.standard_normal(2).astype(np.float32)})
+
+    updates = [rnd(f"a{i % 3}", i, max(0, i // 3 - 1)) for i in range(1, 12)]
+    ref = AggregatorCore(W0, FedBuffRule(3, constant, server_lr=0.7, momentum=0.9))
+    for u in updates:
+        ref.receive(u)
+    a = AggregatorCore(W0, FedBuffRule(3, constant, server_lr=0.7, momentum=0.9))
+    for u in updates[:7]:  # mid-buffer, with momentum state
+        a.receive(u)
+    write_state(tmp_path / "ckpt", "aggregator-checkpoint", a.state_dict())
+    b = AggregatorCore(W0, FedBuffRule(3, constant, server_lr=0.7, momentum=0.9))
+    b.load_state_dict(read_state(tmp_path / "ckpt", "aggregator-checkpoint"))  # type: ignore[arg-type]
+    assert b.version == a.version and b.last_seq == a.last_seq
+    for u in updates[7:]:
+        b.receive(u)
+    assert b.version == ref.version
+    for k in W0:
+        assert np.array_equal(b.weights[k], ref.weights[k])
+    r = b.receive(updates[3])
+    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE
+
+
+def test_checkpoint_of_another_rule_is_refused() -> None:
+    a = fedbuff_core(2)
+    b = AggregatorCore(W0, FedAsyncRule(0.5, constant))
+    with pytest.raises(ValueError, match="rule"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_corrupt_state_file_names_the_path(tmp_path: Path) -> None:
+    p = tmp_path / "ckpt"
+    p.write_bytes(b"\x93garbage")
+    with pytest.raises(ValueError, match=str(p)):
+        read_state(p, "aggregator-checkpoint")
+    assert read_state(tmp_path / "missing", "aggregator-checkpoint") is None
+
+
+def test_fedbuff_core_equals_pure_rule() -> None:
+    rng = np.random.default_rng(7)
+    deltas = [{"W": rng.standard_normal((4, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)}
+              for _ in range(4)]
+    core = AggregatorCore(W0, FedBuffRule(4, constant, server_lr=0.5))
+    for i, d in enumerate(deltas):
+        core.receive(UpdateMessage(agent_id=f"x{i}", seq=1, base_version=0, num_examples=i + 1, delta=d))
+    expected, _ = fedbuff_step(W0, deltas, [1.0, 2.0, 3.0, 4.0], server_lr=0.5)
+    for k in W0:
+        assert np.array_equal(core.weights[k], expected[k])

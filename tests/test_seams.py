@@ -1,0 +1,152 @@
+"""Tier 2: the seam between transport and core. Raw frames (truncated at every byte, duplicated,
+malformed) go through the aggregator service's own message handlers; the publisher is a
+recorder, so the test sees exactly what the service would send."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aggregator.service import AggregatorService
+from fedmq.config import AggregatorConfig, Config
+from fedmq.errors import ConfigError
+from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage
+from fedmq.state import write_state
+from models.datasets import digits
+
+
+class Recorder:
+    """Stands in for the MQTT client's publish side only."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, int, bool]] = []
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.published.append((topic, payload, qos, retain))
+
+    def models(self) -> list[ModelMessage]:
+        return [ModelMessage.from_bytes(p) for t, p, _, _ in self.published if t.endswith("/model")]
+
+
+def make_service(tmp_path: Path | None = None, **agg: Any) -> AggregatorService:
+    cfg = Config(prefix="fedmq/seam", aggregator=replace(AggregatorConfig(rule="fedbuff", buffer_size=2), **agg))
+    if tmp_path is not None:
+        cfg = replace(cfg, aggregator=replace(cfg.aggregator, checkpoint_dir=str(tmp_path), checkpoint_every=1))
+    svc = AggregatorService(cfg.validate())
+    svc.startup()
+    return svc
+
+
+def update_bytes(svc: AggregatorService, agent: str, seq: int, value: float, base: int = 0) -> bytes:
+    assert svc.core is not None
+    delta = {k: np.full(v.shape, value, v.dtype) for k, v in svc.core.weights.items()}
+    return UpdateMessage(agent_id=agent, seq=seq, base_version=base, num_examples=10, delta=delta).to_bytes()
+
+
+async def test_truncation_at_every_byte_is_rejected_and_harmless() -> None:
+    svc = make_service()
+    rec = Recorder()
+    good = update_bytes(svc, "a", 1, 0.01)
+    for cut in range(len(good) - 1, -1, -97):
+        await svc._on_update(rec, "a", good[:cut])  # type: ignore[arg-type]
+    assert svc.core is not None
+    assert svc.core.stats.accepted == 0 and svc.core.version == 0
+    assert set(svc.core.stats.rejected) == {"malformed"}
+    await svc._on_update(rec, "a", good)  # type: ignore[arg-type]
+    assert svc.core.stats.accepted == 1
+
+
+async def test_duplicates_leave_the_model_bit_identical() -> None:
+    once, twice = make_service(), make_service()
+    rec1, rec2 = Recorder(), Recorder()
+    frames = [("a", update_bytes(once, "a", 1, 0.1)), ("b", update_bytes(once, "b", 1, -0.3)),
+              ("a", update_bytes(once, "a", 2, 0.2, base=1)), ("c", update_bytes(once, "c", 1, 0.5, base=1))]
+    for agent, f in frames:
+        await once._on_update(rec1, agent, f)  # type: ignore[arg-type]
+    for agent, f in frames:
+        for _ in range(3):
+            await twice._on_update(rec2, agent, f)  # type: ignore[arg-type]
+    assert once.core is not None and twice.core is not None
+    assert once.core.version == twice.core.version == 2
+    for k, v in once.core.weights.items():
+        assert np.array_equal(v, twice.core.weights[k])
+    assert twice.core.stats.rejected["duplicate"] == 8
+    assert [m.version for m in rec2.models()] == [1, 2]
+
+
+async def test_garbage_spoofing_and_mismatch_are_counted_by_reason() -> None:
+    svc = make_service()
+    rec = Recorder()
+    await svc._on_update(rec, "a", b"\xc1")  # type: ignore[arg-type]  # msgpack's never-used byte
+    await svc._on_update(rec, "a", update_bytes(svc, "b", 1, 0.1))  # type: ignore[arg-type]
+    await svc._on_update(rec, "a", UpdateMessage(  # type: ignore[arg-type]
+        agent_id="a", seq=1, base_version=0, num_examples=1, delta={"W": np.zeros(3, np.float32)}).to_bytes())
+    await svc._on_update(rec, "a", update_bytes(svc, "a", 1, 0.1, base=9))  # type: ignore[arg-type]
+    assert svc.core is not None
+    assert dict(svc.core.stats.rejected) == {"malformed": 1, "agent_id_mismatch": 1, "model_mismatch": 1,
+                                             "unknown_base_version": 1}
+    assert svc.progress().rejected == 4 and rec.published == []
+
+
+async def test_status_frames_track_liveness_and_empty_retained_means_offline() -> None:
+    svc = make_service()
+    rec = Recorder()
+    await svc._on_status(rec, "a", StatusMessage("a", "online").to_bytes())  # type: ignore[arg-type]
+    await svc._on_status(rec, "b", StatusMessage("b", "online").to_bytes())  # type: ignore[arg-type]
+    await svc._on_status(rec, "c", StatusMessage("a", "online").to_bytes())  # type: ignore[arg-type]  # spoofed
+    await svc._on_status(rec, "d", b"\x00garbage")  # type: ignore[arg-type]
+    assert svc.core is not None and svc.core.online == {"a", "b"}
+    await svc._on_status(rec, "a", b"")  # type: ignore[arg-type]
+    await svc._on_status(rec, "b", StatusMessage("b", "offline").to_bytes())  # type: ignore[arg-type]
+    assert svc.core.online == set()
+
+
+async def test_sync_service_opens_a_round_when_enough_agents_are_online() -> None:
+    svc = make_service(rule="fedavg", sync_agents=2)
+    rec = Recorder()
+    await svc._on_status(rec, "a", StatusMessage("a", "online").to_bytes())  # type: ignore[arg-type]
+    assert rec.models() == []
+    await svc._on_status(rec, "b", StatusMessage("b", "online").to_bytes())  # type: ignore[arg-type]
+    models = rec.models()
+    assert len(models) == 1 and models[0].mode == "sync" and models[0].selected == ("a", "b")
+    await svc._on_update(rec, "a", update_bytes(svc, "a", 1, 1.0))  # type: ignore[arg-type]
+    await svc._on_update(rec, "b", update_bytes(svc, "b", 1, 3.0))  # type: ignore[arg-type]
+    models = rec.models()
+    assert models[-1].version == 1 and models[-1].selected == ("a", "b")
+    np.testing.assert_allclose(models[-1].tensors["b"], [2.0] * 10)
+
+
+async def test_versions_are_checkpointed_and_restored(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    rec = Recorder()
+    for i, agent in enumerate("abcd"):
+        await svc._on_update(rec, agent, update_bytes(svc, agent, 1, 0.1 * i))  # type: ignore[arg-type]
+    assert svc.core is not None and svc.core.version == 2
+    again = make_service(tmp_path)
+    assert again.core is not None and again.core.version == 2 and again.core.last_seq == svc.core.last_seq
+    for k, v in svc.core.weights.items():
+        assert np.array_equal(v, again.core.weights[k])
+
+
+def test_startup_fails_fast_on_a_foreign_checkpoint_and_bad_eval_data(tmp_path: Path) -> None:
+    write_state(tmp_path / "aggregator.ckpt", "aggregator-checkpoint", {"rule": "fedasync"})
+    with pytest.raises(ConfigError, match="aggregator.checkpoint_dir"):
+        make_service(tmp_path)
+    with pytest.raises(ConfigError, match="aggregator.eval_data"):
+        make_service(eval_data="/nonexistent.npz")
+    with pytest.raises(ConfigError, match="aggregator.model"):
+        make_service(model="resnet")
+
+
+async def test_evaluation_reports_accuracy() -> None:
+    _, test = digits()
+    cfg = Config(aggregator=AggregatorConfig(eval_data="builtin:digits-test")).validate()
+    svc = AggregatorService(cfg)
+    svc.startup()
+    assert svc.eval_data is not None and len(svc.eval_data) == len(test)
+    await svc._evaluate_current()
+    assert svc.progress().accuracy is not None and 0 <= svc.progress().accuracy <= 1  # type: ignore[operator]
