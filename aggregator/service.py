@@ -181,8 +181,7 @@ class AggregatorService:
         finally:
             self._client = None
             evaluator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await evaluator
+            await asyncio.wait([evaluator])  # unlike suppress(CancelledError), keeps our own cancellation
             await self._final_evaluation()
             await self.checkpoint()
         return self.summary()
@@ -198,7 +197,9 @@ class AggregatorService:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client))
                 tg.create_task(self._metrics_loop(client))
-                tg.create_task(self._watch(stop))
+                # The body itself waits (not a child task): on Python 3.11 a child failing while the
+                # body has already finished leaves the parent task cancelled (CPython gh-116720 family).
+                await self._watch(stop)
         except* _Stop:
             pass
         await client.publish(self.topics.metrics, metrics_to_bytes(self.progress().to_dict()), qos=1, retain=True)

@@ -116,7 +116,7 @@ class AgentService:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client))
                 tg.create_task(self._train_loop(client))
-                tg.create_task(self._watch(stop))
+                await self._watch(stop)  # in the body, not a child: see AggregatorService._session
         except* _Finished:
             final = "budget_exhausted" if self.trainer.exhausted is not None else "stopped"
         except* _Stopped:

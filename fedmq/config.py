@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
+import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -20,11 +20,6 @@ from typing import Any
 
 from fedmq.errors import ConfigError
 from fedmq.topics import Topics, validate_agent_id
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ENV_PREFIX = "FEDMQ_"
 

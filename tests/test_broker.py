@@ -1,0 +1,205 @@
+"""Tier 3: against a real Mosquitto started by the fixture with broker/mosquitto.dev.conf."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from aggregator.service import AggregatorService
+from broker.launcher import MosquittoBroker
+from edge_agent.service import AgentService
+from edge_agent.trainer import LocalTrainer
+from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
+from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage, metrics_from_bytes
+from fedmq.state import read_state
+from models.datasets import digits
+from simulator.harness import SimConfig, Stragglers, run_federation, split_digits
+from tests.helpers import payload, wait_for_message, wait_until
+
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(broker: MosquittoBroker, prefix: str, **agg: object) -> Config:
+    a = replace(AggregatorConfig(rule="fedbuff", buffer_size=2, metrics_interval=0.1, eval_every=1), **agg)
+    return Config(prefix=prefix, broker=BrokerConfig(host=broker.host, port=broker.port), aggregator=a).validate()
+
+
+def agent(cfg: Config, agent_id: str, n: int = 60, **kw: object) -> AgentService:
+    train, _ = digits()
+    acfg = AgentConfig(agent_id=agent_id, round_interval=0.05, **kw)  # type: ignore[arg-type]
+    trainer = LocalTrainer(acfg, PrivacyConfig(noise_multiplier=0.5), train.subset(np.arange(n)),
+                           rng=np.random.default_rng(0))
+    return AgentService(replace(cfg, agent=acfg), trainer)
+
+
+def fedmq_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedmq.cli", *args]
+
+
+async def test_late_joining_agent_gets_the_retained_model_and_contributes(mosquitto: MosquittoBroker,
+                                                                         prefix: str) -> None:
+    cfg = config(mosquitto, prefix)
+    server = AggregatorService(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    await asyncio.wait_for(server.ready.wait(), 20)
+    # A client that connects after the publish still gets the model: it is retained.
+    msg = await wait_for_message(mosquitto.host, mosquitto.port, cfg.topics.model, lambda m: True)
+    assert msg.retain and ModelMessage.from_bytes(payload(msg)).version == 0
+    late = agent(cfg, "late-1")
+    agent_task = asyncio.create_task(late.run(stop))
+    assert server.core is not None
+    await wait_until(lambda: server.core.stats.accepted >= 4 and server.core.version >= 2)  # type: ignore[union-attr]
+    stop.set()
+    await asyncio.gather(task, agent_task)
+    assert late.stats.models_received >= 1 and late.stats.updates_published >= 4
+
+
+async def test_killed_agent_shows_offline_through_its_will(mosquitto: MosquittoBroker, prefix: str) -> None:
+    topic = f"{prefix}/status/victim"
+    proc = subprocess.Popen(fedmq_cmd("agent", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
+                                      "--prefix", prefix, "--id", "victim", "--data", "builtin:digits-train",
+                                      "--log-level", "WARNING"), cwd=ROOT)
+    try:
+        await wait_for_message(mosquitto.host, mosquitto.port, topic,
+                               lambda m: StatusMessage.from_bytes(payload(m)).state == "online", 60)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as watcher:
+            await watcher.subscribe(topic, qos=1)
+            proc.kill()  # SIGKILL: no DISCONNECT, so the broker publishes the Will
+            async with asyncio.timeout(20):
+                async for m in watcher.messages:
+                    status = StatusMessage.from_bytes(payload(m))
+                    if status.state == "offline":
+                        break
+        again = await wait_for_message(mosquitto.host, mosquitto.port, topic, lambda m: True)
+        assert again.retain and StatusMessage.from_bytes(payload(again)).state == "offline"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_agent_and_aggregator_survive_a_broker_restart(tmp_path: Path, prefix: str) -> None:
+    broker = MosquittoBroker(workdir=tmp_path)
+    broker.start()
+    try:
+        cfg = config(broker, prefix)
+        server = AggregatorService(cfg)
+        dev = agent(cfg, "survivor")
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(server.run(stop)), asyncio.create_task(dev.run(stop))]
+        await wait_until(lambda: dev.stats.updates_published >= 2, what="first updates")
+        await asyncio.to_thread(broker.restart)  # same port; retained model is gone (no persistence)
+        before = dev.stats.updates_published
+        await wait_until(lambda: dev.stats.reconnects >= 1 and dev.stats.updates_published >= before + 3,
+                         timeout=60, what="updates after the restart")
+        assert server.core is not None
+        accepted = server.core.stats.accepted
+        await wait_until(lambda: server.core.stats.accepted > accepted, timeout=30)  # type: ignore[union-attr]
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        broker.cleanup()
+
+
+async def test_spoofed_agent_id_is_rejected_and_counted_in_metrics(mosquitto: MosquittoBroker, prefix: str) -> None:
+    cfg = config(mosquitto, prefix)
+    server = AggregatorService(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    await asyncio.wait_for(server.ready.wait(), 20)
+    assert server.core is not None
+    delta = {k: np.zeros_like(v) for k, v in server.core.weights.items()}
+    forged = UpdateMessage(agent_id="agent-2", seq=1, base_version=0, num_examples=5, delta=delta)
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as attacker:
+        await attacker.publish(cfg.topics.update("agent-1"), forged.to_bytes(), qos=1)
+        await attacker.publish(cfg.topics.update("agent-1"), b"\x92\x01", qos=1)  # and some garbage
+    metrics = await wait_for_message(
+        mosquitto.host, mosquitto.port, cfg.topics.metrics,
+        lambda m: metrics_from_bytes(payload(m))["rejected"] >= 2)
+    m = metrics_from_bytes(payload(metrics))
+    assert m["rejected_by_reason"] == {"agent_id_mismatch": 1, "malformed": 1}
+    assert m["accepted"] == 0 and m["version"] == 0
+    stop.set()
+    await task
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff", "fedavg"])
+async def test_small_federation_learns_well_above_chance(mosquitto: MosquittoBroker, prefix: str,
+                                                         rule: str) -> None:
+    cfg = SimConfig(agents=6, duration=20, prefix=prefix, stragglers=Stragglers(median=0.02),
+                    aggregator=replace(SimConfig().aggregator, rule=rule, buffer_size=3, target_accuracy=0.8,
+                                       alpha=0.5))
+    shards, test = split_digits(cfg)
+    s = await run_federation(cfg, mosquitto.host, mosquitto.port, shards=shards, test=test)
+    assert s["final_accuracy"] > 0.5, s  # chance is 0.1
+    assert s["updates_accepted"] > 0 and s["model_versions"] >= 1
+    if rule == "fedavg":
+        assert s["mean_staleness"] == 0 and s["rejected_by_reason"].get("not_selected", 0) == 0
+    assert s["max_epsilon"] is not None and s["max_epsilon"] > 0
+
+
+async def test_aggregator_sigterm_checkpoints_and_restart_resumes(mosquitto: MosquittoBroker, prefix: str,
+                                                                  tmp_path: Path) -> None:
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    args = fedmq_cmd("aggregator", "--broker", url, "--prefix", prefix, "--buffer-size", "2",
+                     "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "100", "--log-level", "WARNING")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        msg = await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model", lambda m: True, 60)
+        model = ModelMessage.from_bytes(payload(msg))
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as dev:
+            for i in range(4):
+                delta = {k: np.full(v.shape, 0.01 * (i + 1), v.dtype) for k, v in model.tensors.items()}
+                u = UpdateMessage(agent_id=f"d{i}", seq=1, base_version=0, num_examples=3, delta=delta)
+                await dev.publish(f"{prefix}/update/d{i}", u.to_bytes(), qos=1)
+        await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model",
+                               lambda m: ModelMessage.from_bytes(payload(m)).version == 2)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        state = read_state(tmp_path / "aggregator.ckpt", "aggregator-checkpoint")
+        assert state is not None and state["version"] == 2 and state["last_seq"] == {f"d{i}": 1 for i in range(4)}
+        status = await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/server/status", lambda m: True)
+        assert StatusMessage.from_bytes(payload(status)).state == "stopped"
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/server/status",
+                               lambda m: StatusMessage.from_bytes(payload(m)).state == "online", 60)
+        msg = await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model", lambda m: True)
+        assert ModelMessage.from_bytes(payload(msg)).version == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 30)
+
+
+@pytest.mark.slow
+def test_demo_command_reaches_well_above_chance(tmp_path: Path) -> None:
+    out = tmp_path / "demo.json"
+    png = tmp_path / "demo.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(fedmq_cmd("demo", "--agents", "10", "--duration", "10", "--json", str(out),
+                                    "--plot", str(png), "--quiet"), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    s = json.loads(out.read_text())
+    for key in ("final_accuracy", "model_versions", "updates_accepted", "updates_rejected", "max_epsilon",
+                "wall_seconds", "broker"):
+        assert key in s
+    assert s["final_accuracy"] > 0.6 and s["broker"] == "mosquitto" and s["max_epsilon"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "final test accuracy" in done.stdout
