@@ -1,2 +1,5 @@
-"""The aggregator: a sans-IO core (:mod:`aggregator.core`, :mod:`aggregator.rules`) and the
-asyncio service that owns all I/O (:mod:`aggregator.service`)."""
+"""The aggregator service.
+
+A sans-IO core (:mod:`aggregator.core`, :mod:`aggregator.rules`) and the asyncio service
+that owns all I/O (:mod:`aggregator.service`).
+"""

@@ -42,8 +42,14 @@ def run(args: argparse.Namespace) -> int:
     service = AggregatorService(config)
     core = service.startup()
     logging.getLogger("fedmq.aggregator").info(
-        "aggregator: rule %s, model %s, version %d, broker %s:%d, prefix %s", config.aggregator.rule,
-        config.aggregator.model, core.version, config.broker.host, config.broker.port, config.prefix)
+        "aggregator: rule %s, model %s, version %d, broker %s:%d, prefix %s",
+        config.aggregator.rule,
+        config.aggregator.model,
+        core.version,
+        config.broker.host,
+        config.broker.port,
+        config.prefix,
+    )
     summary = run_until_signalled(service.run)
     print(json.dumps({k: v for k, v in summary.items() if k != "accuracy_history"}))
     return 0

@@ -65,14 +65,22 @@ class Stats:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-value form for checkpoints and metrics."""
-        return {"accepted": self.accepted, "rejected": dict(self.rejected), "staleness_sum": self.staleness_sum,
-                "max_epsilon": self.max_epsilon}
+        return {
+            "accepted": self.accepted,
+            "rejected": dict(self.rejected),
+            "staleness_sum": self.staleness_sum,
+            "max_epsilon": self.max_epsilon,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Stats:
         """Inverse of :meth:`to_dict`."""
-        return cls(int(d["accepted"]), Counter({str(k): int(v) for k, v in d["rejected"].items()}),
-                   int(d["staleness_sum"]), float(d["max_epsilon"]))
+        return cls(
+            int(d["accepted"]),
+            Counter({str(k): int(v) for k, v in d["rejected"].items()}),
+            int(d["staleness_sum"]),
+            float(d["max_epsilon"]),
+        )
 
 
 class Rule(Protocol):
@@ -82,8 +90,16 @@ class Rule(Protocol):
     needs_history: bool
     mode: str
 
-    def add(self, weights: Tensors, base: Tensors | None, delta: Tensors, *, staleness: int,
-            num_examples: int, agent_id: str) -> Tensors | None:
+    def add(
+        self,
+        weights: Tensors,
+        base: Tensors | None,
+        delta: Tensors,
+        *,
+        staleness: int,
+        num_examples: int,
+        agent_id: str,
+    ) -> Tensors | None:
         """Take one validated update; return new global weights when the version advances."""
         ...
 
@@ -109,8 +125,16 @@ class FedAsyncRule:
         self.alpha = alpha
         self.staleness_fn = staleness_fn
 
-    def add(self, weights: Tensors, base: Tensors | None, delta: Tensors, *, staleness: int,
-            num_examples: int, agent_id: str) -> Tensors | None:
+    def add(
+        self,
+        weights: Tensors,
+        base: Tensors | None,
+        delta: Tensors,
+        *,
+        staleness: int,
+        num_examples: int,
+        agent_id: str,
+    ) -> Tensors | None:
         """Mix immediately."""
         assert base is not None, "FedAsync needs the base version"
         return fedasync_mix(weights, base, delta, self.alpha * self.staleness_fn(staleness))
@@ -130,8 +154,9 @@ class FedBuffRule:
     needs_history = False
     mode = "async"
 
-    def __init__(self, buffer_size: int, staleness_fn: StalenessFn, *, server_lr: float = 1.0,
-                 momentum: float = 0.0) -> None:
+    def __init__(
+        self, buffer_size: int, staleness_fn: StalenessFn, *, server_lr: float = 1.0, momentum: float = 0.0
+    ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         self.buffer_size = buffer_size
@@ -141,16 +166,26 @@ class FedBuffRule:
         self.buffer: list[tuple[Tensors, float]] = []
         self.velocity: Tensors | None = None
 
-    def add(self, weights: Tensors, base: Tensors | None, delta: Tensors, *, staleness: int,
-            num_examples: int, agent_id: str) -> Tensors | None:
+    def add(
+        self,
+        weights: Tensors,
+        base: Tensors | None,
+        delta: Tensors,
+        *,
+        staleness: int,
+        num_examples: int,
+        agent_id: str,
+    ) -> Tensors | None:
         """Buffer the delta; step when the buffer holds ``K``."""
-        self.buffer.append(({k: np.array(v) for k, v in delta.items()},
-                            staleness_weight(num_examples, self.staleness_fn(staleness))))
+        self.buffer.append(
+            ({k: np.array(v) for k, v in delta.items()}, staleness_weight(num_examples, self.staleness_fn(staleness)))
+        )
         if len(self.buffer) < self.buffer_size:
             return None
         deltas, ws = zip(*self.buffer, strict=True)
-        new, self.velocity = fedbuff_step(weights, deltas, ws, server_lr=self.server_lr, momentum=self.momentum,
-                                          velocity=self.velocity)
+        new, self.velocity = fedbuff_step(
+            weights, deltas, ws, server_lr=self.server_lr, momentum=self.momentum, velocity=self.velocity
+        )
         self.buffer.clear()
         return new
 
@@ -174,8 +209,16 @@ class SyncFedAvgRule:
     def __init__(self) -> None:
         self.received: list[tuple[Tensors, int]] = []
 
-    def add(self, weights: Tensors, base: Tensors | None, delta: Tensors, *, staleness: int,
-            num_examples: int, agent_id: str) -> Tensors | None:
+    def add(
+        self,
+        weights: Tensors,
+        base: Tensors | None,
+        delta: Tensors,
+        *,
+        staleness: int,
+        num_examples: int,
+        agent_id: str,
+    ) -> Tensors | None:
         """Collect; the core decides when the round is complete and calls :meth:`finish`."""
         self.received.append(({k: np.array(v) for k, v in delta.items()}, num_examples))
         return None
@@ -207,8 +250,16 @@ class AggregatorCore:
         seed: RNG seed for sync-round selection.
     """
 
-    def __init__(self, weights: Mapping[str, npt.NDArray[Any]], rule: Rule, *, max_staleness: int = 20,
-                 version: int = 0, sync_agents: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        weights: Mapping[str, npt.NDArray[Any]],
+        rule: Rule,
+        *,
+        max_staleness: int = 20,
+        version: int = 0,
+        sync_agents: int = 0,
+        seed: int = 0,
+    ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
         self.rule = rule
@@ -286,8 +337,9 @@ class AggregatorCore:
             return rejected
         staleness = self.version - update.base_version
         base = self._history.get(update.base_version) if self.rule.needs_history else None
-        new = self.rule.add(self._weights, base, update.delta, staleness=staleness,
-                            num_examples=update.num_examples, agent_id=aid)
+        new = self.rule.add(
+            self._weights, base, update.delta, staleness=staleness, num_examples=update.num_examples, agent_id=aid
+        )
         self.last_seq[aid] = seq
         self.stats.accepted += 1
         self.stats.staleness_sum += staleness
@@ -306,14 +358,18 @@ class AggregatorCore:
             return Rejected(u.agent_id, u.seq, reason, detail)
 
         if topic_agent_id is not None and u.agent_id != topic_agent_id:
-            return rej(RejectReason.AGENT_ID_MISMATCH,
-                       f"update names agent {u.agent_id!r} but came on the topic of {topic_agent_id!r}")
+            return rej(
+                RejectReason.AGENT_ID_MISMATCH,
+                f"update names agent {u.agent_id!r} but came on the topic of {topic_agent_id!r}",
+            )
         last = self.last_seq.get(u.agent_id)
         if last is not None and u.seq <= last:
             return rej(RejectReason.DUPLICATE, f"seq {u.seq} <= last accepted {last}")
         if u.base_version > self.version:
-            return rej(RejectReason.UNKNOWN_BASE_VERSION,
-                       f"base version {u.base_version} is ahead of the current {self.version}")
+            return rej(
+                RejectReason.UNKNOWN_BASE_VERSION,
+                f"base version {u.base_version} is ahead of the current {self.version}",
+            )
         staleness = self.version - u.base_version
         if staleness > self.max_staleness:
             return rej(RejectReason.TOO_STALE, f"staleness {staleness} > max {self.max_staleness}")
@@ -322,13 +378,17 @@ class AggregatorCore:
         if self.mode == "sync" and u.agent_id not in self._waiting:
             return rej(RejectReason.NOT_SELECTED, f"agent not awaited in the round at version {self.version}")
         if u.delta.keys() != self._weights.keys():
-            return rej(RejectReason.MODEL_MISMATCH,
-                       f"tensor names {sorted(u.delta)[:8]} differ from the model's {sorted(self._weights)[:8]}")
+            return rej(
+                RejectReason.MODEL_MISMATCH,
+                f"tensor names {sorted(u.delta)[:8]} differ from the model's {sorted(self._weights)[:8]}",
+            )
         for k, ref in self._weights.items():
             d = u.delta[k]
             if d.shape != ref.shape or d.dtype != ref.dtype:
-                return rej(RejectReason.MODEL_MISMATCH,
-                           f"tensor {k!r} is {d.dtype}{list(d.shape)}, model has {ref.dtype}{list(ref.shape)}")
+                return rej(
+                    RejectReason.MODEL_MISMATCH,
+                    f"tensor {k!r} is {d.dtype}{list(d.shape)}, model has {ref.dtype}{list(ref.shape)}",
+                )
         return None
 
     def _maybe_finish_round(self) -> int | None:
@@ -358,8 +418,12 @@ class AggregatorCore:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: model, version, rule state, dedupe state, stats."""
         return {
-            "version": self.version, "weights": self._weights, "rule": self.rule.name,
-            "rule_state": self.rule.state_dict(), "last_seq": dict(self.last_seq), "stats": self.stats.to_dict(),
+            "version": self.version,
+            "weights": self._weights,
+            "rule": self.rule.name,
+            "rule_state": self.rule.state_dict(),
+            "last_seq": dict(self.last_seq),
+            "stats": self.stats.to_dict(),
             "history": {str(v): w for v, w in self._history.items() if v != self.version},
         }
 
@@ -368,8 +432,7 @@ class AggregatorCore:
         if state["rule"] != self.rule.name:
             raise ValueError(f"checkpoint is for rule {state['rule']!r}, this aggregator runs {self.rule.name!r}")
         weights = state["weights"]
-        if weights.keys() != self._weights.keys() or any(
-                weights[k].shape != v.shape for k, v in self._weights.items()):
+        if weights.keys() != self._weights.keys() or any(weights[k].shape != v.shape for k, v in self._weights.items()):
             raise ValueError("checkpoint model does not match the configured model")
         self.version = int(state["version"])
         self._weights = {}
@@ -387,8 +450,15 @@ class AggregatorCore:
             arr.flags.writeable = False
 
 
-def make_rule(name: str, *, staleness_fn: StalenessFn, alpha: float = 0.6, buffer_size: int = 10,
-              server_lr: float = 1.0, momentum: float = 0.0) -> Rule:
+def make_rule(
+    name: str,
+    *,
+    staleness_fn: StalenessFn,
+    alpha: float = 0.6,
+    buffer_size: int = 10,
+    server_lr: float = 1.0,
+    momentum: float = 0.0,
+) -> Rule:
     """Build a rule by its config name (``fedasync``, ``fedbuff``, ``fedavg``)."""
     if name == "fedasync":
         return FedAsyncRule(alpha, staleness_fn)
@@ -397,4 +467,3 @@ def make_rule(name: str, *, staleness_fn: StalenessFn, alpha: float = 0.6, buffe
     if name == "fedavg":
         return SyncFedAvgRule()
     raise ValueError(f"unknown rule {name!r}")
-

@@ -29,6 +29,7 @@ from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError, RejectReason
 from fedmq.messages import ModelMessage, ModelSpec, StatusMessage, UpdateMessage, metrics_to_bytes
+from fedmq.runtime import Pulse
 from fedmq.state import read_state, write_state
 from fedmq.transport import backoff, client_kwargs
 from models import create_model
@@ -77,7 +78,7 @@ class _Runtime:
     logged: set[tuple[str, str]] = field(default_factory=set)
 
 
-class _Stop(Exception):  # noqa: N818 - control flow inside the task group
+class _Stop(Exception):
     pass
 
 
@@ -91,9 +92,14 @@ class AggregatorService:
         clock: monotonic clock (injected for tests).
     """
 
-    def __init__(self, config: Config, *, eval_data: Dataset | None = None,
-                 on_progress: Callable[[Progress], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        eval_data: Dataset | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.cfg = config.aggregator
         self.topics = config.topics
@@ -110,6 +116,8 @@ class AggregatorService:
         self._eval_model: Any = None
         self._last_checkpoint_version = -1
         self._client: aiomqtt.Client | None = None
+        self.pulse = Pulse()
+        """Notified after every update, status, new version and evaluation."""
 
     # --- lifecycle --------------------------------------------------------------------------
     @property
@@ -120,17 +128,31 @@ class AggregatorService:
     def startup(self) -> AggregatorCore:
         """Build model and core, restore the checkpoint, load evaluation data. Fails fast, naming the key."""
         try:
-            model = create_model(self.spec.name, num_features=self.spec.num_features,
-                                 num_classes=self.spec.num_classes, hidden=self.spec.hidden, seed=self.cfg.seed)
+            model = create_model(
+                self.spec.name,
+                num_features=self.spec.num_features,
+                num_classes=self.spec.num_classes,
+                hidden=self.spec.hidden,
+                seed=self.cfg.seed,
+            )
         except (ValueError, ImportError) as exc:
             raise ConfigError("aggregator.model", str(exc)) from None
         self._eval_model = model
-        rule = make_rule(self.cfg.rule, staleness_fn=make_staleness_fn(
-            self.cfg.staleness.function, self.cfg.staleness.a, self.cfg.staleness.b),
-            alpha=self.cfg.alpha, buffer_size=self.cfg.buffer_size, server_lr=self.cfg.server_lr,
-            momentum=self.cfg.server_momentum)
-        core = AggregatorCore(model.get_weights(), rule, max_staleness=self.cfg.max_staleness,
-                              sync_agents=self.cfg.sync_agents, seed=self.cfg.seed)
+        rule = make_rule(
+            self.cfg.rule,
+            staleness_fn=make_staleness_fn(self.cfg.staleness.function, self.cfg.staleness.a, self.cfg.staleness.b),
+            alpha=self.cfg.alpha,
+            buffer_size=self.cfg.buffer_size,
+            server_lr=self.cfg.server_lr,
+            momentum=self.cfg.server_momentum,
+        )
+        core = AggregatorCore(
+            model.get_weights(),
+            rule,
+            max_staleness=self.cfg.max_staleness,
+            sync_agents=self.cfg.sync_agents,
+            seed=self.cfg.seed,
+        )
         path = self.checkpoint_path
         if path is not None:
             try:
@@ -146,8 +168,10 @@ class AggregatorService:
             except (ValueError, OSError, ImportError, AttributeError) as exc:
                 raise ConfigError("aggregator.eval_data", str(exc)) from None
         if self.eval_data is not None and self.eval_data.x.shape[1] != self.spec.num_features:
-            raise ConfigError("aggregator.num_features", f"{self.spec.num_features}, but the evaluation data has "
-                              f"{self.eval_data.x.shape[1]} features")
+            raise ConfigError(
+                "aggregator.num_features",
+                f"{self.spec.num_features}, but the evaluation data has {self.eval_data.x.shape[1]} features",
+            )
         self.core = core
         self._last_checkpoint_version = core.version
         return core
@@ -155,7 +179,8 @@ class AggregatorService:
     async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
         """Serve until ``stop`` is set, ``max_versions`` or ``target_accuracy`` is reached; return the summary."""
         stop = stop or asyncio.Event()
-        core = self.core or self.startup()
+        if self.core is None:
+            self.startup()
         self.rt.started = self.clock()
         delays = backoff()
         will = aiomqtt.Will(self.topics.server_status, self._status("offline"), qos=1, retain=True)
@@ -164,9 +189,13 @@ class AggregatorService:
         try:
             while not stop.is_set() and not self.done.is_set():
                 try:
-                    async with aiomqtt.Client(**client_kwargs(self.config.broker), will=will, clean_session=True,
-                                              identifier=f"fedmq-aggregator-{self.topics.prefix.replace('/', '-')}",
-                                              max_queued_incoming_messages=10_000) as client:
+                    async with aiomqtt.Client(
+                        **client_kwargs(self.config.broker),
+                        will=will,
+                        clean_session=True,
+                        identifier=f"fedmq-aggregator-{self.topics.prefix.replace('/', '-')}",
+                        max_queued_incoming_messages=10_000,
+                    ) as client:
                         self._client = client
                         delays = backoff()
                         await self._session(client, stop)
@@ -222,10 +251,9 @@ class AggregatorService:
             agent = self.topics.agent_of(topic, "update")
             if agent is not None:
                 await self._on_update(client, agent, bytes(payload))
-                continue
-            agent = self.topics.agent_of(topic, "status")
-            if agent is not None:
+            elif (agent := self.topics.agent_of(topic, "status")) is not None:
                 await self._on_status(client, agent, bytes(payload))
+            self.pulse.notify()
 
     async def _on_update(self, client: aiomqtt.Client, topic_agent: str, payload: bytes) -> None:
         core = self._core
@@ -284,8 +312,15 @@ class AggregatorService:
         core = self._core
         if core.mode == "sync" and core.selected is None:
             return  # no round open: nobody should train yet
-        msg = ModelMessage(version=core.version, model=self.spec, tensors=core.weights, mode=core.mode,  # type: ignore[arg-type]
-                           selected=core.selected, max_staleness=core.max_staleness, created_at=time.time())
+        msg = ModelMessage(
+            version=core.version,
+            model=self.spec,
+            tensors=core.weights,
+            mode=core.mode,  # type: ignore[arg-type]
+            selected=core.selected,
+            max_staleness=core.max_staleness,
+            created_at=time.time(),
+        )
         await client.publish(self.topics.model, msg.to_bytes(), qos=1, retain=True)
 
     def _count_rejection(self, rejected: Rejected) -> None:
@@ -296,8 +331,12 @@ class AggregatorService:
         key = (rejected.agent_id or "?", rejected.reason.value)
         if key not in self.rt.logged and len(self.rt.logged) < 10_000:
             self.rt.logged.add(key)
-            log.warning("rejected an update from %s: %s (%s); further ones are counted, not logged",
-                        key[0], rejected.reason.value, rejected.detail)
+            log.warning(
+                "rejected an update from %s: %s (%s); further ones are counted, not logged",
+                key[0],
+                rejected.reason.value,
+                rejected.detail,
+            )
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
     async def _evaluator(self) -> None:
@@ -317,6 +356,7 @@ class AggregatorService:
         self.rt.evals.append(EvalPoint(self.clock() - self.rt.started, version, acc, loss))
         if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
             self.done.set()
+        self.pulse.notify()
         if self.on_progress is not None:
             self.on_progress(self.progress())
 
@@ -360,20 +400,32 @@ class AggregatorService:
         core = self._core
         last = self.rt.evals[-1] if self.rt.evals else None
         return Progress(
-            version=core.version, accuracy=last.accuracy if last else None, loss=last.loss if last else None,
-            accepted=core.stats.accepted, rejected=sum(core.stats.rejected.values()),
-            rejected_by_reason=dict(core.stats.rejected), mean_staleness=core.stats.mean_staleness,
-            max_epsilon=core.stats.max_epsilon, agents_online=len(core.online),
-            elapsed=self.clock() - self.rt.started if self.rt.started else 0.0)
+            version=core.version,
+            accuracy=last.accuracy if last else None,
+            loss=last.loss if last else None,
+            accepted=core.stats.accepted,
+            rejected=sum(core.stats.rejected.values()),
+            rejected_by_reason=dict(core.stats.rejected),
+            mean_staleness=core.stats.mean_staleness,
+            max_epsilon=core.stats.max_epsilon,
+            agents_online=len(core.online),
+            elapsed=self.clock() - self.rt.started if self.rt.started else 0.0,
+        )
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (the demo's JSON)."""
         p = self.progress()
         return {
-            "final_accuracy": p.accuracy, "final_loss": p.loss, "model_versions": p.version,
-            "updates_accepted": p.accepted, "updates_rejected": p.rejected,
-            "rejected_by_reason": p.rejected_by_reason, "mean_staleness": round(p.mean_staleness, 3),
-            "max_epsilon": p.max_epsilon, "wall_seconds": round(p.elapsed, 2), "rule": self.cfg.rule,
+            "final_accuracy": p.accuracy,
+            "final_loss": p.loss,
+            "model_versions": p.version,
+            "updates_accepted": p.accepted,
+            "updates_rejected": p.rejected,
+            "rejected_by_reason": p.rejected_by_reason,
+            "mean_staleness": round(p.mean_staleness, 3),
+            "max_epsilon": p.max_epsilon,
+            "wall_seconds": round(p.elapsed, 2),
+            "rule": self.cfg.rule,
             "accuracy_history": [[round(e.elapsed, 3), e.version, round(e.accuracy, 4)] for e in self.rt.evals],
         }
 

@@ -1,5 +1,8 @@
-"""Mosquitto configuration (``*.conf``, ``acl``) and a launcher: Mosquitto when the binary is
-on PATH, otherwise an embedded pure-Python broker (amqtt) for development and demos."""
+"""Mosquitto configuration and a launcher.
+
+Config files (``*.conf``, ``acl``) live beside this module. The launcher runs Mosquitto when
+the binary is on PATH, otherwise an embedded pure-Python broker (amqtt) for development.
+"""
 
 from broker.launcher import BROKER_DIR, BrokerHandle, EmbeddedBroker, MosquittoBroker, free_port, start_broker
 

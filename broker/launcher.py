@@ -9,6 +9,7 @@ Both wait on readiness (the port accepts connections), never on a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
@@ -54,8 +55,9 @@ def wait_listening(host: str, port: int, timeout: float, alive: Any = None) -> N
             delay = min(delay * 2, 0.1)
 
 
-def render_mosquitto_conf(template: Path, *, port: int, bind: str | None, data_dir: Path,
-                          config_dir: Path = BROKER_DIR) -> str:
+def render_mosquitto_conf(
+    template: Path, *, port: int, bind: str | None, data_dir: Path, config_dir: Path = BROKER_DIR
+) -> str:
     """Return ``template`` with its first listener, persistence and auth paths set for this run.
 
     ``/mosquitto/config/NAME`` (the container path used by compose) maps to ``config_dir/NAME``
@@ -100,10 +102,21 @@ class MosquittoBroker:
 
     kind = "mosquitto"
 
-    def __init__(self, *, port: int | None = None, host: str = "127.0.0.1", conf: Path = DEV_CONF,
-                 workdir: Path | None = None, binary: str | None = None, bind: str | None = None) -> None:
-        found = binary or shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists()
-                                                        else None)
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        conf: Path = DEV_CONF,
+        workdir: Path | None = None,
+        binary: str | None = None,
+        bind: str | None = None,
+    ) -> None:
+        found = (
+            binary
+            or shutil.which("mosquitto")
+            or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        )
         if found is None:
             raise BrokerError("no mosquitto binary on PATH (apt-get install mosquitto, or use the embedded broker)")
         self.binary = found
@@ -114,8 +127,9 @@ class MosquittoBroker:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fedmq-mosquitto-"))
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         self.conf_path = self.workdir / "mosquitto.conf"
-        self.conf_path.write_text(render_mosquitto_conf(conf, port=self.port, bind=self.bind,
-                                                        data_dir=self.workdir / "data"))
+        self.conf_path.write_text(
+            render_mosquitto_conf(conf, port=self.port, bind=self.bind, data_dir=self.workdir / "data")
+        )
         self.log_path = self.workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -129,9 +143,15 @@ class MosquittoBroker:
         if self.proc is not None and self.proc.poll() is None:
             return self
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)], stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf_path)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
+        atexit.register(self.stop)  # an exiting parent never leaves its broker behind
         proc = self.proc
         try:
             wait_listening(self.host, self.port, timeout, alive=lambda: proc.poll() is None)
@@ -150,6 +170,7 @@ class MosquittoBroker:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, SIGKILL if needed (Mosquitto saves persistence on SIGTERM)."""
         proc, self.proc = self.proc, None
+        atexit.unregister(self.stop)
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
@@ -236,10 +257,12 @@ class EmbeddedBroker:
 
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self._broker = Broker({
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        })
+        self._broker = Broker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            }
+        )
         await self._broker.start()
 
     def stop(self) -> None:
@@ -254,8 +277,9 @@ class EmbeddedBroker:
         self.stop()
 
 
-def start_broker(kind: str = "auto", *, port: int | None = None, host: str = "127.0.0.1",
-                 conf: Path = DEV_CONF) -> MosquittoBroker | EmbeddedBroker:
+def start_broker(
+    kind: str = "auto", *, port: int | None = None, host: str = "127.0.0.1", conf: Path = DEV_CONF
+) -> MosquittoBroker | EmbeddedBroker:
     """Start Mosquitto (``kind="mosquitto"``), amqtt (``"embedded"``) or whichever is available (``"auto"``)."""
     if kind not in ("auto", "mosquitto", "embedded"):
         raise ValueError(f"broker kind must be auto, mosquitto or embedded, got {kind!r}")

@@ -34,8 +34,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)
     flag(p, "--delta", "privacy.delta", type=float)
     flag(p, "--epsilon-budget", "privacy.epsilon_budget", type=float)
-    p.add_argument("--no-dp", dest="cfg:privacy.enabled", action="store_const", const=False, default=None,
-                   help="switch differential privacy off (updates then leak more about local data)")
+    p.add_argument(
+        "--no-dp",
+        dest="cfg:privacy.enabled",
+        action="store_const",
+        const=False,
+        default=None,
+        help="switch differential privacy off (updates then leak more about local data)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,13 +56,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("agent.data", str(exc)) from None
     state_path = Path(config.agent.state_dir) / f"{config.agent.agent_id}.state" if config.agent.state_dir else None
     try:
-        trainer = LocalTrainer(config.agent, config.privacy, data, rng=np.random.default_rng(config.agent.seed),
-                               state_path=state_path)
+        trainer = LocalTrainer(
+            config.agent, config.privacy, data, rng=np.random.default_rng(config.agent.seed), state_path=state_path
+        )
     except ValueError as exc:
         raise ConfigError("agent.state_dir", str(exc)) from None
-    logging.getLogger("fedmq.agent").info("agent %s: %d examples, broker %s:%d, DP %s", config.agent.agent_id,
-                                          len(data), config.broker.host, config.broker.port,
-                                          "on" if config.privacy.enabled else "OFF")
+    logging.getLogger("fedmq.agent").info(
+        "agent %s: %d examples, broker %s:%d, DP %s",
+        config.agent.agent_id,
+        len(data),
+        config.broker.host,
+        config.broker.port,
+        "on" if config.privacy.enabled else "OFF",
+    )
 
     async def main(stop: asyncio.Event) -> dict[str, object]:
         stats = await AgentService(config, trainer).run(stop)

@@ -29,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("data", str(exc)) from None
     predictor = OnnxPredictor(args.model)
     pred = predictor.predict(data.x)
-    out = {"version": predictor.version, "n": len(pred), "accuracy": float(np.mean(pred == data.y)),
-           "predictions": pred[:20].tolist()}
+    out = {
+        "version": predictor.version,
+        "n": len(pred),
+        "accuracy": float(np.mean(pred == data.y)),
+        "predictions": pred[:20].tolist(),
+    }
     print(json.dumps(out))
     return 0

@@ -22,12 +22,14 @@ from fedmq.config import PrivacyConfig
 Tensors = dict[str, npt.NDArray[Any]]
 
 
-class BudgetExhausted(Exception):  # noqa: N818 - a state, not a failure of ours
+class BudgetExhausted(Exception):
     """Releasing one more update would exceed the configured epsilon budget."""
 
     def __init__(self, epsilon_now: float, epsilon_next: float, budget: float) -> None:
-        super().__init__(f"privacy budget exhausted: epsilon {epsilon_now:.3g} now, {epsilon_next:.3g} after "
-                         f"one more release > budget {budget:.3g}; no more updates are published")
+        super().__init__(
+            f"privacy budget exhausted: epsilon {epsilon_now:.3g} now, {epsilon_next:.3g} after "
+            f"one more release > budget {budget:.3g}; no more updates are published"
+        )
         self.epsilon_now = epsilon_now
         self.epsilon_next = epsilon_next
         self.budget = budget
@@ -65,8 +67,14 @@ class GaussianNoiseStep:
     Must follow a :class:`ClipStep` with the same ``bound`` (the sensitivity).
     """
 
-    def __init__(self, noise_multiplier: float, bound: float, rng: np.random.Generator,
-                 accountant: PrivacyAccountant, budget: float | None = None) -> None:
+    def __init__(
+        self,
+        noise_multiplier: float,
+        bound: float,
+        rng: np.random.Generator,
+        accountant: PrivacyAccountant,
+        budget: float | None = None,
+    ) -> None:
         if noise_multiplier < 0 or bound <= 0:
             raise ValueError("need noise_multiplier >= 0 and bound > 0")
         self.noise_multiplier = noise_multiplier
@@ -100,13 +108,15 @@ def run_pipeline(steps: Sequence[Step], release: Release) -> Release:
     return release
 
 
-def build_pipeline(privacy: PrivacyConfig, rng: np.random.Generator,
-                   accountant: PrivacyAccountant | None) -> list[Step]:
+def build_pipeline(
+    privacy: PrivacyConfig, rng: np.random.Generator, accountant: PrivacyAccountant | None
+) -> list[Step]:
     """The steps for a privacy config: ``[]`` when DP is off, else clip then noise."""
     if not privacy.enabled:
         return []
     if accountant is None:
         raise ValueError("differential privacy needs an accountant")
-    return [ClipStep(privacy.clip_norm),
-            GaussianNoiseStep(privacy.noise_multiplier, privacy.clip_norm, rng, accountant, privacy.epsilon_budget)]
-
+    return [
+        ClipStep(privacy.clip_norm),
+        GaussianNoiseStep(privacy.noise_multiplier, privacy.clip_norm, rng, accountant, privacy.epsilon_budget),
+    ]

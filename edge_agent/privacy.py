@@ -24,8 +24,9 @@ Tensors = dict[str, npt.NDArray[Any]]
 
 def l2_norm(tensors: Mapping[str, npt.NDArray[Any]]) -> float:
     """Global L2 norm over all tensors (accumulated in float64 for accuracy)."""
-    return math.sqrt(sum(float(np.dot(t.reshape(-1).astype(np.float64), t.reshape(-1).astype(np.float64)))
-                         for t in tensors.values()))
+    return math.sqrt(
+        sum(float(np.dot(t.reshape(-1).astype(np.float64), t.reshape(-1).astype(np.float64))) for t in tensors.values())
+    )
 
 
 def clip_l2(tensors: Mapping[str, npt.NDArray[Any]], bound: float) -> tuple[Tensors, float]:

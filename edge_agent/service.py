@@ -25,6 +25,7 @@ from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import DecodeError
 from fedmq.messages import AgentState, ModelMessage, StatusMessage, UpdateMessage
+from fedmq.runtime import Pulse
 from fedmq.transport import backoff, client_kwargs
 
 log = logging.getLogger("fedmq.agent")
@@ -43,11 +44,11 @@ class AgentStats:
     state: str = "starting"
 
 
-class _Finished(Exception):  # noqa: N818 - control flow inside the task group
+class _Finished(Exception):
     """The agent has nothing more to do (update limit or privacy budget)."""
 
 
-class _Stopped(Exception):  # noqa: N818
+class _Stopped(Exception):
     """Stop was requested."""
 
 
@@ -62,8 +63,14 @@ class AgentService:
         rng: randomness for reconnect jitter.
     """
 
-    def __init__(self, config: Config, trainer: LocalTrainer, *, compute_delay: Callable[[], float] | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        trainer: LocalTrainer,
+        *,
+        compute_delay: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.trainer = trainer
         self.agent_id = config.agent.agent_id
@@ -77,10 +84,13 @@ class AgentService:
         self._new_model = asyncio.Event()
         self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
         self.connected = asyncio.Event()
+        self.pulse = Pulse()
+        """Notified after every publish, model received, reconnect and state change."""
 
     def _status(self, state: AgentState) -> bytes:
-        return StatusMessage(self.agent_id, state, epsilon=self.trainer.epsilon, seq=self.trainer.seq,
-                             ts=time.time()).to_bytes()
+        return StatusMessage(
+            self.agent_id, state, epsilon=self.trainer.epsilon, seq=self.trainer.seq, ts=time.time()
+        ).to_bytes()
 
     async def run(self, stop: asyncio.Event | None = None) -> AgentStats:
         """Connect, train and publish until ``stop`` is set or the agent is finished."""
@@ -89,16 +99,25 @@ class AgentService:
         will = aiomqtt.Will(self.topics.status(self.agent_id), self._status("offline"), qos=1, retain=True)
         while not stop.is_set():
             try:
-                async with aiomqtt.Client(**client_kwargs(self.config.broker), identifier=f"fedmq-{self.agent_id}",
-                                          will=will, clean_session=True) as client:
+                async with aiomqtt.Client(
+                    **client_kwargs(self.config.broker),
+                    identifier=f"fedmq-{self.agent_id}",
+                    will=will,
+                    clean_session=True,
+                ) as client:
                     await self._session(client, stop)
                     return self.stats
             except* aiomqtt.MqttError as group:
                 self.connected.clear()
                 self.stats.reconnects += 1
+                self.pulse.notify()
                 delay = next(delays)
-                log.warning("agent %s: broker connection lost (%s); reconnecting in %.1f s", self.agent_id,
-                            group.exceptions[0], delay)
+                log.warning(
+                    "agent %s: broker connection lost (%s); reconnecting in %.1f s",
+                    self.agent_id,
+                    group.exceptions[0],
+                    delay,
+                )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await stop.wait()
@@ -109,6 +128,7 @@ class AgentService:
         await client.subscribe(self.topics.model, qos=1)
         self.connected.set()
         self.stats.state = "online"
+        self.pulse.notify()
         if self.pending is not None:
             await self._publish_pending(client)
         final: AgentState = "stopped"
@@ -124,6 +144,7 @@ class AgentService:
         self.stats.state = final
         self.stats.epsilon = self.trainer.epsilon
         await client.publish(self.topics.status(self.agent_id), self._status(final), qos=1, retain=True)
+        self.pulse.notify()
 
     @staticmethod
     async def _watch(stop: asyncio.Event) -> None:
@@ -141,6 +162,7 @@ class AgentService:
                 log.warning("agent %s: ignoring a bad global model: %s", self.agent_id, exc)
                 continue
             self.stats.models_received += 1
+            self.pulse.notify()
             if self._latest is None or model.version >= self._latest.version:
                 self._latest = model
                 self._new_model.set()
@@ -173,7 +195,9 @@ class AgentService:
 
     async def _publish_pending(self, client: aiomqtt.Client) -> None:
         """Publish the pending update at QoS 1; it is dropped only once the publish completed."""
-        assert self.pending is not None and self._pending_payload is not None
+        assert self.pending is not None
+        assert self._pending_payload is not None
         await client.publish(self.topics.update(self.agent_id), self._pending_payload, qos=1)
         self.pending = self._pending_payload = None
         self.stats.updates_published += 1
+        self.pulse.notify()

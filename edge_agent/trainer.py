@@ -37,8 +37,15 @@ class LocalTrainer:
             and the sequence starts from the clock so that a restarted agent is not a duplicate).
     """
 
-    def __init__(self, agent: AgentConfig, privacy: PrivacyConfig, data: Dataset, *, rng: np.random.Generator,
-                 state_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        agent: AgentConfig,
+        privacy: PrivacyConfig,
+        data: Dataset,
+        *,
+        rng: np.random.Generator,
+        state_path: Path | None = None,
+    ) -> None:
         if len(data) == 0:
             raise ValueError("the agent's data set is empty")
         self.agent = agent
@@ -72,7 +79,8 @@ class LocalTrainer:
         if model.mode == "async":
             return True
         return model.version > self.last_trained_version and (
-            model.selected is None or self.agent.agent_id in model.selected)
+            model.selected is None or self.agent.agent_id in model.selected
+        )
 
     def check_budget(self) -> None:
         """Raise :class:`BudgetExhausted` (and remember it) if no further release is allowed."""
@@ -94,26 +102,41 @@ class LocalTrainer:
         self.check_budget()
         local = self._local_model(model)
         local.set_weights(model.tensors)
-        result = local.fit(self.data.x, self.data.y, epochs=self.agent.local_epochs,
-                           batch_size=self.agent.batch_size, lr=self.agent.lr, rng=self.rng)
+        result = local.fit(
+            self.data.x,
+            self.data.y,
+            epochs=self.agent.local_epochs,
+            batch_size=self.agent.batch_size,
+            lr=self.agent.lr,
+            rng=self.rng,
+        )
         trained = local.get_weights()
         delta = {k: (trained[k] - model.tensors[k]).astype(model.tensors[k].dtype, copy=False) for k in trained}
         release = run_pipeline(self.steps, Release(delta, result.num_examples, result.loss))
         self.seq += 1
         self.last_trained_version = model.version
         self.save_state()
-        return UpdateMessage(agent_id=self.agent.agent_id, seq=self.seq, base_version=model.version,
-                             num_examples=release.num_examples, delta=release.delta, train_loss=release.loss,
-                             epsilon=release.epsilon, sent_at=time.time() if now is None else now)
+        return UpdateMessage(
+            agent_id=self.agent.agent_id,
+            seq=self.seq,
+            base_version=model.version,
+            num_examples=release.num_examples,
+            delta=release.delta,
+            train_loss=release.loss,
+            epsilon=release.epsilon,
+            sent_at=time.time() if now is None else now,
+        )
 
     def _local_model(self, model: ModelMessage) -> Any:
         spec = model.model
         if spec.num_features != self.data.x.shape[1]:
-            raise ValueError(f"the global model takes {spec.num_features} features, the local data has "
-                             f"{self.data.x.shape[1]}")
+            raise ValueError(
+                f"the global model takes {spec.num_features} features, the local data has {self.data.x.shape[1]}"
+            )
         if self._model is None or spec != self._spec:
-            self._model = create_model(spec.name, num_features=spec.num_features, num_classes=spec.num_classes,
-                                       hidden=spec.hidden)
+            self._model = create_model(
+                spec.name, num_features=spec.num_features, num_classes=spec.num_classes, hidden=spec.hidden
+            )
             self._spec = spec
         return self._model
 
@@ -121,10 +144,15 @@ class LocalTrainer:
         """Persist sequence number and accountant history atomically (no-op without a state path)."""
         if self.state_path is None:
             return
-        write_state(self.state_path, STATE_KIND, {
-            "agent_id": self.agent.agent_id, "seq": self.seq,
-            "accountant": self.accountant.state_dict() if self.accountant else None,
-        })
+        write_state(
+            self.state_path,
+            STATE_KIND,
+            {
+                "agent_id": self.agent.agent_id,
+                "seq": self.seq,
+                "accountant": self.accountant.state_dict() if self.accountant else None,
+            },
+        )
 
     def _load_state(self) -> None:
         if self.state_path is None:
@@ -133,9 +161,9 @@ class LocalTrainer:
         if state is None:
             return
         if state.get("agent_id") != self.agent.agent_id:
-            raise ValueError(f"{self.state_path} belongs to agent {state.get('agent_id')!r}, "
-                             f"not {self.agent.agent_id!r}")
+            raise ValueError(
+                f"{self.state_path} belongs to agent {state.get('agent_id')!r}, not {self.agent.agent_id!r}"
+            )
         self.seq = max(self.seq, int(state["seq"]))
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
-

@@ -30,8 +30,12 @@ def load_from_args(args: argparse.Namespace, role: str) -> Config:
     overrides: dict[str, Any] = {}
     if args.broker:
         overrides.update(broker_url_overrides(args.broker))
-    for name, key in (("prefix", "prefix"), ("ca_file", "broker.ca_file"), ("cert_file", "broker.cert_file"),
-                      ("key_file", "broker.key_file")):
+    for name, key in (
+        ("prefix", "prefix"),
+        ("ca_file", "broker.ca_file"),
+        ("cert_file", "broker.cert_file"),
+        ("key_file", "broker.key_file"),
+    ):
         if getattr(args, name, None) is not None:
             overrides[key] = getattr(args, name)
     if args.ca_file or args.cert_file:

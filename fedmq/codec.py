@@ -64,7 +64,8 @@ def encode_tensor(array: npt.NDArray[Any]) -> dict[str, Any]:
         raise TypeError(f"dtype {array.dtype} cannot be sent; use one of {sorted(DTYPES)}")
     # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
     arr = np.require(array, dtype=DTYPES[name], requirements="C")
-    return {"dtype": name, "shape": list(arr.shape), "data": memoryview(arr.reshape(-1)).cast("B")}
+    flat: Any = arr.reshape(-1)  # numpy arrays implement the buffer protocol
+    return {"dtype": name, "shape": list(arr.shape), "data": memoryview(flat).cast("B")}
 
 
 def encode_tensors(tensors: Mapping[str, npt.NDArray[Any]]) -> dict[str, dict[str, Any]]:
@@ -72,8 +73,9 @@ def encode_tensors(tensors: Mapping[str, npt.NDArray[Any]]) -> dict[str, dict[st
     return {str(k): encode_tensor(v) for k, v in tensors.items()}
 
 
-def decode_tensor(obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS,
-                  require_finite: bool = True) -> npt.NDArray[Any]:
+def decode_tensor(
+    obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS, require_finite: bool = True
+) -> npt.NDArray[Any]:
     """Validate one wire tensor and return a read-only view of its bytes.
 
     Raises:
@@ -84,17 +86,19 @@ def decode_tensor(obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS
     dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise DecodeError(RejectReason.BAD_DTYPE, f"{where}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
-    if (not isinstance(shape, list) or len(shape) > limits.max_ndim
-            or not all(type(d) is int and d >= 0 for d in shape)):
-        raise DecodeError(RejectReason.SHAPE_MISMATCH,
-                          f"{where}: shape must be a list of at most {limits.max_ndim} non-negative ints")
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(type(d) is int and d >= 0 for d in shape):
+        raise DecodeError(
+            RejectReason.SHAPE_MISMATCH, f"{where}: shape must be a list of at most {limits.max_ndim} non-negative ints"
+        )
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError(RejectReason.BAD_FIELD, f"{where}: data must be msgpack bin")
     dtype = DTYPES[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
-        raise DecodeError(RejectReason.SHAPE_MISMATCH,
-                          f"{where}: shape {shape} of {dtype_name} needs {expected} bytes, got {len(data)}")
+        raise DecodeError(
+            RejectReason.SHAPE_MISMATCH,
+            f"{where}: shape {shape} of {dtype_name} needs {expected} bytes, got {len(data)}",
+        )
     arr = np.frombuffer(data, dtype=dtype).reshape(shape)
     if sys.byteorder == "big":  # pragma: no cover - no big-endian CI machine
         arr = arr.astype(dtype.newbyteorder("="))
@@ -103,8 +107,9 @@ def decode_tensor(obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS
     return arr
 
 
-def decode_tensors(obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS,
-                   require_finite: bool = True) -> Tensors:
+def decode_tensors(
+    obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS, require_finite: bool = True
+) -> Tensors:
     """Decode a map of named wire tensors."""
     if not isinstance(obj, dict):
         raise DecodeError(RejectReason.BAD_FIELD, f"{where}: must be a map of named tensors")
@@ -151,8 +156,16 @@ def unpack(payload: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAU
         )
     except DecodeError:
         raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            msgpack.OutOfData, UnicodeDecodeError, RecursionError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        msgpack.OutOfData,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as exc:
         raise DecodeError(RejectReason.MALFORMED, f"invalid msgpack: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(obj, dict):
         raise DecodeError(RejectReason.MALFORMED, f"top level must be a map, got {type(obj).__name__}")

@@ -44,8 +44,11 @@ class BrokerConfig:
         _check(0 < self.port < 65536, "broker.port", f"must be 1-65535, got {self.port}")
         _check(self.keepalive >= 5, "broker.keepalive", "must be >= 5 seconds")
         _check(self.max_payload_bytes >= 1024, "broker.max_payload_bytes", "must be >= 1024")
-        _check((self.cert_file is None) == (self.key_file is None), "broker.cert_file",
-               "cert_file and key_file go together")
+        _check(
+            (self.cert_file is None) == (self.key_file is None),
+            "broker.cert_file",
+            "cert_file and key_file go together",
+        )
         for key in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, key)
             _check(path is None or Path(path).is_file(), f"broker.{key}", f"no such file: {path}")
@@ -61,8 +64,11 @@ class StalenessConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
-        _check(self.function in ("constant", "polynomial", "hinge"), "aggregator.staleness.function",
-               f"must be constant, polynomial or hinge, got {self.function!r}")
+        _check(
+            self.function in ("constant", "polynomial", "hinge"),
+            "aggregator.staleness.function",
+            f"must be constant, polynomial or hinge, got {self.function!r}",
+        )
         _check(self.a >= 0 and math.isfinite(self.a), "aggregator.staleness.a", "must be a finite number >= 0")
         _check(self.b >= 0, "aggregator.staleness.b", "must be >= 0")
 
@@ -94,8 +100,11 @@ class AggregatorConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
-        _check(self.rule in ("fedasync", "fedbuff", "fedavg"), "aggregator.rule",
-               f"must be fedasync, fedbuff or fedavg, got {self.rule!r}")
+        _check(
+            self.rule in ("fedasync", "fedbuff", "fedavg"),
+            "aggregator.rule",
+            f"must be fedasync, fedbuff or fedavg, got {self.rule!r}",
+        )
         _check(self.buffer_size >= 1, "aggregator.buffer_size", "must be >= 1")
         _check(self.server_lr > 0, "aggregator.server_lr", "must be > 0")
         _check(0 <= self.server_momentum < 1, "aggregator.server_momentum", "must be in [0, 1)")
@@ -105,10 +114,16 @@ class AggregatorConfig:
         _check(self.eval_every >= 1, "aggregator.eval_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "aggregator.checkpoint_every", "must be >= 1")
         _check(self.max_versions >= 0, "aggregator.max_versions", "must be >= 0 (0: run until stopped)")
-        _check(self.num_features >= 1 and self.num_classes >= 2, "aggregator.num_classes",
-               "need num_features >= 1 and num_classes >= 2")
-        _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1, "aggregator.target_accuracy",
-               "must be in (0, 1]")
+        _check(
+            self.num_features >= 1 and self.num_classes >= 2,
+            "aggregator.num_classes",
+            "need num_features >= 1 and num_classes >= 2",
+        )
+        _check(
+            self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+            "aggregator.target_accuracy",
+            "must be in (0, 1]",
+        )
         _check(self.metrics_interval > 0, "aggregator.metrics_interval", "must be > 0")
         self.staleness.validate()
 
@@ -126,13 +141,18 @@ class PrivacyConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
         _check(self.clip_norm > 0 and math.isfinite(self.clip_norm), "privacy.clip_norm", "must be > 0")
-        _check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier), "privacy.noise_multiplier",
-               "must be >= 0")
+        _check(
+            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
+            "privacy.noise_multiplier",
+            "must be >= 0",
+        )
         _check(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
-        _check(self.epsilon_budget is None or self.epsilon_budget > 0, "privacy.epsilon_budget",
-               "must be > 0")
-        _check(not (self.enabled and self.epsilon_budget is not None and self.noise_multiplier == 0),
-               "privacy.noise_multiplier", "an epsilon budget needs noise_multiplier > 0")
+        _check(self.epsilon_budget is None or self.epsilon_budget > 0, "privacy.epsilon_budget", "must be > 0")
+        _check(
+            not (self.enabled and self.epsilon_budget is not None and self.noise_multiplier == 0),
+            "privacy.noise_multiplier",
+            "an epsilon budget needs noise_multiplier > 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -156,8 +176,11 @@ class AgentConfig:
         _check(self.batch_size >= 1, "agent.batch_size", "must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), "agent.lr", "must be > 0")
         _check(self.max_updates >= 0, "agent.max_updates", "must be >= 0 (0: no limit)")
-        _check(self.round_interval >= 0 and math.isfinite(self.round_interval), "agent.round_interval",
-               "must be >= 0 seconds")
+        _check(
+            self.round_interval >= 0 and math.isfinite(self.round_interval),
+            "agent.round_interval",
+            "must be >= 0 seconds",
+        )
 
 
 @dataclass(frozen=True)
@@ -254,8 +277,13 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
-                overrides: Mapping[str, Any] | None = None, role: str | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    role: str | None = None,
+) -> Config:
     """Load, merge and validate the configuration.
 
     Args:
@@ -276,7 +304,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     env = os.environ if env is None else env
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+            parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
             if parts[0] in {f.name for f in dataclasses.fields(Config)}:
                 _set_path(tree, parts, value)
     for dotted, value in (overrides or {}).items():

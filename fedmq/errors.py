@@ -25,7 +25,7 @@ class ConfigError(FedmqError):
         self.problem = problem
 
 
-class RejectReason(str, enum.Enum):
+class RejectReason(enum.StrEnum):
     """Why a peer's message was not used. The values are stable: they appear in metrics."""
 
     TOO_LARGE = "too_large"

@@ -36,7 +36,7 @@ def _int(obj: dict[str, Any], key: str, *, minimum: int = 0) -> int:
 
 
 def _float(obj: dict[str, Any], key: str, *, optional: bool = False) -> float | None:
-    v = obj.get(key)
+    v: Any = obj.get(key)
     if v is None and optional:
         return None
     if type(v) not in (int, float) or not math.isfinite(v):
@@ -62,16 +62,24 @@ class ModelSpec:
 
     def to_wire(self) -> dict[str, Any]:
         """Plain map for the ``model`` field."""
-        return {"name": self.name, "num_features": self.num_features, "num_classes": self.num_classes,
-                "hidden": self.hidden}
+        return {
+            "name": self.name,
+            "num_features": self.num_features,
+            "num_classes": self.num_classes,
+            "hidden": self.hidden,
+        }
 
     @classmethod
     def from_wire(cls, obj: Any) -> ModelSpec:
         """Validate an untrusted ``model`` field."""
         if not isinstance(obj, dict):
             raise DecodeError(RejectReason.BAD_FIELD, "model must be a map")
-        return cls(_str(obj, "name"), _int(obj, "num_features", minimum=1), _int(obj, "num_classes", minimum=2),
-                   _int(obj, "hidden", minimum=1))
+        return cls(
+            _str(obj, "name"),
+            _int(obj, "num_features", minimum=1),
+            _int(obj, "num_classes", minimum=2),
+            _int(obj, "hidden", minimum=1),
+        )
 
 
 @dataclass(frozen=True)
@@ -93,12 +101,19 @@ class ModelMessage:
 
     def to_bytes(self) -> bytes:
         """Serialize for publishing."""
-        return pack({
-            "schema": SCHEMA_VERSION, "kind": "model", "version": self.version, "model": self.model.to_wire(),
-            "mode": self.mode, "selected": list(self.selected) if self.selected is not None else None,
-            "max_staleness": self.max_staleness, "created_at": self.created_at,
-            "tensors": encode_tensors(self.tensors),
-        })
+        return pack(
+            {
+                "schema": SCHEMA_VERSION,
+                "kind": "model",
+                "version": self.version,
+                "model": self.model.to_wire(),
+                "mode": self.mode,
+                "selected": list(self.selected) if self.selected is not None else None,
+                "max_staleness": self.max_staleness,
+                "created_at": self.created_at,
+                "tensors": encode_tensors(self.tensors),
+            }
+        )
 
     @classmethod
     def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ModelMessage:
@@ -112,10 +127,13 @@ class ModelMessage:
         if selected is not None and not (isinstance(selected, list) and all(isinstance(s, str) for s in selected)):
             raise DecodeError(RejectReason.BAD_FIELD, "selected must be null or a list of agent ids")
         return cls(
-            version=_int(obj, "version"), model=ModelSpec.from_wire(obj.get("model")),
+            version=_int(obj, "version"),
+            model=ModelSpec.from_wire(obj.get("model")),
             tensors=decode_tensors(obj.get("tensors"), where="tensors", limits=limits),
-            mode=mode, selected=tuple(selected) if selected is not None else None,
-            max_staleness=_int(obj, "max_staleness"), created_at=_float(obj, "created_at") or 0.0,
+            mode=mode,
+            selected=tuple(selected) if selected is not None else None,
+            max_staleness=_int(obj, "max_staleness"),
+            created_at=_float(obj, "created_at") or 0.0,
         )
 
 
@@ -140,12 +158,20 @@ class UpdateMessage:
 
     def to_bytes(self) -> bytes:
         """Serialize for publishing."""
-        return pack({
-            "schema": SCHEMA_VERSION, "kind": "update", "agent_id": self.agent_id, "seq": self.seq,
-            "base_version": self.base_version, "num_examples": self.num_examples,
-            "train_loss": self.train_loss, "epsilon": self.epsilon, "sent_at": self.sent_at,
-            "delta": encode_tensors(self.delta),
-        })
+        return pack(
+            {
+                "schema": SCHEMA_VERSION,
+                "kind": "update",
+                "agent_id": self.agent_id,
+                "seq": self.seq,
+                "base_version": self.base_version,
+                "num_examples": self.num_examples,
+                "train_loss": self.train_loss,
+                "epsilon": self.epsilon,
+                "sent_at": self.sent_at,
+                "delta": encode_tensors(self.delta),
+            }
+        )
 
     @classmethod
     def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> UpdateMessage:
@@ -153,10 +179,13 @@ class UpdateMessage:
         obj = unpack(payload, limits)
         _check_header(obj, "update")
         return cls(
-            agent_id=_str(obj, "agent_id"), seq=_int(obj, "seq"), base_version=_int(obj, "base_version"),
+            agent_id=_str(obj, "agent_id"),
+            seq=_int(obj, "seq"),
+            base_version=_int(obj, "base_version"),
             num_examples=_int(obj, "num_examples", minimum=1),
             delta=decode_tensors(obj.get("delta"), where="delta", limits=limits),
-            train_loss=_float(obj, "train_loss") or 0.0, epsilon=_float(obj, "epsilon", optional=True),
+            train_loss=_float(obj, "train_loss") or 0.0,
+            epsilon=_float(obj, "epsilon", optional=True),
             sent_at=_float(obj, "sent_at") or 0.0,
         )
 
@@ -174,8 +203,17 @@ class StatusMessage:
 
     def to_bytes(self) -> bytes:
         """Serialize for publishing."""
-        return pack({"schema": SCHEMA_VERSION, "kind": "status", "agent_id": self.agent_id, "state": self.state,
-                     "epsilon": self.epsilon, "seq": self.seq, "ts": self.ts})
+        return pack(
+            {
+                "schema": SCHEMA_VERSION,
+                "kind": "status",
+                "agent_id": self.agent_id,
+                "state": self.state,
+                "epsilon": self.epsilon,
+                "seq": self.seq,
+                "ts": self.ts,
+            }
+        )
 
     @classmethod
     def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> StatusMessage:
@@ -185,8 +223,13 @@ class StatusMessage:
         state = obj.get("state")
         if state not in _AGENT_STATES:
             raise DecodeError(RejectReason.BAD_FIELD, f"state must be one of {_AGENT_STATES}")
-        return cls(agent_id=_str(obj, "agent_id"), state=state, epsilon=_float(obj, "epsilon", optional=True),
-                   seq=_int(obj, "seq"), ts=_float(obj, "ts") or 0.0)
+        return cls(
+            agent_id=_str(obj, "agent_id"),
+            state=state,
+            epsilon=_float(obj, "epsilon", optional=True),
+            seq=_int(obj, "seq"),
+            ts=_float(obj, "ts") or 0.0,
+        )
 
 
 def metrics_to_bytes(metrics: dict[str, Any]) -> bytes:

@@ -20,8 +20,7 @@ from fedmq.codec import DecodeLimits, decode_tensor, encode_tensor, pack, unpack
 from fedmq.errors import DecodeError
 
 _TAG = "$tensor"
-STATE_LIMITS = DecodeLimits(max_payload_bytes=2 * 1024 * 1024 * 1024, max_array_len=10_000_000,
-                            max_map_len=10_000_000)
+STATE_LIMITS = DecodeLimits(max_payload_bytes=2 * 1024 * 1024 * 1024, max_array_len=10_000_000, max_map_len=10_000_000)
 
 
 def _to_wire(obj: Any) -> Any:

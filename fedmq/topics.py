@@ -83,5 +83,5 @@ class Topics:
         head = f"{self.prefix}/{kind}/"
         if not topic.startswith(head):
             return None
-        rest = topic[len(head):]
+        rest = topic[len(head) :]
         return rest if _ID_RE.match(rest) else None

@@ -13,8 +13,11 @@ from fedmq.config import BrokerConfig
 def client_kwargs(broker: BrokerConfig) -> dict[str, Any]:
     """Keyword arguments for :class:`aiomqtt.Client` from the broker section of the config."""
     kwargs: dict[str, Any] = {
-        "hostname": broker.host, "port": broker.port, "keepalive": broker.keepalive,
-        "username": broker.username, "password": broker.password,
+        "hostname": broker.host,
+        "port": broker.port,
+        "keepalive": broker.keepalive,
+        "username": broker.username,
+        "password": broker.password,
     }
     if broker.tls:
         ctx = ssl.create_default_context(cafile=broker.ca_file)

@@ -33,8 +33,16 @@ class Model(Protocol):
         """Replace the parameters (names and shapes must match)."""
         ...
 
-    def fit(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], *, epochs: int, batch_size: int,
-            lr: float, rng: np.random.Generator) -> TrainResult:
+    def fit(
+        self,
+        x: npt.NDArray[np.float32],
+        y: npt.NDArray[np.int64],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        rng: np.random.Generator,
+    ) -> TrainResult:
         """Train with minibatch SGD on cross-entropy."""
         ...
 
@@ -73,7 +81,7 @@ def unflatten(vector: npt.NDArray[Any], like: Mapping[str, npt.NDArray[Any]]) ->
     offset = 0
     for k in sorted(like):
         ref = like[k]
-        out[k] = np.asarray(vector[offset:offset + ref.size], dtype=ref.dtype).reshape(ref.shape)
+        out[k] = np.asarray(vector[offset : offset + ref.size], dtype=ref.dtype).reshape(ref.shape)
         offset += ref.size
     if offset != vector.size:
         raise ValueError(f"vector has {vector.size} values, tensors need {offset}")

@@ -58,8 +58,14 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]
     return Dataset(xtr, ytr), Dataset(xte, yte)
 
 
-def dirichlet_split(y: npt.NDArray[np.int64], parts: int, alpha: float, rng: np.random.Generator,
-                    min_size: int = 10, max_tries: int = 100) -> list[npt.NDArray[np.intp]]:
+def dirichlet_split(
+    y: npt.NDArray[np.int64],
+    parts: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 10,
+    max_tries: int = 100,
+) -> list[npt.NDArray[np.intp]]:
     """Split indices non-IID: each class is divided among ``parts`` with Dirichlet(alpha) shares.
 
     Smaller ``alpha`` is more skewed (Hsu, Qi, Brown 2019, arXiv:1909.06335). The draw is
@@ -105,8 +111,9 @@ def load_source(spec: str) -> Dataset:
             path = path / "data.npz"
         else:
             try:
-                return as_dataset(np.load(path / "x.npy", allow_pickle=False),
-                                  np.load(path / "y.npy", allow_pickle=False))
+                return as_dataset(
+                    np.load(path / "x.npy", allow_pickle=False), np.load(path / "y.npy", allow_pickle=False)
+                )
             except FileNotFoundError as exc:
                 raise ValueError(f"folder {spec} has neither data.npz nor x.npy + y.npy") from exc
     if path.suffix == ".npz":

@@ -26,8 +26,16 @@ class _NumpyModel:
     def _grads(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> tuple[float, Tensors]:
         raise NotImplementedError
 
-    def fit(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], *, epochs: int, batch_size: int,
-            lr: float, rng: np.random.Generator) -> TrainResult:
+    def fit(
+        self,
+        x: npt.NDArray[np.float32],
+        y: npt.NDArray[np.int64],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        rng: np.random.Generator,
+    ) -> TrainResult:
         """Minibatch SGD on cross-entropy; returns the last epoch's mean loss."""
         n = len(x)
         if n == 0:
@@ -38,7 +46,7 @@ class _NumpyModel:
             order = rng.permutation(n)
             loss_sum = 0.0
             for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 loss, grads = self._grads(x[idx], y[idx])
                 loss_sum += loss * len(idx)
                 for k, g in grads.items():

@@ -27,21 +27,23 @@ def _numpy_graph(name: str, weights: Mapping[str, npt.NDArray[Any]]) -> Any:
     inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in sorted(weights.items())]
     if name == "softmax":
         num_features, num_classes = weights["W"].shape
-        nodes = [helper.make_node("MatMul", ["input", "W"], ["xw"]),
-                 helper.make_node("Add", ["xw", "b"], ["logits"])]
+        nodes = [helper.make_node("MatMul", ["input", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])]
     elif name == "mlp":
         num_features = weights["W1"].shape[0]
         num_classes = weights["W2"].shape[1]
-        nodes = [helper.make_node("MatMul", ["input", "W1"], ["h0"]),
-                 helper.make_node("Add", ["h0", "b1"], ["h1"]),
-                 helper.make_node("Relu", ["h1"], ["h"]),
-                 helper.make_node("MatMul", ["h", "W2"], ["o0"]),
-                 helper.make_node("Add", ["o0", "b2"], ["logits"])]
+        nodes = [
+            helper.make_node("MatMul", ["input", "W1"], ["h0"]),
+            helper.make_node("Add", ["h0", "b1"], ["h1"]),
+            helper.make_node("Relu", ["h1"], ["h"]),
+            helper.make_node("MatMul", ["h", "W2"], ["o0"]),
+            helper.make_node("Add", ["o0", "b2"], ["logits"]),
+        ]
     else:
         raise ValueError(f"no numpy graph for model {name!r}")
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
     graph = helper.make_graph(
-        nodes, f"fedmq-{name}",
+        nodes,
+        f"fedmq-{name}",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", num_features])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", num_classes])],
         initializer=inits,
@@ -51,8 +53,16 @@ def _numpy_graph(name: str, weights: Mapping[str, npt.NDArray[Any]]) -> Any:
     return model
 
 
-def export_onnx(model_name: str, weights: Mapping[str, npt.NDArray[Any]], path: str | Path, *,
-                num_features: int, num_classes: int, hidden: int = 64, version: int | None = None) -> Path:
+def export_onnx(
+    model_name: str,
+    weights: Mapping[str, npt.NDArray[Any]],
+    path: str | Path,
+    *,
+    num_features: int,
+    num_classes: int,
+    hidden: int = 64,
+    version: int | None = None,
+) -> Path:
     """Write global-model ``weights`` of ``model_name`` to one self-contained ONNX file.
 
     The graph takes ``input`` of shape ``(batch, num_features)`` float32 and returns
@@ -64,15 +74,27 @@ def export_onnx(model_name: str, weights: Mapping[str, npt.NDArray[Any]], path: 
     if model_name in TORCH_MODELS:
         import torch
 
+        from models.torch_backend import TorchModel
+
         model = create_model(model_name, num_features=num_features, num_classes=num_classes, hidden=hidden)
+        assert isinstance(model, TorchModel)
         model.set_weights(weights)
-        module = torch.nn.Sequential(torch.nn.Unflatten(1, TORCH_MODELS[model_name]),
-                                     model.module, torch.nn.Softmax(dim=1))  # type: ignore[attr-defined]
+        module = torch.nn.Sequential(
+            torch.nn.Unflatten(1, TORCH_MODELS[model_name]), model.module, torch.nn.Softmax(dim=1)
+        )
         module.eval()
         example = torch.zeros(1, num_features)
-        torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["probabilities"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},),
-                          opset_version=18, external_data=False, dynamo=True)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["probabilities"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=18,
+            external_data=False,
+            dynamo=True,
+        )
         proto = onnx.load(str(path))
     else:
         proto = _numpy_graph(model_name, weights)
@@ -102,4 +124,5 @@ class OnnxPredictor:
 
     def predict(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
         """Predicted classes."""
-        return np.argmax(self.predict_proba(x), axis=1).astype(np.int64)
+        labels: npt.NDArray[np.int64] = np.argmax(self.predict_proba(x), axis=1).astype(np.int64)
+        return labels

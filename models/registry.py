@@ -28,8 +28,9 @@ def create_model(name: str, *, num_features: int, num_classes: int, hidden: int 
     if name in TORCH_MODELS:
         shape = TORCH_MODELS[name]
         if num_features != shape[0] * shape[1] * shape[2]:
-            raise ValueError(f"model {name!r} takes {shape} images ({shape[1] * shape[2]} features), "
-                             f"got {num_features} features")
+            raise ValueError(
+                f"model {name!r} takes {shape} images ({shape[1] * shape[2]} features), got {num_features} features"
+            )
         try:
             from models import torch_backend
         except ImportError as exc:  # pragma: no cover - depends on the install

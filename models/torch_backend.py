@@ -20,26 +20,40 @@ from models.base import Tensors, TrainResult, check_compatible
 def digits_cnn(num_classes: int = 10) -> nn.Module:
     """A small CNN for 8x8x1 digits: conv 16 3x3, conv 32 3x3, max-pool, dense 64, dense classes."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, num_classes),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
     )
 
 
 def med_cnn(num_classes: int = 10) -> nn.Module:
     """The 28x28x1 medical-imaging CNN: conv 32 3x3, max-pool, conv 64 3x3, max-pool, dense 64, dense classes."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 5 * 5, 64), nn.ReLU(), nn.Linear(64, num_classes),
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 5 * 5, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
     )
 
 
 class TorchModel:
     """Adapts an ``nn.Module`` over images of ``image_shape`` to the :class:`models.base.Model` protocol."""
 
-    def __init__(self, name: str, module: nn.Module, image_shape: tuple[int, int, int], seed: int = 0,
-                 threads: int | None = 1) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, image_shape: tuple[int, int, int], seed: int = 0, threads: int | None = 1
+    ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -47,7 +61,7 @@ class TorchModel:
         self.module = module
         for p in self.module.parameters():  # re-seed deterministically
             if p.dim() > 1:
-                nn.init.kaiming_uniform_(p, a=5 ** 0.5)
+                nn.init.kaiming_uniform_(p, a=5**0.5)
         self.image_shape = image_shape
         self._names = [k for k, _ in self.module.named_parameters()]
 
@@ -65,8 +79,16 @@ class TorchModel:
             for k, p in self.module.named_parameters():
                 p.copy_(torch.from_numpy(np.asarray(weights[k], dtype=np.float32)))
 
-    def fit(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], *, epochs: int, batch_size: int,
-            lr: float, rng: np.random.Generator) -> TrainResult:
+    def fit(
+        self,
+        x: npt.NDArray[np.float32],
+        y: npt.NDArray[np.int64],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        rng: np.random.Generator,
+    ) -> TrainResult:
         """Minibatch SGD on cross-entropy."""
         xt, yt = self._images(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
         opt = torch.optim.SGD(self.module.parameters(), lr=lr)
@@ -77,7 +99,7 @@ class TorchModel:
             order = torch.from_numpy(rng.permutation(len(x)))
             total = 0.0
             for start in range(0, len(x), batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 opt.zero_grad()
                 loss = loss_fn(self.module(xt[idx]), yt[idx])
                 loss.backward()

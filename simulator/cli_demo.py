@@ -25,7 +25,9 @@ def run(args: argparse.Namespace) -> int:
     s = execute(cfg, args, f"fedmq demo: FedBuff, {cfg.agents} agents, digits, local DP")
     eps = s.get("max_epsilon")
     if eps is not None:
-        print(f"\n  Privacy: each agent's updates are ({eps:.0f}, {s['delta']})-DP (RDP accountant, add/remove "
-              "of one device). With 20 devices that each release hundreds of\n  updates, noise that still lets "
-              "the model learn gives a large epsilon; see README 'Privacy' for settings that reach single digits.")
+        print(
+            f"\n  Privacy: each agent's updates are ({eps:.0f}, {s['delta']})-DP (RDP accountant, add/remove "
+            "of one device). With 20 devices that each release hundreds of\n  updates, noise that still lets "
+            "the model learn gives a large epsilon; see README 'Privacy' for settings that reach single digits."
+        )
     return 0

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedmq.config import AggregatorConfig, PrivacyConfig, StalenessConfig
+from fedmq.config import PrivacyConfig, StalenessConfig
 from fedmq.runtime import setup_logging
 from simulator.harness import SimConfig, Stragglers, run_simulation
 from simulator.report import ProgressBar, format_summary, plot_accuracy
@@ -71,18 +71,37 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
     """Build the run's configuration from the flags."""
     d = SimConfig()
     return SimConfig(
-        agents=args.agents, alpha=args.dirichlet_alpha, duration=args.duration, broker=args.broker, seed=args.seed,
-        local_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        agents=args.agents,
+        alpha=args.dirichlet_alpha,
+        duration=args.duration,
+        broker=args.broker,
+        seed=args.seed,
+        local_epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         stragglers=Stragglers(args.straggler_median, args.straggler_sigma, args.slow_fraction, args.slow_factor),
-        aggregator=replace(d.aggregator, rule=args.rule, model=args.model, buffer_size=args.buffer_size,
-                           server_lr=args.server_lr, server_momentum=args.server_momentum, alpha=args.mix_alpha,
-                           staleness=StalenessConfig(args.staleness, args.staleness_a, args.staleness_b),
-                           max_staleness=args.max_staleness, sync_agents=args.sync_agents,
-                           max_versions=args.max_versions, target_accuracy=args.target_accuracy,
-                           seed=args.seed),
-        privacy=PrivacyConfig(enabled=not args.no_dp, clip_norm=args.clip_norm,
-                              noise_multiplier=args.noise_multiplier, delta=args.delta,
-                              epsilon_budget=args.epsilon_budget),
+        aggregator=replace(
+            d.aggregator,
+            rule=args.rule,
+            model=args.model,
+            buffer_size=args.buffer_size,
+            server_lr=args.server_lr,
+            server_momentum=args.server_momentum,
+            alpha=args.mix_alpha,
+            staleness=StalenessConfig(args.staleness, args.staleness_a, args.staleness_b),
+            max_staleness=args.max_staleness,
+            sync_agents=args.sync_agents,
+            max_versions=args.max_versions,
+            target_accuracy=args.target_accuracy,
+            seed=args.seed,
+        ),
+        privacy=PrivacyConfig(
+            enabled=not args.no_dp,
+            clip_norm=args.clip_norm,
+            noise_multiplier=args.noise_multiplier,
+            delta=args.delta,
+            epsilon_budget=args.epsilon_budget,
+        ),
     )
 
 

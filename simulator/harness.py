@@ -56,9 +56,11 @@ class Stragglers:
         out: list[Callable[[], float] | None] = []
         for i in range(agents):
             factor = self.slow_factor if i in slow else 1.0
-            r = random.Random(rng.random())
-            out.append(lambda r=r, f=factor: f * self.median * math.exp(r.gauss(0.0, self.sigma)))
+            out.append(self._delay_fn(random.Random(rng.random()), factor))
         return out
+
+    def _delay_fn(self, r: random.Random, factor: float) -> Callable[[], float]:
+        return lambda: factor * self.median * math.exp(r.gauss(0.0, self.sigma))
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,17 @@ class SimConfig:
     batch_size: int = 16
     lr: float = 0.3
     stragglers: Stragglers = field(default_factory=Stragglers)
-    aggregator: AggregatorConfig = field(default_factory=lambda: AggregatorConfig(
-        rule="fedbuff", buffer_size=20, server_lr=0.5, eval_every=1, metrics_interval=0.5,
-        staleness=StalenessConfig("polynomial", 0.5), max_staleness=20))
+    aggregator: AggregatorConfig = field(
+        default_factory=lambda: AggregatorConfig(
+            rule="fedbuff",
+            buffer_size=20,
+            server_lr=0.5,
+            eval_every=1,
+            metrics_interval=0.5,
+            staleness=StalenessConfig("polynomial", 0.5),
+            max_staleness=20,
+        )
+    )
     privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(clip_norm=1.0, noise_multiplier=0.5))
     prefix: str = "fedmq/sim"
 
@@ -90,28 +100,47 @@ class SimConfig:
         self.stragglers.validate()
         self.aggregator.validate()
         self.privacy.validate()
-        AgentConfig(agent_id="agent-0", local_epochs=self.local_epochs, batch_size=self.batch_size,
-                    lr=self.lr).validate()
+        AgentConfig(
+            agent_id="agent-0", local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr
+        ).validate()
         return self
 
 
 def split_digits(cfg: SimConfig) -> tuple[list[Dataset], Dataset]:
     """Digits, a held-out test split, and a Dirichlet(alpha) non-IID split of the rest over agents."""
     train, test = digits(test_fraction=cfg.test_fraction, seed=cfg.seed)
-    parts = dirichlet_split(train.y, cfg.agents, cfg.alpha, np.random.default_rng(cfg.seed),
-                            min_size=max(1, min(10, len(train) // cfg.agents)))
+    parts = dirichlet_split(
+        train.y,
+        cfg.agents,
+        cfg.alpha,
+        np.random.default_rng(cfg.seed),
+        min_size=max(1, min(10, len(train) // cfg.agents)),
+    )
     return [train.subset(p) for p in parts], test
 
 
-async def run_federation(cfg: SimConfig, host: str, port: int, *, shards: list[Dataset], test: Dataset,
-                         on_progress: Callable[[Progress], None] | None = None,
-                         stop: asyncio.Event | None = None) -> dict[str, Any]:
+async def run_federation(
+    cfg: SimConfig,
+    host: str,
+    port: int,
+    *,
+    shards: list[Dataset],
+    test: Dataset,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> dict[str, Any]:
     """Run aggregator and agents against an already running broker; return the summary."""
     stop = stop or asyncio.Event()
-    base = Config(prefix=cfg.prefix, broker=BrokerConfig(host=host, port=port),
-                  aggregator=replace(cfg.aggregator, num_features=test.x.shape[1],
-                                     num_classes=int(max(test.y.max(), *(s.y.max() for s in shards))) + 1),
-                  privacy=cfg.privacy)
+    base = Config(
+        prefix=cfg.prefix,
+        broker=BrokerConfig(host=host, port=port),
+        aggregator=replace(
+            cfg.aggregator,
+            num_features=test.x.shape[1],
+            num_classes=int(max(test.y.max(), *(s.y.max() for s in shards))) + 1,
+        ),
+        privacy=cfg.privacy,
+    )
     if base.aggregator.rule == "fedavg" and base.aggregator.sync_agents == 0:
         base = replace(base, aggregator=replace(base.aggregator, sync_agents=len(shards)))
     service = AggregatorService(base, eval_data=test, on_progress=on_progress)
@@ -120,11 +149,17 @@ async def run_federation(cfg: SimConfig, host: str, port: int, *, shards: list[D
     delays = cfg.stragglers.delays(len(shards), rng)
     agents: list[AgentService] = []
     for i, shard in enumerate(shards):
-        acfg = AgentConfig(agent_id=f"agent-{i}", local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                           lr=cfg.lr, round_interval=0.0)
+        acfg = AgentConfig(
+            agent_id=f"agent-{i}",
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            round_interval=0.0,
+        )
         trainer = LocalTrainer(acfg, cfg.privacy, shard, rng=np.random.default_rng([cfg.seed, i]))
-        agents.append(AgentService(replace(base, agent=acfg), trainer, compute_delay=delays[i],
-                                   rng=random.Random(rng.random())))
+        agents.append(
+            AgentService(replace(base, agent=acfg), trainer, compute_delay=delays[i], rng=random.Random(rng.random()))
+        )
     agent_stop = asyncio.Event()
     started = time.monotonic()
     async with asyncio.TaskGroup() as tg:
@@ -150,15 +185,17 @@ async def run_federation(cfg: SimConfig, host: str, port: int, *, shards: list[D
     return summary
 
 
-async def run_simulation(cfg: SimConfig, *, on_progress: Callable[[Progress], None] | None = None,
-                         stop: asyncio.Event | None = None) -> dict[str, Any]:
+async def run_simulation(
+    cfg: SimConfig, *, on_progress: Callable[[Progress], None] | None = None, stop: asyncio.Event | None = None
+) -> dict[str, Any]:
     """Start a broker (Mosquitto if available, else embedded), run the federation, stop the broker."""
     cfg.validate()
     shards, test = split_digits(cfg)
     broker = await asyncio.to_thread(start_broker, cfg.broker)
     try:
-        summary = await run_federation(cfg, broker.host, broker.port, shards=shards, test=test,
-                                       on_progress=on_progress, stop=stop)
+        summary = await run_federation(
+            cfg, broker.host, broker.port, shards=shards, test=test, on_progress=on_progress, stop=stop
+        )
     finally:
         await asyncio.to_thread(broker.cleanup)
     summary["broker"] = broker.kind

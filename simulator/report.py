@@ -13,8 +13,9 @@ from aggregator.service import Progress
 class ProgressBar:
     """One live status line (rewritten in place on a terminal, a line every few seconds otherwise)."""
 
-    def __init__(self, duration: float, target: float | None = None, stream: TextIO | None = None,
-                 interval: float = 5.0) -> None:
+    def __init__(
+        self, duration: float, target: float | None = None, stream: TextIO | None = None, interval: float = 5.0
+    ) -> None:
         self.duration = duration
         self.target = target
         self.stream = stream or sys.stderr
@@ -33,8 +34,10 @@ class ProgressBar:
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
         acc = f"{p.accuracy:.3f}" if p.accuracy is not None else "  -  "
         eps = f"{p.max_epsilon:.1f}" if p.max_epsilon else "-"
-        line = (f"[{bar}] {p.elapsed:5.1f}s  v{p.version:<5d} acc {acc}  accepted {p.accepted:<6d} "
-                f"rejected {p.rejected:<4d} staleness {p.mean_staleness:4.2f}  eps {eps}  online {p.agents_online}")
+        line = (
+            f"[{bar}] {p.elapsed:5.1f}s  v{p.version:<5d} acc {acc}  accepted {p.accepted:<6d} "
+            f"rejected {p.rejected:<4d} staleness {p.mean_staleness:4.2f}  eps {eps}  online {p.agents_online}"
+        )
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:

@@ -37,8 +37,9 @@ def config(broker: MosquittoBroker, prefix: str, **agg: object) -> Config:
 def agent(cfg: Config, agent_id: str, n: int = 60, **kw: object) -> AgentService:
     train, _ = digits()
     acfg = AgentConfig(agent_id=agent_id, round_interval=0.05, **kw)  # type: ignore[arg-type]
-    trainer = LocalTrainer(acfg, PrivacyConfig(noise_multiplier=0.5), train.subset(np.arange(n)),
-                           rng=np.random.default_rng(0))
+    trainer = LocalTrainer(
+        acfg, PrivacyConfig(noise_multiplier=0.5), train.subset(np.arange(n)), rng=np.random.default_rng(0)
+    )
     return AgentService(replace(cfg, agent=acfg), trainer)
 
 
@@ -46,8 +47,9 @@ def fedmq_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedmq.cli", *args]
 
 
-async def test_late_joining_agent_gets_the_retained_model_and_contributes(mosquitto: MosquittoBroker,
-                                                                         prefix: str) -> None:
+async def test_late_joining_agent_gets_the_retained_model_and_contributes(
+    mosquitto: MosquittoBroker, prefix: str
+) -> None:
     cfg = config(mosquitto, prefix)
     server = AggregatorService(cfg)
     stop = asyncio.Event()
@@ -59,7 +61,7 @@ async def test_late_joining_agent_gets_the_retained_model_and_contributes(mosqui
     late = agent(cfg, "late-1")
     agent_task = asyncio.create_task(late.run(stop))
     assert server.core is not None
-    await wait_until(lambda: server.core.stats.accepted >= 4 and server.core.version >= 2)  # type: ignore[union-attr]
+    await wait_until(server.pulse, lambda: server.core.stats.accepted >= 4 and server.core.version >= 2)  # type: ignore[union-attr]
     stop.set()
     await asyncio.gather(task, agent_task)
     assert late.stats.models_received >= 1 and late.stats.updates_published >= 4
@@ -67,12 +69,30 @@ async def test_late_joining_agent_gets_the_retained_model_and_contributes(mosqui
 
 async def test_killed_agent_shows_offline_through_its_will(mosquitto: MosquittoBroker, prefix: str) -> None:
     topic = f"{prefix}/status/victim"
-    proc = subprocess.Popen(fedmq_cmd("agent", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
-                                      "--prefix", prefix, "--id", "victim", "--data", "builtin:digits-train",
-                                      "--log-level", "WARNING"), cwd=ROOT)
+    proc = subprocess.Popen(
+        fedmq_cmd(
+            "agent",
+            "--broker",
+            f"mqtt://{mosquitto.host}:{mosquitto.port}",
+            "--prefix",
+            prefix,
+            "--id",
+            "victim",
+            "--data",
+            "builtin:digits-train",
+            "--log-level",
+            "WARNING",
+        ),
+        cwd=ROOT,
+    )
     try:
-        await wait_for_message(mosquitto.host, mosquitto.port, topic,
-                               lambda m: StatusMessage.from_bytes(payload(m)).state == "online", 60)
+        await wait_for_message(
+            mosquitto.host,
+            mosquitto.port,
+            topic,
+            lambda m: StatusMessage.from_bytes(payload(m)).state == "online",
+            limit=60,
+        )
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as watcher:
             await watcher.subscribe(topic, qos=1)
             proc.kill()  # SIGKILL: no DISCONNECT, so the broker publishes the Will
@@ -97,14 +117,15 @@ async def test_agent_and_aggregator_survive_a_broker_restart(tmp_path: Path, pre
         dev = agent(cfg, "survivor")
         stop = asyncio.Event()
         tasks = [asyncio.create_task(server.run(stop)), asyncio.create_task(dev.run(stop))]
-        await wait_until(lambda: dev.stats.updates_published >= 2, what="first updates")
+        await wait_until(dev.pulse, lambda: dev.stats.updates_published >= 2)
         await asyncio.to_thread(broker.restart)  # same port; retained model is gone (no persistence)
         before = dev.stats.updates_published
-        await wait_until(lambda: dev.stats.reconnects >= 1 and dev.stats.updates_published >= before + 3,
-                         timeout=60, what="updates after the restart")
+        await wait_until(
+            dev.pulse, lambda: dev.stats.reconnects >= 1 and dev.stats.updates_published >= before + 3, limit=60
+        )
         assert server.core is not None
         accepted = server.core.stats.accepted
-        await wait_until(lambda: server.core.stats.accepted > accepted, timeout=30)  # type: ignore[union-attr]
+        await wait_until(server.pulse, lambda: server.core.stats.accepted > accepted, limit=30)  # type: ignore[union-attr]
         stop.set()
         await asyncio.gather(*tasks)
     finally:
@@ -124,8 +145,8 @@ async def test_spoofed_agent_id_is_rejected_and_counted_in_metrics(mosquitto: Mo
         await attacker.publish(cfg.topics.update("agent-1"), forged.to_bytes(), qos=1)
         await attacker.publish(cfg.topics.update("agent-1"), b"\x92\x01", qos=1)  # and some garbage
     metrics = await wait_for_message(
-        mosquitto.host, mosquitto.port, cfg.topics.metrics,
-        lambda m: metrics_from_bytes(payload(m))["rejected"] >= 2)
+        mosquitto.host, mosquitto.port, cfg.topics.metrics, lambda m: metrics_from_bytes(payload(m))["rejected"] >= 2
+    )
     m = metrics_from_bytes(payload(metrics))
     assert m["rejected_by_reason"] == {"agent_id_mismatch": 1, "malformed": 1}
     assert m["accepted"] == 0 and m["version"] == 0
@@ -135,11 +156,14 @@ async def test_spoofed_agent_id_is_rejected_and_counted_in_metrics(mosquitto: Mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["fedasync", "fedbuff", "fedavg"])
-async def test_small_federation_learns_well_above_chance(mosquitto: MosquittoBroker, prefix: str,
-                                                         rule: str) -> None:
-    cfg = SimConfig(agents=6, duration=20, prefix=prefix, stragglers=Stragglers(median=0.02),
-                    aggregator=replace(SimConfig().aggregator, rule=rule, buffer_size=3, target_accuracy=0.8,
-                                       alpha=0.5))
+async def test_small_federation_learns_well_above_chance(mosquitto: MosquittoBroker, prefix: str, rule: str) -> None:
+    cfg = SimConfig(
+        agents=6,
+        duration=20,
+        prefix=prefix,
+        stragglers=Stragglers(median=0.02),
+        aggregator=replace(SimConfig().aggregator, rule=rule, buffer_size=3, target_accuracy=0.8, alpha=0.5),
+    )
     shards, test = split_digits(cfg)
     s = await run_federation(cfg, mosquitto.host, mosquitto.port, shards=shards, test=test)
     assert s["final_accuracy"] > 0.5, s  # chance is 0.1
@@ -149,22 +173,40 @@ async def test_small_federation_learns_well_above_chance(mosquitto: MosquittoBro
     assert s["max_epsilon"] is not None and s["max_epsilon"] > 0
 
 
-async def test_aggregator_sigterm_checkpoints_and_restart_resumes(mosquitto: MosquittoBroker, prefix: str,
-                                                                  tmp_path: Path) -> None:
+async def test_aggregator_sigterm_checkpoints_and_restart_resumes(
+    mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
+) -> None:
     url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
-    args = fedmq_cmd("aggregator", "--broker", url, "--prefix", prefix, "--buffer-size", "2",
-                     "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "100", "--log-level", "WARNING")
+    args = fedmq_cmd(
+        "aggregator",
+        "--broker",
+        url,
+        "--prefix",
+        prefix,
+        "--buffer-size",
+        "2",
+        "--checkpoint-dir",
+        str(tmp_path),
+        "--checkpoint-every",
+        "100",
+        "--log-level",
+        "WARNING",
+    )
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
     try:
-        msg = await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model", lambda m: True, 60)
+        msg = await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model", lambda m: True, limit=60)
         model = ModelMessage.from_bytes(payload(msg))
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as dev:
             for i in range(4):
                 delta = {k: np.full(v.shape, 0.01 * (i + 1), v.dtype) for k, v in model.tensors.items()}
                 u = UpdateMessage(agent_id=f"d{i}", seq=1, base_version=0, num_examples=3, delta=delta)
                 await dev.publish(f"{prefix}/update/d{i}", u.to_bytes(), qos=1)
-        await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model",
-                               lambda m: ModelMessage.from_bytes(payload(m)).version == 2)
+        await wait_for_message(
+            mosquitto.host,
+            mosquitto.port,
+            f"{prefix}/model",
+            lambda m: ModelMessage.from_bytes(payload(m)).version == 2,
+        )
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
         state = read_state(tmp_path / "aggregator.ckpt", "aggregator-checkpoint")
@@ -176,8 +218,13 @@ async def test_aggregator_sigterm_checkpoints_and_restart_resumes(mosquitto: Mos
         proc.wait()
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
     try:
-        await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/server/status",
-                               lambda m: StatusMessage.from_bytes(payload(m)).state == "online", 60)
+        await wait_for_message(
+            mosquitto.host,
+            mosquitto.port,
+            f"{prefix}/server/status",
+            lambda m: StatusMessage.from_bytes(payload(m)).state == "online",
+            limit=60,
+        )
         msg = await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model", lambda m: True)
         assert ModelMessage.from_bytes(payload(msg)).version == 2
     finally:
@@ -190,15 +237,27 @@ def test_demo_command_reaches_well_above_chance(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     png = tmp_path / "demo.png"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(fedmq_cmd("demo", "--agents", "10", "--duration", "10", "--json", str(out),
-                                    "--plot", str(png), "--quiet"), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        fedmq_cmd("demo", "--agents", "10", "--duration", "10", "--json", str(out), "--plot", str(png), "--quiet"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     import json
 
     s = json.loads(out.read_text())
-    for key in ("final_accuracy", "model_versions", "updates_accepted", "updates_rejected", "max_epsilon",
-                "wall_seconds", "broker"):
+    for key in (
+        "final_accuracy",
+        "model_versions",
+        "updates_accepted",
+        "updates_rejected",
+        "max_epsilon",
+        "wall_seconds",
+        "broker",
+    ):
         assert key in s
     assert s["final_accuracy"] > 0.6 and s["broker"] == "mosquitto" and s["max_epsilon"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

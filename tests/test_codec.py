@@ -19,14 +19,19 @@ from fedmq.messages import ModelMessage, ModelSpec, StatusMessage, UpdateMessage
 # {"dtype": "float32", "shape": [2], "data": bin(00 00 80 3f 00 00 00 c0)}: [1.0, -2.0] little-endian,
 # written out by hand from the msgpack spec (fixmap 3, fixstr keys, fixarray shape, bin 8).
 GOLDEN_TENSOR = bytes.fromhex(
-    "83" "a5" + b"dtype".hex() + "a7" + b"float32".hex() + "a5" + b"shape".hex() + "9102"
-    "a4" + b"data".hex() + "c408" "0000803f" "000000c0")
+    "83"
+    "a5" + b"dtype".hex() + "a7" + b"float32".hex() + "a5" + b"shape".hex() + "9102"
+    "a4" + b"data".hex() + "c408"
+    "0000803f"
+    "000000c0"
+)
 
 GOLDEN_UPDATE = bytes.fromhex(
     "8aa6736368656d6101a46b696e64a6757064617465a86167656e745f6964a26131a373657107ac626173655f76657273696f6e03ac"
     "6e756d5f6578616d706c65730caa747261696e5f6c6f7373cb3fd0000000000000a7657073696c6f6ecb3ff8000000000000a77365"
     "6e745f6174cb4059000000000000a564656c746181a16283a56474797065a7666c6f61743332a573686170659102a464617461c408"
-    "0000003f000080bf")
+    "0000003f000080bf"
+)
 
 
 def test_tensor_golden_bytes() -> None:
@@ -36,8 +41,16 @@ def test_tensor_golden_bytes() -> None:
 
 
 def test_update_golden_bytes_and_plain_msgpack_reader() -> None:
-    u = UpdateMessage(agent_id="a1", seq=7, base_version=3, num_examples=12,
-                      delta={"b": np.array([0.5, -1.0], dtype=np.float32)}, train_loss=0.25, epsilon=1.5, sent_at=100.0)
+    u = UpdateMessage(
+        agent_id="a1",
+        seq=7,
+        base_version=3,
+        num_examples=12,
+        delta={"b": np.array([0.5, -1.0], dtype=np.float32)},
+        train_loss=0.25,
+        epsilon=1.5,
+        sent_at=100.0,
+    )
     assert u.to_bytes() == GOLDEN_UPDATE
     # Any msgpack reader, with no fedmq code and no extension hooks, sees plain maps and bytes.
     plain = msgpack.unpackb(GOLDEN_UPDATE, raw=False)
@@ -71,9 +84,15 @@ def test_big_endian_and_non_contiguous_inputs_are_normalised() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(sorted(DTYPES)).flatmap(
-    lambda name: hnp.arrays(np.dtype(name), hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
-                            elements=hnp.from_dtype(np.dtype(name), allow_nan=False, allow_infinity=False))))
+@given(
+    st.sampled_from(sorted(DTYPES)).flatmap(
+        lambda name: hnp.arrays(
+            np.dtype(name),
+            hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
+            elements=hnp.from_dtype(np.dtype(name), allow_nan=False, allow_infinity=False),
+        )
+    )
+)
 def test_roundtrip_any_supported_tensor(arr: np.ndarray) -> None:
     back = decode_tensor(unpack(pack(encode_tensor(arr))), where="t")
     assert back.dtype == arr.dtype.newbyteorder("<") and back.shape == arr.shape
@@ -81,10 +100,15 @@ def test_roundtrip_any_supported_tensor(arr: np.ndarray) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=12),
-                       hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6),
-                                  elements=st.floats(-1e6, 1e6, width=32)), max_size=6),
-       st.integers(0, 2**40), st.integers(0, 2**31))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6), elements=st.floats(-1e6, 1e6, width=32)),
+        max_size=6,
+    ),
+    st.integers(0, 2**40),
+    st.integers(0, 2**31),
+)
 def test_update_message_roundtrip(delta: dict[str, np.ndarray], seq: int, base: int) -> None:
     u = UpdateMessage(agent_id="dev-1", seq=seq, base_version=base, num_examples=5, delta=delta)
     back = UpdateMessage.from_bytes(u.to_bytes())
@@ -95,8 +119,15 @@ def test_update_message_roundtrip(delta: dict[str, np.ndarray], seq: int, base: 
 
 
 def test_model_and_status_roundtrip() -> None:
-    m = ModelMessage(version=4, model=ModelSpec("mlp", 64, 10, 32), tensors={"W": np.eye(2, dtype=np.float32)},
-                     mode="sync", selected=("a", "b"), max_staleness=0, created_at=1.0)
+    m = ModelMessage(
+        version=4,
+        model=ModelSpec("mlp", 64, 10, 32),
+        tensors={"W": np.eye(2, dtype=np.float32)},
+        mode="sync",
+        selected=("a", "b"),
+        max_staleness=0,
+        created_at=1.0,
+    )
     back = ModelMessage.from_bytes(m.to_bytes())
     assert (back.version, back.model, back.mode, back.selected) == (4, m.model, "sync", ("a", "b"))
     s = StatusMessage("a", "offline", epsilon=None, seq=3, ts=2.0)
@@ -105,9 +136,18 @@ def test_model_and_status_roundtrip() -> None:
 
 
 def _update_map(**over: object) -> dict[str, object]:
-    base: dict[str, object] = {"schema": SCHEMA_VERSION, "kind": "update", "agent_id": "a", "seq": 1,
-                               "base_version": 0, "num_examples": 3, "train_loss": 0.0, "epsilon": None,
-                               "sent_at": 0.0, "delta": {"w": encode_tensor(np.zeros(4, dtype=np.float32))}}
+    base: dict[str, object] = {
+        "schema": SCHEMA_VERSION,
+        "kind": "update",
+        "agent_id": "a",
+        "seq": 1,
+        "base_version": 0,
+        "num_examples": 3,
+        "train_loss": 0.0,
+        "epsilon": None,
+        "sent_at": 0.0,
+        "delta": {"w": encode_tensor(np.zeros(4, dtype=np.float32))},
+    }
     base.update(over)
     return base
 
@@ -138,8 +178,10 @@ HOSTILE = {
     "zero examples": (pack(_update_map(num_examples=0)), RejectReason.BAD_FIELD),
     "nan loss": (pack(_update_map(train_loss=float("nan"))), RejectReason.BAD_FIELD),
     "agent id not str": (pack(_update_map(agent_id=5)), RejectReason.BAD_FIELD),
-    "extra tensor field": (pack(_update_map(delta={"w": {"dtype": "float32", "shape": [0], "data": b"", "x": 1}})),
-                           RejectReason.BAD_FIELD),
+    "extra tensor field": (
+        pack(_update_map(delta={"w": {"dtype": "float32", "shape": [0], "data": b"", "x": 1}})),
+        RejectReason.BAD_FIELD,
+    ),
     "int map key": (msgpack.packb({1: 2}), RejectReason.MALFORMED),
 }
 
@@ -162,10 +204,24 @@ def test_payload_over_the_limit_is_refused_before_parsing() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_decoder_fuzz_never_raises_anything_but_decode_error(data: bytes) -> None:
+    _decode_or_reject(data)
+
+
+def _decode_or_reject(data: bytes) -> None:
+    """Either a DecodeError, or a message that survives its own re-encoding unchanged."""
     try:
-        UpdateMessage.from_bytes(data)
+        u = UpdateMessage.from_bytes(data)
     except DecodeError:
-        pass
+        return
+    again = UpdateMessage.from_bytes(u.to_bytes())
+    assert (again.agent_id, again.seq, again.base_version, again.delta.keys()) == (
+        u.agent_id,
+        u.seq,
+        u.base_version,
+        u.delta.keys(),
+    )
+    for k in u.delta:
+        assert np.array_equal(again.delta[k], u.delta[k])
 
 
 @settings(max_examples=200, deadline=None)
@@ -173,7 +229,4 @@ def test_decoder_fuzz_never_raises_anything_but_decode_error(data: bytes) -> Non
 def test_single_byte_corruptions_decode_or_raise_decode_error(pos: int, value: int) -> None:
     data = bytearray(GOLDEN_UPDATE)
     data[pos] = value
-    try:
-        UpdateMessage.from_bytes(bytes(data))
-    except DecodeError:
-        pass
+    _decode_or_reject(bytes(data))

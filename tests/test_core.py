@@ -37,7 +37,7 @@ def test_fedbuff_core_advances_every_k_updates_with_oracle_weights() -> None:
     # one version stale: weight 10 * 2**-0.5 against 10 * 1
     core.receive(upd("a", 2, 0, 2.0, n=10))
     core.receive(upd("b", 2, 1, 0.0, n=10))
-    s = 2 ** -0.5
+    s = 2**-0.5
     np.testing.assert_allclose(core.weights["b"], np.full(2, 2.5 + (s * 2.0) / (s + 1)), rtol=1e-6)
     assert core.stats.accepted == 4 and core.stats.staleness_sum == 1
 
@@ -48,15 +48,19 @@ def test_weights_are_read_only() -> None:
         core.weights["W"][0, 0] = 1.0
 
 
-@pytest.mark.parametrize(("update", "topic", "reason"), [
-    (upd("b", 1, 0), "a", RejectReason.AGENT_ID_MISMATCH),
-    (upd("a", 1, 5), "a", RejectReason.UNKNOWN_BASE_VERSION),
-    (upd("a", 1, 0, delta={"extra": np.zeros(1, np.float32)}), "a", RejectReason.MODEL_MISMATCH),
-    (upd("a", 1, 0, delta={"W": np.zeros((2, 4), np.float32)}), "a", RejectReason.MODEL_MISMATCH),
-    (upd("a", 1, 0, delta={"W": np.zeros((4, 2), np.float64)}), "a", RejectReason.MODEL_MISMATCH),
-])
-def test_invalid_updates_are_rejected_counted_and_change_nothing(update: UpdateMessage, topic: str,
-                                                                 reason: RejectReason) -> None:
+@pytest.mark.parametrize(
+    ("update", "topic", "reason"),
+    [
+        (upd("b", 1, 0), "a", RejectReason.AGENT_ID_MISMATCH),
+        (upd("a", 1, 5), "a", RejectReason.UNKNOWN_BASE_VERSION),
+        (upd("a", 1, 0, delta={"extra": np.zeros(1, np.float32)}), "a", RejectReason.MODEL_MISMATCH),
+        (upd("a", 1, 0, delta={"W": np.zeros((2, 4), np.float32)}), "a", RejectReason.MODEL_MISMATCH),
+        (upd("a", 1, 0, delta={"W": np.zeros((4, 2), np.float64)}), "a", RejectReason.MODEL_MISMATCH),
+    ],
+)
+def test_invalid_updates_are_rejected_counted_and_change_nothing(
+    update: UpdateMessage, topic: str, reason: RejectReason
+) -> None:
     core = fedbuff_core(1)
     result = core.receive(update, topic_agent_id=topic)
     assert isinstance(result, Rejected) and result.reason is reason
@@ -133,9 +137,13 @@ def test_checkpoint_roundtrip_continues_bit_identically(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
 
     def rnd(agent: str, seq: int, base: int) -> UpdateMessage:
-        return UpdateMessage(agent_id=agent, seq=seq, base_version=base, num_examples=int(rng.integers(1, 50)),
-                             delta={"W": rng.standard_normal((4, 2)).astype(np.float32),
-                                    "b": rng.standard_normal(2).astype(np.float32)})
+        return UpdateMessage(
+            agent_id=agent,
+            seq=seq,
+            base_version=base,
+            num_examples=int(rng.integers(1, 50)),
+            delta={"W": rng.standard_normal((4, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)},
+        )
 
     updates = [rnd(f"a{i % 3}", i, max(0, i // 3 - 1)) for i in range(1, 12)]
     ref = AggregatorCore(W0, FedBuffRule(3, constant, server_lr=0.7, momentum=0.9))
@@ -174,8 +182,10 @@ def test_corrupt_state_file_names_the_path(tmp_path: Path) -> None:
 
 def test_fedbuff_core_equals_pure_rule() -> None:
     rng = np.random.default_rng(7)
-    deltas = [{"W": rng.standard_normal((4, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)}
-              for _ in range(4)]
+    deltas = [
+        {"W": rng.standard_normal((4, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)}
+        for _ in range(4)
+    ]
     core = AggregatorCore(W0, FedBuffRule(4, constant, server_lr=0.5))
     for i, d in enumerate(deltas):
         core.receive(UpdateMessage(agent_id=f"x{i}", seq=1, base_version=0, num_examples=i + 1, delta=d))

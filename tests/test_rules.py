@@ -14,11 +14,13 @@ from aggregator.staleness import constant, hinge, make_staleness_fn, polynomial
 
 
 def _tensors(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {"W": (rng.standard_normal((5, 3)) * scale).astype(np.float32),
-            "b": (rng.standard_normal(3) * scale).astype(np.float32)}
+    return {
+        "W": (rng.standard_normal((5, 3)) * scale).astype(np.float32),
+        "b": (rng.standard_normal(3) * scale).astype(np.float32),
+    }
 
 
-@pytest.mark.parametrize(("s", "expected"), [(0, 1.0), (1, 2 ** -0.5), (3, 0.5), (8, 1 / 3)])
+@pytest.mark.parametrize(("s", "expected"), [(0, 1.0), (1, 2**-0.5), (3, 0.5), (8, 1 / 3)])
 def test_polynomial_matches_formula(s: int, expected: float) -> None:
     assert polynomial(s, 0.5) == pytest.approx(expected)
 
@@ -29,8 +31,7 @@ def test_hinge_matches_formula(s: int, expected: float) -> None:
 
 
 @settings(max_examples=100)
-@given(st.sampled_from(["constant", "polynomial", "hinge"]), st.floats(0, 5), st.integers(0, 10),
-       st.integers(0, 1000))
+@given(st.sampled_from(["constant", "polynomial", "hinge"]), st.floats(0, 5), st.integers(0, 10), st.integers(0, 1000))
 def test_staleness_functions_are_in_unit_interval_and_non_increasing(name: str, a: float, b: int, s: int) -> None:
     f = make_staleness_fn(name, a, b)
     assert 0 < f(s + 1) <= f(s) <= 1
@@ -89,7 +90,7 @@ def test_fedbuff_step_oracle_with_staleness_weights() -> None:
     deltas = [_tensors(rng, 0.1) for _ in range(3)]
     n, stale = [10, 30, 20], [0, 1, 3]
     weights = [staleness_weight(ni, polynomial(si, 0.5)) for ni, si in zip(n, stale, strict=True)]
-    assert weights == pytest.approx([10.0, 30 / 2 ** 0.5, 10.0])
+    assert weights == pytest.approx([10.0, 30 / 2**0.5, 10.0])
     out, vel = fedbuff_step(w, deltas, weights, server_lr=0.7)
     assert vel is None
     for k in w:

@@ -63,8 +63,12 @@ async def test_truncation_at_every_byte_is_rejected_and_harmless() -> None:
 async def test_duplicates_leave_the_model_bit_identical() -> None:
     once, twice = make_service(), make_service()
     rec1, rec2 = Recorder(), Recorder()
-    frames = [("a", update_bytes(once, "a", 1, 0.1)), ("b", update_bytes(once, "b", 1, -0.3)),
-              ("a", update_bytes(once, "a", 2, 0.2, base=1)), ("c", update_bytes(once, "c", 1, 0.5, base=1))]
+    frames = [
+        ("a", update_bytes(once, "a", 1, 0.1)),
+        ("b", update_bytes(once, "b", 1, -0.3)),
+        ("a", update_bytes(once, "a", 2, 0.2, base=1)),
+        ("c", update_bytes(once, "c", 1, 0.5, base=1)),
+    ]
     for agent, f in frames:
         await once._on_update(rec1, agent, f)  # type: ignore[arg-type]
     for agent, f in frames:
@@ -83,12 +87,21 @@ async def test_garbage_spoofing_and_mismatch_are_counted_by_reason() -> None:
     rec = Recorder()
     await svc._on_update(rec, "a", b"\xc1")  # type: ignore[arg-type]  # msgpack's never-used byte
     await svc._on_update(rec, "a", update_bytes(svc, "b", 1, 0.1))  # type: ignore[arg-type]
-    await svc._on_update(rec, "a", UpdateMessage(  # type: ignore[arg-type]
-        agent_id="a", seq=1, base_version=0, num_examples=1, delta={"W": np.zeros(3, np.float32)}).to_bytes())
+    await svc._on_update(
+        rec,
+        "a",
+        UpdateMessage(  # type: ignore[arg-type]
+            agent_id="a", seq=1, base_version=0, num_examples=1, delta={"W": np.zeros(3, np.float32)}
+        ).to_bytes(),
+    )
     await svc._on_update(rec, "a", update_bytes(svc, "a", 1, 0.1, base=9))  # type: ignore[arg-type]
     assert svc.core is not None
-    assert dict(svc.core.stats.rejected) == {"malformed": 1, "agent_id_mismatch": 1, "model_mismatch": 1,
-                                             "unknown_base_version": 1}
+    assert dict(svc.core.stats.rejected) == {
+        "malformed": 1,
+        "agent_id_mismatch": 1,
+        "model_mismatch": 1,
+        "unknown_base_version": 1,
+    }
     assert svc.progress().rejected == 4 and rec.published == []
 
 
@@ -134,11 +147,11 @@ async def test_versions_are_checkpointed_and_restored(tmp_path: Path) -> None:
 
 def test_startup_fails_fast_on_a_foreign_checkpoint_and_bad_eval_data(tmp_path: Path) -> None:
     write_state(tmp_path / "aggregator.ckpt", "aggregator-checkpoint", {"rule": "fedasync"})
-    with pytest.raises(ConfigError, match="aggregator.checkpoint_dir"):
+    with pytest.raises(ConfigError, match=r"aggregator\.checkpoint_dir"):
         make_service(tmp_path)
-    with pytest.raises(ConfigError, match="aggregator.eval_data"):
+    with pytest.raises(ConfigError, match=r"aggregator\.eval_data"):
         make_service(eval_data="/nonexistent.npz")
-    with pytest.raises(ConfigError, match="aggregator.model"):
+    with pytest.raises(ConfigError, match=r"aggregator\.model"):
         make_service(model="resnet")
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import numpy.typing as npt
 
 
-def same_layout(reference: Mapping[str, npt.NDArray[Any]], others: Sequence[Mapping[str, npt.NDArray[Any]]],
-                what: str) -> None:
+def same_layout(
+    reference: Mapping[str, npt.NDArray[Any]], others: Sequence[Mapping[str, npt.NDArray[Any]]], what: str
+) -> None:
     """Raise ValueError unless every mapping has the names and shapes of ``reference``."""
     for i, other in enumerate(others):
         if other.keys() != reference.keys():

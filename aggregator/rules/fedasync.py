@@ -22,8 +22,12 @@ from aggregator.rules._checks import same_layout
 Tensors = dict[str, npt.NDArray[Any]]
 
 
-def fedasync_mix(global_weights: Mapping[str, npt.NDArray[Any]], base_weights: Mapping[str, npt.NDArray[Any]],
-                 delta: Mapping[str, npt.NDArray[Any]], alpha_t: float) -> Tensors:
+def fedasync_mix(
+    global_weights: Mapping[str, npt.NDArray[Any]],
+    base_weights: Mapping[str, npt.NDArray[Any]],
+    delta: Mapping[str, npt.NDArray[Any]],
+    alpha_t: float,
+) -> Tensors:
     """Return ``(1 - alpha_t) * w_t + alpha_t * (w_tau + delta)`` for each tensor.
 
     Args:

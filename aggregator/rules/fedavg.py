@@ -40,8 +40,11 @@ def weighted_mean(tensors: Sequence[Mapping[str, npt.NDArray[Any]]], weights: Se
     return out
 
 
-def fedavg_step(global_weights: Mapping[str, npt.NDArray[Any]], deltas: Sequence[Mapping[str, npt.NDArray[Any]]],
-                num_examples: Sequence[int]) -> Tensors:
+def fedavg_step(
+    global_weights: Mapping[str, npt.NDArray[Any]],
+    deltas: Sequence[Mapping[str, npt.NDArray[Any]]],
+    num_examples: Sequence[int],
+) -> Tensors:
     """One synchronous FedAvg round: ``w + sum_i n_i delta_i / sum_i n_i``."""
     mean = weighted_mean(deltas, [float(n) for n in num_examples])
     same_layout(global_weights, [mean], "delta")

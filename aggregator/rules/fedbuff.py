@@ -22,9 +22,15 @@ from aggregator.rules.fedavg import weighted_mean
 Tensors = dict[str, npt.NDArray[Any]]
 
 
-def fedbuff_step(global_weights: Mapping[str, npt.NDArray[Any]], deltas: Sequence[Mapping[str, npt.NDArray[Any]]],
-                 weights: Sequence[float], *, server_lr: float = 1.0, momentum: float = 0.0,
-                 velocity: Mapping[str, npt.NDArray[Any]] | None = None) -> tuple[Tensors, Tensors | None]:
+def fedbuff_step(
+    global_weights: Mapping[str, npt.NDArray[Any]],
+    deltas: Sequence[Mapping[str, npt.NDArray[Any]]],
+    weights: Sequence[float],
+    *,
+    server_lr: float = 1.0,
+    momentum: float = 0.0,
+    velocity: Mapping[str, npt.NDArray[Any]] | None = None,
+) -> tuple[Tensors, Tensors | None]:
     """Apply one FedBuff server step to a full buffer; return ``(new_weights, new_velocity)``.
 
     ``velocity`` is the server-momentum state (``None`` before the first step); it is

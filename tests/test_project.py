@@ -1,0 +1,142 @@
+"""Project invariants: compose.yaml is consistent, imports point one way, the deployment broker
+config really authenticates and applies the ACL (against a real Mosquitto)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import yaml
+
+from broker.launcher import DEPLOY_CONF, MosquittoBroker
+from fedmq.cli import COMMANDS, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLE_PACKAGES = {"edge_agent", "aggregator", "simulator"}
+
+
+def _imports(package: str) -> set[tuple[str, str]]:
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {(str(path.relative_to(ROOT)), a.name.split(".")[0]) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add((str(path.relative_to(ROOT)), node.module.split(".")[0]))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("fedmq", ROLE_PACKAGES | {"models", "broker"}),
+        ("models", ROLE_PACKAGES | {"broker"}),
+        ("broker", ROLE_PACKAGES | {"models"}),
+        ("edge_agent", {"aggregator", "simulator"}),
+        ("aggregator", {"edge_agent", "simulator"}),
+    ],
+)
+def test_imports_point_one_way(package: str, forbidden: set[str]) -> None:
+    bad = sorted((f, m) for f, m in _imports(package) if m in forbidden)
+    assert bad == [], f"{package} must not import {forbidden}: {bad}"
+
+
+def test_agent_runtime_does_not_import_torch_or_the_server_side() -> None:
+    code = (
+        "import sys, edge_agent.service, edge_agent.cli; "
+        "bad = [m for m in ('torch', 'sklearn', 'aggregator', 'amqtt', 'matplotlib') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_cli_command_builds_its_parser() -> None:
+    for name in COMMANDS:
+        parser = build_parser(name)
+        assert parser.prog == "fedmq"
+
+
+def test_compose_references_exist_and_match_the_broker_config() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"mosquitto", "aggregator", "agent-1", "agent-2", "agent-3"} <= set(services)
+    image = services["mosquitto"]["image"]
+    assert image.startswith("eclipse-mosquitto:") and image.split(":")[1][0].isdigit(), "pin the image version"
+    for vol in services["mosquitto"]["volumes"]:
+        src = vol.split(":")[0]
+        if src.startswith("./"):
+            assert (ROOT / src).is_file(), src
+    conf = DEPLOY_CONF.read_text()
+    mounted = {v.split(":")[1] for v in services["mosquitto"]["volumes"] if v.startswith("./")}
+    for directive in ("password_file", "acl_file"):
+        path = next(line.split()[1] for line in conf.splitlines() if line.startswith(directive))
+        assert path in mounted, f"{directive} {path} is not mounted by compose"
+    assert services["mosquitto"]["ports"] == ["127.0.0.1:1883:1883"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for svc in ("aggregator", "agent-1", "agent-2", "agent-3"):
+        s = services[svc]
+        assert s["build"] == "." and s["command"][0] in COMMANDS
+        build_parser(s["command"][0]).parse_args(s["command"])
+    for pkg in ("fedmq", "broker", "edge_agent", "aggregator", "models", "simulator"):
+        assert f"COPY {pkg} ./{pkg}" in dockerfile
+
+
+def _passwords() -> dict[str, str]:
+    users = [line.split(":")[0] for line in (ROOT / "broker/passwd.compose").read_text().splitlines() if line]
+    return {u: f"{u}-dev-password" for u in users}
+
+
+@pytest.mark.broker
+async def test_deployment_config_authenticates_and_enforces_the_acl(tmp_path: Path) -> None:
+    broker = MosquittoBroker(workdir=tmp_path, conf=DEPLOY_CONF)
+    await asyncio.to_thread(broker.start)
+    pw = _passwords()
+    h, p = broker.host, broker.port
+    try:
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(h, p):
+                pass
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(h, p, username="agent-1", password="wrong"):
+                pass
+        async with aiomqtt.Client(h, p, username="aggregator", password=pw["aggregator"]) as agg:
+            await agg.subscribe("fedmq/acl/update/+", qos=1)
+            async with aiomqtt.Client(h, p, username="agent-1", password=pw["agent-1"]) as a1:
+                await a1.publish("fedmq/acl/update/agent-2", b"forged", qos=1)  # denied by the ACL
+                await a1.publish("fedmq/acl/model", b"forged-model", qos=1, retain=True)  # denied
+                await a1.publish("fedmq/acl/update/agent-1", b"mine", qos=1)
+            async with asyncio.timeout(10):
+                async for msg in agg.messages:
+                    assert msg.topic.value == "fedmq/acl/update/agent-1" and msg.payload == b"mine"
+                    break
+        # Nothing forged was retained on the model topic. Retained messages are sent right after
+        # SUBACK, before anything published later, so a sentinel published after subscribing
+        # arriving first proves there was none.
+        async with aiomqtt.Client(h, p, username="aggregator", password=pw["aggregator"]) as agg2:
+            await agg2.subscribe("fedmq/acl/model", qos=1)
+            await agg2.subscribe("fedmq/acl/metrics", qos=1)
+            await agg2.publish("fedmq/acl/metrics", b"sentinel", qos=1)
+            async with asyncio.timeout(10):
+                async for msg in agg2.messages:
+                    assert msg.payload == b"sentinel", f"unexpected {msg.topic.value}: {msg.payload!r}"
+                    break
+            await agg2.publish("fedmq/acl/model", b"real-model", qos=1, retain=True)
+        assert await _retained(h, p, "fedmq/acl/model", "agent-2", pw["agent-2"]) == b"real-model"
+    finally:
+        await asyncio.to_thread(broker.cleanup)
+
+
+async def _retained(host: str, port: int, topic: str, user: str, password: str) -> bytes:
+    async with aiomqtt.Client(host, port, username=user, password=password) as c:
+        await c.subscribe(topic, qos=1)
+        async with asyncio.timeout(10):
+            async for msg in c.messages:
+                assert isinstance(msg.payload, bytes)
+                return msg.payload
+    raise AssertionError("unreachable")
