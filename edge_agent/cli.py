@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.service import AgentService
+from edge_agent.serving import OnnxExporter
 from edge_agent.trainer import LocalTrainer
 from fedmq.cliutil import add_common, flag, load_from_args
 from fedmq.errors import ConfigError
@@ -30,6 +31,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--state-dir", "agent.state_dir", help="where sequence number and privacy accountant persist")
     flag(p, "--max-updates", "agent.max_updates", type=int)
     flag(p, "--seed", "agent.seed", type=int)
+    p.add_argument("--onnx-out", metavar="PATH", help="keep the newest global model here as ONNX, for `fedmq predict`")
     flag(p, "--clip-norm", "privacy.clip_norm", type=float)
     flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)
     flag(p, "--delta", "privacy.delta", type=float)
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     async def main(stop: asyncio.Event) -> dict[str, object]:
-        stats = await AgentService(config, trainer).run(stop)
+        hook = OnnxExporter(args.onnx_out) if args.onnx_out else None
+        stats = await AgentService(config, trainer, on_model=hook).run(stop)
         return dict(stats.__dict__)
 
     print(json.dumps(run_until_signalled(main)))

@@ -61,6 +61,8 @@ class AgentService:
         compute_delay: simulation hook; seconds to wait after each local round, emulating a
             slower device. ``None`` on real devices.
         rng: randomness for reconnect jitter.
+        on_model: called in a worker thread with each newer global model (e.g. ONNX export);
+            its errors are logged, never fatal.
     """
 
     def __init__(
@@ -70,12 +72,16 @@ class AgentService:
         *,
         compute_delay: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        on_model: Callable[[ModelMessage], None] | None = None,
     ) -> None:
         self.config = config
         self.trainer = trainer
         self.agent_id = config.agent.agent_id
         self.topics = config.topics
         self.compute_delay = compute_delay
+        self.on_model = on_model
+        self._on_model_busy = False
+        self._hook_task: asyncio.Task[None] | None = None
         self.rng = rng or random.Random()
         self.stats = AgentStats()
         self.pending: UpdateMessage | None = None
@@ -166,6 +172,18 @@ class AgentService:
             if self._latest is None or model.version >= self._latest.version:
                 self._latest = model
                 self._new_model.set()
+                if self.on_model is not None and not self._on_model_busy:
+                    self._on_model_busy = True
+                    self._hook_task = asyncio.get_running_loop().create_task(self._run_on_model(model))  # keep a ref
+
+    async def _run_on_model(self, model: ModelMessage) -> None:
+        assert self.on_model is not None
+        try:
+            await asyncio.to_thread(self.on_model, model)
+        except Exception as exc:  # a hook failure must not stop training
+            log.warning("agent %s: model hook failed: %s", self.agent_id, exc)
+        finally:
+            self._on_model_busy = False
 
     async def _train_loop(self, client: aiomqtt.Client) -> None:
         limit = self.config.agent.max_updates

@@ -232,6 +232,43 @@ async def test_aggregator_sigterm_checkpoints_and_restart_resumes(
         await asyncio.to_thread(proc.wait, 30)
 
 
+async def test_agent_keeps_an_onnx_model_that_predict_serves(
+    mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
+) -> None:
+    from edge_agent.serving import OnnxExporter
+
+    cfg = config(mosquitto, prefix)
+    server = AggregatorService(cfg)
+    onnx_path = tmp_path / "global.onnx"
+    exporter = OnnxExporter(onnx_path)
+    dev = AgentService(
+        replace(cfg, agent=AgentConfig(agent_id="pi", round_interval=0.05)),
+        agent(cfg, "pi", n=300).trainer,
+        on_model=exporter,
+    )
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(server.run(stop)), asyncio.create_task(dev.run(stop))]
+    await wait_until(dev.pulse, lambda: exporter.version >= 3, limit=60)
+    stop.set()
+    await asyncio.gather(*tasks)
+    _, test = digits()
+    np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        fedmq_cmd("predict", str(onnx_path), str(tmp_path / "test.npz")),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    import json
+
+    out = json.loads(done.stdout)
+    assert out["version"] >= 3 and out["n"] == len(test)
+    assert out["accuracy"] > 0.15  # chance is 0.10; +3 standard errors at n = 360
+
+
 @pytest.mark.slow
 def test_demo_command_reaches_well_above_chance(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
