@@ -113,6 +113,7 @@ class AggregatorService:
         self.ready = asyncio.Event()
         self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
         self._eval_wanted = asyncio.Event()
+        self._model_dirty = asyncio.Event()
         self._eval_model: Any = None
         self._last_checkpoint_version = -1
         self._client: aiomqtt.Client | None = None
@@ -217,8 +218,9 @@ class AggregatorService:
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         await client.publish(self.topics.server_status, self._status("online"), qos=1, retain=True)
-        await self._maybe_start_round(client)
-        await self._publish_model(client)
+        self._maybe_start_round()
+        self._model_dirty.set()
+        await self.publish_pending_model(client)
         await client.subscribe(self.topics.update_wildcard, qos=1)
         await client.subscribe(self.topics.status_wildcard, qos=1)
         self.ready.set()
@@ -226,6 +228,7 @@ class AggregatorService:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client))
                 tg.create_task(self._metrics_loop(client))
+                tg.create_task(self._model_publisher(client))
                 # The body itself waits (not a child task): on Python 3.11 a child failing while the
                 # body has already finished leaves the parent task cancelled (CPython gh-116720 family).
                 await self._watch(stop)
@@ -250,12 +253,12 @@ class AggregatorService:
             payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
             agent = self.topics.agent_of(topic, "update")
             if agent is not None:
-                await self._on_update(client, agent, bytes(payload))
+                await self._on_update(agent, bytes(payload))
             elif (agent := self.topics.agent_of(topic, "status")) is not None:
-                await self._on_status(client, agent, bytes(payload))
+                await self._on_status(agent, bytes(payload))
             self.pulse.notify()
 
-    async def _on_update(self, client: aiomqtt.Client, topic_agent: str, payload: bytes) -> None:
+    async def _on_update(self, topic_agent: str, payload: bytes) -> None:
         core = self._core
         try:
             update = UpdateMessage.from_bytes(payload, self._limits)
@@ -268,9 +271,9 @@ class AggregatorService:
             return
         assert isinstance(result, Accepted)
         if result.new_version is not None:
-            await self._new_version(client)
+            await self._new_version()
 
-    async def _on_status(self, client: aiomqtt.Client, agent: str, payload: bytes) -> None:
+    async def _on_status(self, agent: str, payload: bytes) -> None:
         core = self._core
         online = False
         if payload:
@@ -284,14 +287,14 @@ class AggregatorService:
                 return
             online = status.state in ("online", "training")
         if core.agent_status(agent, online) is not None:
-            await self._new_version(client)
+            await self._new_version()
         else:
-            await self._maybe_start_round(client)
+            self._maybe_start_round()
 
-    async def _new_version(self, client: aiomqtt.Client) -> None:
+    async def _new_version(self) -> None:
         core = self._core
-        await self._maybe_start_round(client)
-        await self._publish_model(client)
+        self._maybe_start_round()
+        self._model_dirty.set()
         if core.version % self.cfg.eval_every == 0:
             self._eval_wanted.set()
         if core.version - self._last_checkpoint_version >= self.cfg.checkpoint_every:
@@ -299,16 +302,30 @@ class AggregatorService:
         if self.cfg.max_versions and core.version >= self.cfg.max_versions:
             self.done.set()
 
-    async def _maybe_start_round(self, client: aiomqtt.Client) -> None:
+    def _maybe_start_round(self) -> None:
         core = self._core
         if core.mode != "sync" or core.selected is not None:
             return
         if len(core.online) < max(1, self.cfg.sync_agents):
             return
         core.start_round()
-        await self._publish_model(client)
+        self._model_dirty.set()
 
-    async def _publish_model(self, client: aiomqtt.Client) -> None:
+    async def _model_publisher(self, client: aiomqtt.Client) -> None:
+        """Publish the newest model whenever it changed.
+
+        Versions made while a publish is in flight coalesce into one publish of the newest:
+        the retained topic only needs the latest, and the receive loop never waits on a PUBACK.
+        """
+        while True:
+            await self._model_dirty.wait()
+            await self.publish_pending_model(client)
+
+    async def publish_pending_model(self, client: Any) -> None:
+        """Publish the current model (retained, QoS 1) if it changed since the last publish."""
+        if not self._model_dirty.is_set():
+            return
+        self._model_dirty.clear()
         core = self._core
         if core.mode == "sync" and core.selected is None:
             return  # no round open: nobody should train yet

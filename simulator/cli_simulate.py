@@ -14,7 +14,7 @@ from typing import Any
 from fedmq.config import PrivacyConfig, StalenessConfig
 from fedmq.runtime import setup_logging
 from simulator.harness import SimConfig, Stragglers, run_simulation
-from simulator.report import ProgressBar, format_summary, plot_accuracy
+from simulator.report import ProgressBar, format_comparison, format_summary, plot_accuracy
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_run_args(p)
     g = p.add_argument_group("aggregation")
     g.add_argument("--rule", choices=["fedasync", "fedbuff", "fedavg"], default=a.rule)
+    g.add_argument(
+        "--compare",
+        metavar="RULES",
+        help="comma-separated rules run one after another on equal terms, "
+        "e.g. fedavg,fedasync,fedbuff: one table, one plot",
+    )
+    g.add_argument("--report-accuracy", type=float, default=0.9, help="accuracy for the time-to-accuracy column")
     g.add_argument("--model", default=a.model, help="softmax, mlp, digits-cnn (torch)")
     g.add_argument("--buffer-size", type=int, default=a.buffer_size, help="FedBuff K")
     g.add_argument("--server-lr", type=float, default=a.server_lr)
@@ -45,7 +52,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--staleness", choices=["constant", "polynomial", "hinge"], default=a.staleness.function)
     g.add_argument("--staleness-a", type=float, default=a.staleness.a)
     g.add_argument("--staleness-b", type=int, default=a.staleness.b)
-    g.add_argument("--max-staleness", type=int, default=a.max_staleness)
+    g.add_argument(
+        "--max-staleness",
+        type=int,
+        default=None,
+        help="versions; default 20, or 3 x agents for fedasync (one version per update)",
+    )
     g.add_argument("--sync-agents", type=int, default=0, help="fedavg: agents per round (0: all)")
     g.add_argument("--max-versions", type=int, default=0)
     g.add_argument("--target-accuracy", type=float, default=None, help="stop when reached")
@@ -89,7 +101,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             server_momentum=args.server_momentum,
             alpha=args.mix_alpha,
             staleness=StalenessConfig(args.staleness, args.staleness_a, args.staleness_b),
-            max_staleness=args.max_staleness,
+            max_staleness=_max_staleness(args, args.rule),
             sync_agents=args.sync_agents,
             max_versions=args.max_versions,
             target_accuracy=args.target_accuracy,
@@ -103,6 +115,12 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             epsilon_budget=args.epsilon_budget,
         ),
     )
+
+
+def _max_staleness(args: argparse.Namespace, rule: str) -> int:
+    if args.max_staleness is not None:
+        return int(args.max_staleness)
+    return 3 * int(args.agents) if rule == "fedasync" else SimConfig().aggregator.max_staleness
 
 
 def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, Any]:
@@ -129,6 +147,26 @@ def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, A
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point."""
-    execute(sim_config(args), args, f"fedmq simulate: {args.rule}, {args.agents} agents")
+    """Entry point: one run, or several rules compared on the same split, stragglers and seed."""
+    if not args.compare:
+        execute(sim_config(args), args, f"fedmq simulate: {args.rule}, {args.agents} agents")
+        return 0
+    rules = [r.strip() for r in args.compare.split(",") if r.strip()]
+    bad = [r for r in rules if r not in ("fedasync", "fedbuff", "fedavg")]
+    if bad:
+        print(f"fedmq simulate: error: --compare: unknown rules {bad}", file=sys.stderr)
+        return 2
+    json_path, plot_path = args.json, args.plot
+    args.json = args.plot = None
+    results: dict[str, dict[str, Any]] = {}
+    for rule in rules:
+        cfg = sim_config(args)
+        cfg = replace(cfg, aggregator=replace(cfg.aggregator, rule=rule, max_staleness=_max_staleness(args, rule)))
+        results[rule] = execute(cfg, args, f"fedmq simulate: {rule}, {args.agents} agents")
+    print(f"\ncomparison ({args.agents} agents, {args.duration:.0f} s each, seed {args.seed}):")
+    print(format_comparison(results, args.report_accuracy))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    if plot_path:
+        plot_accuracy(results, plot_path, title=f"fedmq: {', '.join(rules)} ({args.agents} agents)")
     return 0

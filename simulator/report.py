@@ -71,6 +71,34 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def time_to_accuracy(summary: dict[str, Any], threshold: float) -> float | None:
+    """Wall-clock seconds until test accuracy first reached ``threshold`` (``None``: never)."""
+    for elapsed, _version, acc in summary.get("accuracy_history") or []:
+        if acc >= threshold:
+            return float(elapsed)
+    return None
+
+
+def format_comparison(summaries: dict[str, dict[str, Any]], threshold: float) -> str:
+    """One row per run: final accuracy, time to ``threshold``, versions, updates, staleness, epsilon."""
+    head = (
+        f"  {'rule':<10} {'final acc':>9} {'t->' + format(threshold, '.2f'):>8} {'versions':>8} "
+        f"{'accepted':>8} {'rejected':>8} {'staleness':>9} {'max eps':>8}"
+    )
+    rows = [head, "  " + "-" * (len(head) - 2)]
+    for label, s in summaries.items():
+        t = time_to_accuracy(s, threshold)
+        eps = s.get("max_epsilon")
+        t_text = f"{t:.1f}s" if t is not None else "never"
+        eps_text = f"{eps:.0f}" if eps is not None else "-"
+        rows.append(
+            f"  {label:<10} {s.get('final_accuracy') or 0:9.4f} {t_text:>8} "
+            f"{s.get('model_versions'):>8} {s.get('updates_accepted'):>8} {s.get('updates_rejected'):>8} "
+            f"{s.get('mean_staleness'):>9} {eps_text:>8}"
+        )
+    return "\n".join(rows)
+
+
 def plot_accuracy(summaries: dict[str, dict[str, Any]], path: str | Path, title: str = "fedmq") -> Path:
     """Write a PNG of test accuracy against wall-clock seconds, one line per run."""
     import matplotlib

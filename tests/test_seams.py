@@ -32,6 +32,12 @@ class Recorder:
         return [ModelMessage.from_bytes(p) for t, p, _, _ in self.published if t.endswith("/model")]
 
 
+async def feed(svc: AggregatorService, rec: Recorder, agent: str, frame: bytes, kind: str = "update") -> None:
+    """Hand one raw frame to the service's handler, then let its model publisher run once."""
+    await (svc._on_update if kind == "update" else svc._on_status)(agent, frame)
+    await svc.publish_pending_model(rec)
+
+
 def make_service(tmp_path: Path | None = None, **agg: Any) -> AggregatorService:
     cfg = Config(prefix="fedmq/seam", aggregator=replace(AggregatorConfig(rule="fedbuff", buffer_size=2), **agg))
     if tmp_path is not None:
@@ -52,11 +58,11 @@ async def test_truncation_at_every_byte_is_rejected_and_harmless() -> None:
     rec = Recorder()
     good = update_bytes(svc, "a", 1, 0.01)
     for cut in range(len(good) - 1, -1, -97):
-        await svc._on_update(rec, "a", good[:cut])  # type: ignore[arg-type]
+        await feed(svc, rec, "a", good[:cut])
     assert svc.core is not None
     assert svc.core.stats.accepted == 0 and svc.core.version == 0
     assert set(svc.core.stats.rejected) == {"malformed"}
-    await svc._on_update(rec, "a", good)  # type: ignore[arg-type]
+    await feed(svc, rec, "a", good)
     assert svc.core.stats.accepted == 1
 
 
@@ -70,10 +76,10 @@ async def test_duplicates_leave_the_model_bit_identical() -> None:
         ("c", update_bytes(once, "c", 1, 0.5, base=1)),
     ]
     for agent, f in frames:
-        await once._on_update(rec1, agent, f)  # type: ignore[arg-type]
+        await feed(once, rec1, agent, f)
     for agent, f in frames:
         for _ in range(3):
-            await twice._on_update(rec2, agent, f)  # type: ignore[arg-type]
+            await feed(twice, rec2, agent, f)
     assert once.core is not None and twice.core is not None
     assert once.core.version == twice.core.version == 2
     for k, v in once.core.weights.items():
@@ -85,16 +91,17 @@ async def test_duplicates_leave_the_model_bit_identical() -> None:
 async def test_garbage_spoofing_and_mismatch_are_counted_by_reason() -> None:
     svc = make_service()
     rec = Recorder()
-    await svc._on_update(rec, "a", b"\xc1")  # type: ignore[arg-type]  # msgpack's never-used byte
-    await svc._on_update(rec, "a", update_bytes(svc, "b", 1, 0.1))  # type: ignore[arg-type]
-    await svc._on_update(
+    await feed(svc, rec, "a", b"\xc1")  # msgpack's never-used byte
+    await feed(svc, rec, "a", update_bytes(svc, "b", 1, 0.1))
+    await feed(
+        svc,
         rec,
         "a",
-        UpdateMessage(  # type: ignore[arg-type]
+        UpdateMessage(
             agent_id="a", seq=1, base_version=0, num_examples=1, delta={"W": np.zeros(3, np.float32)}
         ).to_bytes(),
     )
-    await svc._on_update(rec, "a", update_bytes(svc, "a", 1, 0.1, base=9))  # type: ignore[arg-type]
+    await feed(svc, rec, "a", update_bytes(svc, "a", 1, 0.1, base=9))
     assert svc.core is not None
     assert dict(svc.core.stats.rejected) == {
         "malformed": 1,
@@ -108,26 +115,26 @@ async def test_garbage_spoofing_and_mismatch_are_counted_by_reason() -> None:
 async def test_status_frames_track_liveness_and_empty_retained_means_offline() -> None:
     svc = make_service()
     rec = Recorder()
-    await svc._on_status(rec, "a", StatusMessage("a", "online").to_bytes())  # type: ignore[arg-type]
-    await svc._on_status(rec, "b", StatusMessage("b", "online").to_bytes())  # type: ignore[arg-type]
-    await svc._on_status(rec, "c", StatusMessage("a", "online").to_bytes())  # type: ignore[arg-type]  # spoofed
-    await svc._on_status(rec, "d", b"\x00garbage")  # type: ignore[arg-type]
+    await feed(svc, rec, "a", StatusMessage("a", "online").to_bytes(), kind="status")
+    await feed(svc, rec, "b", StatusMessage("b", "online").to_bytes(), kind="status")
+    await feed(svc, rec, "c", StatusMessage("a", "online").to_bytes(), kind="status")  # spoofed
+    await feed(svc, rec, "d", b"\x00garbage", kind="status")
     assert svc.core is not None and svc.core.online == {"a", "b"}
-    await svc._on_status(rec, "a", b"")  # type: ignore[arg-type]
-    await svc._on_status(rec, "b", StatusMessage("b", "offline").to_bytes())  # type: ignore[arg-type]
+    await feed(svc, rec, "a", b"", kind="status")
+    await feed(svc, rec, "b", StatusMessage("b", "offline").to_bytes(), kind="status")
     assert svc.core.online == set()
 
 
 async def test_sync_service_opens_a_round_when_enough_agents_are_online() -> None:
     svc = make_service(rule="fedavg", sync_agents=2)
     rec = Recorder()
-    await svc._on_status(rec, "a", StatusMessage("a", "online").to_bytes())  # type: ignore[arg-type]
+    await feed(svc, rec, "a", StatusMessage("a", "online").to_bytes(), kind="status")
     assert rec.models() == []
-    await svc._on_status(rec, "b", StatusMessage("b", "online").to_bytes())  # type: ignore[arg-type]
+    await feed(svc, rec, "b", StatusMessage("b", "online").to_bytes(), kind="status")
     models = rec.models()
     assert len(models) == 1 and models[0].mode == "sync" and models[0].selected == ("a", "b")
-    await svc._on_update(rec, "a", update_bytes(svc, "a", 1, 1.0))  # type: ignore[arg-type]
-    await svc._on_update(rec, "b", update_bytes(svc, "b", 1, 3.0))  # type: ignore[arg-type]
+    await feed(svc, rec, "a", update_bytes(svc, "a", 1, 1.0))
+    await feed(svc, rec, "b", update_bytes(svc, "b", 1, 3.0))
     models = rec.models()
     assert models[-1].version == 1 and models[-1].selected == ("a", "b")
     np.testing.assert_allclose(models[-1].tensors["b"], [2.0] * 10)
@@ -137,7 +144,7 @@ async def test_versions_are_checkpointed_and_restored(tmp_path: Path) -> None:
     svc = make_service(tmp_path)
     rec = Recorder()
     for i, agent in enumerate("abcd"):
-        await svc._on_update(rec, agent, update_bytes(svc, agent, 1, 0.1 * i))  # type: ignore[arg-type]
+        await feed(svc, rec, agent, update_bytes(svc, agent, 1, 0.1 * i))
     assert svc.core is not None and svc.core.version == 2
     again = make_service(tmp_path)
     assert again.core is not None and again.core.version == 2 and again.core.last_seq == svc.core.last_seq
