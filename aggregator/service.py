@@ -31,7 +31,7 @@ from fedmq.errors import ConfigError, DecodeError, RejectReason
 from fedmq.messages import ModelMessage, ModelSpec, StatusMessage, UpdateMessage, metrics_to_bytes
 from fedmq.runtime import Pulse
 from fedmq.state import read_state, write_state
-from fedmq.transport import backoff, client_kwargs
+from fedmq.transport import backoff, client_kwargs, publish, subscribe
 from models import create_model
 from models.base import evaluate
 from models.datasets import Dataset, load_source
@@ -217,12 +217,12 @@ class AggregatorService:
         return self.summary()
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        await client.publish(self.topics.server_status, self._status("online"), qos=1, retain=True)
+        await publish(client, self.topics.server_status, self._status("online"), qos=1, retain=True)
         self._maybe_start_round()
         self._model_dirty.set()
         await self.publish_pending_model(client)
-        await client.subscribe(self.topics.update_wildcard, qos=1)
-        await client.subscribe(self.topics.status_wildcard, qos=1)
+        await subscribe(client, self.topics.update_wildcard, qos=1)
+        await subscribe(client, self.topics.status_wildcard, qos=1)
         self.ready.set()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -234,8 +234,8 @@ class AggregatorService:
                 await self._watch(stop)
         except* _Stop:
             pass
-        await client.publish(self.topics.metrics, metrics_to_bytes(self.progress().to_dict()), qos=1, retain=True)
-        await client.publish(self.topics.server_status, self._status("stopped"), qos=1, retain=True)
+        await publish(client, self.topics.metrics, metrics_to_bytes(self.progress().to_dict()), qos=1, retain=True)
+        await publish(client, self.topics.server_status, self._status("stopped"), qos=1, retain=True)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.done.wait())]
@@ -338,7 +338,7 @@ class AggregatorService:
             max_staleness=core.max_staleness,
             created_at=time.time(),
         )
-        await client.publish(self.topics.model, msg.to_bytes(), qos=1, retain=True)
+        await publish(client, self.topics.model, msg.to_bytes(), qos=1, retain=True)
 
     def _count_rejection(self, rejected: Rejected) -> None:
         self._core.stats.rejected[rejected.reason.value] += 1
@@ -389,7 +389,7 @@ class AggregatorService:
     async def _metrics_loop(self, client: aiomqtt.Client) -> None:
         while True:
             progress = self.progress()
-            await client.publish(self.topics.metrics, metrics_to_bytes(progress.to_dict()), qos=0, retain=True)
+            await publish(client, self.topics.metrics, metrics_to_bytes(progress.to_dict()), qos=0, retain=True)
             if self.on_progress is not None:
                 self.on_progress(progress)
             await asyncio.sleep(self.cfg.metrics_interval)

@@ -26,7 +26,7 @@ from fedmq.config import Config
 from fedmq.errors import DecodeError
 from fedmq.messages import AgentState, ModelMessage, StatusMessage, UpdateMessage
 from fedmq.runtime import Pulse
-from fedmq.transport import backoff, client_kwargs
+from fedmq.transport import backoff, client_kwargs, publish, subscribe
 
 log = logging.getLogger("fedmq.agent")
 
@@ -130,8 +130,8 @@ class AgentService:
         return self.stats
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        await client.publish(self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
-        await client.subscribe(self.topics.model, qos=1)
+        await publish(client, self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
+        await subscribe(client, self.topics.model, qos=1)
         self.connected.set()
         self.stats.state = "online"
         self.pulse.notify()
@@ -149,7 +149,7 @@ class AgentService:
             final = "stopped"
         self.stats.state = final
         self.stats.epsilon = self.trainer.epsilon
-        await client.publish(self.topics.status(self.agent_id), self._status(final), qos=1, retain=True)
+        await publish(client, self.topics.status(self.agent_id), self._status(final), qos=1, retain=True)
         self.pulse.notify()
 
     @staticmethod
@@ -215,7 +215,7 @@ class AgentService:
         """Publish the pending update at QoS 1; it is dropped only once the publish completed."""
         assert self.pending is not None
         assert self._pending_payload is not None
-        await client.publish(self.topics.update(self.agent_id), self._pending_payload, qos=1)
+        await publish(client, self.topics.update(self.agent_id), self._pending_payload, qos=1)
         self.pending = self._pending_payload = None
         self.stats.updates_published += 1
         self.pulse.notify()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 from collections.abc import Iterator
 from typing import Any
+
+import aiomqtt
 
 from fedmq.config import BrokerConfig
 
@@ -39,3 +42,27 @@ def backoff(initial: float = 0.2, maximum: float = 30.0, rng: random.Random | No
     while True:
         yield rng.uniform(initial / 2, ceiling)
         ceiling = min(maximum, ceiling * 2)
+
+
+def _reraise_swallowed_cancellation() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def publish(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
+    """``client.publish`` that never swallows a cancellation.
+
+    aiomqtt waits for the PUBACK through ``asyncio.wait_for``, which on Python 3.11 drops a
+    cancellation that arrives as the wait completes (CPython gh-86296, fixed in 3.12): the
+    cancelled task would then run on, and a TaskGroup waiting for it would wait forever.
+    A task with a pending cancellation request gets its CancelledError here.
+    """
+    await client.publish(topic, payload, qos=qos, retain=retain)
+    _reraise_swallowed_cancellation()
+
+
+async def subscribe(client: aiomqtt.Client, topic: str, *, qos: int) -> None:
+    """``client.subscribe`` that never swallows a cancellation (see :func:`publish`)."""
+    await client.subscribe(topic, qos=qos)
+    _reraise_swallowed_cancellation()

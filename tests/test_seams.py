@@ -4,6 +4,7 @@ recorder, so the test sees exactly what the service would send."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from aggregator.service import AggregatorService
+from fedmq import transport
 from fedmq.config import AggregatorConfig, Config
 from fedmq.errors import ConfigError
 from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage
@@ -170,3 +172,36 @@ async def test_evaluation_reports_accuracy() -> None:
     assert svc.eval_data is not None and len(svc.eval_data) == len(test)
     await svc._evaluate_current()
     assert svc.progress().accuracy is not None and 0 <= svc.progress().accuracy <= 1  # type: ignore[operator]
+
+
+class SwallowingClient:
+    """A publish that, like asyncio.wait_for on Python 3.11, drops a cancellation arriving as it completes."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return  # the PUBACK "arrived" at the same moment: the cancellation is lost
+
+
+async def test_publish_helper_reraises_a_swallowed_cancellation() -> None:
+    client = SwallowingClient()
+    loops = 0
+
+    async def service_loop() -> None:
+        nonlocal loops
+        while True:  # a loop that would run forever if the cancellation stayed swallowed
+            await transport.publish(client, "t", b"x", qos=1)  # type: ignore[arg-type]
+            loops += 1
+
+    task = asyncio.create_task(service_loop())
+    await client.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):  # a swallowed cancellation would hang here: fail fast instead
+            await task
+    assert loops == 0
