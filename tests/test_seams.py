@@ -179,13 +179,16 @@ class SwallowingClient:
 
     def __init__(self) -> None:
         self.entered = asyncio.Event()
+        self.swallowed = False
 
     async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         self.entered.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            return  # the PUBACK "arrived" at the same moment: the cancellation is lost
+            if self.swallowed:
+                raise
+            self.swallowed = True  # the PUBACK "arrived" at the same moment: this cancellation is lost
 
 
 async def test_publish_helper_reraises_a_swallowed_cancellation() -> None:
