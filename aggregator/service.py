@@ -116,7 +116,6 @@ class AggregatorService:
         self._model_dirty = asyncio.Event()
         self._eval_model: Any = None
         self._last_checkpoint_version = -1
-        self._client: aiomqtt.Client | None = None
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
 
@@ -197,11 +196,9 @@ class AggregatorService:
                         identifier=f"fedmq-aggregator-{self.topics.prefix.replace('/', '-')}",
                         max_queued_incoming_messages=10_000,
                     ) as client:
-                        self._client = client
                         delays = backoff()
                         await self._session(client, stop)
                 except* aiomqtt.MqttError as group:
-                    self._client = None
                     self.ready.clear()
                     delay = next(delays)
                     log.warning("broker connection lost (%s); reconnecting in %.1f s", group.exceptions[0], delay)
@@ -209,7 +206,6 @@ class AggregatorService:
                         async with asyncio.timeout(delay):
                             await stop.wait()
         finally:
-            self._client = None
             evaluator.cancel()
             await asyncio.wait([evaluator])  # unlike suppress(CancelledError), keeps our own cancellation
             await self._final_evaluation()

@@ -89,7 +89,6 @@ class AgentService:
         self._latest: ModelMessage | None = None
         self._new_model = asyncio.Event()
         self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
-        self.connected = asyncio.Event()
         self.pulse = Pulse()
         """Notified after every publish, model received, reconnect and state change."""
 
@@ -114,7 +113,6 @@ class AgentService:
                     await self._session(client, stop)
                     return self.stats
             except* aiomqtt.MqttError as group:
-                self.connected.clear()
                 self.stats.reconnects += 1
                 self.pulse.notify()
                 delay = next(delays)
@@ -132,7 +130,6 @@ class AgentService:
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         await publish(client, self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
         await subscribe(client, self.topics.model, qos=1)
-        self.connected.set()
         self.stats.state = "online"
         self.pulse.notify()
         if self.pending is not None:

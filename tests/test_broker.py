@@ -299,3 +299,47 @@ def test_demo_command_reaches_well_above_chance(tmp_path: Path) -> None:
     assert s["final_accuracy"] > 0.6 and s["broker"] == "mosquitto" and s["max_epsilon"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "final test accuracy" in done.stdout
+
+
+async def test_embedded_broker_runs_a_federation_without_mosquitto(prefix: str) -> None:
+    from broker.launcher import EmbeddedBroker
+
+    broker = await asyncio.to_thread(EmbeddedBroker().start)
+    try:
+        cfg = SimConfig(
+            agents=4,
+            duration=20,
+            prefix=prefix,
+            stragglers=Stragglers(median=0.02),
+            aggregator=replace(SimConfig().aggregator, buffer_size=4, target_accuracy=0.7),
+        )
+        shards, test = split_digits(cfg)
+        s = await run_federation(cfg, broker.host, broker.port, shards=shards, test=test)
+    finally:
+        await asyncio.to_thread(broker.stop)
+    assert s["final_accuracy"] > 0.5 and s["updates_accepted"] >= 4
+
+
+async def test_broker_command_serves_and_stops_on_sigterm() -> None:
+    from broker.launcher import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(fedmq_cmd("broker", "--port", str(port)), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)  # printed once the broker listens
+        assert f"mqtt://127.0.0.1:{port}" in line and "mosquitto" in line
+        async with aiomqtt.Client("127.0.0.1", port) as c:
+            await c.subscribe("x/#")
+            await c.publish("x/y", b"hello", qos=1)
+            async with asyncio.timeout(10):
+                async for m in c.messages:
+                    assert m.payload == b"hello"
+                    break
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(OSError):
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)  # the broker went with it
