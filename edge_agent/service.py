@@ -82,6 +82,7 @@ class AgentService:
         self.on_model = on_model
         self._on_model_busy = False
         self._hook_task: asyncio.Task[None] | None = None
+        self._training: asyncio.Future[None] | None = None
         self.rng = rng or random.Random()
         self.stats = AgentStats()
         self.pending: UpdateMessage | None = None
@@ -132,6 +133,9 @@ class AgentService:
         await subscribe(client, self.topics.model, qos=1)
         self.stats.state = "online"
         self.pulse.notify()
+        if self._training is not None:  # a local round from the lost session: let it stage its update
+            await asyncio.wait([self._training])
+            self._training = None
         if self.pending is not None:
             await self._publish_pending(client)
         final: AgentState = "stopped"
@@ -186,27 +190,40 @@ class AgentService:
         limit = self.config.agent.max_updates
         interval = self.config.agent.round_interval
         while True:
+            if self.trainer.exhausted is not None:
+                raise _Finished
             model = self._latest
             if model is None or not self.trainer.should_train(model):
                 await self._new_model.wait()
                 self._new_model.clear()
                 continue
             self._new_model.clear()
+            # The worker thread trains, encodes and stages the update as pending itself; the task is
+            # shielded, so a session that dies meanwhile (broker gone) loses nothing: the next session
+            # waits for it and re-sends what is pending.
+            self._training = asyncio.ensure_future(asyncio.to_thread(self._train_and_stage, model))
             try:
-                update = await asyncio.to_thread(self.trainer.train, model)
+                await asyncio.shield(self._training)
             except BudgetExhausted as exc:
                 log.warning("agent %s: %s", self.agent_id, exc)
                 raise _Finished from None
-            self.stats.last_version = model.version
-            self.stats.epsilon = update.epsilon
+            finally:
+                if self._training.done():
+                    self._training = None
             if self.compute_delay is not None:
                 await asyncio.sleep(self.compute_delay())
-            self.pending, self._pending_payload = update, update.to_bytes()
             await self._publish_pending(client)
             if limit and self.stats.updates_published >= limit:
                 raise _Finished
             if interval > 0:
                 await asyncio.sleep(interval)
+
+    def _train_and_stage(self, model: ModelMessage) -> None:
+        """Worker thread: train, encode, stage as pending (a crash of the session keeps it)."""
+        update = self.trainer.train(model)
+        self.pending, self._pending_payload = update, update.to_bytes()
+        self.stats.last_version = model.version
+        self.stats.epsilon = update.epsilon
 
     async def _publish_pending(self, client: aiomqtt.Client) -> None:
         """Publish the pending update at QoS 1; it is dropped only once the publish completed."""

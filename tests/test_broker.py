@@ -343,3 +343,43 @@ async def test_broker_command_serves_and_stops_on_sigterm() -> None:
         proc.wait()
     with pytest.raises(OSError):
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)  # the broker went with it
+
+
+async def test_update_whose_publish_failed_is_resent_after_the_broker_returns(tmp_path: Path, prefix: str) -> None:
+    """The agent keeps an update whose publish did not complete and re-sends it after reconnecting.
+
+    Asserted at the broker's acknowledgement (PUBACK). Whether the aggregator sees it depends on
+    it having re-subscribed first (clean sessions, no broker persistence here): durable sessions
+    and application-level receipts close that gap separately.
+    """
+    broker = MosquittoBroker(workdir=tmp_path)
+    broker.start()
+    try:
+        cfg = config(broker, prefix)
+        server = AggregatorService(cfg)
+        staged: list[tuple[int, int]] = []  # (seq, updates published at the time)
+
+        def kill_broker_while_an_update_waits() -> float:
+            # Called between training and publishing: the update is staged, the broker dies under it.
+            if not staged and dev.stats.updates_published >= 1:
+                assert dev.pending is not None
+                staged.append((dev.pending.seq, dev.stats.updates_published))
+                broker.kill()
+            return 0.01
+
+        dev = agent(cfg, "flaky")
+        dev.compute_delay = kill_broker_while_an_update_waits
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(server.run(stop)), asyncio.create_task(dev.run(stop))]
+        await wait_until(dev.pulse, lambda: bool(staged) and dev.stats.reconnects >= 1, limit=30)
+        seq, published = staged[0]
+        assert dev.pending is not None and dev.pending.seq == seq  # kept, not dropped
+        assert dev.stats.updates_published == published
+        await asyncio.to_thread(broker.start)  # same port
+        # The first publish of the new session is the kept update; it completes with a PUBACK.
+        await wait_until(dev.pulse, lambda: dev.stats.updates_published > published, limit=60)
+        assert dev.pending is None or dev.pending.seq > seq
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        broker.cleanup()
