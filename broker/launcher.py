@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+log = logging.getLogger("fedmq.broker")
 BROKER_DIR = Path(__file__).resolve().parent
 DEV_CONF = BROKER_DIR / "mosquitto.dev.conf"
 DEPLOY_CONF = BROKER_DIR / "mosquitto.conf"
@@ -280,9 +282,18 @@ class EmbeddedBroker:
 def start_broker(
     kind: str = "auto", *, port: int | None = None, host: str = "127.0.0.1", conf: Path = DEV_CONF
 ) -> MosquittoBroker | EmbeddedBroker:
-    """Start Mosquitto (``kind="mosquitto"``), amqtt (``"embedded"``) or whichever is available (``"auto"``)."""
+    """Start Mosquitto (``kind="mosquitto"``), amqtt (``"embedded"``) or whichever works (``"auto"``).
+
+    ``auto`` prefers Mosquitto and falls back to the embedded broker, with a warning, when the
+    binary is missing or fails to start (the embedded broker ignores ``conf``).
+    """
     if kind not in ("auto", "mosquitto", "embedded"):
         raise ValueError(f"broker kind must be auto, mosquitto or embedded, got {kind!r}")
-    if kind == "mosquitto" or (kind == "auto" and (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto"))):
+    if kind == "mosquitto":
         return MosquittoBroker(port=port, host=host, conf=conf).start()
+    if kind == "auto" and (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")):
+        try:
+            return MosquittoBroker(port=port, host=host, conf=conf).start()
+        except BrokerError as exc:
+            log.warning("mosquitto did not start (%s); using the embedded broker instead", str(exc).splitlines()[0])
     return EmbeddedBroker(port=port, host=host).start()

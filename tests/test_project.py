@@ -140,3 +140,15 @@ async def _retained(host: str, port: int, topic: str, user: str, password: str) 
                 assert isinstance(msg.payload, bytes)
                 return msg.payload
     raise AssertionError("unreachable")
+
+
+def test_auto_broker_falls_back_to_embedded_when_mosquitto_fails(tmp_path: Path) -> None:
+    from broker.launcher import start_broker
+
+    bad = tmp_path / "bad.conf"
+    bad.write_text("listener 1883 127.0.0.1\nthis_is_not_a_directive 1\n")
+    b = start_broker("auto", conf=bad)
+    try:
+        assert b.kind == "embedded"
+    finally:
+        b.stop()
