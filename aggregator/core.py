@@ -57,6 +57,8 @@ class Stats:
     rejected: Counter[str] = field(default_factory=Counter)
     staleness_sum: int = 0
     max_epsilon: float = 0.0
+    dropped_overload: int = 0
+    """Messages dropped before decoding because the incoming queue was full (our capacity, not a peer's fault)."""
 
     @property
     def mean_staleness(self) -> float:
@@ -70,6 +72,7 @@ class Stats:
             "rejected": dict(self.rejected),
             "staleness_sum": self.staleness_sum,
             "max_epsilon": self.max_epsilon,
+            "dropped_overload": self.dropped_overload,
         }
 
     @classmethod
@@ -80,6 +83,7 @@ class Stats:
             Counter({str(k): int(v) for k, v in d["rejected"].items()}),
             int(d["staleness_sum"]),
             float(d["max_epsilon"]),
+            int(d.get("dropped_overload", 0)),
         )
 
 

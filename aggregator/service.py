@@ -55,6 +55,7 @@ class Progress:
     max_epsilon: float
     agents_online: int
     elapsed: float
+    dropped_overload: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map (the metrics payload)."""
@@ -118,6 +119,24 @@ class AggregatorService:
         self._last_checkpoint_version = -1
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
+
+    INCOMING_QUEUE = 10_000
+    """Received messages waiting to be processed; beyond it they are dropped and counted."""
+
+    def _incoming_queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        """A queue class for aiomqtt that counts what it drops when full (aiomqtt only logs it)."""
+        service = self
+
+        class CountingQueue(asyncio.Queue[aiomqtt.Message]):
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                try:
+                    super().put_nowait(item)
+                except asyncio.QueueFull:
+                    if service.core is not None:
+                        service.core.stats.dropped_overload += 1
+                    raise
+
+        return CountingQueue
 
     # --- lifecycle --------------------------------------------------------------------------
     @property
@@ -194,7 +213,8 @@ class AggregatorService:
                         will=will,
                         clean_session=True,
                         identifier=f"fedmq-aggregator-{self.topics.prefix.replace('/', '-')}",
-                        max_queued_incoming_messages=10_000,
+                        queue_type=self._incoming_queue_type(),
+                        max_queued_incoming_messages=self.INCOMING_QUEUE,
                     ) as client:
                         delays = backoff()
                         await self._session(client, stop)
@@ -422,6 +442,7 @@ class AggregatorService:
             mean_staleness=core.stats.mean_staleness,
             max_epsilon=core.stats.max_epsilon,
             agents_online=len(core.online),
+            dropped_overload=core.stats.dropped_overload,
             elapsed=self.clock() - self.rt.started if self.rt.started else 0.0,
         )
 
@@ -435,6 +456,7 @@ class AggregatorService:
             "updates_accepted": p.accepted,
             "updates_rejected": p.rejected,
             "rejected_by_reason": p.rejected_by_reason,
+            "dropped_overload": p.dropped_overload,
             "mean_staleness": round(p.mean_staleness, 3),
             "max_epsilon": p.max_epsilon,
             "wall_seconds": round(p.elapsed, 2),

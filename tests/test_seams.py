@@ -208,3 +208,14 @@ async def test_publish_helper_reraises_a_swallowed_cancellation() -> None:
         async with asyncio.timeout(5):  # a swallowed cancellation would hang here: fail fast instead
             await task
     assert loops == 0
+
+
+async def test_incoming_queue_overflow_is_counted_not_silent() -> None:
+    svc = make_service()
+    queue = svc._incoming_queue_type()(maxsize=2)
+    for _ in range(2):
+        queue.put_nowait(object())  # type: ignore[arg-type]
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(object())  # type: ignore[arg-type]
+    assert svc.core is not None and svc.core.stats.dropped_overload == 1
+    assert svc.progress().dropped_overload == 1 and svc.summary()["dropped_overload"] == 1
