@@ -7,7 +7,8 @@ types and no pickle, so any msgpack library in any language can read a message.
 Encoding packs straight from a ``memoryview`` of the array (no intermediate
 ``tobytes()`` copy). Decoding enforces size limits *before* allocation (msgpack's own
 ``max_*_len`` limits), checks dtype, shape against the byte length, and finiteness, and
-returns read-only ``numpy`` views into the received buffer (no copy).
+returns read-only ``numpy`` views of the decoded ``bin`` fields: msgpack copies each tensor's
+bytes once while parsing, and nothing copies them again.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_encode_packs_from_a_view_without_copying() -> None:
     assert np.shares_memory(np.frombuffer(wire["data"], dtype=np.float32), arr)
 
 
-def test_decode_returns_a_read_only_view_of_the_payload() -> None:
+def test_decode_returns_a_read_only_view_not_a_further_copy() -> None:
     payload = pack({"t": encode_tensor(np.ones(64, dtype=np.float32))})
     arr = decode_tensors(unpack(payload), where="x")["t"]
     assert not arr.flags.writeable
