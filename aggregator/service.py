@@ -246,7 +246,7 @@ class AggregatorService:
                 tg.create_task(self._metrics_loop(client))
                 tg.create_task(self._model_publisher(client))
                 # The body itself waits (not a child task): on Python 3.11 a child failing while the
-                # body has already finished leaves the parent task cancelled (CPython gh-116720 family).
+                # body has already finished leaves the parent task cancelled (fixed in later CPython releases).
                 await self._watch(stop)
         except* _Stop:
             pass

@@ -54,7 +54,7 @@ async def publish(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: in
     """``client.publish`` that never swallows a cancellation.
 
     aiomqtt waits for the PUBACK through ``asyncio.wait_for``, which on Python 3.11 drops a
-    cancellation that arrives as the wait completes (CPython gh-86296, fixed in 3.12): the
+    cancellation that arrives as the wait completes (CPython bpo-42130, fixed in 3.12): the
     cancelled task would then run on, and a TaskGroup waiting for it would wait forever.
     A task with a pending cancellation request gets its CancelledError here.
     """
