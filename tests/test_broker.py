@@ -64,7 +64,8 @@ async def test_late_joining_agent_gets_the_retained_model_and_contributes(
     await wait_until(server.pulse, lambda: server.core.stats.accepted >= 4 and server.core.version >= 2)  # type: ignore[union-attr]
     stop.set()
     await asyncio.gather(task, agent_task)
-    assert late.stats.models_received >= 1 and late.stats.updates_published >= 4
+    assert late.stats.models_received >= 1
+    assert server.core.last_seq["late-1"] >= 1  # its updates reached the aggregator and were accepted
 
 
 async def test_killed_agent_shows_offline_through_its_will(mosquitto: MosquittoBroker, prefix: str) -> None:
