@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.config import PrivacyConfig, StalenessConfig
-from fedmq.runtime import setup_logging
+from fedmq.runtime import run_until_signalled, setup_logging
 from simulator.harness import SimConfig, Stragglers, run_simulation
 from simulator.report import ProgressBar, format_comparison, format_summary, plot_accuracy
 
@@ -132,7 +131,8 @@ def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, A
         print(f"fedmq: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     bar = None if args.quiet else ProgressBar(cfg.duration, cfg.aggregator.target_accuracy)
-    summary = asyncio.run(run_simulation(cfg, on_progress=bar))
+    # SIGTERM / Ctrl-C end the run early but gracefully: summary printed, broker stopped.
+    summary = run_until_signalled(lambda stop: run_simulation(cfg, on_progress=bar, stop=stop))
     if bar is not None:
         bar.close()
     print(f"\n{title}\n{format_summary(summary)}")

@@ -166,11 +166,11 @@ async def run_federation(
         server = tg.create_task(service.run(stop))
         for a in agents:
             tg.create_task(a.run(agent_stop))
-        try:
-            async with asyncio.timeout(cfg.duration):
-                await service.done.wait()
-        except TimeoutError:
-            pass
+        # Until the aggregator is done (target, max versions), the duration is over, or stop is set.
+        waiters = [asyncio.ensure_future(service.done.wait()), asyncio.ensure_future(stop.wait())]
+        await asyncio.wait(waiters, timeout=cfg.duration, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
         stop.set()
         summary = await server
         agent_stop.set()

@@ -384,3 +384,19 @@ async def test_update_whose_publish_failed_is_resent_after_the_broker_returns(tm
         await asyncio.gather(*tasks)
     finally:
         broker.cleanup()
+
+
+async def test_simulation_stops_early_and_cleanly_on_request(mosquitto: MosquittoBroker, prefix: str) -> None:
+    stop = asyncio.Event()
+    cfg = SimConfig(agents=3, duration=600, prefix=prefix, stragglers=Stragglers(median=0.02))
+    shards, test = split_digits(cfg)
+
+    def on_progress(p: object) -> None:
+        if getattr(p, "accepted", 0) >= 3:
+            stop.set()  # what SIGTERM / Ctrl-C do in `fedmq demo` and `fedmq simulate`
+
+    s = await run_federation(
+        cfg, mosquitto.host, mosquitto.port, shards=shards, test=test, on_progress=on_progress, stop=stop
+    )
+    assert s["updates_accepted"] >= 3
+    assert s["wall_seconds"] < cfg.duration / 2  # ended on request, not by the 600 s budget
