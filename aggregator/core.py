@@ -104,7 +104,11 @@ class Rule(Protocol):
         num_examples: int,
         agent_id: str,
     ) -> Tensors | None:
-        """Take one validated update; return new global weights when the version advances."""
+        """Take one validated update; return new global weights when the version advances.
+
+        A rule may keep references to ``delta``'s arrays (no copy on the hot path): callers
+        hand over decoded, read-only tensors and never mutate them afterwards.
+        """
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -181,9 +185,7 @@ class FedBuffRule:
         agent_id: str,
     ) -> Tensors | None:
         """Buffer the delta; step when the buffer holds ``K``."""
-        self.buffer.append(
-            ({k: np.array(v) for k, v in delta.items()}, staleness_weight(num_examples, self.staleness_fn(staleness)))
-        )
+        self.buffer.append((dict(delta), staleness_weight(num_examples, self.staleness_fn(staleness))))
         if len(self.buffer) < self.buffer_size:
             return None
         deltas, ws = zip(*self.buffer, strict=True)
@@ -224,7 +226,7 @@ class SyncFedAvgRule:
         agent_id: str,
     ) -> Tensors | None:
         """Collect; the core decides when the round is complete and calls :meth:`finish`."""
-        self.received.append(({k: np.array(v) for k, v in delta.items()}, num_examples))
+        self.received.append((dict(delta), num_examples))
         return None
 
     def finish(self, weights: Tensors) -> Tensors:
@@ -269,9 +271,7 @@ class AggregatorCore:
         self.rule = rule
         self.max_staleness = 0 if rule.mode == "sync" else max_staleness
         self.version = version
-        self._weights: Tensors = {k: np.array(v) for k, v in weights.items()}
-        for arr in self._weights.values():
-            arr.flags.writeable = False
+        self._weights: Tensors = _frozen({k: np.array(v) for k, v in weights.items()})
         self._history: dict[int, Tensors] = {version: self._weights} if rule.needs_history else {}
         self.last_seq: dict[str, int] = {}
         self.stats = Stats()
@@ -337,8 +337,7 @@ class AggregatorCore:
         aid, seq = update.agent_id, update.seq
         rejected = self._validate(update, topic_agent_id)
         if rejected is not None:
-            self.stats.rejected[rejected.reason.value] += 1
-            return rejected
+            return self.reject(rejected)
         staleness = self.version - update.base_version
         base = self._history.get(update.base_version) if self.rule.needs_history else None
         new = self.rule.add(
@@ -356,6 +355,11 @@ class AggregatorCore:
             self._waiting.discard(aid)
             new_version = self._maybe_finish_round()
         return Accepted(aid, seq, update.base_version, staleness, new_version)
+
+    def reject(self, rejected: Rejected) -> Rejected:
+        """Count a rejection (also one found before the core, e.g. by the decoder) and return it."""
+        self.stats.rejected[rejected.reason.value] += 1
+        return rejected
 
     def _validate(self, u: UpdateMessage, topic_agent_id: str | None) -> Rejected | None:
         def rej(reason: RejectReason, detail: str) -> Rejected:
@@ -405,9 +409,7 @@ class AggregatorCore:
         return self._advance(self.rule.finish(self._weights))
 
     def _advance(self, new: Tensors) -> int:
-        for arr in new.values():
-            arr.flags.writeable = False
-        self._weights = new
+        self._weights = _frozen(new)
         self.version += 1
         if self.rule.needs_history:
             self._history[self.version] = new
@@ -439,8 +441,7 @@ class AggregatorCore:
         if weights.keys() != self._weights.keys() or any(weights[k].shape != v.shape for k, v in self._weights.items()):
             raise ValueError("checkpoint model does not match the configured model")
         self.version = int(state["version"])
-        self._weights = {}
-        self._advance_to(weights)
+        self._weights = _frozen({k: np.array(v) for k, v in weights.items()})
         self.rule.load_state_dict(state["rule_state"])
         self.last_seq = {str(k): int(v) for k, v in state["last_seq"].items()}
         self.stats = Stats.from_dict(state["stats"])
@@ -448,10 +449,12 @@ class AggregatorCore:
             self._history = {int(v): w for v, w in state["history"].items()}
             self._history[self.version] = self._weights
 
-    def _advance_to(self, weights: Mapping[str, npt.NDArray[Any]]) -> None:
-        self._weights = {k: np.array(v) for k, v in weights.items()}
-        for arr in self._weights.values():
-            arr.flags.writeable = False
+
+def _frozen(tensors: Tensors) -> Tensors:
+    """Mark ``tensors`` read-only (in place) and return them: published versions never change."""
+    for arr in tensors.values():
+        arr.flags.writeable = False
+    return tensors
 
 
 def make_rule(

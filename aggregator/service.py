@@ -279,7 +279,7 @@ class AggregatorService:
         try:
             update = UpdateMessage.from_bytes(payload, self._limits)
         except DecodeError as exc:
-            self._count_rejection(Rejected(topic_agent, None, exc.reason, exc.detail))
+            self._log_rejection(core.reject(Rejected(topic_agent, None, exc.reason, exc.detail)))
             return
         result = core.receive(update, topic_agent_id=topic_agent)
         if isinstance(result, Rejected):
@@ -355,10 +355,6 @@ class AggregatorService:
             created_at=time.time(),
         )
         await publish(client, self.topics.model, msg.to_bytes(), qos=1, retain=True)
-
-    def _count_rejection(self, rejected: Rejected) -> None:
-        self._core.stats.rejected[rejected.reason.value] += 1
-        self._log_rejection(rejected)
 
     def _log_rejection(self, rejected: Rejected) -> None:
         key = (rejected.agent_id or "?", rejected.reason.value)

@@ -4,6 +4,6 @@ Config files (``*.conf``, ``acl``) live beside this module. The launcher runs Mo
 the binary is on PATH, otherwise an embedded pure-Python broker (amqtt) for development.
 """
 
-from broker.launcher import BROKER_DIR, BrokerHandle, EmbeddedBroker, MosquittoBroker, free_port, start_broker
+from broker.launcher import BROKER_DIR, EmbeddedBroker, MosquittoBroker, free_port, start_broker
 
-__all__ = ["BROKER_DIR", "BrokerHandle", "EmbeddedBroker", "MosquittoBroker", "free_port", "start_broker"]
+__all__ = ["BROKER_DIR", "EmbeddedBroker", "MosquittoBroker", "free_port", "start_broker"]

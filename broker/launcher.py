@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 log = logging.getLogger("fedmq.broker")
 BROKER_DIR = Path(__file__).resolve().parent
@@ -85,18 +85,6 @@ def render_mosquitto_conf(
     if not listener_done:
         raise BrokerError(f"{template} has no listener line")
     return "\n".join(out) + "\n"
-
-
-class BrokerHandle(Protocol):
-    """A running broker."""
-
-    host: str
-    port: int
-    kind: str
-
-    def stop(self) -> None:
-        """Stop gracefully."""
-        ...
 
 
 class MosquittoBroker:

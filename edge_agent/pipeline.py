@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.privacy import PrivacyAccountant, add_gaussian_noise, clip_l2, l2_norm
+from edge_agent.privacy import PrivacyAccountant, add_gaussian_noise, clip_l2
 from fedmq.config import PrivacyConfig
 
 Tensors = dict[str, npt.NDArray[Any]]
@@ -43,6 +43,7 @@ class Release:
     num_examples: int
     loss: float
     norm: float | None = None
+    clipped_to: float | None = None
     epsilon: float | None = None
 
 
@@ -56,9 +57,9 @@ class ClipStep:
     bound: float
 
     def __call__(self, release: Release) -> Release:
-        """Clip; records the pre-clip norm."""
+        """Clip; records the pre-clip norm and the bound the delta now satisfies."""
         clipped, norm = clip_l2(release.delta, self.bound)
-        return replace(release, delta=clipped, norm=norm)
+        return replace(release, delta=clipped, norm=norm, clipped_to=self.bound)
 
 
 class GaussianNoiseStep:
@@ -93,7 +94,7 @@ class GaussianNoiseStep:
 
     def __call__(self, release: Release) -> Release:
         """Check the budget, add noise, account the release."""
-        if l2_norm(release.delta) > self.bound * (1 + 1e-5):
+        if release.clipped_to is None or release.clipped_to > self.bound:
             raise ValueError("the noise step needs a delta clipped to its bound (put a ClipStep first)")
         self.check_budget()
         noisy = add_gaussian_noise(release.delta, self.noise_multiplier * self.bound, self.rng)

@@ -55,7 +55,3 @@ class PeerError(FedmqError):
 
 class DecodeError(PeerError):
     """The bytes could not be decoded into a valid message under the schema and limits."""
-
-
-class UpdateRejected(PeerError):
-    """A well-formed update was refused by the aggregation core (stale, duplicate, ...)."""
