@@ -1,42 +1,173 @@
-"""``fedmq broker``: run the broker in the foreground until SIGTERM/SIGINT."""
+"""``fedmq broker``: run a broker, or create and manage a secured deployment's material.
+
+Actions::
+
+    fedmq broker [run] [--port 1883] [--deploy | --conf FILE]   run until SIGTERM/SIGINT
+    fedmq broker init DIR --agents 3                          CA, certificates, ACL, config
+    fedmq broker revoke DIR NAME [--reload PID]               CRL + ACL, then SIGHUP the broker
+    fedmq broker list DIR                                     identities and their state
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
+from pathlib import Path
 
-from broker.launcher import DEPLOY_CONF, DEV_CONF, BrokerError, start_broker
+from broker.launcher import DEPLOY_CONF, DEV_CONF, BrokerError, EmbeddedBroker, MosquittoBroker, start_broker
+from broker.pki import init, load_registry, parse_agents, revoke
 
 
-def configure(p: argparse.ArgumentParser) -> None:
-    """Add the command's arguments."""
+def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=1883, help="listener port (default 1883)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument(
         "--deploy",
         action="store_true",
-        help="use broker/mosquitto.conf (authentication, ACL, persistence) instead of the dev config",
+        help="use broker/mosquitto.conf (password authentication, ACL, persistence) instead of the dev config",
+    )
+    p.add_argument(
+        "--conf",
+        type=Path,
+        help="run Mosquitto on this config exactly as written (e.g. DIR/broker/mosquitto.conf from init); "
+        "--port must name its first listener",
     )
     p.add_argument("--embedded", action="store_true", help="use the embedded pure-Python broker (amqtt)")
 
 
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the command's arguments."""
+    _add_run(p)
+    sub = p.add_subparsers(dest="broker_command", metavar="ACTION")
+    _add_run(sub.add_parser("run", help="run the broker (the default)"))
+
+    pi = sub.add_parser(
+        "init",
+        help="create or extend a TLS deployment: CA, certificates, ACL, password file, mosquitto.conf",
+        description="Create DIR, or add agents to it: existing keys and certificates are kept.",
+    )
+    pi.add_argument("dir", type=Path)
+    pi.add_argument("--agents", default="0", help="a count (agent-1..agent-N) or a comma-separated list of ids")
+    pi.add_argument("--aggregator", default="aggregator", help="the aggregator's identity (default aggregator)")
+    pi.add_argument("--prefix", default="fedmq/default", help="federation topic prefix the ACL is written for")
+    pi.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    pi.add_argument("--bind", default="", help="TLS listener address (default: all interfaces)")
+    pi.add_argument("--ops-port", type=int, default=1884, help="loopback operator listener port (default 1884)")
+    pi.add_argument(
+        "--hostname",
+        action="append",
+        dest="hostnames",
+        help="DNS name clients use to reach the broker (repeatable; default localhost)",
+    )
+    pi.add_argument("--ip", action="append", dest="ips", help="IP address in the server certificate (repeatable)")
+    pi.add_argument(
+        "--config-root",
+        help="where the broker will see DIR/broker (default: its absolute path; /mosquitto/config in compose)",
+    )
+    pi.add_argument("--data-dir", help="Mosquitto persistence folder as the broker sees it")
+    pi.add_argument("--days", type=int, default=825, help="validity of new certificates (default 825)")
+    pi.add_argument(
+        "--group",
+        default="auto",
+        help="group owning the broker's secrets (default: mosquitto when run as root; '' to leave alone)",
+    )
+
+    pr = sub.add_parser("revoke", help="revoke an identity (CRL + ACL) and optionally reload the broker")
+    pr.add_argument("dir", type=Path)
+    pr.add_argument("name")
+    pr.add_argument("--reload", type=int, metavar="PID", help="send SIGHUP to this Mosquitto process")
+    pr.add_argument("--group", default="auto", help="as for init")
+
+    pl = sub.add_parser("list", help="list the identities of a deployment")
+    pl.add_argument("dir", type=Path)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Start, wait for a signal, stop."""
+    """Dispatch on the action (``run`` when none is given)."""
+    action = args.broker_command or "run"
+    if action == "init":
+        return _init(args)
+    if action == "revoke":
+        return _revoke(args)
+    if action == "list":
+        return _list(args)
+    return _run(args)
+
+
+def _init(args: argparse.Namespace) -> int:
+    report = init(
+        args.dir,
+        parse_agents(args.agents),
+        aggregator=args.aggregator,
+        prefix=args.prefix,
+        port=args.port,
+        ops_port=args.ops_port,
+        hostnames=args.hostnames or ["localhost"],
+        ips=args.ips if args.ips is not None else ["127.0.0.1"],
+        config_root=args.config_root,
+        data_dir=args.data_dir,
+        bind=args.bind,
+        days=args.days,
+        group=args.group,
+    )
+    root = report.root
+    print(f"fedmq broker init: {root}")
+    print(f"  created: {', '.join(report.created) or '-'}")
+    if report.kept:
+        print(f"  kept:    {', '.join(report.kept)}")
+    print(f"  broker:  mosquitto -c {root / 'broker' / 'mosquitto.conf'}")
+    print(f"  clients: {root / 'clients'}/NAME/{{ca.crt,client.crt,client.key}} (copy to each device)")
+    print(f"  keep {root / 'ca' / 'ca.key'} offline; it signs every certificate")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    ident = revoke(args.dir, args.name, group=args.group)
+    print(f"fedmq broker revoke: {ident.name} (serial {ident.serial:x}) is on the CRL and out of the ACL")
+    if args.reload is not None:
+        os.kill(args.reload, signal.SIGHUP)
+        print(f"  sent SIGHUP to {args.reload}: the broker reloads the CRL and ACL")
+    else:
+        print("  reload the broker to apply: kill -HUP <mosquitto pid>  (compose: docker compose kill -s HUP broker)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    reg = load_registry(args.dir)
+    if reg is None:
+        print(f"fedmq broker list: no deployment in {args.dir}")
+        return 1
+    print(f"prefix {reg.prefix}, TLS port {reg.port}, ops port {reg.ops_port}")
+    for name, ident in sorted(reg.identities.items()):
+        state = f"revoked {ident.revoked_at}" if ident.revoked else f"valid until {ident.not_after}"
+        print(f"  {name:<24} {ident.role:<11} {state}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    b: MosquittoBroker | EmbeddedBroker
     try:
-        b = start_broker(
-            "embedded" if args.embedded else "auto",
-            port=args.port,
-            host=args.host,
-            conf=DEPLOY_CONF if args.deploy else DEV_CONF,
-        )
+        if args.conf is not None:
+            b = MosquittoBroker(port=args.port, host=args.host, conf=args.conf, render=False).start()
+        else:
+            b = start_broker(
+                "embedded" if args.embedded else "auto",
+                port=args.port,
+                host=args.host,
+                conf=DEPLOY_CONF if args.deploy else DEV_CONF,
+            )
     except BrokerError as exc:
         print(f"fedmq broker: {exc}")
         return 1
-    print(f"fedmq broker: {b.kind} listening on mqtt://{b.host}:{b.port} (Ctrl-C to stop)", flush=True)
+    print(f"fedmq broker: {b.kind} listening on {b.host}:{b.port} (Ctrl-C to stop)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    if isinstance(b, MosquittoBroker):
+        mosquitto = b
+        signal.signal(signal.SIGHUP, lambda *_: mosquitto.reload())  # reload CRL, ACL, passwords
     done.wait()
     b.cleanup()
     return 0

@@ -101,7 +101,13 @@ class MosquittoBroker:
         workdir: Path | None = None,
         binary: str | None = None,
         bind: str | None = None,
+        render: bool = True,
     ) -> None:
+        """Prepare (not start) a broker.
+
+        ``render=False`` runs ``conf`` exactly as written (e.g. one from ``fedmq broker init``);
+        ``port`` must then be the port of its first listener, used to wait for readiness.
+        """
         found = (
             binary
             or shutil.which("mosquitto")
@@ -116,10 +122,15 @@ class MosquittoBroker:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fedmq-mosquitto-"))
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
-        self.conf_path = self.workdir / "mosquitto.conf"
-        self.conf_path.write_text(
-            render_mosquitto_conf(conf, port=self.port, bind=self.bind, data_dir=self.workdir / "data")
-        )
+        if render:
+            self.conf_path = self.workdir / "mosquitto.conf"
+            self.conf_path.write_text(
+                render_mosquitto_conf(conf, port=self.port, bind=self.bind, data_dir=self.workdir / "data")
+            )
+        else:
+            if port is None:
+                raise BrokerError(f"running {conf} as written needs the port of its first listener")
+            self.conf_path = Path(conf)
         self.log_path = self.workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -176,6 +187,12 @@ class MosquittoBroker:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password file, ACL file and TLS material."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BrokerError("broker is not running")
+        self.proc.send_signal(signal.SIGHUP)
 
     def restart(self) -> None:
         """Stop and start again on the same port and data."""
