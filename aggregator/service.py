@@ -77,6 +77,8 @@ class _Runtime:
     started: float = 0.0
     evals: list[EvalPoint] = field(default_factory=list)
     logged: set[tuple[str, str]] = field(default_factory=set)
+    connections: int = 0
+    """Successful broker connections (1 + reconnects)."""
 
 
 class _Stop(Exception):
@@ -217,6 +219,7 @@ class AggregatorService:
                         max_queued_incoming_messages=self.INCOMING_QUEUE,
                     ) as client:
                         delays = backoff()
+                        self.rt.connections += 1
                         await self._session(client, stop)
                 except* aiomqtt.MqttError as group:
                     self.ready.clear()

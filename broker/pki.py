@@ -293,7 +293,7 @@ def render_acl(reg: Registry) -> str:
 
     Mosquitto denies everything not granted. Agents: read the model, write their own update
     and status topics. The aggregator: read updates and status, write model, server status
-    and metrics. The loopback ``ops`` user reads metrics and status (monitoring, health checks).
+    and metrics. The loopback ``ops`` user reads model, metrics and status (monitoring, health checks).
     """
     t = Topics(reg.prefix)
     lines = [
@@ -313,6 +313,7 @@ def render_acl(reg: Registry) -> str:
         ]
     lines += [
         f"user {OPS_USER}",
+        f"topic read {t.model}",
         f"topic read {t.metrics}",
         f"topic read {t.server_status}",
         f"topic read {t.status_wildcard}",
@@ -350,6 +351,9 @@ keyfile {root}/server.key
 crlfile {root}/crl.pem
 require_certificate true
 use_identity_as_username true
+# The client id is forced to the username: no device can take over (disconnect) another
+# device's or the aggregator's session by connecting with its client id.
+use_username_as_clientid true
 tls_version tlsv1.2
 
 # Operators on the broker host only: user {OPS_USER} (password in ops.password), read-only topics.
@@ -493,7 +497,11 @@ def init(
         password = secrets.token_urlsafe(24)
         _write(ops_password_file, password + "\n", 0o600)
         _write(root / "broker" / "passwd", f"{OPS_USER}:{mosquitto_password_hash(password)}\n", 0o640, gid)
-    (root / "broker" / "data").mkdir(parents=True, exist_ok=True)
+    data = root / "broker" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    if gid is not None:  # Mosquitto writes its persistence database as its own user
+        os.chown(data, -1, gid)
+        data.chmod(0o770)
     _write_broker_files(root, reg, ca_key, ca_cert, gid)
     _save_registry(root, reg)
     return InitReport(root, tuple(created), tuple(kept))

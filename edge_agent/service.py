@@ -23,7 +23,7 @@ from edge_agent.pipeline import BudgetExhausted
 from edge_agent.trainer import LocalTrainer
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
-from fedmq.errors import DecodeError
+from fedmq.errors import ConfigError, DecodeError
 from fedmq.messages import AgentState, ModelMessage, StatusMessage, UpdateMessage
 from fedmq.runtime import Pulse
 from fedmq.transport import backoff, client_kwargs, publish, subscribe
@@ -52,6 +52,26 @@ class _Stopped(Exception):
     """Stop was requested."""
 
 
+def check_certificate_identity(config: Config) -> None:
+    """Fail fast when the client certificate names another agent than ``agent.agent_id``.
+
+    A broker from ``fedmq broker init`` takes the certificate's common name as the username
+    and only lets it write to its own topics: with a mismatched id every update would be
+    dropped silently by the broker's ACL.
+    """
+    cert = config.broker.cert_file
+    if not (config.broker.tls and cert):
+        return
+    from broker.pki import certificate_common_name  # cryptography only when TLS is used
+
+    cn = certificate_common_name(cert)
+    if cn != config.agent.agent_id:
+        raise ConfigError(
+            "agent.agent_id",
+            f"is {config.agent.agent_id!r} but the certificate {cert} belongs to {cn!r}; use --id {cn}",
+        )
+
+
 class AgentService:
     """Runs one edge agent until stopped, its update limit, or its privacy budget.
 
@@ -77,6 +97,7 @@ class AgentService:
         self.config = config
         self.trainer = trainer
         self.agent_id = config.agent.agent_id
+        check_certificate_identity(config)
         self.topics = config.topics
         self.compute_delay = compute_delay
         self.on_model = on_model

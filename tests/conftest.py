@@ -38,16 +38,21 @@ def _mosquitto_available() -> bool:
     return bool(shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto"))
 
 
+def require_mosquitto() -> None:
+    """Fail (or, with FEDMQ_SKIP_BROKER_TESTS=1, skip) when the mosquitto binary is missing."""
+    if not _mosquitto_available():
+        if os.environ.get("FEDMQ_SKIP_BROKER_TESTS") == "1":
+            pytest.skip("mosquitto not installed and FEDMQ_SKIP_BROKER_TESTS=1")
+        pytest.fail("the mosquitto binary is required for broker tests (apt-get install mosquitto)")
+
+
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """A real Mosquitto with ``broker/mosquitto.dev.conf`` on a free loopback port.
 
     Missing Mosquitto fails the test (CI installs it); set FEDMQ_SKIP_BROKER_TESTS=1 to skip locally.
     """
-    if not _mosquitto_available():
-        if os.environ.get("FEDMQ_SKIP_BROKER_TESTS") == "1":
-            pytest.skip("mosquitto not installed and FEDMQ_SKIP_BROKER_TESTS=1")
-        pytest.fail("the mosquitto binary is required for broker tests (apt-get install mosquitto)")
+    require_mosquitto()
     broker = MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto"))
     broker.start()
     yield broker
