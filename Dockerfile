@@ -1,4 +1,5 @@
-# fedmq image for the aggregator and agents (compose.yaml). numpy backend only: no torch.
+# fedmq image for the aggregator, the agents and `fedmq broker init` (compose.yaml).
+# numpy backend only: no torch. The fixed uid 10001 owns the generated keys (compose `pki`).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -8,6 +9,9 @@ COPY edge_agent ./edge_agent
 COPY aggregator ./aggregator
 COPY models ./models
 COPY simulator ./simulator
-RUN pip install --no-cache-dir . && useradd --create-home fedmq && mkdir -p /data /state && chown fedmq /data /state
+RUN pip install --no-cache-dir . \
+ && useradd --create-home --uid 10001 fedmq \
+ && mkdir -p /data /state /pki /certs \
+ && chown fedmq /data /state /pki
 USER fedmq
 ENTRYPOINT ["fedmq"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -62,29 +63,55 @@ def test_every_cli_command_builds_its_parser() -> None:
         assert parser.prog == "fedmq"
 
 
-def test_compose_references_exist_and_match_the_broker_config() -> None:
+def test_compose_runs_the_generated_tls_deployment(tmp_path: Path) -> None:
+    """compose.yaml's pki command, run here, yields every file the other services mount."""
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"mosquitto", "aggregator", "agent-1", "agent-2", "agent-3"} <= set(services)
+    assert {"pki", "mosquitto", "aggregator", "agent-1", "agent-2", "agent-3"} <= set(services)
     image = services["mosquitto"]["image"]
     assert image.startswith("eclipse-mosquitto:") and image.split(":")[1][0].isdigit(), "pin the image version"
-    for vol in services["mosquitto"]["volumes"]:
-        src = vol.split(":")[0]
-        if src.startswith("./"):
-            assert (ROOT / src).is_file(), src
-    conf = DEPLOY_CONF.read_text()
-    mounted = {v.split(":")[1] for v in services["mosquitto"]["volumes"] if v.startswith("./")}
-    for directive in ("password_file", "acl_file"):
-        path = next(line.split()[1] for line in conf.splitlines() if line.startswith(directive))
-        assert path in mounted, f"{directive} {path} is not mounted by compose"
-    assert services["mosquitto"]["ports"] == ["127.0.0.1:1883:1883"]
+    assert services["mosquitto"]["ports"] == ["127.0.0.1:8883:8883"]
+    assert services["mosquitto"]["depends_on"]["pki"]["condition"] == "service_completed_successfully"
+
+    # Run the pki service's own command against a local folder instead of the volume.
+    init_cmd = [tmp_path.as_posix() if a == "/pki" else a for a in services["pki"]["command"]]
+    args = build_parser("broker").parse_args(init_cmd)
+    assert build_parser("broker").parse_args(services["pki"]["command"]).dir == Path("/pki")
+    assert importlib.import_module("broker.cli").run(args) == 0
+
+    def mounts(svc: str) -> dict[str, str]:
+        out = {}
+        for v in services[svc]["volumes"]:
+            if isinstance(v, dict) and v["source"] == "pki":
+                assert v["read_only"] is True
+                out[v["target"]] = v["volume"]["subpath"]
+        return out
+
+    broker_dir = mounts("mosquitto")["/mosquitto/config"]
+    conf = (tmp_path / broker_dir / "mosquitto.conf").read_text()
+    for line in conf.splitlines():
+        words = line.split()
+        if words and words[0] in ("password_file", "acl_file", "cafile", "certfile", "keyfile", "crlfile"):
+            assert words[1].startswith("/mosquitto/config/"), line
+            assert (tmp_path / broker_dir / Path(words[1]).name).is_file(), line
+    assert "persistence_location /mosquitto/data/" in conf
+    assert any(v == "mosquitto-data:/mosquitto/data" for v in services["mosquitto"]["volumes"])
+    assert "ops.password" in services["mosquitto"]["healthcheck"]["test"][1]
+
     dockerfile = (ROOT / "Dockerfile").read_text()
+    for pkg in ("fedmq", "broker", "edge_agent", "aggregator", "models", "simulator"):
+        assert f"COPY {pkg} ./{pkg}" in dockerfile
     for svc in ("aggregator", "agent-1", "agent-2", "agent-3"):
         s = services[svc]
         assert s["build"] == "." and s["command"][0] in COMMANDS
-        build_parser(s["command"][0]).parse_args(s["command"])
-    for pkg in ("fedmq", "broker", "edge_agent", "aggregator", "models", "simulator"):
-        assert f"COPY {pkg} ./{pkg}" in dockerfile
+        parsed = build_parser(s["command"][0]).parse_args(s["command"])
+        assert parsed.broker.startswith("mqtts://mosquitto:")
+        identity = "aggregator" if svc == "aggregator" else vars(parsed)["cfg:agent.agent_id"]
+        assert identity == svc
+        certs = tmp_path / mounts(svc)["/certs"]
+        assert certs == tmp_path / "clients" / identity
+        for flag_name, file in (("ca_file", "ca.crt"), ("cert_file", "client.crt"), ("key_file", "client.key")):
+            assert getattr(parsed, flag_name) == f"/certs/{file}" and (certs / file).is_file()
 
 
 def _passwords() -> dict[str, str]:
