@@ -282,11 +282,11 @@ class AggregatorService:
         try:
             update = UpdateMessage.from_bytes(payload, self._limits)
         except DecodeError as exc:
-            self._log_rejection(core.reject(Rejected(topic_agent, None, exc.reason, exc.detail)))
+            self._log_rejection(core.reject(Rejected(topic_agent, None, exc.reason, exc.detail)), topic_agent)
             return
         result = core.receive(update, topic_agent_id=topic_agent)
         if isinstance(result, Rejected):
-            self._log_rejection(result)
+            self._log_rejection(result, topic_agent)
             return
         assert isinstance(result, Accepted)
         if result.new_version is not None:
@@ -359,16 +359,23 @@ class AggregatorService:
         )
         await publish(client, self.topics.model, msg.to_bytes(), qos=1, retain=True)
 
-    def _log_rejection(self, rejected: Rejected) -> None:
-        key = (rejected.agent_id or "?", rejected.reason.value)
-        if key not in self.rt.logged and len(self.rt.logged) < 10_000:
-            self.rt.logged.add(key)
-            log.warning(
-                "rejected an update from %s: %s (%s); further ones are counted, not logged",
-                key[0],
-                rejected.reason.value,
-                rejected.detail,
-            )
+    def _log_rejection(self, rejected: Rejected, sender: str) -> None:
+        """Log a rejection once per (sender, reason); never the payload.
+
+        ``sender`` is the agent the topic names: the identity the broker authenticated (with the
+        generated ACL), not whatever the payload claims. Both it and the detail are clipped
+        and escaped, and the set of logged keys is bounded, so a peer cannot flood the log.
+        """
+        key = (sender[:64], rejected.reason.value)
+        if key in self.rt.logged or len(self.rt.logged) >= 10_000:
+            return
+        self.rt.logged.add(key)
+        log.warning(
+            "rejected an update from %r: %s (%s); further ones are counted, not logged",
+            key[0],
+            rejected.reason.value,
+            rejected.detail[:200],
+        )
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
     async def _evaluator(self) -> None:

@@ -161,7 +161,8 @@ def _run(args: argparse.Namespace) -> int:
     except BrokerError as exc:
         print(f"fedmq broker: {exc}")
         return 1
-    print(f"fedmq broker: {b.kind} listening on {b.host}:{b.port} (Ctrl-C to stop)", flush=True)
+    scheme = "mqtts" if args.conf is not None and "require_certificate true" in args.conf.read_text() else "mqtt"
+    print(f"fedmq broker: {b.kind} listening on {scheme}://{b.host}:{b.port} (Ctrl-C to stop)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

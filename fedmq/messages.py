@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fedmq import SCHEMA_VERSION
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, Tensors, decode_tensors, encode_tensors, pack, unpack
 from fedmq.errors import DecodeError, RejectReason
+from fedmq.topics import is_agent_id
 
 Mode = Literal["async", "sync"]
 AgentState = Literal["online", "offline", "training", "budget_exhausted", "stopped"]
@@ -48,6 +49,14 @@ def _str(obj: dict[str, Any], key: str) -> str:
     v = obj.get(key)
     if not isinstance(v, str):
         raise DecodeError(RejectReason.BAD_FIELD, f"{key} must be a string")
+    return v
+
+
+def _agent_id(obj: dict[str, Any], *, server_ok: bool = False) -> str:
+    v = obj.get("agent_id")
+    if not (is_agent_id(v) or (server_ok and v == "server")):
+        raise DecodeError(RejectReason.BAD_FIELD, "agent_id must be 1-64 characters of [A-Za-z0-9_.-]")
+    assert isinstance(v, str)
     return v
 
 
@@ -179,7 +188,7 @@ class UpdateMessage:
         obj = unpack(payload, limits)
         _check_header(obj, "update")
         return cls(
-            agent_id=_str(obj, "agent_id"),
+            agent_id=_agent_id(obj),
             seq=_int(obj, "seq"),
             base_version=_int(obj, "base_version"),
             num_examples=_int(obj, "num_examples", minimum=1),
@@ -224,7 +233,7 @@ class StatusMessage:
         if state not in _AGENT_STATES:
             raise DecodeError(RejectReason.BAD_FIELD, f"state must be one of {_AGENT_STATES}")
         return cls(
-            agent_id=_str(obj, "agent_id"),
+            agent_id=_agent_id(obj, server_ok=True),
             state=state,
             epsilon=_float(obj, "epsilon", optional=True),
             seq=_int(obj, "seq"),

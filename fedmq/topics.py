@@ -22,6 +22,11 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
 
+def is_agent_id(value: object) -> bool:
+    """True if ``value`` is a usable agent id (see :func:`validate_agent_id`)."""
+    return isinstance(value, str) and bool(_ID_RE.match(value)) and value != "server"
+
+
 def validate_agent_id(agent_id: str, *, key: str = "agent.agent_id") -> str:
     """Return ``agent_id`` if it can be one MQTT topic level, else raise :class:`ConfigError`.
 

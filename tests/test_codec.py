@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import msgpack
 import numpy as np
@@ -15,6 +16,7 @@ from fedmq import SCHEMA_VERSION
 from fedmq.codec import DTYPES, DecodeLimits, decode_tensor, decode_tensors, encode_tensor, pack, unpack
 from fedmq.errors import DecodeError, RejectReason
 from fedmq.messages import ModelMessage, ModelSpec, StatusMessage, UpdateMessage, metrics_from_bytes, metrics_to_bytes
+from tests.hostile import MARKER, Hostile, corpus, update_map
 
 # {"dtype": "float32", "shape": [2], "data": bin(00 00 80 3f 00 00 00 c0)}: [1.0, -2.0] little-endian,
 # written out by hand from the msgpack spec (fixmap 3, fixstr keys, fixarray shape, bin 8).
@@ -156,42 +158,36 @@ def _bad_tensor(dtype: str = "float32", shape: object = (4,), data: bytes = b"\0
     return {"w": {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data": data}}
 
 
-HOSTILE = {
-    "truncated": (pack(_update_map())[:-7], RejectReason.MALFORMED),
-    "empty": (b"", RejectReason.MALFORMED),
-    "not a map": (msgpack.packb([1, 2, 3]), RejectReason.MALFORMED),
-    "wrong schema": (pack(_update_map(schema=99)), RejectReason.SCHEMA_VERSION),
-    "wrong kind": (pack(_update_map(kind="model")), RejectReason.WRONG_KIND),
-    "ext type": (msgpack.packb({"schema": 1, "x": msgpack.ExtType(5, b"boom")}), RejectReason.MALFORMED),
-    "deep nesting": (b"\x91" * 100_000 + b"\x00", RejectReason.MALFORMED),
-    "huge declared array": (b"\xdd\xff\xff\xff\xff" + b"\x00" * 8, RejectReason.MALFORMED),
-    "huge declared bin": (b"\x81\xa1x\xc6\x7f\xff\xff\xff" + b"\x00" * 8, RejectReason.MALFORMED),
-    "bad dtype": (pack(_update_map(delta=_bad_tensor(dtype="object"))), RejectReason.BAD_DTYPE),
-    "complex dtype": (pack(_update_map(delta=_bad_tensor(dtype="complex64"))), RejectReason.BAD_DTYPE),
-    "shape mismatch": (pack(_update_map(delta=_bad_tensor(shape=(5,)))), RejectReason.SHAPE_MISMATCH),
-    "negative shape": (pack(_update_map(delta=_bad_tensor(shape=(-4,)))), RejectReason.SHAPE_MISMATCH),
-    "float shape": (pack(_update_map(delta=_bad_tensor(shape=[4.0]))), RejectReason.SHAPE_MISMATCH),
-    "nan": (pack(_update_map(delta={"w": encode_tensor(np.array([0, np.nan], np.float32))})), RejectReason.NON_FINITE),
-    "inf": (pack(_update_map(delta={"w": encode_tensor(np.array([np.inf], np.float32))})), RejectReason.NON_FINITE),
-    "seq negative": (pack(_update_map(seq=-1)), RejectReason.BAD_FIELD),
-    "seq bool": (pack(_update_map(seq=True)), RejectReason.BAD_FIELD),
-    "zero examples": (pack(_update_map(num_examples=0)), RejectReason.BAD_FIELD),
-    "nan loss": (pack(_update_map(train_loss=float("nan"))), RejectReason.BAD_FIELD),
-    "agent id not str": (pack(_update_map(agent_id=5)), RejectReason.BAD_FIELD),
-    "extra tensor field": (
-        pack(_update_map(delta={"w": {"dtype": "float32", "shape": [0], "data": b"", "x": 1}})),
-        RejectReason.BAD_FIELD,
-    ),
-    "int map key": (msgpack.packb({1: 2}), RejectReason.MALFORMED),
-}
+LIMITS = DecodeLimits(max_payload_bytes=64 * 1024)
+WEIGHTS = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+CORPUS = corpus(
+    WEIGHTS,
+    version=5,
+    max_staleness=2,
+    replay=pack(update_map(WEIGHTS, agent_id="alice")),
+    replay_agent="alice",
+    decoder_limit=LIMITS.max_payload_bytes,
+)
 
 
-@pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_payloads_are_rejected_with_a_reason(name: str) -> None:
-    payload, reason = HOSTILE[name]
-    with pytest.raises(DecodeError) as info:
-        UpdateMessage.from_bytes(payload)
-    assert info.value.reason is reason, info.value
+@pytest.mark.parametrize("case", [c for c in CORPUS if c.stage == "decoder"], ids=lambda c: c.name)
+def test_hostile_corpus_is_refused_by_the_decoder_alone_with_its_reason(case: Hostile) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError) as info:
+            UpdateMessage.from_bytes(case.payload, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.reason is case.reason, info.value
+    assert MARKER not in str(info.value)
+    # Declared lengths are never trusted: refusing costs about the payload's own size, not more.
+    assert peak < 2 * len(case.payload) + 256 * 1024, peak
+
+
+@pytest.mark.parametrize("case", [c for c in CORPUS if c.stage == "core"], ids=lambda c: c.name)
+def test_hostile_corpus_core_cases_are_well_formed_for_the_decoder(case: Hostile) -> None:
+    UpdateMessage.from_bytes(case.payload, LIMITS)  # refused later, by the core (tests/test_seams.py)
 
 
 def test_payload_over_the_limit_is_refused_before_parsing() -> None:

@@ -5,6 +5,9 @@ recorder, so the test sees exactly what the service would send."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import tracemalloc
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,11 +17,12 @@ import pytest
 
 from aggregator.service import AggregatorService
 from fedmq import transport
-from fedmq.config import AggregatorConfig, Config
+from fedmq.config import AggregatorConfig, BrokerConfig, Config
 from fedmq.errors import ConfigError
 from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage
 from fedmq.state import write_state
 from models.datasets import digits
+from tests.hostile import MARKER, corpus
 
 
 class Recorder:
@@ -219,3 +223,76 @@ async def test_incoming_queue_overflow_is_counted_not_silent() -> None:
         queue.put_nowait(object())  # type: ignore[arg-type]
     assert svc.core is not None and svc.core.stats.dropped_overload == 1
     assert svc.progress().dropped_overload == 1 and svc.summary()["dropped_overload"] == 1
+
+
+HOSTILE_LIMIT = 256 * 1024
+
+
+def hostile_service() -> AggregatorService:
+    cfg = Config(
+        prefix="fedmq/seam",
+        broker=BrokerConfig(max_payload_bytes=HOSTILE_LIMIT),
+        aggregator=AggregatorConfig(rule="fedbuff", buffer_size=2, max_staleness=1),
+    )
+    svc = AggregatorService(cfg.validate())
+    svc.startup()
+    return svc
+
+
+async def test_hostile_corpus_is_refused_counted_logged_once_and_changes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clean, attacked = hostile_service(), hostile_service()
+    rec = Recorder()
+    honest = [
+        ("a", update_bytes(clean, "a", 1, 0.1)),
+        ("b", update_bytes(clean, "b", 1, -0.3)),
+        ("a", update_bytes(clean, "a", 2, 0.2, base=1)),
+        ("b", update_bytes(clean, "b", 2, 0.05, base=1)),
+        ("a", update_bytes(clean, "a", 3, -0.1, base=2)),
+        ("b", update_bytes(clean, "b", 3, 0.3, base=2)),
+    ]
+    for agent, frame in honest:
+        await feed(clean, rec, agent, frame)
+    assert clean.core is not None and attacked.core is not None
+    cases = corpus(
+        attacked.core.weights,
+        version=2,
+        max_staleness=1,
+        replay=honest[2][1],
+        replay_agent="a",
+        decoder_limit=HOSTILE_LIMIT,
+    )
+    for agent, frame in honest[:4]:
+        await feed(attacked, rec, agent, frame)
+    with caplog.at_level(logging.WARNING, logger="fedmq.aggregator"):
+        for _ in range(2):
+            for case in cases:
+                await feed(attacked, rec, case.topic_agent, case.payload)
+    for agent, frame in honest[4:]:
+        await feed(attacked, rec, agent, frame)
+
+    assert attacked.core.version == clean.core.version == 3
+    for k, w in clean.core.weights.items():
+        assert w.dtype == attacked.core.weights[k].dtype and w.tobytes() == attacked.core.weights[k].tobytes()
+    expected = Counter(c.reason.value for c in cases if c.reason is not None)
+    assert dict(attacked.core.stats.rejected) == {r: 2 * n for r, n in expected.items()}
+    assert attacked.core.stats.accepted == clean.core.stats.accepted == 6
+    records = [r for r in caplog.records if r.name == "fedmq.aggregator"]
+    assert len(records) == len(cases)  # once per (sender, reason), not once per message
+    for r in records:
+        text = r.getMessage()
+        assert MARKER not in text and len(text) < 400, text
+
+    # Bounded memory: another 30 rounds of the corpus allocate nothing that stays.
+    for case in cases:  # warm caches (logging, numpy) before measuring
+        await feed(attacked, rec, case.topic_agent, case.payload)
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    for _ in range(30):
+        for case in cases:
+            await feed(attacked, rec, case.topic_agent, case.payload)
+    after, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert after - before < 64 * 1024, after - before
+    assert peak - before < 4 * HOSTILE_LIMIT, peak - before  # one message at a time, never a blow-up

@@ -1,0 +1,163 @@
+"""The hostile-input corpus: updates a compromised or buggy device, or a hostile network, could send.
+
+One list serves three tiers: the decoder alone (``stage == "decoder"``), the sans-IO core
+behind it (``"core"``: well-formed messages that must still be refused), and a real broker
+in front of a running aggregator (every entry, plus ``"broker"``: above the broker's own
+packet limit, which the broker must drop before the aggregator sees it).
+
+Every payload carries :data:`MARKER` where the format allows a free string, so a test can
+assert that no log line ever repeats payload content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from fedmq import SCHEMA_VERSION
+from fedmq.codec import encode_tensor, pack
+from fedmq.errors import RejectReason
+
+MARKER = "PAYLOAD-MARKER-7f3a"
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One hostile message: what to publish, on whose topic, and how it must be refused."""
+
+    name: str
+    payload: bytes
+    reason: RejectReason | None  # None: the broker refuses it (above its packet limit)
+    stage: str  # "decoder" | "core" | "broker"
+    topic_agent: str
+
+
+def update_map(weights: Mapping[str, npt.NDArray[Any]], **over: object) -> dict[str, object]:
+    """A well-formed update map for a model with ``weights``; ``over`` replaces fields."""
+    base: dict[str, object] = {
+        "schema": SCHEMA_VERSION,
+        "kind": "update",
+        "agent_id": "mallory",
+        "seq": 1,
+        "base_version": 0,
+        "num_examples": 3,
+        "train_loss": 0.0,
+        "epsilon": None,
+        "sent_at": 0.0,
+        "note": MARKER,
+        "delta": {k: encode_tensor(np.zeros_like(v)) for k, v in weights.items()},
+    }
+    base.update(over)
+    return base
+
+
+def corpus(
+    weights: Mapping[str, npt.NDArray[Any]],
+    *,
+    version: int,
+    max_staleness: int,
+    replay: bytes,
+    replay_agent: str,
+    decoder_limit: int,
+    broker_limit: int | None = None,
+) -> list[Hostile]:
+    """Build the corpus for a model with ``weights`` whose aggregator is at ``version``.
+
+    ``replay`` is a payload the aggregator already accepted from ``replay_agent``; sent again
+    it must be refused as a duplicate. Each entry comes from its own topic agent (so each is
+    logged exactly once) except the replay, which must come from its original sender.
+    """
+    name0, ref = next(iter(weights.items()))
+    enc = encode_tensor
+
+    def upd(**over: object) -> bytes:
+        return pack(update_map(weights, **({"base_version": version} | over)))
+
+    def tensor(dtype: str = "float32", shape: object = None, data: bytes | None = None) -> dict[str, object]:
+        t = dict(enc(np.zeros_like(ref)))
+        t["dtype"] = dtype
+        if shape is not None:
+            t["shape"] = shape
+        if data is not None:
+            t["data"] = data
+        return {**update_map(weights)["delta"], name0: t}  # type: ignore[dict-item]
+
+    nan = np.zeros_like(ref)
+    nan.flat[0] = np.nan
+    inf = np.zeros_like(ref)
+    inf.flat[-1] = np.inf
+    wrong_shape = np.zeros((ref.size + 1,), ref.dtype)
+    zeros = update_map(weights)["delta"]
+    assert isinstance(zeros, dict)
+    R, D, C = RejectReason, "decoder", "core"
+    stale_base = max(0, version - max_staleness - 1)
+    entries: list[tuple[str, bytes, RejectReason | None, str]] = [
+        # -- the decoder must refuse these before anything else looks at them
+        ("truncated msgpack", upd()[:-7], R.MALFORMED, D),
+        ("empty payload", b"", R.MALFORMED, D),
+        ("not a map", msgpack.packb([1, 2, MARKER]), R.MALFORMED, D),
+        ("int map key", msgpack.packb({1: MARKER}), R.MALFORMED, D),
+        ("wrong schema version", upd(schema=SCHEMA_VERSION + 98), R.SCHEMA_VERSION, D),
+        ("wrong message kind", upd(kind="model"), R.WRONG_KIND, D),
+        ("ext type", msgpack.packb({"schema": 1, "x": msgpack.ExtType(5, MARKER.encode())}), R.MALFORMED, D),
+        ("deeply nested maps", b"\x81\xa1k" * 5_000 + b"\xc0", R.MALFORMED, D),
+        ("deeply nested arrays", b"\x91" * 20_000 + b"\x00", R.MALFORMED, D),
+        ("huge declared array length", b"\xdd\xff\xff\xff\xff" + b"\x00" * 8, R.MALFORMED, D),
+        ("huge declared map length", b"\xdf\xff\xff\xff\xff" + b"\x00" * 8, R.MALFORMED, D),
+        ("huge declared bin length", b"\x81\xa1x\xc6\x7f\xff\xff\xff" + b"\x00" * 8, R.MALFORMED, D),
+        ("huge declared str length", b"\x81\xa1x\xdb\x7f\xff\xff\xff" + b"a" * 8, R.MALFORMED, D),
+        ("object dtype", upd(delta=tensor(dtype="object")), R.BAD_DTYPE, D),
+        ("complex dtype", upd(delta=tensor(dtype="complex64")), R.BAD_DTYPE, D),
+        ("big-endian dtype", upd(delta=tensor(dtype=">f4")), R.BAD_DTYPE, D),
+        ("shape larger than data", upd(delta=tensor(shape=[ref.size + 1])), R.SHAPE_MISMATCH, D),
+        ("huge declared shape", upd(delta=tensor(shape=[2**31, 2**31])), R.SHAPE_MISMATCH, D),
+        ("negative shape", upd(delta=tensor(shape=[-ref.size])), R.SHAPE_MISMATCH, D),
+        ("float in shape", upd(delta=tensor(shape=[float(ref.size)])), R.SHAPE_MISMATCH, D),
+        ("NaN in a delta", upd(delta={**zeros, name0: enc(nan)}), R.NON_FINITE, D),
+        ("Inf in a delta", upd(delta={**zeros, name0: enc(inf)}), R.NON_FINITE, D),
+        ("extra tensor field", upd(delta={**zeros, name0: {**enc(ref), "x": MARKER}}), R.BAD_FIELD, D),
+        ("negative seq", upd(seq=-1), R.BAD_FIELD, D),
+        ("bool seq", upd(seq=True), R.BAD_FIELD, D),
+        ("zero examples", upd(num_examples=0), R.BAD_FIELD, D),
+        ("NaN train loss", upd(train_loss=float("nan")), R.BAD_FIELD, D),
+        ("agent id not a string", upd(agent_id=5), R.BAD_FIELD, D),
+        ("agent id with wildcard", upd(agent_id="a/#"), R.BAD_FIELD, D),
+        ("oversized (decoder limit)", upd(note=MARKER * (decoder_limit // len(MARKER) + 1)), R.TOO_LARGE, D),
+        # -- well formed, but the core must refuse them
+        ("unknown base version", upd(base_version=version + 1000), R.UNKNOWN_BASE_VERSION, C),
+        ("far-stale base version", upd(base_version=stale_base), R.TOO_STALE, C),
+        ("agent id disagrees with topic", upd(agent_id=replay_agent, seq=10**9), R.AGENT_ID_MISMATCH, C),
+        ("unknown tensor names", upd(delta={"evil": enc(np.zeros(4, np.float32))}), R.MODEL_MISMATCH, C),
+        ("tensor shape differs from the model", upd(delta={**zeros, name0: enc(wrong_shape)}), R.MODEL_MISMATCH, C),
+        (
+            "float64 delta for a float32 model",
+            upd(delta={k: enc(v.astype(np.float64)) for k, v in weights.items()}),
+            R.MODEL_MISMATCH,
+            C,
+        ),
+        ("replayed update", replay, R.DUPLICATE, C),
+    ]
+    if broker_limit is not None:
+        too_big = upd(note=MARKER * (broker_limit // len(MARKER) + 1))
+        entries.append(("oversized (broker limit)", too_big, None, "broker"))
+    out = []
+    for i, (name, payload, reason, stage) in enumerate(entries):
+        agent = replay_agent if name == "replayed update" else f"hostile-{i:02d}"
+        if name.startswith("agent id disagrees"):
+            agent = f"hostile-{i:02d}"
+        elif stage == "core" and name != "replayed update":
+            # Well-formed updates name their own sender, so only the property under test fails.
+            payload = _with_agent(payload, agent)
+        out.append(Hostile(name, payload, reason, stage, agent))
+    return out
+
+
+def _with_agent(payload: bytes, agent: str) -> bytes:
+    obj = msgpack.unpackb(payload, raw=False)
+    obj["agent_id"] = agent
+    return pack(obj)

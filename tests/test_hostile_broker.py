@@ -1,0 +1,164 @@
+"""Tier 3: the hostile corpus through a real Mosquitto into a running aggregator.
+
+The broker runs the project's dev config with its packet limit lowered to 1 MiB (so "above
+the broker limit" costs 1 MiB, not 128), and the aggregator's decoder limit is 256 KiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from aggregator.service import AggregatorService
+from broker.launcher import DEV_CONF, MosquittoBroker
+from fedmq.config import AggregatorConfig, BrokerConfig, Config
+from fedmq.messages import UpdateMessage, metrics_from_bytes
+from tests.conftest import require_mosquitto
+from tests.helpers import payload, wait_for_message, wait_until
+from tests.hostile import MARKER, Hostile, corpus
+
+pytestmark = pytest.mark.broker
+BROKER_LIMIT = 1024 * 1024
+DECODER_LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def small_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    require_mosquitto()
+    work = tmp_path_factory.mktemp("hostile-broker")
+    lines = [
+        f"max_packet_size {BROKER_LIMIT}" if line.startswith("max_packet_size") else line
+        for line in DEV_CONF.read_text().splitlines()
+    ]
+    assert f"max_packet_size {BROKER_LIMIT}" in lines
+    template = work / "mosquitto.template.conf"
+    template.write_text("\n".join(lines) + "\n")
+    broker = MosquittoBroker(conf=template, workdir=work / "run")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def honest_frames(weights: dict[str, Any]) -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(7)
+    out = []
+    for seq, base in ((1, 0), (2, 1), (3, 2)):
+        for agent in ("alice", "bob"):
+            delta = {k: rng.normal(0, 0.05, v.shape).astype(v.dtype) for k, v in weights.items()}
+            u = UpdateMessage(agent_id=agent, seq=seq, base_version=base, num_examples=10, delta=delta)
+            out.append((agent, u.to_bytes()))
+    return out
+
+
+async def run(broker: MosquittoBroker, prefix: str, *, attack: bool) -> tuple[dict[str, Any], dict[str, Any], int]:
+    cfg = Config(
+        prefix=prefix,
+        broker=BrokerConfig(host=broker.host, port=broker.port, max_payload_bytes=DECODER_LIMIT),
+        aggregator=AggregatorConfig(rule="fedbuff", buffer_size=2, max_staleness=1, metrics_interval=0.1),
+    ).validate()
+    server = AggregatorService(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    await asyncio.wait_for(server.ready.wait(), 20)
+    core = server.core
+    assert core is not None
+    topics = server.topics
+    frames = honest_frames(dict(core.weights))
+    cases: list[Hostile] = []
+    async with aiomqtt.Client(broker.host, broker.port) as pub:
+        for agent, frame in frames[:4]:
+            await pub.publish(topics.update(agent), frame, qos=1)
+        await wait_until(server.pulse, lambda: core.version == 2)
+        if attack:
+            cases = corpus(
+                core.weights,
+                version=2,
+                max_staleness=1,
+                replay=frames[2][1],
+                replay_agent="alice",
+                decoder_limit=DECODER_LIMIT,
+                broker_limit=BROKER_LIMIT,
+            )
+            for _ in range(2):
+                for case in cases:
+                    if case.stage == "broker":
+                        await publish_refused_by_broker(broker, topics.update(case.topic_agent), case.payload)
+                    else:
+                        await pub.publish(topics.update(case.topic_agent), case.payload, qos=1)
+            refused = 2 * sum(1 for c in cases if c.reason is not None)
+            await wait_until(server.pulse, lambda: sum(core.stats.rejected.values()) == refused)
+        for agent, frame in frames[4:]:
+            await pub.publish(topics.update(agent), frame, qos=1)
+        await wait_until(server.pulse, lambda: core.version == 3)
+    expected = Counter(c.reason.value for c in cases if c.reason is not None)
+    metrics = await wait_for_message(
+        broker.host,
+        broker.port,
+        topics.metrics,
+        lambda m: metrics_from_bytes(payload(m))["version"] == 3,
+    )
+    reported = metrics_from_bytes(payload(metrics))["rejected_by_reason"]
+    assert reported == {r: 2 * n for r, n in expected.items()}
+    stop.set()
+    await task
+    return dict(core.weights), reported, len(cases)
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+async def publish_refused_by_broker(broker: MosquittoBroker, topic: str, data: bytes) -> None:
+    """Mosquitto closes the connection of a client whose packet exceeds max_packet_size.
+
+    Raw MQTT 3.1.1 frames, because aiomqtt reports a connection closed mid-publish only at
+    its timeout: CONNECT, check the CONNACK, then one QoS 0 PUBLISH; the broker hangs up.
+    """
+    assert len(data) > BROKER_LIMIT
+    reader, writer = await asyncio.open_connection(broker.host, broker.port)
+    try:
+        writer.write(bytes.fromhex("100d00044d5154540402003c000178"))
+        assert await reader.readexactly(4) == bytes.fromhex("20020000")
+        name = topic.encode()
+        body = len(name).to_bytes(2, "big") + name + data
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"\x30" + _remaining_length(len(body)) + body)
+            await writer.drain()
+        async with asyncio.timeout(10):
+            try:
+                answer = await reader.read()
+            except ConnectionError:  # reset while our bytes were still arriving: also a hang-up
+                answer = b""
+        assert answer == b"", "the broker accepted a packet above its limit"
+    finally:
+        writer.close()
+
+
+async def test_hostile_corpus_through_the_broker_is_refused_counted_and_changes_nothing(
+    small_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    clean, none_rejected, _ = await run(small_broker, "fedmq/hostile-clean", attack=False)
+    assert none_rejected == {}
+    with caplog.at_level(logging.WARNING, logger="fedmq.aggregator"):
+        attacked, rejected, n_cases = await run(small_broker, "fedmq/hostile-attacked", attack=True)
+    assert clean.keys() == attacked.keys()
+    for k in clean:  # the global model is bit-identical to the run without hostile messages
+        assert clean[k].dtype == attacked[k].dtype and clean[k].tobytes() == attacked[k].tobytes(), k
+    assert sum(rejected.values()) == 2 * (n_cases - 1)  # all but the broker-refused one, twice each
+    rejections = [r.getMessage() for r in caplog.records if "rejected an update" in r.getMessage()]
+    assert len(rejections) == n_cases - 1  # each logged once, the repeat only counted
+    assert not any(MARKER in text for text in caplog.messages)
