@@ -11,6 +11,21 @@ from fedmq.cliutil import add_common, flag, load_from_args
 from fedmq.runtime import run_until_signalled, setup_logging
 
 
+def add_robust_flags(p: argparse.ArgumentParser) -> None:
+    """Byzantine-robust aggregation flags (also used by ``fedmq simulate``)."""
+    flag(
+        p,
+        "--robust",
+        "aggregator.robust",
+        choices=["none", "norm_bound", "median", "trimmed_mean", "krum"],
+        help="robust buffer aggregation (default none)",
+    )
+    flag(p, "--norm-bound", "aggregator.norm_bound", type=float, help="L2 bound per delta: > 0 fixed, 0 adaptive")
+    flag(p, "--trim-fraction", "aggregator.trim_fraction", type=float, help="trimmed_mean: fraction cut at each end")
+    flag(p, "--krum-f", "aggregator.krum_f", type=int, help="krum: Byzantine deltas tolerated per buffer")
+    flag(p, "--krum-m", "aggregator.krum_m", type=int, help="krum: deltas averaged after selection (0: K - f)")
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     """Add the command's arguments."""
     add_common(p)
@@ -33,6 +48,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-versions", "aggregator.max_versions", type=int)
     flag(p, "--target-accuracy", "aggregator.target_accuracy", type=float)
     flag(p, "--seed", "aggregator.seed", type=int)
+    add_robust_flags(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,9 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.robust import Aggregate, WeightedMean
 from aggregator.rules.fedasync import fedasync_mix
 from aggregator.rules.fedavg import fedavg_step
 from aggregator.rules.fedbuff import fedbuff_step, staleness_weight
+from aggregator.rules.robust import norm_bound
 from aggregator.staleness import StalenessFn
 from fedmq.errors import RejectReason
 from fedmq.messages import UpdateMessage
@@ -93,6 +95,8 @@ class Rule(Protocol):
     name: str
     needs_history: bool
     mode: str
+    counters: Counter[str]
+    """What robust aggregation did so far (deltas clipped, excluded); published as metrics."""
 
     def add(
         self,
@@ -127,11 +131,15 @@ class FedAsyncRule:
     needs_history = True
     mode = "async"
 
-    def __init__(self, alpha: float, staleness_fn: StalenessFn) -> None:
+    def __init__(self, alpha: float, staleness_fn: StalenessFn, *, max_norm: float | None = None) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self.alpha = alpha
         self.staleness_fn = staleness_fn
+        self.max_norm = max_norm
+        self.counters: Counter[str] = Counter()
 
     def add(
         self,
@@ -143,8 +151,12 @@ class FedAsyncRule:
         num_examples: int,
         agent_id: str,
     ) -> Tensors | None:
-        """Mix immediately."""
+        """Mix immediately (after norm bounding, when configured)."""
         assert base is not None, "FedAsync needs the base version"
+        if self.max_norm is not None:
+            (bounded,), clipped = norm_bound([delta], self.max_norm)
+            self.counters["clipped"] += clipped
+            delta = bounded
         return fedasync_mix(weights, base, delta, self.alpha * self.staleness_fn(staleness))
 
     def state_dict(self) -> dict[str, Any]:
@@ -163,10 +175,18 @@ class FedBuffRule:
     mode = "async"
 
     def __init__(
-        self, buffer_size: int, staleness_fn: StalenessFn, *, server_lr: float = 1.0, momentum: float = 0.0
+        self,
+        buffer_size: int,
+        staleness_fn: StalenessFn,
+        *,
+        server_lr: float = 1.0,
+        momentum: float = 0.0,
+        aggregate: Aggregate | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        self.aggregate = aggregate or WeightedMean()
+        self.counters = self.aggregate.counters
         self.buffer_size = buffer_size
         self.staleness_fn = staleness_fn
         self.server_lr = server_lr
@@ -190,7 +210,13 @@ class FedBuffRule:
             return None
         deltas, ws = zip(*self.buffer, strict=True)
         new, self.velocity = fedbuff_step(
-            weights, deltas, ws, server_lr=self.server_lr, momentum=self.momentum, velocity=self.velocity
+            weights,
+            deltas,
+            ws,
+            server_lr=self.server_lr,
+            momentum=self.momentum,
+            velocity=self.velocity,
+            aggregate=self.aggregate,
         )
         self.buffer.clear()
         return new
@@ -212,7 +238,9 @@ class SyncFedAvgRule:
     needs_history = False
     mode = "sync"
 
-    def __init__(self) -> None:
+    def __init__(self, aggregate: Aggregate | None = None) -> None:
+        self.aggregate = aggregate or WeightedMean()
+        self.counters = self.aggregate.counters
         self.received: list[tuple[Tensors, int]] = []
 
     def add(
@@ -233,7 +261,7 @@ class SyncFedAvgRule:
         """Average the round's deltas into the model."""
         deltas, ns = zip(*self.received, strict=True)
         self.received.clear()
-        return fedavg_step(weights, deltas, ns)
+        return fedavg_step(weights, deltas, ns, aggregate=self.aggregate)
 
     def state_dict(self) -> dict[str, Any]:
         """The deltas received in the open round."""
@@ -465,12 +493,20 @@ def make_rule(
     buffer_size: int = 10,
     server_lr: float = 1.0,
     momentum: float = 0.0,
+    aggregate: Aggregate | None = None,
+    max_norm: float | None = None,
 ) -> Rule:
-    """Build a rule by its config name (``fedasync``, ``fedbuff``, ``fedavg``)."""
+    """Build a rule by its config name (``fedasync``, ``fedbuff``, ``fedavg``).
+
+    Buffered rules reduce their buffer with ``aggregate`` (default: weighted mean); FedAsync
+    has no buffer, so only a fixed norm bound ``max_norm`` applies to it.
+    """
     if name == "fedasync":
-        return FedAsyncRule(alpha, staleness_fn)
+        if aggregate is not None:
+            raise ValueError("FedAsync has no buffer to aggregate robustly; use fedbuff or fedavg")
+        return FedAsyncRule(alpha, staleness_fn, max_norm=max_norm)
     if name == "fedbuff":
-        return FedBuffRule(buffer_size, staleness_fn, server_lr=server_lr, momentum=momentum)
+        return FedBuffRule(buffer_size, staleness_fn, server_lr=server_lr, momentum=momentum, aggregate=aggregate)
     if name == "fedavg":
-        return SyncFedAvgRule()
+        return SyncFedAvgRule(aggregate)
     raise ValueError(f"unknown rule {name!r}")

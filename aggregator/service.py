@@ -24,6 +24,7 @@ from typing import Any
 import aiomqtt
 
 from aggregator.core import Accepted, AggregatorCore, Rejected, make_rule
+from aggregator.robust import build_aggregate
 from aggregator.staleness import make_staleness_fn
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
@@ -56,6 +57,8 @@ class Progress:
     agents_online: int
     elapsed: float
     dropped_overload: int = 0
+    robust: dict[str, int] = field(default_factory=dict)
+    """What robust aggregation did: deltas ``clipped`` by norm bounding, ``excluded`` by Krum."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map (the metrics payload)."""
@@ -159,13 +162,25 @@ class AggregatorService:
         except (ValueError, ImportError) as exc:
             raise ConfigError("aggregator.model", str(exc)) from None
         self._eval_model = model
+        c = self.cfg
+        robust = c.robust != "none" or c.norm_bound is not None
         rule = make_rule(
-            self.cfg.rule,
-            staleness_fn=make_staleness_fn(self.cfg.staleness.function, self.cfg.staleness.a, self.cfg.staleness.b),
-            alpha=self.cfg.alpha,
-            buffer_size=self.cfg.buffer_size,
-            server_lr=self.cfg.server_lr,
-            momentum=self.cfg.server_momentum,
+            c.rule,
+            staleness_fn=make_staleness_fn(c.staleness.function, c.staleness.a, c.staleness.b),
+            alpha=c.alpha,
+            buffer_size=c.buffer_size,
+            server_lr=c.server_lr,
+            momentum=c.server_momentum,
+            aggregate=build_aggregate(
+                c.robust,
+                norm_bound=c.norm_bound,
+                trim_fraction=c.trim_fraction,
+                krum_f=c.krum_f,
+                krum_m=c.krum_m or None,
+            )
+            if robust and c.rule != "fedasync"
+            else None,
+            max_norm=c.norm_bound if c.rule == "fedasync" else None,
         )
         core = AggregatorCore(
             model.get_weights(),
@@ -449,6 +464,7 @@ class AggregatorService:
             max_epsilon=core.stats.max_epsilon,
             agents_online=len(core.online),
             dropped_overload=core.stats.dropped_overload,
+            robust=dict(core.rule.counters),
             elapsed=self.clock() - self.rt.started if self.rt.started else 0.0,
         )
 
@@ -467,6 +483,8 @@ class AggregatorService:
             "max_epsilon": p.max_epsilon,
             "wall_seconds": round(p.elapsed, 2),
             "rule": self.cfg.rule,
+            "robust": self.cfg.robust,
+            "robust_counters": p.robust,
             "accuracy_history": [[round(e.elapsed, 3), e.version, round(e.accuracy, 4)] for e in self.rt.evals],
         }
 

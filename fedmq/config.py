@@ -97,6 +97,16 @@ class AggregatorConfig:
     target_accuracy: float | None = None
     metrics_interval: float = 1.0
     seed: int = 0
+    robust: str = "none"
+    """Byzantine-robust buffer aggregation: none, norm_bound, median, trimmed_mean or krum."""
+    norm_bound: float | None = None
+    """L2 bound on each delta before aggregation: > 0 fixed, 0 adaptive (median norm), unset off."""
+    trim_fraction: float = 0.2
+    """trimmed_mean: fraction of values dropped at each end, per coordinate."""
+    krum_f: int = 2
+    """krum: Byzantine deltas tolerated per buffer (needs buffer_size >= 2 f + 3)."""
+    krum_m: int = 0
+    """krum: deltas averaged after selection (0: buffer_size - krum_f)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -126,6 +136,44 @@ class AggregatorConfig:
         )
         _check(self.metrics_interval > 0, "aggregator.metrics_interval", "must be > 0")
         self.staleness.validate()
+        self._validate_robust()
+
+    def _validate_robust(self) -> None:
+        rules = ("none", "norm_bound", "median", "trimmed_mean", "krum")
+        _check(self.robust in rules, "aggregator.robust", f"must be one of {', '.join(rules)}, got {self.robust!r}")
+        nb = self.norm_bound
+        _check(
+            nb is None or (math.isfinite(nb) and nb >= 0),
+            "aggregator.norm_bound",
+            "must be > 0 (fixed), 0 (adaptive) or unset",
+        )
+        if self.rule == "fedasync":
+            _check(
+                self.robust in ("none", "norm_bound"),
+                "aggregator.robust",
+                f"{self.robust} needs a buffer of updates: use rule fedbuff or fedavg",
+            )
+            _check(
+                (nb is None or nb > 0) and (self.robust != "norm_bound" or nb is not None),
+                "aggregator.norm_bound",
+                "FedAsync has no buffer to take an adaptive bound from: set a fixed bound > 0",
+            )
+        n = self.buffer_size
+        if self.robust == "trimmed_mean":
+            # With trim < 0.5, n - 2 floor(trim n) >= n (1 - 2 trim) > 0: something always remains.
+            _check(0 <= self.trim_fraction < 0.5, "aggregator.trim_fraction", "must be in [0, 0.5)")
+        if self.robust == "krum":
+            _check(self.krum_f >= 0, "aggregator.krum_f", "must be >= 0")
+            _check(
+                self.rule != "fedbuff" or n >= 2 * self.krum_f + 3,
+                "aggregator.krum_f",
+                f"Krum needs buffer_size >= 2 * krum_f + 3; buffer_size {n} allows krum_f <= {(n - 3) // 2}",
+            )
+            _check(
+                self.krum_m >= 0 and (self.rule != "fedbuff" or self.krum_m <= n - self.krum_f),
+                "aggregator.krum_m",
+                f"must be in [0, buffer_size - krum_f] (0: all {n - self.krum_f} that Krum keeps)",
+            )
 
 
 @dataclass(frozen=True)

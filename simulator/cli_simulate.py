@@ -12,6 +12,7 @@ from typing import Any
 
 from fedmq.config import PrivacyConfig, StalenessConfig
 from fedmq.runtime import run_until_signalled, setup_logging
+from simulator.attacks import ATTACKS
 from simulator.harness import SimConfig, Stragglers, run_simulation
 from simulator.report import ProgressBar, format_comparison, format_summary, plot_accuracy
 
@@ -60,6 +61,29 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-agents", type=int, default=0, help="fedavg: agents per round (0: all)")
     g.add_argument("--max-versions", type=int, default=0)
     g.add_argument("--target-accuracy", type=float, default=None, help="stop when reached")
+    g.add_argument(
+        "--robust",
+        choices=["none", "norm_bound", "median", "trimmed_mean", "krum"],
+        default=a.robust,
+        help="Byzantine-robust buffer aggregation (default none)",
+    )
+    g.add_argument("--norm-bound", type=float, default=None, help="L2 bound per delta: > 0 fixed, 0 adaptive")
+    g.add_argument("--trim-fraction", type=float, default=a.trim_fraction, help="trimmed_mean: cut at each end")
+    g.add_argument(
+        "--krum-f",
+        type=int,
+        default=None,
+        help="krum: Byzantine deltas per buffer (default (K - 3) // 2, the most Krum allows)",
+    )
+    g.add_argument("--krum-m", type=int, default=0, help="krum: deltas averaged after selection (0: K - f)")
+    g = p.add_argument_group("attack (Byzantine agents)")
+    g.add_argument(
+        "--attack",
+        choices=list(ATTACKS),
+        default="none",
+        help="what the malicious agents do (simulator/attacks.py)",
+    )
+    g.add_argument("--malicious-fraction", type=float, default=0.2, help="share of agents that attack (default 0.2)")
     g = p.add_argument_group("agents")
     g.add_argument("--epochs", type=int, default=d.local_epochs)
     g.add_argument("--lr", type=float, default=d.lr)
@@ -105,7 +129,14 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             max_versions=args.max_versions,
             target_accuracy=args.target_accuracy,
             seed=args.seed,
+            robust=args.robust,
+            norm_bound=args.norm_bound,
+            trim_fraction=args.trim_fraction,
+            krum_f=args.krum_f if args.krum_f is not None else max(0, (args.buffer_size - 3) // 2),
+            krum_m=args.krum_m,
         ),
+        attack=args.attack,
+        malicious_fraction=args.malicious_fraction if args.attack != "none" else 0.0,
         privacy=PrivacyConfig(
             enabled=not args.no_dp,
             clip_norm=args.clip_norm,

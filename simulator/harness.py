@@ -26,6 +26,7 @@ from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig, StalenessConfig
 from models.datasets import Dataset, digits, dirichlet_split
+from simulator.attacks import ATTACKS, plan_attack
 
 log = logging.getLogger("fedmq.simulate")
 
@@ -90,6 +91,9 @@ class SimConfig:
     )
     privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(clip_norm=1.0, noise_multiplier=0.5))
     prefix: str = "fedmq/sim"
+    attack: str = "none"
+    """Byzantine behaviour of the malicious agents (see :mod:`simulator.attacks`)."""
+    malicious_fraction: float = 0.0
 
     def validate(self) -> SimConfig:
         """Raise ValueError / ConfigError on the first invalid field."""
@@ -98,6 +102,10 @@ class SimConfig:
         if self.duration <= 0:
             raise ValueError("duration must be > 0")
         self.stragglers.validate()
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        if not 0 <= self.malicious_fraction < 1:
+            raise ValueError("malicious_fraction must be in [0, 1)")
         self.aggregator.validate()
         self.privacy.validate()
         AgentConfig(
@@ -147,6 +155,15 @@ async def run_federation(
     service.startup()
     rng = random.Random(cfg.seed)
     delays = cfg.stragglers.delays(len(shards), rng)
+    plan = plan_attack(
+        cfg.attack,
+        cfg.malicious_fraction,
+        len(shards),
+        num_classes=base.aggregator.num_classes,
+        buffer_size=base.aggregator.buffer_size,
+        server_lr=base.aggregator.server_lr,
+        seed=cfg.seed,
+    )
     agents: list[AgentService] = []
     for i, shard in enumerate(shards):
         acfg = AgentConfig(
@@ -156,7 +173,8 @@ async def run_federation(
             lr=cfg.lr,
             round_interval=0.0,
         )
-        trainer = LocalTrainer(acfg, cfg.privacy, shard, rng=np.random.default_rng([cfg.seed, i]))
+        trainer = LocalTrainer(acfg, cfg.privacy, plan.data_for(i, shard), rng=np.random.default_rng([cfg.seed, i]))
+        trainer.steps = plan.steps_for(i, trainer.steps, np.random.default_rng([cfg.seed, i, 7]))
         agents.append(
             AgentService(replace(base, agent=acfg), trainer, compute_delay=delays[i], rng=random.Random(rng.random()))
         )
@@ -175,6 +193,8 @@ async def run_federation(
         summary = await server
         agent_stop.set()
     summary["agents"] = len(agents)
+    summary["attack"] = cfg.attack
+    summary["malicious_agents"] = len(plan.malicious)
     summary["updates_published"] = sum(a.stats.updates_published for a in agents)
     eps = [a.trainer.epsilon for a in agents if a.trainer.epsilon is not None]
     summary["max_epsilon"] = max(eps) if eps else None

@@ -400,3 +400,29 @@ async def test_simulation_stops_early_and_cleanly_on_request(mosquitto: Mosquitt
     )
     assert s["updates_accepted"] >= 3
     assert s["wall_seconds"] < cfg.duration / 2  # ended on request, not by the 600 s budget
+
+
+@pytest.mark.slow
+async def test_a_robust_rule_beats_plain_fedbuff_under_a_model_replacement_attack(
+    mosquitto: MosquittoBroker, prefix: str
+) -> None:
+    base = SimConfig(
+        agents=12,
+        duration=8,
+        prefix=prefix,
+        stragglers=Stragglers(median=0.02),
+        privacy=PrivacyConfig(enabled=False),
+        attack="scale",
+        malicious_fraction=0.25,
+        aggregator=replace(SimConfig().aggregator, buffer_size=6, target_accuracy=0.85),
+    )
+    shards, test = split_digits(base)
+    results = {}
+    for robust in ("none", "norm_bound"):
+        cfg = replace(base, prefix=f"{prefix}-{robust}", aggregator=replace(base.aggregator, robust=robust)).validate()
+        results[robust] = await run_federation(cfg, mosquitto.host, mosquitto.port, shards=shards, test=test)
+    plain, robust_run = results["none"], results["norm_bound"]
+    assert plain["malicious_agents"] == robust_run["malicious_agents"] == 3
+    assert robust_run["robust_counters"]["clipped"] > 0  # the boosted updates were bounded
+    assert robust_run["final_accuracy"] > 0.7, robust_run
+    assert robust_run["final_accuracy"] > plain["final_accuracy"] + 0.2, (plain, robust_run)

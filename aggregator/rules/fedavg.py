@@ -6,7 +6,7 @@ one round (server learning rate 1); FedBuff applies it to its buffer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,9 @@ def fedavg_step(
     global_weights: Mapping[str, npt.NDArray[Any]],
     deltas: Sequence[Mapping[str, npt.NDArray[Any]]],
     num_examples: Sequence[int],
+    aggregate: Callable[[Sequence[Mapping[str, npt.NDArray[Any]]], Sequence[float]], Tensors] | None = None,
 ) -> Tensors:
-    """One synchronous FedAvg round: ``w + sum_i n_i delta_i / sum_i n_i``."""
-    mean = weighted_mean(deltas, [float(n) for n in num_examples])
+    """One synchronous FedAvg round: ``w + sum_i n_i delta_i / sum_i n_i`` (or ``w + aggregate(...)``)."""
+    mean = (aggregate or weighted_mean)(deltas, [float(n) for n in num_examples])
     same_layout(global_weights, [mean], "delta")
     return {k: (v + mean[k]).astype(v.dtype, copy=False) for k, v in global_weights.items()}

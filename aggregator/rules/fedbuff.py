@@ -11,7 +11,7 @@ arXiv:2106.06639, Alg. 1: the server collects ``K`` client deltas, then takes on
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy.typing as npt
@@ -30,17 +30,19 @@ def fedbuff_step(
     server_lr: float = 1.0,
     momentum: float = 0.0,
     velocity: Mapping[str, npt.NDArray[Any]] | None = None,
+    aggregate: Callable[[Sequence[Mapping[str, npt.NDArray[Any]]], Sequence[float]], Tensors] = weighted_mean,
 ) -> tuple[Tensors, Tensors | None]:
     """Apply one FedBuff server step to a full buffer; return ``(new_weights, new_velocity)``.
 
     ``velocity`` is the server-momentum state (``None`` before the first step); it is
-    returned as ``None`` when ``momentum == 0``.
+    returned as ``None`` when ``momentum == 0``. ``aggregate`` reduces the buffer (the
+    weighted mean of the paper, or a robust rule from :mod:`aggregator.robust`).
     """
     if not (math.isfinite(server_lr) and server_lr > 0):
         raise ValueError(f"server_lr must be > 0, got {server_lr}")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    mean = weighted_mean(deltas, weights)
+    mean = aggregate(deltas, weights)
     same_layout(global_weights, [mean], "delta")
     new_velocity: Tensors | None = None
     if momentum > 0:

@@ -1,0 +1,142 @@
+"""Byzantine agents for the simulator: attacks as release-pipeline steps (and one data poisoning).
+
+A compromised device runs our agent but changes what it releases. Each attack rewrites the
+agent's pipeline (``LocalTrainer.steps``) or its data, never the training code:
+
+- ``sign_flip``: send ``-4 x`` the trained delta, skipping clip and noise (the "sign
+  flipping" Byzantine gradient of e.g. Li et al., RSA, AAAI 2019, scaled as is common).
+- ``scale``: model replacement (Bagdasaryan et al., "How To Backdoor Federated Learning",
+  AISTATS 2020): train on flipped labels to a poisoned model ``L`` and send
+  ``boost * (L - G)`` with ``boost = K / eta`` (FedBuff buffer over server learning rate),
+  so that one update replaces the global model ``G`` under plain averaging.
+- ``gaussian``: send ``N(0, 5^2)`` per coordinate instead of an update.
+- ``label_flip``: train on labels ``y -> C - 1 - y`` and release through the honest
+  pipeline (clip, noise): a poisoned device that looks honest.
+- ``alie``: "A Little Is Enough" (Baruch, Baruch, Goldberg, NeurIPS 2019): colluding agents
+  pool their honestly released deltas, estimate the per-coordinate mean and standard
+  deviation, and each sends ``mean - z_max * std`` with ``z_max`` from the paper, so every
+  coordinate stays inside the benign spread while all of them push the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.pipeline import Release, Step
+from models.datasets import Dataset
+
+Tensors = dict[str, npt.NDArray[Any]]
+ATTACKS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "alie")
+SIGN_FLIP_SCALE = 4.0
+GAUSSIAN_SIGMA = 5.0
+
+
+def flip_labels(data: Dataset, num_classes: int) -> Dataset:
+    """``y -> num_classes - 1 - y``: every example labelled as some other class."""
+    return Dataset(data.x, (num_classes - 1 - data.y).astype(data.y.dtype))
+
+
+@dataclass
+class Collusion:
+    """The colluders' shared view for ALIE: each one's latest honestly released delta."""
+
+    n_agents: int
+    n_malicious: int
+    latest: dict[int, Tensors] = field(default_factory=dict)
+
+    @property
+    def z_max(self) -> float:
+        """Baruch et al. (Sec. 3): ``s = floor(n/2 + 1) - f``, ``z_max = Phi^-1((n - s) / n)``."""
+        n, f = self.n_agents, self.n_malicious
+        s = math.floor(n / 2 + 1) - f
+        return NormalDist().inv_cdf(min(max((n - s) / n, 1e-6), 1 - 1e-6))
+
+    def craft(self, who: int, honest: Tensors) -> Tensors:
+        """Record ``who``'s honest delta and return the ALIE delta from all colluders' latest."""
+        self.latest[who] = honest
+        pool = list(self.latest.values())
+        z = self.z_max
+        out: Tensors = {}
+        for k, ref in honest.items():
+            stack = np.stack([p[k] for p in pool])
+            mean, std = stack.mean(axis=0), stack.std(axis=0)
+            out[k] = (mean - ref.dtype.type(z) * std).astype(ref.dtype, copy=False)
+        return out
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """Which agents are malicious and how they attack."""
+
+    attack: str
+    malicious: frozenset[int]
+    num_classes: int
+    boost: float
+    collusion: Collusion | None
+
+    def data_for(self, agent: int, data: Dataset) -> Dataset:
+        """The agent's training data (poisoned for label-flipping and model-replacement attackers)."""
+        if agent in self.malicious and self.attack in ("label_flip", "scale"):
+            return flip_labels(data, self.num_classes)
+        return data
+
+    def steps_for(self, agent: int, honest: Sequence[Step], rng: np.random.Generator) -> list[Step]:
+        """The release pipeline of ``agent``: the honest one unless it is malicious."""
+        if agent not in self.malicious or self.attack in ("none", "label_flip"):
+            return list(honest)
+        if self.attack == "sign_flip":
+            return [_map_delta(lambda d: {k: v * v.dtype.type(-SIGN_FLIP_SCALE) for k, v in d.items()})]
+        if self.attack == "scale":
+            boost = self.boost
+            return [_map_delta(lambda d: {k: v * v.dtype.type(boost) for k, v in d.items()})]
+        if self.attack == "gaussian":
+            return [
+                _map_delta(
+                    lambda d: {k: rng.normal(0.0, GAUSSIAN_SIGMA, v.shape).astype(v.dtype) for k, v in d.items()}
+                )
+            ]
+        if self.attack == "alie":
+            assert self.collusion is not None
+            collusion = self.collusion
+            return [*honest, _map_delta(lambda d: collusion.craft(agent, d))]
+        raise ValueError(f"unknown attack {self.attack!r}")
+
+
+def _map_delta(fn: Callable[[Tensors], Tensors]) -> Step:
+    def step(release: Release) -> Release:
+        return replace(release, delta=fn(release.delta), norm=None, clipped_to=None, epsilon=None)
+
+    return step
+
+
+def plan_attack(
+    attack: str,
+    malicious_fraction: float,
+    n_agents: int,
+    *,
+    num_classes: int,
+    buffer_size: int,
+    server_lr: float,
+    seed: int,
+) -> AttackPlan:
+    """Choose ``round(f * n)`` malicious agents (by seed) for ``attack``."""
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    if not 0 <= malicious_fraction < 1:
+        raise ValueError(f"malicious fraction must be in [0, 1), got {malicious_fraction}")
+    count = round(malicious_fraction * n_agents) if attack != "none" else 0
+    chosen = np.random.default_rng([seed, 1789]).choice(n_agents, size=count, replace=False)
+    return AttackPlan(
+        attack=attack,
+        malicious=frozenset(int(i) for i in chosen),
+        num_classes=num_classes,
+        boost=buffer_size / server_lr,
+        collusion=Collusion(n_agents, count) if attack == "alie" and count else None,
+    )
