@@ -177,6 +177,21 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 # --- certificates ----------------------------------------------------------------------------
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """CA: sign certificates and CRLs. Leaf (ECDSA): sign the handshake, ECDHE key agreement."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmq CA")])
@@ -190,20 +205,7 @@ def _make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -232,20 +234,7 @@ def _issue(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
@@ -288,6 +277,10 @@ def mosquitto_password_hash(password: str, *, salt: bytes | None = None, iterati
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+def _acl_block(user: str, *grants: tuple[str, str]) -> list[str]:
+    return [f"user {user}", *(f"topic {access} {topic}" for access, topic in grants), ""]
+
+
 def render_acl(reg: Registry) -> str:
     """The ACL: each identity gets exactly its topics; revoked ones get nothing.
 
@@ -302,32 +295,24 @@ def render_acl(reg: Registry) -> str:
         "",
     ]
     for name in reg.active("aggregator"):
-        lines += [
-            f"user {name}",
-            f"topic read {t.update_wildcard}",
-            f"topic read {t.status_wildcard}",
-            f"topic readwrite {t.model}",
-            f"topic readwrite {t.server_status}",
-            f"topic readwrite {t.metrics}",
-            "",
-        ]
-    lines += [
-        f"user {OPS_USER}",
-        f"topic read {t.model}",
-        f"topic read {t.metrics}",
-        f"topic read {t.server_status}",
-        f"topic read {t.status_wildcard}",
-        "topic read $SYS/#",
-        "",
-    ]
+        lines += _acl_block(
+            name,
+            ("read", t.update_wildcard),
+            ("read", t.status_wildcard),
+            ("readwrite", t.model),
+            ("readwrite", t.server_status),
+            ("readwrite", t.metrics),
+        )
+    lines += _acl_block(
+        OPS_USER,
+        ("read", t.model),
+        ("read", t.metrics),
+        ("read", t.server_status),
+        ("read", t.status_wildcard),
+        ("read", "$SYS/#"),
+    )
     for name in reg.active("agent"):
-        lines += [
-            f"user {name}",
-            f"topic read {t.model}",
-            f"topic write {t.update(name)}",
-            f"topic write {t.status(name)}",
-            "",
-        ]
+        lines += _acl_block(name, ("read", t.model), ("write", t.update(name)), ("write", t.status(name)))
     return "\n".join(lines)
 
 

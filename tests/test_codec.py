@@ -137,27 +137,6 @@ def test_model_and_status_roundtrip() -> None:
     assert metrics_from_bytes(metrics_to_bytes({"version": 3}))["version"] == 3
 
 
-def _update_map(**over: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "schema": SCHEMA_VERSION,
-        "kind": "update",
-        "agent_id": "a",
-        "seq": 1,
-        "base_version": 0,
-        "num_examples": 3,
-        "train_loss": 0.0,
-        "epsilon": None,
-        "sent_at": 0.0,
-        "delta": {"w": encode_tensor(np.zeros(4, dtype=np.float32))},
-    }
-    base.update(over)
-    return base
-
-
-def _bad_tensor(dtype: str = "float32", shape: object = (4,), data: bytes = b"\0" * 16) -> dict[str, object]:
-    return {"w": {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data": data}}
-
-
 LIMITS = DecodeLimits(max_payload_bytes=64 * 1024)
 WEIGHTS = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 CORPUS = corpus(
@@ -191,7 +170,7 @@ def test_hostile_corpus_core_cases_are_well_formed_for_the_decoder(case: Hostile
 
 
 def test_payload_over_the_limit_is_refused_before_parsing() -> None:
-    payload = pack(_update_map(delta={"w": encode_tensor(np.zeros(10_000, np.float32))}))
+    payload = pack(update_map({"w": np.zeros(10_000, np.float32)}))
     with pytest.raises(DecodeError) as info:
         UpdateMessage.from_bytes(payload, DecodeLimits(max_payload_bytes=1024))
     assert info.value.reason is RejectReason.TOO_LARGE
