@@ -60,7 +60,7 @@ def check_certificate_identity(config: Config) -> None:
     dropped silently by the broker's ACL.
     """
     cert = config.broker.cert_file
-    if not (config.broker.tls and cert):
+    if not cert:
         return
     from broker.pki import certificate_common_name  # cryptography only when TLS is used
 

@@ -22,7 +22,7 @@ def client_kwargs(broker: BrokerConfig) -> dict[str, Any]:
         "username": broker.username,
         "password": broker.password,
     }
-    if broker.tls:
+    if broker.tls or broker.ca_file or broker.cert_file:  # giving TLS material means TLS
         ctx = ssl.create_default_context(cafile=broker.ca_file)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if broker.cert_file and broker.key_file:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import ssl
 import stat
 import subprocess
 from pathlib import Path
@@ -20,7 +21,9 @@ from broker.pki import (
     render_acl,
     revoke,
 )
+from fedmq.config import load_config
 from fedmq.errors import ConfigError
+from fedmq.transport import client_kwargs
 
 
 def cert(path: Path) -> x509.Certificate:
@@ -118,3 +121,21 @@ def test_password_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
     _, _, iterations, salt_b64, _ = theirs.split("$")
     ours = mosquitto_password_hash("s3cret", salt=base64.b64decode(salt_b64), iterations=int(iterations))
     assert ours == theirs
+
+
+def test_tls_material_from_the_environment_gives_a_verifying_tls_context(tmp_path: Path) -> None:
+    init(tmp_path, ["agent-1"], group=None)
+    client = tmp_path / "clients" / "agent-1"
+    env = {
+        "FEDMQ_BROKER__HOST": "localhost",
+        "FEDMQ_BROKER__PORT": "8883",
+        "FEDMQ_BROKER__CA_FILE": str(client / "ca.crt"),
+        "FEDMQ_BROKER__CERT_FILE": str(client / "client.crt"),
+        "FEDMQ_BROKER__KEY_FILE": str(client / "client.key"),
+    }
+    cfg = load_config(None, env=env, role="agent")
+    ctx = client_kwargs(cfg.broker)["tls_context"]
+    assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.minimum_version is ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ConfigError, match=r"broker\.key_file"):
+        load_config(None, env=env | {"FEDMQ_BROKER__KEY_FILE": str(tmp_path / "missing.key")}, role="agent")
