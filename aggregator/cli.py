@@ -24,6 +24,14 @@ def add_robust_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--trim-fraction", "aggregator.trim_fraction", type=float, help="trimmed_mean: fraction cut at each end")
     flag(p, "--krum-f", "aggregator.krum_f", type=int, help="krum: Byzantine deltas tolerated per buffer")
     flag(p, "--krum-m", "aggregator.krum_m", type=int, help="krum: deltas averaged after selection (0: K - f)")
+    flag(
+        p,
+        "--dp-noise-multiplier",
+        "aggregator.dp_noise_multiplier",
+        type=float,
+        help="reject updates whose norm does not fit this local DP noise (not_private)",
+    )
+    flag(p, "--dp-clip-norm", "aggregator.dp_clip_norm", type=float, help="the agents' clip norm for that check")
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from aggregator.robust import Aggregate, WeightedMean
 from aggregator.rules.fedasync import fedasync_mix
 from aggregator.rules.fedavg import fedavg_step
 from aggregator.rules.fedbuff import fedbuff_step, staleness_weight
-from aggregator.rules.robust import norm_bound
+from aggregator.rules.robust import l2_norms, norm_bound
 from aggregator.staleness import StalenessFn
 from fedmq.errors import RejectReason
 from fedmq.messages import UpdateMessage
@@ -282,6 +282,8 @@ class AggregatorCore:
         version: the version of ``weights`` (0 for a fresh model).
         sync_agents: in sync mode, agents per round (0: every online agent).
         seed: RNG seed for sync-round selection.
+        norm_window: ``(low, high)`` L2 norms outside of which an update is rejected as
+            ``not_private`` (see :func:`aggregator.rules.robust.dp_norm_window`); None: off.
     """
 
     def __init__(
@@ -293,9 +295,13 @@ class AggregatorCore:
         version: int = 0,
         sync_agents: int = 0,
         seed: int = 0,
+        norm_window: tuple[float, float] | None = None,
     ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
+        if norm_window is not None and not 0 <= norm_window[0] < norm_window[1]:
+            raise ValueError(f"norm_window must be (low, high) with 0 <= low < high, got {norm_window}")
+        self.norm_window = norm_window
         self.rule = rule
         self.max_staleness = 0 if rule.mode == "sync" else max_staleness
         self.version = version
@@ -424,6 +430,14 @@ class AggregatorCore:
                 return rej(
                     RejectReason.MODEL_MISMATCH,
                     f"tensor {k!r} is {d.dtype}{list(d.shape)}, model has {ref.dtype}{list(ref.shape)}",
+                )
+        if self.norm_window is not None:
+            low, high = self.norm_window
+            norm = float(l2_norms([u.delta])[0])
+            if not low <= norm <= high:
+                return rej(
+                    RejectReason.NOT_PRIVATE,
+                    f"L2 norm {norm:.4g} outside [{low:.4g}, {high:.4g}] for the agreed DP noise",
                 )
         return None
 

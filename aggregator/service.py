@@ -25,6 +25,7 @@ import aiomqtt
 
 from aggregator.core import Accepted, AggregatorCore, Rejected, make_rule
 from aggregator.robust import build_aggregate
+from aggregator.rules.robust import dp_norm_window
 from aggregator.staleness import make_staleness_fn
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
@@ -182,12 +183,18 @@ class AggregatorService:
             else None,
             max_norm=c.norm_bound if c.rule == "fedasync" else None,
         )
+        weights = model.get_weights()
+        window = None
+        if c.dp_noise_multiplier is not None:
+            dim = sum(int(w.size) for w in weights.values())
+            window = dp_norm_window(dim, c.dp_noise_multiplier * c.dp_clip_norm, c.dp_clip_norm)
         core = AggregatorCore(
-            model.get_weights(),
+            weights,
             rule,
-            max_staleness=self.cfg.max_staleness,
-            sync_agents=self.cfg.sync_agents,
-            seed=self.cfg.seed,
+            max_staleness=c.max_staleness,
+            sync_agents=c.sync_agents,
+            seed=c.seed,
+            norm_window=window,
         )
         path = self.checkpoint_path
         if path is not None:

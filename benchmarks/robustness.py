@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,7 +52,9 @@ def cell_config(base: SimConfig, rule: str, attack: str, fraction: float, n: int
 
 async def run_matrix(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     privacy = PrivacyConfig(enabled=args.dp, clip_norm=1.0, noise_multiplier=0.5)
-    base = SimConfig(agents=args.agents, duration=args.duration, seed=args.seed, privacy=privacy).validate()
+    base = SimConfig(
+        agents=args.agents, duration=args.duration, seed=args.seed, privacy=privacy, conforming_attack=args.conform
+    ).validate()
     shards, test = split_digits(base)
     broker = await asyncio.to_thread(start_broker, "mosquitto")
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -109,10 +112,16 @@ def main() -> None:
     p.add_argument("--rules", type=lambda s: s.split(","), default=list(RULES))
     p.add_argument("--attacks", type=lambda s: s.split(","), default=list(ATTACKS))
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.1, 0.2, 0.3])
-    p.add_argument("--dp", action="store_true", help="agents clip to 1 and add Gaussian noise z = 0.5")
+    p.add_argument(
+        "--dp",
+        action="store_true",
+        help="agents clip to 1 and add Gaussian noise z = 0.5; the aggregator rejects updates that do not fit it",
+    )
+    p.add_argument("--conform", action="store_true", help="with --dp: attackers disguise updates to pass that check")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     args = p.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # rejections are counted in each cell's summary
     t0 = time.monotonic()
     results = asyncio.run(run_matrix(args))
     clean = results.get("none", {}).get("0.0", {}).get("clean")

@@ -107,6 +107,11 @@ class AggregatorConfig:
     """krum: Byzantine deltas tolerated per buffer (needs buffer_size >= 2 f + 3)."""
     krum_m: int = 0
     """krum: deltas averaged after selection (0: buffer_size - krum_f)."""
+    dp_noise_multiplier: float | None = None
+    """The local DP noise every agent must add (z); updates whose norm does not fit it are
+    rejected as ``not_private``. Unset: no check."""
+    dp_clip_norm: float = 1.0
+    """The agents' clipping bound C for the check above."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -139,6 +144,13 @@ class AggregatorConfig:
         self._validate_robust()
 
     def _validate_robust(self) -> None:
+        _check(
+            self.dp_noise_multiplier is None
+            or (math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier > 0),
+            "aggregator.dp_noise_multiplier",
+            "must be > 0 or unset",
+        )
+        _check(math.isfinite(self.dp_clip_norm) and self.dp_clip_norm > 0, "aggregator.dp_clip_norm", "must be > 0")
         rules = ("none", "norm_bound", "median", "trimmed_mean", "krum")
         _check(self.robust in rules, "aggregator.robust", f"must be one of {', '.join(rules)}, got {self.robust!r}")
         nb = self.norm_bound

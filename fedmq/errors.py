@@ -42,6 +42,7 @@ class RejectReason(enum.StrEnum):
     NOT_SELECTED = "not_selected"
     DUPLICATE = "duplicate"
     MODEL_MISMATCH = "model_mismatch"
+    NOT_PRIVATE = "not_private"
 
 
 class PeerError(FedmqError):

@@ -16,6 +16,11 @@ agent's pipeline (``LocalTrainer.steps``) or its data, never the training code:
   pool their honestly released deltas, estimate the per-coordinate mean and standard
   deviation, and each sends ``mean - z_max * std`` with ``z_max`` from the paper, so every
   coordinate stays inside the benign spread while all of them push the same way.
+
+With ``conform`` (the federation uses local DP and the aggregator checks it, see
+:func:`aggregator.rules.robust.dp_norm_window`), the sign-flip, scaling and Gaussian attackers
+disguise themselves: they scale their malicious delta down to the largest signal the norm
+window lets through (``0.7 * sqrt(high^2 - d s^2)``) and add the agreed noise themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.rules.robust import dp_norm_window  # the check a conforming attacker must pass
 from edge_agent.pipeline import Release, Step
 from models.datasets import Dataset
 
@@ -72,6 +78,23 @@ class Collusion:
 
 
 @dataclass(frozen=True)
+class Disguise:
+    """How a conforming attacker passes the aggregator's DP norm check: signal budget and noise."""
+
+    max_signal: float
+    noise_std: float
+
+    def apply(self, delta: Tensors, rng: np.random.Generator) -> Tensors:
+        """Scale ``delta`` to at most ``max_signal`` (global L2), then add ``N(0, noise_std^2)``."""
+        norm = math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in delta.values()))
+        scale = min(1.0, self.max_signal / norm) if norm > 0 else 1.0
+        return {
+            k: (v * v.dtype.type(scale) + rng.normal(0.0, self.noise_std, v.shape).astype(v.dtype))
+            for k, v in delta.items()
+        }
+
+
+@dataclass(frozen=True)
 class AttackPlan:
     """Which agents are malicious and how they attack."""
 
@@ -80,6 +103,7 @@ class AttackPlan:
     num_classes: int
     boost: float
     collusion: Collusion | None
+    disguise: Disguise | None = None
 
     def data_for(self, agent: int, data: Dataset) -> Dataset:
         """The agent's training data (poisoned for label-flipping and model-replacement attackers)."""
@@ -91,17 +115,25 @@ class AttackPlan:
         """The release pipeline of ``agent``: the honest one unless it is malicious."""
         if agent not in self.malicious or self.attack in ("none", "label_flip"):
             return list(honest)
+        steps: list[Step]
         if self.attack == "sign_flip":
-            return [_map_delta(lambda d: {k: v * v.dtype.type(-SIGN_FLIP_SCALE) for k, v in d.items()})]
-        if self.attack == "scale":
+            steps = [_map_delta(lambda d: {k: v * v.dtype.type(-SIGN_FLIP_SCALE) for k, v in d.items()})]
+        elif self.attack == "scale":
             boost = self.boost
-            return [_map_delta(lambda d: {k: v * v.dtype.type(boost) for k, v in d.items()})]
-        if self.attack == "gaussian":
-            return [
+            steps = [_map_delta(lambda d: {k: v * v.dtype.type(boost) for k, v in d.items()})]
+        elif self.attack == "gaussian":
+            steps = [
                 _map_delta(
                     lambda d: {k: rng.normal(0.0, GAUSSIAN_SIGMA, v.shape).astype(v.dtype) for k, v in d.items()}
                 )
             ]
+        else:
+            steps = []
+        if steps:
+            if self.disguise is not None:
+                disguise = self.disguise
+                steps.append(_map_delta(lambda d: disguise.apply(d, rng)))
+            return steps
         if self.attack == "alie":
             assert self.collusion is not None
             collusion = self.collusion
@@ -125,8 +157,13 @@ def plan_attack(
     buffer_size: int,
     server_lr: float,
     seed: int,
+    conform_to: tuple[int, float, float] | None = None,
 ) -> AttackPlan:
-    """Choose ``round(f * n)`` malicious agents (by seed) for ``attack``."""
+    """Choose ``round(f * n)`` malicious agents (by seed) for ``attack``.
+
+    ``conform_to = (dim, noise_std, clip_norm)`` makes the attackers disguise their updates to
+    pass the aggregator's DP norm check (see :class:`Disguise`).
+    """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
     if not 0 <= malicious_fraction < 1:
@@ -139,4 +176,10 @@ def plan_attack(
         num_classes=num_classes,
         boost=buffer_size / server_lr,
         collusion=Collusion(n_agents, count) if attack == "alie" and count else None,
+        disguise=_disguise(*conform_to) if conform_to is not None else None,
     )
+
+
+def _disguise(dim: int, noise_std: float, clip_norm: float) -> Disguise:
+    _, high = dp_norm_window(dim, noise_std, clip_norm)
+    return Disguise(0.7 * math.sqrt(max(high * high - dim * noise_std * noise_std, 0.0)), noise_std)

@@ -84,6 +84,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="what the malicious agents do (simulator/attacks.py)",
     )
     g.add_argument("--malicious-fraction", type=float, default=0.2, help="share of agents that attack (default 0.2)")
+    g.add_argument(
+        "--attack-conform",
+        action="store_true",
+        help="with DP: attackers add the agreed noise and keep their signal inside the aggregator's norm check",
+    )
     g = p.add_argument_group("agents")
     g.add_argument("--epochs", type=int, default=d.local_epochs)
     g.add_argument("--lr", type=float, default=d.lr)
@@ -95,6 +100,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-multiplier", type=float, default=pr.noise_multiplier)
     g.add_argument("--delta", type=float, default=pr.delta)
     g.add_argument("--epsilon-budget", type=float, default=None)
+    g.add_argument(
+        "--no-verify-dp",
+        action="store_true",
+        help="do not reject updates whose norm does not fit the agreed noise (not_private)",
+    )
     g = p.add_argument_group("stragglers (simulated compute time per local round)")
     g.add_argument("--straggler-median", type=float, default=s.median, help="seconds; 0 disables")
     g.add_argument("--straggler-sigma", type=float, default=s.sigma, help="log-normal sigma")
@@ -136,6 +146,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             krum_m=args.krum_m,
         ),
         attack=args.attack,
+        verify_dp=not args.no_verify_dp,
+        conforming_attack=args.attack_conform,
         malicious_fraction=args.malicious_fraction if args.attack != "none" else 0.0,
         privacy=PrivacyConfig(
             enabled=not args.no_dp,

@@ -94,6 +94,10 @@ class SimConfig:
     attack: str = "none"
     """Byzantine behaviour of the malicious agents (see :mod:`simulator.attacks`)."""
     malicious_fraction: float = 0.0
+    verify_dp: bool = True
+    """With DP on, the aggregator rejects updates not noised as agreed (``not_private``)."""
+    conforming_attack: bool = False
+    """With DP on, attackers add the agreed noise and keep their signal inside the norm check."""
 
     def validate(self) -> SimConfig:
         """Raise ValueError / ConfigError on the first invalid field."""
@@ -149,12 +153,21 @@ async def run_federation(
         ),
         privacy=cfg.privacy,
     )
+    p = cfg.privacy
+    if cfg.verify_dp and p.enabled and p.noise_multiplier > 0 and base.aggregator.dp_noise_multiplier is None:
+        agg = replace(base.aggregator, dp_noise_multiplier=p.noise_multiplier, dp_clip_norm=p.clip_norm)
+        base = replace(base, aggregator=agg)
     if base.aggregator.rule == "fedavg" and base.aggregator.sync_agents == 0:
         base = replace(base, aggregator=replace(base.aggregator, sync_agents=len(shards)))
     service = AggregatorService(base, eval_data=test, on_progress=on_progress)
     service.startup()
     rng = random.Random(cfg.seed)
     delays = cfg.stragglers.delays(len(shards), rng)
+    conform = None
+    if cfg.conforming_attack and p.enabled and p.noise_multiplier > 0:
+        assert service.core is not None
+        dim = sum(int(w.size) for w in service.core.weights.values())
+        conform = (dim, p.noise_multiplier * p.clip_norm, p.clip_norm)
     plan = plan_attack(
         cfg.attack,
         cfg.malicious_fraction,
@@ -163,6 +176,7 @@ async def run_federation(
         buffer_size=base.aggregator.buffer_size,
         server_lr=base.aggregator.server_lr,
         seed=cfg.seed,
+        conform_to=conform,
     )
     agents: list[AgentService] = []
     for i, shard in enumerate(shards):

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from aggregator.core import AggregatorCore, FedBuffRule
+from aggregator.core import AggregatorCore, FedBuffRule, Rejected
 from aggregator.robust import CoordinateMedian, MultiKrum, NormBounded, TrimmedMean, WeightedMean, build_aggregate
 from aggregator.rules.robust import (
     coordinate_median,
+    dp_norm_window,
     krum_scores,
     l2_norms,
     multi_krum_select,
@@ -24,7 +25,7 @@ from aggregator.rules.robust import (
 from aggregator.staleness import make_staleness_fn
 from edge_agent.pipeline import Release
 from fedmq.config import AggregatorConfig
-from fedmq.errors import ConfigError
+from fedmq.errors import ConfigError, RejectReason
 from fedmq.messages import UpdateMessage
 from models.datasets import Dataset
 from simulator.attacks import SIGN_FLIP_SCALE, Collusion, flip_labels, plan_attack
@@ -169,6 +170,8 @@ def test_fedbuff_with_a_robust_aggregate_steps_by_the_median() -> None:
         ({"robust": "trimmed_mean", "trim_fraction": 0.5}, "aggregator.trim_fraction"),
         ({"robust": "bogus"}, "aggregator.robust"),
         ({"norm_bound": -1.0}, "aggregator.norm_bound"),
+        ({"dp_noise_multiplier": 0.0}, "aggregator.dp_noise_multiplier"),
+        ({"dp_noise_multiplier": 0.5, "dp_clip_norm": 0.0}, "aggregator.dp_clip_norm"),
     ],
 )
 def test_robust_config_errors_name_the_key(over: dict[str, object], key: str) -> None:
@@ -221,3 +224,48 @@ def test_alie_stays_within_the_colluders_spread() -> None:
     np.testing.assert_allclose(out["w"], expected, rtol=1e-5, atol=1e-6)
     inside = (out["w"] >= stack.min(axis=0)) & (out["w"] <= stack.max(axis=0))
     assert inside.mean() > 0.95  # every coordinate looks benign
+
+
+# --- the DP norm check ----------------------------------------------------------------------
+def test_dp_norm_window_admits_honest_privatised_updates_and_nothing_unnoised() -> None:
+    dim, z, clip = 650, 0.5, 1.0
+    low, high = dp_norm_window(dim, z * clip, clip)
+    rng = np.random.default_rng(0)
+    honest = []
+    for _ in range(2000):
+        signal = rng.normal(0, 1, dim)
+        signal *= rng.uniform(0, clip) / np.linalg.norm(signal)  # any clipped update
+        honest.append(np.linalg.norm(signal + rng.normal(0, z * clip, dim)))
+    assert low <= min(honest) and max(honest) <= high  # no false rejection in 2,000 draws
+    assert high < 1.25 * np.sqrt(dim) * z * clip and low > 0.75 * np.sqrt(dim) * z * clip
+    unnoised = np.linalg.norm(4.0 * rng.normal(0, 1, dim) / np.sqrt(dim))  # a -4x flipped delta
+    assert unnoised < low
+
+
+def test_core_rejects_an_update_that_does_not_fit_the_agreed_noise() -> None:
+    w0 = {"w": np.zeros(400, np.float32)}
+    window = dp_norm_window(400, 0.5, 1.0)
+    core = AggregatorCore(w0, FedBuffRule(2, make_staleness_fn("constant", 0, 0)), norm_window=window)
+    rng = np.random.default_rng(1)
+    noised = (rng.normal(0, 0.5, 400)).astype(np.float32)
+    ok = core.receive(UpdateMessage(agent_id="a", seq=1, base_version=0, num_examples=1, delta={"w": noised}))
+    bare = core.receive(
+        UpdateMessage(agent_id="b", seq=1, base_version=0, num_examples=1, delta={"w": np.full(400, 0.01, np.float32)})
+    )
+    assert not isinstance(ok, Rejected)
+    assert isinstance(bare, Rejected) and bare.reason is RejectReason.NOT_PRIVATE
+    assert dict(core.stats.rejected) == {"not_private": 1}
+
+
+def test_a_conforming_attacker_passes_the_check_with_a_bounded_signal() -> None:
+    plan = plan_attack(
+        "sign_flip", 0.5, 4, num_classes=10, buffer_size=4, server_lr=1.0, seed=0, conform_to=(650, 0.5, 1.0)
+    )
+    assert plan.disguise is not None
+    low, high = dp_norm_window(650, 0.5, 1.0)
+    rng = np.random.default_rng(2)
+    steps = plan.steps_for(min(plan.malicious), [], rng)
+    release = Release({"w": rng.normal(0, 1, 650).astype(np.float32)}, 5, 0.0)
+    for step in steps:
+        release = step(release)
+    assert low <= float(np.linalg.norm(release.delta["w"])) <= high
