@@ -58,7 +58,9 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [
         ("broker", s.get("broker", "-")),
         ("rule", s.get("rule", "-")),
+        ("robust aggregation", f"{s.get('robust', 'none')} {s.get('robust_counters') or ''}".strip()),
         ("agents", s.get("agents", "-")),
+        ("attack", f"{s.get('attack')} by {s.get('malicious_agents')} agents" if s.get("malicious_agents") else "none"),
         ("final test accuracy", f"{acc:.4f}" if acc is not None else "-"),
         ("model versions", s.get("model_versions")),
         ("updates accepted", s.get("updates_accepted")),

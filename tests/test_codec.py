@@ -205,3 +205,53 @@ def test_single_byte_corruptions_decode_or_raise_decode_error(pos: int, value: i
     data = bytearray(GOLDEN_UPDATE)
     data[pos] = value
     _decode_or_reject(bytes(data))
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.binary(max_size=16),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = ["schema", "kind", "agent_id", "seq", "base_version", "num_examples", "train_loss", "epsilon", "sent_at"]
+_TENSOR_FIELDS = ["delta", "delta.w", "delta.w.dtype", "delta.w.shape", "delta.w.data", "delta.extra"]
+_hostile_values = (
+    _values
+    | st.sampled_from(["float32", "float64", "int32", "uint8", "float16", "bool", "object", ">f4", "update"])
+    | st.lists(st.integers(-2, 2**40), max_size=3)
+    | st.integers(-2, 2**64 - 1)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS + _TENSOR_FIELDS), _hostile_values, min_size=1, max_size=2))
+def test_structured_fuzz_reaches_every_check_and_raises_only_decode_errors(corrupt: dict[str, object]) -> None:
+    """A valid update with one or two fields replaced by hostile values: past the parser, into validation."""
+    obj = update_map({"w": np.array([1.0, -2.0], np.float32)})
+    tensor = dict(obj["delta"]["w"])  # type: ignore[index]
+    delta: dict[str, object] = {"w": tensor}
+    for key, value in corrupt.items():
+        if key == "delta":
+            obj["delta"] = value
+        elif key == "delta.w":
+            delta["w"] = value
+        elif key == "delta.extra":
+            delta["extra"] = value
+        elif key.startswith("delta.w."):
+            tensor[key.rsplit(".", 1)[1]] = value
+        else:
+            obj[key] = value
+    if "delta" not in corrupt:
+        obj["delta"] = delta
+    try:
+        data = pack(obj)
+    except (ValueError, OverflowError, TypeError):
+        return  # not representable in msgpack (e.g. an int out of range): nothing to send
+    _decode_or_reject(data)
