@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import ssl
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -35,6 +38,7 @@ from tests.helpers import payload, wait_until
 
 pytestmark = pytest.mark.broker
 PREFIX = "fedmq/secure"
+ROOT = Path(__file__).resolve().parents[1]
 AGENTS = ["agent-1", "agent-2", "agent-3", "agent-4"]
 
 
@@ -254,3 +258,48 @@ def test_agent_refuses_a_certificate_of_another_identity(deployment: Deployment)
     cfg = replace(deployment.config("agent-1"), agent=AgentConfig(agent_id="agent-2"))
     with pytest.raises(ConfigError, match=r"agent\.agent_id.*belongs to 'agent-1'"):
         AgentService(cfg, trainer("agent-2"))
+
+
+async def test_fedmq_agent_command_joins_over_tls_with_its_certificate(deployment: Deployment) -> None:
+    """The device integrator's path: `fedmq agent --broker mqtts://... --ca-file --cert-file --key-file`."""
+    server = AggregatorService(deployment.config("aggregator"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    await asyncio.wait_for(server.ready.wait(), 20)
+    client = deployment.root / "clients" / "agent-3"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedmq.cli",
+            "agent",
+            "--broker",
+            f"mqtts://127.0.0.1:{deployment.broker.port}",
+            "--prefix",
+            PREFIX,
+            "--id",
+            "agent-3",
+            "--ca-file",
+            str(client / "ca.crt"),
+            "--cert-file",
+            str(client / "client.crt"),
+            "--key-file",
+            str(client / "client.key"),
+            "--data",
+            "builtin:digits-train",
+            "--round-interval",
+            "0.05",
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=ROOT,
+    )
+    try:
+        assert server.core is not None
+        await wait_until(server.pulse, lambda: server.core.last_seq.get("agent-3", 0) > 0, limit=60)  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        stop.set()
+        await task
+    assert dict(server.core.stats.rejected) == {}
