@@ -27,6 +27,7 @@ from aggregator.core import Accepted, AggregatorCore, Rejected, make_rule
 from aggregator.robust import build_aggregate
 from aggregator.rules.robust import dp_norm_window
 from aggregator.staleness import make_staleness_fn
+from aggregator.wal import WriteAheadLog
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError, RejectReason
@@ -83,6 +84,8 @@ class _Runtime:
     logged: set[tuple[str, str]] = field(default_factory=set)
     connections: int = 0
     """Successful broker connections (1 + reconnects)."""
+    replayed: int = 0
+    """Accepted updates restored from the write-ahead log at startup."""
 
 
 class _Stop(Exception):
@@ -123,6 +126,7 @@ class AggregatorService:
         self._model_dirty = asyncio.Event()
         self._eval_model: Any = None
         self._last_checkpoint_version = -1
+        self._wal: WriteAheadLog | None = None
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
 
@@ -203,8 +207,10 @@ class AggregatorService:
                 if state is not None:
                     core.load_state_dict(state)
                     log.info("resumed from %s at version %d", path, core.version)
-            except ValueError as exc:
+                self._wal = WriteAheadLog(path.parent, int(state.get("wal_generation", 0)) if state else 0)
+            except (ValueError, OSError) as exc:
                 raise ConfigError("aggregator.checkpoint_dir", str(exc)) from None
+            self._replay(core, self._wal)
         if self.eval_data is None and self.cfg.eval_data:
             try:
                 self.eval_data = load_source(self.cfg.eval_data)
@@ -235,7 +241,9 @@ class AggregatorService:
                     async with aiomqtt.Client(
                         **client_kwargs(self.config.broker),
                         will=will,
-                        clean_session=True,
+                        # A persistent session: while the aggregator restarts, the broker queues
+                        # the updates published to it (QoS 1) instead of dropping them.
+                        clean_session=False,
                         identifier=f"fedmq-aggregator-{self.topics.prefix.replace('/', '-')}",
                         queue_type=self._incoming_queue_type(),
                         max_queued_incoming_messages=self.INCOMING_QUEUE,
@@ -255,6 +263,8 @@ class AggregatorService:
             await asyncio.wait([evaluator])  # unlike suppress(CancelledError), keeps our own cancellation
             await self._final_evaluation()
             await self.checkpoint()
+            if self._wal is not None:
+                self._wal.close()
         return self.summary()
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
@@ -311,6 +321,8 @@ class AggregatorService:
             self._log_rejection(result, topic_agent)
             return
         assert isinstance(result, Accepted)
+        if self._wal is not None:  # durable before anything else happens because of it
+            await asyncio.to_thread(self._wal.append, topic_agent, payload)
         if result.new_version is not None:
             await self._new_version()
 
@@ -439,13 +451,41 @@ class AggregatorService:
             await asyncio.sleep(self.cfg.metrics_interval)
 
     async def checkpoint(self) -> None:
-        """Write model, version, rule state, dedupe state and counters atomically (in a thread)."""
+        """Write model, version, rule state, dedupe state and counters atomically (in a thread).
+
+        The checkpoint names the write-ahead-log generation that starts after it; the log is
+        rotated only once the checkpoint is on disk, so a crash at any point leaves either the
+        old checkpoint with its full log or the new one with an empty log.
+        """
         path = self.checkpoint_path
         if path is None or self.core is None:
             return
         state = self.core.state_dict()
+        wal = self._wal
+        if wal is not None:
+            state["wal_generation"] = wal.generation + 1
         await asyncio.to_thread(write_state, path, CHECKPOINT_KIND, state)
+        if wal is not None:
+            await asyncio.to_thread(wal.rotate, wal.generation + 1)
         self._last_checkpoint_version = self.core.version
+
+    def _replay(self, core: AggregatorCore, wal: WriteAheadLog) -> None:
+        """Feed the log's accepted updates back through the core: the state before the crash."""
+        replayed = 0
+        for agent, payload in wal.records():
+            try:
+                result = core.receive(UpdateMessage.from_bytes(payload, self._limits), topic_agent_id=agent)
+            except DecodeError as exc:  # only if the limits changed since the update was accepted
+                log.warning("write-ahead log: an update from %r no longer decodes (%s); skipped", agent, exc)
+                continue
+            if isinstance(result, Rejected):
+                log.warning("write-ahead log: replaying %r's update was rejected (%s)", agent, result.detail)
+                continue
+            replayed += 1
+        wal.prune()
+        if replayed:
+            log.info("replayed %d accepted updates from %s: now at version %d", replayed, wal.path, core.version)
+        self.rt.replayed = replayed
 
     # --- reporting --------------------------------------------------------------------------
     @property
