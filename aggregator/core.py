@@ -272,6 +272,10 @@ class SyncFedAvgRule:
         self.received = [(dict(e["delta"]), int(e["num_examples"])) for e in state["received"]]
 
 
+RECEIPTS_KEPT = 64
+"""Accepted (seq, version) pairs remembered per agent, to answer re-sent updates."""
+
+
 class AggregatorCore:
     """The versioned global model and everything that may change it.
 
@@ -308,6 +312,8 @@ class AggregatorCore:
         self._weights: Tensors = _frozen({k: np.array(v) for k, v in weights.items()})
         self._history: dict[int, Tensors] = {version: self._weights} if rule.needs_history else {}
         self.last_seq: dict[str, int] = {}
+        self.receipts: dict[str, dict[int, int]] = {}
+        """Per agent, the last :data:`RECEIPTS_KEPT` accepted ``seq -> version`` (to answer re-sends)."""
         self.stats = Stats()
         self.online: set[str] = set()
         self.sync_agents = sync_agents
@@ -388,7 +394,15 @@ class AggregatorCore:
         elif self.mode == "sync":
             self._waiting.discard(aid)
             new_version = self._maybe_finish_round()
+        kept = self.receipts.setdefault(aid, {})
+        kept[seq] = self.version
+        if len(kept) > RECEIPTS_KEPT:
+            del kept[next(iter(kept))]
         return Accepted(aid, seq, update.base_version, staleness, new_version)
+
+    def receipt_for(self, agent_id: str, seq: int) -> int | None:
+        """The model version recorded when ``(agent_id, seq)`` was accepted, if it was (and is still kept)."""
+        return self.receipts.get(agent_id, {}).get(seq)
 
     def reject(self, rejected: Rejected) -> Rejected:
         """Count a rejection (also one found before the core, e.g. by the decoder) and return it."""
@@ -471,6 +485,7 @@ class AggregatorCore:
             "rule": self.rule.name,
             "rule_state": self.rule.state_dict(),
             "last_seq": dict(self.last_seq),
+            "receipts": {a: [[q, v] for q, v in kept.items()] for a, kept in self.receipts.items()},
             "stats": self.stats.to_dict(),
             "history": {str(v): w for v, w in self._history.items() if v != self.version},
         }
@@ -486,6 +501,7 @@ class AggregatorCore:
         self._weights = _frozen({k: np.array(v) for k, v in weights.items()})
         self.rule.load_state_dict(state["rule_state"])
         self.last_seq = {str(k): int(v) for k, v in state["last_seq"].items()}
+        self.receipts = {str(a): {int(q): int(v) for q, v in kept} for a, kept in state.get("receipts", {}).items()}
         self.stats = Stats.from_dict(state["stats"])
         if self.rule.needs_history:
             self._history = {int(v): w for v, w in state["history"].items()}

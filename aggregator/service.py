@@ -31,7 +31,7 @@ from aggregator.wal import WriteAheadLog
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError, RejectReason
-from fedmq.messages import ModelMessage, ModelSpec, StatusMessage, UpdateMessage, metrics_to_bytes
+from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
 from fedmq.runtime import Pulse
 from fedmq.state import read_state, write_state
 from fedmq.transport import backoff, client_kwargs, publish, subscribe
@@ -127,6 +127,7 @@ class AggregatorService:
         self._eval_model: Any = None
         self._last_checkpoint_version = -1
         self._wal: WriteAheadLog | None = None
+        self._receipts: asyncio.Queue[ReceiptMessage] = asyncio.Queue(maxsize=self.INCOMING_QUEUE)
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
 
@@ -280,6 +281,7 @@ class AggregatorService:
                 tg.create_task(self._receive(client))
                 tg.create_task(self._metrics_loop(client))
                 tg.create_task(self._model_publisher(client))
+                tg.create_task(self._receipt_publisher(client))
                 # The body itself waits (not a child task): on Python 3.11 a child failing while the
                 # body has already finished leaves the parent task cancelled (fixed in later CPython releases).
                 await self._watch(stop)
@@ -313,16 +315,24 @@ class AggregatorService:
         core = self._core
         try:
             update = UpdateMessage.from_bytes(payload, self._limits)
-        except DecodeError as exc:
+        except DecodeError as exc:  # no seq to answer: the agent re-sends after its receipt timeout
             self._log_rejection(core.reject(Rejected(topic_agent, None, exc.reason, exc.detail)), topic_agent)
             return
         result = core.receive(update, topic_agent_id=topic_agent)
         if isinstance(result, Rejected):
             self._log_rejection(result, topic_agent)
+            original = core.receipt_for(topic_agent, update.seq) if result.reason is RejectReason.DUPLICATE else None
+            if original is not None:  # a re-send of an accepted update: the same receipt again
+                self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", original))
+            else:
+                self._send_receipt(
+                    ReceiptMessage(topic_agent, update.seq, "rejected", core.version, result.reason.value)
+                )
             return
         assert isinstance(result, Accepted)
         if self._wal is not None:  # durable before anything else happens because of it
             await asyncio.to_thread(self._wal.append, topic_agent, payload)
+        self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", core.version))
         if result.new_version is not None:
             await self._new_version()
 
@@ -363,6 +373,23 @@ class AggregatorService:
             return
         core.start_round()
         self._model_dirty.set()
+
+    def _send_receipt(self, receipt: ReceiptMessage) -> None:
+        """Queue a receipt for the publisher; if the queue is full it is dropped (the agent re-sends)."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self._receipts.put_nowait(receipt)
+
+    async def _receipt_publisher(self, client: aiomqtt.Client) -> None:
+        """Publish receipts in order, off the receive loop (which never waits on a PUBACK)."""
+        while True:
+            receipt = await self._receipts.get()
+            await publish(client, self.topics.receipt(receipt.agent_id), receipt.to_bytes(), qos=1)
+
+    async def publish_pending_receipts(self, client: Any) -> None:
+        """Publish every queued receipt now (tests and shutdown)."""
+        while not self._receipts.empty():
+            receipt = self._receipts.get_nowait()
+            await publish(client, self.topics.receipt(receipt.agent_id), receipt.to_bytes(), qos=1)
 
     async def _model_publisher(self, client: aiomqtt.Client) -> None:
         """Publish the newest model whenever it changed.

@@ -284,9 +284,10 @@ def _acl_block(user: str, *grants: tuple[str, str]) -> list[str]:
 def render_acl(reg: Registry) -> str:
     """The ACL: each identity gets exactly its topics; revoked ones get nothing.
 
-    Mosquitto denies everything not granted. Agents: read the model, write their own update
-    and status topics. The aggregator: read updates and status, write model, server status
-    and metrics. The loopback ``ops`` user reads model, metrics and status (monitoring, health checks).
+    Mosquitto denies everything not granted. Agents: read the model and their own receipts,
+    write their own update and status topics. The aggregator: read updates and status, write
+    model, server status, metrics and receipts. The loopback ``ops`` user reads model, metrics
+    and status (monitoring, health checks).
     """
     t = Topics(reg.prefix)
     lines = [
@@ -302,6 +303,7 @@ def render_acl(reg: Registry) -> str:
             ("readwrite", t.model),
             ("readwrite", t.server_status),
             ("readwrite", t.metrics),
+            ("write", t.receipt("+")),
         )
     lines += _acl_block(
         OPS_USER,
@@ -312,7 +314,9 @@ def render_acl(reg: Registry) -> str:
         ("read", "$SYS/#"),
     )
     for name in reg.active("agent"):
-        lines += _acl_block(name, ("read", t.model), ("write", t.update(name)), ("write", t.status(name)))
+        lines += _acl_block(
+            name, ("read", t.model), ("read", t.receipt(name)), ("write", t.update(name)), ("write", t.status(name))
+        )
     return "\n".join(lines)
 
 

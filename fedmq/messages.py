@@ -199,6 +199,59 @@ class UpdateMessage:
         )
 
 
+ReceiptStatus = Literal["accepted", "rejected"]
+
+
+@dataclass(frozen=True)
+class ReceiptMessage:
+    """The aggregator's answer to one update, sent after an accepted one is durable.
+
+    ``accepted``: the update is in the write-ahead log and will survive a crash; ``version``
+    is the model version right after it was taken. ``rejected``: ``reason`` says why; the
+    agent must not re-send it. A re-sent update that was accepted before gets the same
+    receipt again.
+    """
+
+    agent_id: str
+    seq: int
+    status: ReceiptStatus
+    version: int
+    reason: str | None = None
+
+    def to_bytes(self) -> bytes:
+        """Encode."""
+        return pack(
+            {
+                "schema": SCHEMA_VERSION,
+                "kind": "receipt",
+                "agent_id": self.agent_id,
+                "seq": self.seq,
+                "status": self.status,
+                "version": self.version,
+                "reason": self.reason,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ReceiptMessage:
+        """Decode and validate a receipt."""
+        obj = unpack(payload, limits)
+        _check_header(obj, "receipt")
+        status = obj.get("status")
+        if status not in ("accepted", "rejected"):
+            raise DecodeError(RejectReason.BAD_FIELD, "status must be accepted or rejected")
+        reason = obj.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise DecodeError(RejectReason.BAD_FIELD, "reason must be a string or nil")
+        return cls(
+            agent_id=_agent_id(obj),
+            seq=_int(obj, "seq"),
+            status=status,
+            version=_int(obj, "version"),
+            reason=reason,
+        )
+
+
 @dataclass(frozen=True)
 class StatusMessage:
     """Liveness of an agent or of the aggregator (retained; the MQTT Will publishes ``offline``)."""

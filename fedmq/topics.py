@@ -7,6 +7,7 @@ All topics live under a federation prefix (default ``fedmq/default``)::
     {prefix}/status/{agent_id}    agent liveness, retained, QoS 1, with an MQTT Will
     {prefix}/server/status        aggregator liveness, retained, QoS 1, with an MQTT Will
     {prefix}/metrics              aggregator metrics, retained, QoS 0
+    {prefix}/receipt/{agent_id}   the aggregator's answer to each update, QoS 1, not retained
 
 See ``docs/protocol.md`` for the payload of each topic.
 """
@@ -63,6 +64,10 @@ class Topics:
     def update_wildcard(self) -> str:
         """Subscription that matches every agent's update topic."""
         return f"{self.prefix}/update/+"
+
+    def receipt(self, agent_id: str) -> str:
+        """Where the aggregator answers one agent's updates (accepted or rejected, by ``seq``)."""
+        return f"{self.prefix}/receipt/{agent_id}"
 
     def status(self, agent_id: str) -> str:
         """Status topic of one agent (retained, with a Will)."""

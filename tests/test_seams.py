@@ -19,7 +19,7 @@ from aggregator.service import AggregatorService
 from fedmq import transport
 from fedmq.config import AggregatorConfig, BrokerConfig, Config
 from fedmq.errors import ConfigError
-from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage
+from fedmq.messages import ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
 from fedmq.state import write_state
 from models.datasets import digits
 from tests.hostile import MARKER, corpus
@@ -37,11 +37,15 @@ class Recorder:
     def models(self) -> list[ModelMessage]:
         return [ModelMessage.from_bytes(p) for t, p, _, _ in self.published if t.endswith("/model")]
 
+    def receipts(self) -> list[ReceiptMessage]:
+        return [ReceiptMessage.from_bytes(p) for t, p, _, _ in self.published if "/receipt/" in t]
+
 
 async def feed(svc: AggregatorService, rec: Recorder, agent: str, frame: bytes, kind: str = "update") -> None:
     """Hand one raw frame to the service's handler, then let its model publisher run once."""
     await (svc._on_update if kind == "update" else svc._on_status)(agent, frame)
     await svc.publish_pending_model(rec)
+    await svc.publish_pending_receipts(rec)
 
 
 def make_service(tmp_path: Path | None = None, **agg: Any) -> AggregatorService:
@@ -115,7 +119,13 @@ async def test_garbage_spoofing_and_mismatch_are_counted_by_reason() -> None:
         "model_mismatch": 1,
         "unknown_base_version": 1,
     }
-    assert svc.progress().rejected == 4 and rec.published == []
+    assert svc.progress().rejected == 4 and rec.models() == []
+    # Each decodable update is answered on the sender's receipt topic; the garbage has no seq to answer.
+    assert [(r.agent_id, r.status, r.reason) for r in rec.receipts()] == [
+        ("a", "rejected", "agent_id_mismatch"),
+        ("a", "rejected", "model_mismatch"),
+        ("a", "rejected", "unknown_base_version"),
+    ]
 
 
 async def test_status_frames_track_liveness_and_empty_retained_means_offline() -> None:

@@ -99,3 +99,27 @@ async def test_a_crash_between_checkpoints_loses_nothing_that_was_logged(tmp_pat
         second = service(d, rule)
         assert second.rt.replayed == first._wal.appended
         assert snapshot(second) == before, rule
+
+
+async def test_receipts_answer_every_update_and_a_resend_gets_the_original_again(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    rec = Recorder()
+    first = update_bytes(svc, "agent-1", 1, 0.1)
+    await feed(svc, rec, "agent-1", first)
+    await feed(svc, rec, "agent-2", update_bytes(svc, "agent-2", 1, 0.1, base=5))  # ahead: rejected
+    await feed(svc, rec, "agent-1", first)  # a re-send (its receipt was lost)
+    r = rec.receipts()
+    assert [(x.agent_id, x.seq, x.status, x.reason) for x in r] == [
+        ("agent-1", 1, "accepted", None),
+        ("agent-2", 1, "rejected", "unknown_base_version"),
+        ("agent-1", 1, "accepted", None),
+    ]
+    assert r[0].version == r[2].version == 0
+    topics = [t for t, _, _, _ in rec.published if "/receipt/" in t]
+    assert topics == ["fedmq/wal/receipt/agent-1", "fedmq/wal/receipt/agent-2", "fedmq/wal/receipt/agent-1"]
+    # ... also after a crash: the log restores what was accepted, receipts included.
+    again = service(tmp_path)
+    rec2 = Recorder()
+    await feed(again, rec2, "agent-1", first)
+    assert [(x.seq, x.status, x.version) for x in rec2.receipts()] == [(1, "accepted", 0)]
+    assert again.core is not None and again.core.stats.accepted == 1
