@@ -273,7 +273,11 @@ class SyncFedAvgRule:
 
 
 RECEIPTS_KEPT = 64
-"""Accepted (seq, version) pairs remembered per agent, to answer re-sent updates."""
+"""Accepted (seq, version) pairs remembered per agent: the exactly-once window.
+
+A seq in the window is a duplicate (answered with its original receipt); a seq not in it is
+new, even if a higher one was accepted first (an outbox re-send after a reconnect can arrive
+after a newer update); a seq below a full window is refused (it would be far too stale)."""
 
 
 class AggregatorCore:
@@ -383,7 +387,7 @@ class AggregatorCore:
         new = self.rule.add(
             self._weights, base, update.delta, staleness=staleness, num_examples=update.num_examples, agent_id=aid
         )
-        self.last_seq[aid] = seq
+        self.last_seq[aid] = max(seq, self.last_seq.get(aid, seq))
         self.stats.accepted += 1
         self.stats.staleness_sum += staleness
         if update.epsilon is not None:
@@ -397,7 +401,7 @@ class AggregatorCore:
         kept = self.receipts.setdefault(aid, {})
         kept[seq] = self.version
         if len(kept) > RECEIPTS_KEPT:
-            del kept[next(iter(kept))]
+            del kept[min(kept)]
         return Accepted(aid, seq, update.base_version, staleness, new_version)
 
     def receipt_for(self, agent_id: str, seq: int) -> int | None:
@@ -418,9 +422,12 @@ class AggregatorCore:
                 RejectReason.AGENT_ID_MISMATCH,
                 f"update names agent {u.agent_id!r} but came on the topic of {topic_agent_id!r}",
             )
-        last = self.last_seq.get(u.agent_id)
-        if last is not None and u.seq <= last:
-            return rej(RejectReason.DUPLICATE, f"seq {u.seq} <= last accepted {last}")
+        kept = self.receipts.get(u.agent_id)
+        if kept:
+            if u.seq in kept:
+                return rej(RejectReason.DUPLICATE, f"seq {u.seq} was accepted before")
+            if len(kept) >= RECEIPTS_KEPT and u.seq < min(kept):
+                return rej(RejectReason.DUPLICATE, f"seq {u.seq} is older than the {RECEIPTS_KEPT} remembered")
         if u.base_version > self.version:
             return rej(
                 RejectReason.UNKNOWN_BASE_VERSION,

@@ -16,15 +16,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiomqtt
 
+from edge_agent.outbox import Outbox
 from edge_agent.pipeline import BudgetExhausted
 from edge_agent.trainer import LocalTrainer
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError
-from fedmq.messages import AgentState, ModelMessage, StatusMessage, UpdateMessage
+from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage
 from fedmq.runtime import Pulse
 from fedmq.transport import backoff, client_kwargs, publish, subscribe
 
@@ -36,6 +38,10 @@ class AgentStats:
     """What the agent did; returned by :meth:`AgentService.run`."""
 
     updates_published: int = 0
+    """Updates published for the first time (a re-send is counted in ``resent``)."""
+    resent: int = 0
+    receipts_accepted: int = 0
+    receipts_rejected: int = 0
     models_received: int = 0
     bad_models: int = 0
     reconnects: int = 0
@@ -106,8 +112,13 @@ class AgentService:
         self._training: asyncio.Future[None] | None = None
         self.rng = rng or random.Random()
         self.stats = AgentStats()
-        self.pending: UpdateMessage | None = None
-        self._pending_payload: bytes | None = None
+        a = config.agent
+        outbox_dir = Path(a.state_dir) / f"{self.agent_id}.outbox" if a.state_dir else None
+        self.outbox = Outbox(outbox_dir, a.outbox_max)
+        """Released updates without a receipt yet (see :mod:`edge_agent.outbox`)."""
+        self._sent_at: dict[int, float] = {}  # seq -> monotonic time of its last publish in this session
+        self._ever_sent: set[int] = set()
+        self._receipt = asyncio.Event()
         self._latest: ModelMessage | None = None
         self._new_model = asyncio.Event()
         self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
@@ -154,16 +165,18 @@ class AgentService:
         await subscribe(client, self.topics.model, qos=1)
         self.stats.state = "online"
         self.pulse.notify()
+        await subscribe(client, self.topics.receipt(self.agent_id), qos=1)
         if self._training is not None:  # a local round from the lost session: let it stage its update
             await asyncio.wait([self._training])
             self._training = None
-        if self.pending is not None:
-            await self._publish_pending(client)
+        self._sent_at.clear()  # a new session: everything without a receipt goes again
+        await self._flush_outbox(client)
         final: AgentState = "stopped"
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client))
                 tg.create_task(self._train_loop(client))
+                tg.create_task(self._resender(client))
                 await self._watch(stop)  # in the body, not a child: see AggregatorService._session
         except* _Finished:
             final = "budget_exhausted" if self.trainer.exhausted is not None else "stopped"
@@ -180,8 +193,14 @@ class AgentService:
         raise _Stopped
 
     async def _receive(self, client: aiomqtt.Client) -> None:
+        receipts = self.topics.receipt(self.agent_id)
         async for msg in client.messages:
-            if not msg.topic.matches(self.topics.model) or not isinstance(msg.payload, (bytes, bytearray)):
+            if not isinstance(msg.payload, (bytes, bytearray)):
+                continue
+            if msg.topic.matches(receipts):
+                self._on_receipt(bytes(msg.payload))
+                continue
+            if not msg.topic.matches(self.topics.model):
                 continue
             try:
                 model = ModelMessage.from_bytes(bytes(msg.payload), self._limits)
@@ -198,6 +217,53 @@ class AgentService:
                     self._on_model_busy = True
                     self._hook_task = asyncio.get_running_loop().create_task(self._run_on_model(model))  # keep a ref
 
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            receipt = ReceiptMessage.from_bytes(payload, self._limits)
+        except DecodeError as exc:
+            log.warning("agent %s: ignoring a bad receipt: %s", self.agent_id, exc)
+            return
+        if receipt.agent_id != self.agent_id or not self.outbox.remove(receipt.seq):
+            return  # not ours, or a second receipt for a re-sent update
+        self._sent_at.pop(receipt.seq, None)
+        self._ever_sent.discard(receipt.seq)
+        if receipt.status == "accepted":
+            self.stats.receipts_accepted += 1
+        else:
+            self.stats.receipts_rejected += 1
+            log.info("agent %s: update %d rejected: %s", self.agent_id, receipt.seq, receipt.reason)
+        self._receipt.set()
+        self.pulse.notify()
+
+    async def _flush_outbox(self, client: aiomqtt.Client) -> None:
+        """Publish every outbox entry not sent in this session, or sent longer ago than the receipt timeout."""
+        timeout = self.config.agent.receipt_timeout
+        for seq, payload in self.outbox.pending():
+            sent = self._sent_at.get(seq)
+            if sent is not None and time.monotonic() - sent < timeout:
+                continue
+            await publish(client, self.topics.update(self.agent_id), payload, qos=1)
+            self._sent_at[seq] = time.monotonic()
+            if seq in self._ever_sent:
+                self.stats.resent += 1
+            else:
+                self._ever_sent.add(seq)
+                self.stats.updates_published += 1
+            self.pulse.notify()
+
+    async def _resender(self, client: aiomqtt.Client) -> None:
+        """Re-publish updates whose receipt is overdue (lost on the way, or the aggregator was away)."""
+        timeout = self.config.agent.receipt_timeout
+        while True:
+            await asyncio.sleep(timeout / 2)
+            await self._flush_outbox(client)
+
+    async def _await_receipt(self, limit: float) -> None:
+        self._receipt.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await self._receipt.wait()
+
     async def _run_on_model(self, model: ModelMessage) -> None:
         assert self.on_model is not None
         try:
@@ -213,6 +279,9 @@ class AgentService:
         while True:
             if self.trainer.exhausted is not None:
                 raise _Finished
+            if self.outbox.full:  # back-pressure: no training while nothing can be delivered
+                await self._await_receipt(self.config.agent.receipt_timeout)
+                continue
             model = self._latest
             if model is None or not self.trainer.should_train(model):
                 await self._new_model.wait()
@@ -233,24 +302,22 @@ class AgentService:
                     self._training = None
             if self.compute_delay is not None:
                 await asyncio.sleep(self.compute_delay())
-            await self._publish_pending(client)
+            await self._flush_outbox(client)
             if limit and self.stats.updates_published >= limit:
+                await self._drain_outbox()
                 raise _Finished
             if interval > 0:
                 await asyncio.sleep(interval)
 
+    async def _drain_outbox(self) -> None:
+        """Before finishing, wait (bounded by the receipt timeout) for the receipts still due."""
+        deadline = time.monotonic() + self.config.agent.receipt_timeout
+        while len(self.outbox) and time.monotonic() < deadline:
+            await self._await_receipt(deadline - time.monotonic())
+
     def _train_and_stage(self, model: ModelMessage) -> None:
-        """Worker thread: train, encode, stage as pending (a crash of the session keeps it)."""
+        """Worker thread: train, encode, put in the outbox (durably with a state dir) before any publish."""
         update = self.trainer.train(model)
-        self.pending, self._pending_payload = update, update.to_bytes()
+        self.outbox.put(update.seq, update.to_bytes())
         self.stats.last_version = model.version
         self.stats.epsilon = update.epsilon
-
-    async def _publish_pending(self, client: aiomqtt.Client) -> None:
-        """Publish the pending update at QoS 1; it is dropped only once the publish completed."""
-        assert self.pending is not None
-        assert self._pending_payload is not None
-        await publish(client, self.topics.update(self.agent_id), self._pending_payload, qos=1)
-        self.pending = self._pending_payload = None
-        self.stats.updates_published += 1
-        self.pulse.notify()

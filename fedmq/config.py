@@ -228,6 +228,10 @@ class AgentConfig:
     state_dir: str | None = None
     max_updates: int = 0
     seed: int | None = None
+    outbox_max: int = 16
+    """Updates kept until their receipt arrives (on disk under ``state_dir``); training pauses when full."""
+    receipt_timeout: float = 30.0
+    """Seconds without a receipt after which an update is published again."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -236,6 +240,12 @@ class AgentConfig:
         _check(self.batch_size >= 1, "agent.batch_size", "must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), "agent.lr", "must be > 0")
         _check(self.max_updates >= 0, "agent.max_updates", "must be >= 0 (0: no limit)")
+        _check(self.outbox_max >= 1, "agent.outbox_max", "must be >= 1")
+        _check(
+            self.receipt_timeout > 0 and math.isfinite(self.receipt_timeout),
+            "agent.receipt_timeout",
+            "must be > 0 seconds",
+        )
         _check(
             self.round_interval >= 0 and math.isfinite(self.round_interval),
             "agent.round_interval",

@@ -346,13 +346,10 @@ async def test_broker_command_serves_and_stops_on_sigterm() -> None:
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)  # the broker went with it
 
 
-async def test_update_whose_publish_failed_is_resent_after_the_broker_returns(tmp_path: Path, prefix: str) -> None:
-    """The agent keeps an update whose publish did not complete and re-sends it after reconnecting.
-
-    Asserted at the broker's acknowledgement (PUBACK). Whether the aggregator sees it depends on
-    it having re-subscribed first (clean sessions, no broker persistence here): durable sessions
-    and application-level receipts close that gap separately.
-    """
+async def test_update_whose_publish_failed_is_resent_until_its_receipt_arrives(tmp_path: Path, prefix: str) -> None:
+    """The broker dies (kill -9, no persistence) between training and publishing. The update stays in
+    the agent's outbox and is re-sent after the reconnect, and again if its receipt does not come
+    (the aggregator may not have re-subscribed yet), until the aggregator's receipt accepts it."""
     broker = MosquittoBroker(workdir=tmp_path)
     broker.start()
     try:
@@ -361,29 +358,57 @@ async def test_update_whose_publish_failed_is_resent_after_the_broker_returns(tm
         staged: list[tuple[int, int]] = []  # (seq, updates published at the time)
 
         def kill_broker_while_an_update_waits() -> float:
-            # Called between training and publishing: the update is staged, the broker dies under it.
+            # Called between training and publishing: the update is in the outbox, the broker dies under it.
             if not staged and dev.stats.updates_published >= 1:
-                assert dev.pending is not None
-                staged.append((dev.pending.seq, dev.stats.updates_published))
+                (seq, _), *_ = sorted(dev.outbox.pending(), reverse=True)
+                staged.append((seq, dev.stats.updates_published))
                 broker.kill()
             return 0.01
 
-        dev = agent(cfg, "flaky")
+        dev = agent(cfg, "flaky", receipt_timeout=1.0)
         dev.compute_delay = kill_broker_while_an_update_waits
         stop = asyncio.Event()
         tasks = [asyncio.create_task(server.run(stop)), asyncio.create_task(dev.run(stop))]
         await wait_until(dev.pulse, lambda: bool(staged) and dev.stats.reconnects >= 1, limit=30)
         seq, published = staged[0]
-        assert dev.pending is not None and dev.pending.seq == seq  # kept, not dropped
-        assert dev.stats.updates_published == published
+        assert seq in dev.outbox and dev.stats.updates_published == published  # kept, not dropped
         await asyncio.to_thread(broker.start)  # same port
-        # The first publish of the new session is the kept update; it completes with a PUBACK.
-        await wait_until(dev.pulse, lambda: dev.stats.updates_published > published, limit=60)
-        assert dev.pending is None or dev.pending.seq > seq
+        assert server.core is not None
+        await wait_until(server.pulse, lambda: server.core.receipt_for("flaky", seq) is not None, limit=60)  # type: ignore[union-attr]
+        await wait_until(dev.pulse, lambda: seq not in dev.outbox, limit=30)  # its receipt arrived
         stop.set()
         await asyncio.gather(*tasks)
     finally:
         broker.cleanup()
+
+
+async def test_agent_restarted_with_a_full_outbox_delivers_it(
+    mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
+) -> None:
+    """Updates staged on disk by an agent that then died are delivered, exactly once, after it restarts."""
+    from edge_agent.outbox import Outbox
+
+    cfg = config(mosquitto, prefix)
+    server = AggregatorService(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    await asyncio.wait_for(server.ready.wait(), 20)
+    assert server.core is not None
+    left = Outbox(tmp_path / "pi-1.outbox")  # what the previous run of the agent left behind
+    for seq in (1, 2):
+        delta = {k: np.full(v.shape, 0.001 * seq, v.dtype) for k, v in server.core.weights.items()}
+        u = UpdateMessage(agent_id="pi-1", seq=seq, base_version=0, num_examples=5, delta=delta)
+        left.put(seq, u.to_bytes())
+    dev = agent(cfg, "pi-1", state_dir=str(tmp_path), max_updates=1)
+    assert len(dev.outbox) == 2
+    agent_task = asyncio.create_task(dev.run(stop))
+    await wait_until(
+        dev.pulse, lambda: dev.stats.receipts_accepted >= 2 and 1 not in dev.outbox and 2 not in dev.outbox
+    )
+    assert server.core.receipt_for("pi-1", 1) is not None and server.core.receipt_for("pi-1", 2) is not None
+    assert not [p for p in (tmp_path / "pi-1.outbox").iterdir() if p.name in ("00000000000000000001.update",)]
+    stop.set()
+    await asyncio.gather(task, agent_task)
 
 
 async def test_simulation_stops_early_and_cleanly_on_request(mosquitto: MosquittoBroker, prefix: str) -> None:

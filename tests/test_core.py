@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.core import Accepted, AggregatorCore, FedAsyncRule, FedBuffRule, Rejected, SyncFedAvgRule
+from aggregator.core import RECEIPTS_KEPT, Accepted, AggregatorCore, FedAsyncRule, FedBuffRule, Rejected, SyncFedAvgRule
 from aggregator.rules import fedbuff_step
 from aggregator.staleness import constant, polynomial
 from fedmq.errors import RejectReason
@@ -71,10 +71,22 @@ def test_invalid_updates_are_rejected_counted_and_change_nothing(
 def test_duplicates_and_replays_are_rejected() -> None:
     core = fedbuff_core(1)
     assert isinstance(core.receive(upd("a", 5, 0)), Accepted)
-    for seq in (5, 4):
-        r = core.receive(upd("a", seq, 1))
-        assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE
+    r = core.receive(upd("a", 5, 1))  # the same (agent, seq) again: a replay or an outbox re-send
+    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE
+    assert core.receipt_for("a", 5) == 1
     assert core.version == 1
+
+
+def test_an_older_seq_arriving_late_is_new_but_not_below_the_window() -> None:
+    """Exactly once by membership, not by maximum: an outbox re-send may overtake nothing twice."""
+    core = fedbuff_core(1, max_staleness=10_000)
+    assert isinstance(core.receive(upd("a", 5, 0)), Accepted)
+    assert isinstance(core.receive(upd("a", 4, 1)), Accepted)  # delivered after 5, never seen: new
+    for seq in range(100, 100 + RECEIPTS_KEPT):  # fill the window with newer ones
+        core.receive(upd("a", seq, core.version))
+    assert min(core.receipts["a"]) == 100
+    r = core.receive(upd("a", 3, core.version))
+    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE and "older" in r.detail
 
 
 def test_too_stale_is_rejected() -> None:

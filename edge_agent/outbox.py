@@ -1,0 +1,94 @@
+"""The agent's outbox: every released update until the aggregator's receipt for it arrives.
+
+An update is written here (atomically, fsync'd) before its first publish and removed only
+when a receipt (accepted or rejected) names its ``seq``. After a reconnect or a restart of
+the agent, everything still here is published again; the aggregator answers a re-send of an
+update it already accepted with the same receipt, so nothing is applied twice.
+
+With no directory the outbox lives in memory (it then survives reconnects, not restarts).
+It holds at most ``max_items`` updates: when it is full the agent stops training until a
+receipt frees a place (a device cut off for hours does not fill its disk).
+
+Plain blocking file I/O, no asyncio: the service calls it from a worker thread or for
+small files directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger("fedmq.agent")
+SUFFIX = ".update"
+
+
+class Outbox:
+    """Pending updates by sequence number, optionally persisted in ``directory``."""
+
+    def __init__(self, directory: Path | None, max_items: int = 16) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        self.directory = Path(directory) if directory is not None else None
+        self.max_items = max_items
+        self._items: dict[int, bytes] = {}
+        self._lock = threading.Lock()  # the trainer's worker thread puts, the event loop reads and removes
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for p in sorted(self.directory.glob(f"*{SUFFIX}")):
+                stem = p.name[: -len(SUFFIX)]
+                if not stem.isdigit():
+                    continue
+                self._items[int(stem)] = p.read_bytes()
+            for p in self.directory.glob(f".*{SUFFIX}.tmp"):  # a crash mid-write: never published
+                p.unlink(missing_ok=True)
+            if self._items:
+                log.info("outbox %s: %d updates from before the restart", self.directory, len(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._items
+
+    @property
+    def full(self) -> bool:
+        """No room for another update until a receipt arrives."""
+        return len(self._items) >= self.max_items
+
+    def put(self, seq: int, payload: bytes) -> None:
+        """Keep ``payload`` (durably, with a directory) until :meth:`remove` is called for ``seq``."""
+        if self.directory is not None:
+            path = self.directory / f"{seq:020d}{SUFFIX}"
+            tmp = self.directory / f".{path.name}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.directory)
+        with self._lock:
+            self._items[seq] = payload
+
+    def remove(self, seq: int) -> bool:
+        """Forget ``seq`` (its receipt arrived); False if it was not here."""
+        with self._lock:
+            if self._items.pop(seq, None) is None:
+                return False
+        if self.directory is not None:
+            (self.directory / f"{seq:020d}{SUFFIX}").unlink(missing_ok=True)
+        return True
+
+    def pending(self) -> list[tuple[int, bytes]]:
+        """``(seq, payload)`` of every update without a receipt, oldest first."""
+        with self._lock:
+            return sorted(self._items.items())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
