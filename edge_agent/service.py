@@ -119,6 +119,7 @@ class AgentService:
         self._sent_at: dict[int, float] = {}  # seq -> monotonic time of its last publish in this session
         self._ever_sent: set[int] = set()
         self._receipt = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
         self._latest: ModelMessage | None = None
         self._new_model = asyncio.Event()
         self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
@@ -238,18 +239,19 @@ class AgentService:
     async def _flush_outbox(self, client: aiomqtt.Client) -> None:
         """Publish every outbox entry not sent in this session, or sent longer ago than the receipt timeout."""
         timeout = self.config.agent.receipt_timeout
-        for seq, payload in self.outbox.pending():
-            sent = self._sent_at.get(seq)
-            if sent is not None and time.monotonic() - sent < timeout:
-                continue
-            await publish(client, self.topics.update(self.agent_id), payload, qos=1)
-            self._sent_at[seq] = time.monotonic()
-            if seq in self._ever_sent:
-                self.stats.resent += 1
-            else:
-                self._ever_sent.add(seq)
-                self.stats.updates_published += 1
-            self.pulse.notify()
+        async with self._flush_lock:  # the train loop and the resender never send the same seq twice
+            for seq, payload in self.outbox.pending():
+                sent = self._sent_at.get(seq)
+                if sent is not None and time.monotonic() - sent < timeout:
+                    continue
+                self._sent_at[seq] = time.monotonic()
+                await publish(client, self.topics.update(self.agent_id), payload, qos=1)
+                if seq in self._ever_sent:
+                    self.stats.resent += 1
+                else:
+                    self._ever_sent.add(seq)
+                    self.stats.updates_published += 1
+                self.pulse.notify()
 
     async def _resender(self, client: aiomqtt.Client) -> None:
         """Re-publish updates whose receipt is overdue (lost on the way, or the aggregator was away)."""

@@ -306,3 +306,30 @@ async def test_hostile_corpus_is_refused_counted_logged_once_and_changes_nothing
     tracemalloc.stop()
     assert after - before < 64 * 1024, after - before
     assert peak - before < 4 * HOSTILE_LIMIT, peak - before  # one message at a time, never a blow-up
+
+
+class SlowRecorder(Recorder):
+    """A publish that takes a while to be acknowledged, like a PUBACK over a slow link."""
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        await asyncio.sleep(0.01)
+        await super().publish(topic, payload, qos, retain)
+
+
+async def test_agent_outbox_flushes_running_at_once_send_each_update_once(tmp_path: Path) -> None:
+    """The train loop and the resender both flush the outbox; a slow PUBACK must not make them both send."""
+    from edge_agent.service import AgentService
+    from edge_agent.trainer import LocalTrainer
+    from fedmq.config import AgentConfig, PrivacyConfig
+
+    train, _ = digits()
+    acfg = AgentConfig(agent_id="pi", state_dir=str(tmp_path))
+    trainer = LocalTrainer(acfg, PrivacyConfig(), train.subset(np.arange(20)), rng=np.random.default_rng(0))
+    dev = AgentService(replace(Config(prefix="fedmq/seam"), agent=acfg), trainer)
+    for seq in (1, 2, 3):
+        dev.outbox.put(seq, f"update {seq}".encode())
+    rec = SlowRecorder()
+    await asyncio.gather(*(dev._flush_outbox(rec) for _ in range(3)))  # type: ignore[arg-type]
+    assert [p for _, p, _, _ in rec.published] == [b"update 1", b"update 2", b"update 3"]
+    assert dev.stats.updates_published == 3 and dev.stats.resent == 0
+    assert sorted(p.name for p in (tmp_path / "pi.outbox").iterdir()) == [f"{s:020d}.update" for s in (1, 2, 3)]
