@@ -39,6 +39,9 @@ class Accepted:
     base_version: int
     staleness: int
     new_version: int | None
+    index: int = 0
+    """Position in the order of application (1 for the first update ever accepted): a replay of the
+    accepted updates sorted by ``index`` rebuilds the model bit for bit."""
 
 
 @dataclass(frozen=True)
@@ -316,8 +319,8 @@ class AggregatorCore:
         self._weights: Tensors = _frozen({k: np.array(v) for k, v in weights.items()})
         self._history: dict[int, Tensors] = {version: self._weights} if rule.needs_history else {}
         self.last_seq: dict[str, int] = {}
-        self.receipts: dict[str, dict[int, int]] = {}
-        """Per agent, the last :data:`RECEIPTS_KEPT` accepted ``seq -> version`` (to answer re-sends)."""
+        self.receipts: dict[str, dict[int, tuple[int, int]]] = {}
+        """Per agent, the last :data:`RECEIPTS_KEPT` accepted ``seq -> (version, index)`` (to answer re-sends)."""
         self.stats = Stats()
         self.online: set[str] = set()
         self.sync_agents = sync_agents
@@ -399,13 +402,13 @@ class AggregatorCore:
             self._waiting.discard(aid)
             new_version = self._maybe_finish_round()
         kept = self.receipts.setdefault(aid, {})
-        kept[seq] = self.version
+        kept[seq] = (self.version, self.stats.accepted)
         if len(kept) > RECEIPTS_KEPT:
             del kept[min(kept)]
-        return Accepted(aid, seq, update.base_version, staleness, new_version)
+        return Accepted(aid, seq, update.base_version, staleness, new_version, self.stats.accepted)
 
-    def receipt_for(self, agent_id: str, seq: int) -> int | None:
-        """The model version recorded when ``(agent_id, seq)`` was accepted, if it was (and is still kept)."""
+    def receipt_for(self, agent_id: str, seq: int) -> tuple[int, int] | None:
+        """``(version, index)`` recorded when ``(agent_id, seq)`` was accepted, if it was (and is still kept)."""
         return self.receipts.get(agent_id, {}).get(seq)
 
     def reject(self, rejected: Rejected) -> Rejected:
@@ -492,7 +495,7 @@ class AggregatorCore:
             "rule": self.rule.name,
             "rule_state": self.rule.state_dict(),
             "last_seq": dict(self.last_seq),
-            "receipts": {a: [[q, v] for q, v in kept.items()] for a, kept in self.receipts.items()},
+            "receipts": {a: [[q, v, i] for q, (v, i) in kept.items()] for a, kept in self.receipts.items()},
             "stats": self.stats.to_dict(),
             "history": {str(v): w for v, w in self._history.items() if v != self.version},
         }
@@ -508,7 +511,9 @@ class AggregatorCore:
         self._weights = _frozen({k: np.array(v) for k, v in weights.items()})
         self.rule.load_state_dict(state["rule_state"])
         self.last_seq = {str(k): int(v) for k, v in state["last_seq"].items()}
-        self.receipts = {str(a): {int(q): int(v) for q, v in kept} for a, kept in state.get("receipts", {}).items()}
+        self.receipts = {
+            str(a): {int(q): (int(v), int(i)) for q, v, i in kept} for a, kept in state.get("receipts", {}).items()
+        }
         self.stats = Stats.from_dict(state["stats"])
         if self.rule.needs_history:
             self._history = {int(v): w for v, w in state["history"].items()}

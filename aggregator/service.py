@@ -323,7 +323,8 @@ class AggregatorService:
             self._log_rejection(result, topic_agent)
             original = core.receipt_for(topic_agent, update.seq) if result.reason is RejectReason.DUPLICATE else None
             if original is not None:  # a re-send of an accepted update: the same receipt again
-                self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", original))
+                version, index = original
+                self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", version, index=index))
             else:
                 self._send_receipt(
                     ReceiptMessage(topic_agent, update.seq, "rejected", core.version, result.reason.value)
@@ -332,7 +333,7 @@ class AggregatorService:
         assert isinstance(result, Accepted)
         if self._wal is not None:  # durable before anything else happens because of it
             await asyncio.to_thread(self._wal.append, topic_agent, payload)
-        self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", core.version))
+        self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", core.version, index=result.index))
         if result.new_version is not None:
             await self._new_version()
 

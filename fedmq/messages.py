@@ -217,6 +217,8 @@ class ReceiptMessage:
     status: ReceiptStatus
     version: int
     reason: str | None = None
+    index: int | None = None
+    """Accepted: the update's position in the aggregator's order of application (from 1)."""
 
     def to_bytes(self) -> bytes:
         """Encode."""
@@ -229,6 +231,7 @@ class ReceiptMessage:
                 "status": self.status,
                 "version": self.version,
                 "reason": self.reason,
+                "index": self.index,
             }
         )
 
@@ -243,12 +246,16 @@ class ReceiptMessage:
         reason = obj.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise DecodeError(RejectReason.BAD_FIELD, "reason must be a string or nil")
+        index = obj.get("index")
+        if index is not None and (type(index) is not int or index < 1):
+            raise DecodeError(RejectReason.BAD_FIELD, "index must be an int >= 1 or nil")
         return cls(
             agent_id=_agent_id(obj),
             seq=_int(obj, "seq"),
             status=status,
             version=_int(obj, "version"),
             reason=reason,
+            index=index,
         )
 
 

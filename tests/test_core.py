@@ -73,7 +73,7 @@ def test_duplicates_and_replays_are_rejected() -> None:
     assert isinstance(core.receive(upd("a", 5, 0)), Accepted)
     r = core.receive(upd("a", 5, 1))  # the same (agent, seq) again: a replay or an outbox re-send
     assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE
-    assert core.receipt_for("a", 5) == 1
+    assert core.receipt_for("a", 5) == (1, 1)  # (version after it, its index in the order of application)
     assert core.version == 1
 
 
