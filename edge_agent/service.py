@@ -120,6 +120,8 @@ class AgentService:
         self._ever_sent: set[int] = set()
         self._receipt = asyncio.Event()
         self._flush_lock = asyncio.Lock()
+        self._draining = asyncio.Event()
+        self._drain_wait: float | None = None
         self._latest: ModelMessage | None = None
         self._new_model = asyncio.Event()
         self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
@@ -281,6 +283,9 @@ class AgentService:
         while True:
             if self.trainer.exhausted is not None:
                 raise _Finished
+            if self._draining.is_set():
+                await self._drain_outbox()
+                raise _Finished
             if self.outbox.full:  # back-pressure: no training while nothing can be delivered
                 await self._await_receipt(self.config.agent.receipt_timeout)
                 continue
@@ -311,9 +316,19 @@ class AgentService:
             if interval > 0:
                 await asyncio.sleep(interval)
 
+    def finish(self, wait: float | None = None) -> None:
+        """Train no more; deliver what is in the outbox, then stop.
+
+        Receipts are awaited at most ``wait`` seconds (default: the receipt timeout).
+        """
+        self._drain_wait = wait
+        self._draining.set()
+        self._new_model.set()  # wake a train loop that waits for a model
+
     async def _drain_outbox(self) -> None:
-        """Before finishing, wait (bounded by the receipt timeout) for the receipts still due."""
-        deadline = time.monotonic() + self.config.agent.receipt_timeout
+        """Before finishing, wait (bounded) for the receipts still due."""
+        wait = self._drain_wait if self._drain_wait is not None else self.config.agent.receipt_timeout
+        deadline = time.monotonic() + wait
         while len(self.outbox) and time.monotonic() < deadline:
             await self._await_receipt(deadline - time.monotonic())
 
