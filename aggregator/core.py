@@ -275,12 +275,14 @@ class SyncFedAvgRule:
         self.received = [(dict(e["delta"]), int(e["num_examples"])) for e in state["received"]]
 
 
-RECEIPTS_KEPT = 64
-"""Accepted (seq, version) pairs remembered per agent: the exactly-once window.
+RECEIPTS_KEPT = 4096
+"""At most this many accepted ``seq -> (version, index)`` remembered per agent: the exactly-once window.
 
 A seq in the window is a duplicate (answered with its original receipt); a seq not in it is
 new, even if a higher one was accepted first (an outbox re-send after a reconnect can arrive
-after a newer update); a seq below a full window is refused (it would be far too stale)."""
+after a newer update). The agent tells, with each update, the oldest seq still waiting in its
+outbox (``oldest_pending``); everything below it has its receipt and is forgotten, and a seq
+below it is refused as a duplicate. The cap only matters for an agent that never advances it."""
 
 
 class AggregatorCore:
@@ -320,6 +322,8 @@ class AggregatorCore:
         self._history: dict[int, Tensors] = {version: self._weights} if rule.needs_history else {}
         self.last_seq: dict[str, int] = {}
         self.receipts: dict[str, dict[int, tuple[int, int]]] = {}
+        self.floors: dict[str, int] = {}
+        """Per agent, the highest ``oldest_pending`` it reported: seqs below are settled."""
         """Per agent, the last :data:`RECEIPTS_KEPT` accepted ``seq -> (version, index)`` (to answer re-sends)."""
         self.stats = Stats()
         self.online: set[str] = set()
@@ -403,6 +407,10 @@ class AggregatorCore:
             new_version = self._maybe_finish_round()
         kept = self.receipts.setdefault(aid, {})
         kept[seq] = (self.version, self.stats.accepted)
+        if update.oldest_pending is not None and update.oldest_pending > self.floors.get(aid, 0):
+            self.floors[aid] = update.oldest_pending
+            for old in [q for q in kept if q < update.oldest_pending]:
+                del kept[old]  # receipted: the agent will not send it again
         if len(kept) > RECEIPTS_KEPT:
             del kept[min(kept)]
         return Accepted(aid, seq, update.base_version, staleness, new_version, self.stats.accepted)
@@ -426,11 +434,13 @@ class AggregatorCore:
                 f"update names agent {u.agent_id!r} but came on the topic of {topic_agent_id!r}",
             )
         kept = self.receipts.get(u.agent_id)
-        if kept:
-            if u.seq in kept:
-                return rej(RejectReason.DUPLICATE, f"seq {u.seq} was accepted before")
-            if len(kept) >= RECEIPTS_KEPT and u.seq < min(kept):
-                return rej(RejectReason.DUPLICATE, f"seq {u.seq} is older than the {RECEIPTS_KEPT} remembered")
+        if kept and u.seq in kept:
+            return rej(RejectReason.DUPLICATE, f"seq {u.seq} was accepted before")
+        floor = self.floors.get(u.agent_id, 0)
+        if u.seq < floor:
+            return rej(RejectReason.DUPLICATE, f"seq {u.seq} is below the agent's receipted floor {floor}")
+        if kept and len(kept) >= RECEIPTS_KEPT and u.seq < min(kept):
+            return rej(RejectReason.DUPLICATE, f"seq {u.seq} is older than the {RECEIPTS_KEPT} remembered")
         if u.base_version > self.version:
             return rej(
                 RejectReason.UNKNOWN_BASE_VERSION,
@@ -496,6 +506,7 @@ class AggregatorCore:
             "rule_state": self.rule.state_dict(),
             "last_seq": dict(self.last_seq),
             "receipts": {a: [[q, v, i] for q, (v, i) in kept.items()] for a, kept in self.receipts.items()},
+            "floors": dict(self.floors),
             "stats": self.stats.to_dict(),
             "history": {str(v): w for v, w in self._history.items() if v != self.version},
         }
@@ -514,6 +525,7 @@ class AggregatorCore:
         self.receipts = {
             str(a): {int(q): (int(v), int(i)) for q, v, i in kept} for a, kept in state.get("receipts", {}).items()
         }
+        self.floors = {str(a): int(f) for a, f in state.get("floors", {}).items()}
         self.stats = Stats.from_dict(state["stats"])
         if self.rule.needs_history:
             self._history = {int(v): w for v, w in state["history"].items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -335,6 +336,8 @@ class AgentService:
     def _train_and_stage(self, model: ModelMessage) -> None:
         """Worker thread: train, encode, put in the outbox (durably with a state dir) before any publish."""
         update = self.trainer.train(model)
+        floor = min([seq for seq, _ in self.outbox.pending()] + [update.seq])
+        update = dataclasses.replace(update, oldest_pending=floor)  # lets the aggregator forget the rest
         self.outbox.put(update.seq, update.to_bytes())
         self.stats.last_version = model.version
         self.stats.epsilon = update.epsilon

@@ -163,24 +163,28 @@ class UpdateMessage:
     train_loss: float = 0.0
     epsilon: float | None = None
     sent_at: float = 0.0
+    oldest_pending: int | None = None
+    """The lowest ``seq`` still in the agent's outbox when this update was made: every update
+    below it has its receipt, so the aggregator may forget them (it never sees them again)."""
     kind: str = field(default="update", init=False)
 
     def to_bytes(self) -> bytes:
         """Serialize for publishing."""
-        return pack(
-            {
-                "schema": SCHEMA_VERSION,
-                "kind": "update",
-                "agent_id": self.agent_id,
-                "seq": self.seq,
-                "base_version": self.base_version,
-                "num_examples": self.num_examples,
-                "train_loss": self.train_loss,
-                "epsilon": self.epsilon,
-                "sent_at": self.sent_at,
-                "delta": encode_tensors(self.delta),
-            }
-        )
+        obj: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "kind": "update",
+            "agent_id": self.agent_id,
+            "seq": self.seq,
+            "base_version": self.base_version,
+            "num_examples": self.num_examples,
+            "train_loss": self.train_loss,
+            "epsilon": self.epsilon,
+            "sent_at": self.sent_at,
+            "delta": encode_tensors(self.delta),
+        }
+        if self.oldest_pending is not None:
+            obj["oldest_pending"] = self.oldest_pending
+        return pack(obj)
 
     @classmethod
     def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> UpdateMessage:
@@ -196,6 +200,7 @@ class UpdateMessage:
             train_loss=_float(obj, "train_loss") or 0.0,
             epsilon=_float(obj, "epsilon", optional=True),
             sent_at=_float(obj, "sent_at") or 0.0,
+            oldest_pending=_int(obj, "oldest_pending") if obj.get("oldest_pending") is not None else None,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,18 @@ def test_fedbuff_core_equals_pure_rule() -> None:
     expected, _ = fedbuff_step(W0, deltas, [1.0, 2.0, 3.0, 4.0], server_lr=0.5)
     for k in W0:
         assert np.array_equal(core.weights[k], expected[k])
+
+
+def test_the_agents_outbox_floor_lets_the_core_forget_settled_receipts() -> None:
+    core = fedbuff_core(1, max_staleness=10_000)
+    for seq in (1, 2, 3):
+        assert isinstance(core.receive(upd("a", seq, core.version)), Accepted)
+    later = replace(upd("a", 5, core.version), oldest_pending=3)  # 1 and 2 have their receipts
+    assert isinstance(core.receive(later), Accepted)
+    assert sorted(core.receipts["a"]) == [3, 5] and core.floors["a"] == 3
+    r = core.receive(upd("a", 2, core.version))  # a replay from below the floor
+    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE and "floor" in r.detail
+    assert isinstance(core.receive(upd("a", 4, core.version)), Accepted)  # above it and unseen: new
+    restored = fedbuff_core(1, max_staleness=10_000)
+    restored.load_state_dict(core.state_dict())
+    assert restored.floors == core.floors and restored.receipts == core.receipts
