@@ -1,7 +1,8 @@
 """Chaos soak: kill -9 the aggregator many times while agents publish, then audit every receipt.
 
-    python benchmarks/chaos.py                       # 50 kills, 20 agents
+    python benchmarks/chaos.py                       # 50 aggregator kills, 20 agents
     python benchmarks/chaos.py --kills 200 --agents 50 --uptime 0.3,2.0
+    python benchmarks/chaos.py --kills 50 --broker-kills 20   # the broker killed too
 
 Starts its own Mosquitto (the project's dev config on a free loopback port), runs
 :func:`simulator.chaos.run_chaos` and prints what was sent, receipted, applied, dropped as
@@ -28,6 +29,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--uptime", default="0.5,1.5", help="min,max seconds between kills (default 0.5,1.5)")
     p.add_argument("--buffer-size", type=int, default=4)
+    p.add_argument("--broker-kills", type=int, default=0, help="also kill -9 the broker this many times")
     args = p.parse_args()
     lo, hi = (float(x) for x in args.uptime.split(","))
     with tempfile.TemporaryDirectory(prefix="fedmq-chaos-") as work:
@@ -43,11 +45,16 @@ def main() -> int:
                 seed=args.seed,
                 uptime=(lo, hi),
                 buffer_size=args.buffer_size,
+                broker=broker,
+                broker_kills=args.broker_kills,
             )
             report = asyncio.run(run_chaos(cfg))
         finally:
             broker.cleanup()
-    print(f"chaos soak: {args.kills} kills, {args.agents} agents, FedBuff K={args.buffer_size}, seed {args.seed}")
+    print(
+        f"chaos soak: {args.kills} aggregator and {args.broker_kills} broker kills, {args.agents} agents, "
+        f"FedBuff K={args.buffer_size}, seed {args.seed}"
+    )
     print(format_report(report))
     for problem in report.problems:
         print(f"  PROBLEM: {problem}")

@@ -80,6 +80,11 @@ class Outbox:
             (self.directory / f"{seq:020d}{SUFFIX}").unlink(missing_ok=True)
         return True
 
+    def get(self, seq: int) -> bytes | None:
+        """The payload kept for ``seq``, if any."""
+        with self._lock:
+            return self._items.get(seq)
+
     def pending(self) -> list[tuple[int, bytes]]:
         """``(seq, payload)`` of every update without a receipt, oldest first."""
         with self._lock:

@@ -90,6 +90,8 @@ class AgentService:
         rng: randomness for reconnect jitter.
         on_model: called in a worker thread with each newer global model (e.g. ONNX export);
             its errors are logged, never fatal.
+        on_receipt: called on the event loop with each receipt that settles an outbox entry and
+            that entry's bytes (device-side audit or logging); keep it quick.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class AgentService:
         compute_delay: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         on_model: Callable[[ModelMessage], None] | None = None,
+        on_receipt: Callable[[ReceiptMessage, bytes], None] | None = None,
     ) -> None:
         self.config = config
         self.trainer = trainer
@@ -108,6 +111,7 @@ class AgentService:
         self.topics = config.topics
         self.compute_delay = compute_delay
         self.on_model = on_model
+        self.on_receipt = on_receipt
         self._on_model_busy = False
         self._hook_task: asyncio.Task[None] | None = None
         self._training: asyncio.Future[None] | None = None
@@ -227,8 +231,12 @@ class AgentService:
         except DecodeError as exc:
             log.warning("agent %s: ignoring a bad receipt: %s", self.agent_id, exc)
             return
-        if receipt.agent_id != self.agent_id or not self.outbox.remove(receipt.seq):
+        if receipt.agent_id != self.agent_id or receipt.seq not in self.outbox:
             return  # not ours, or a second receipt for a re-sent update
+        payload = self.outbox.get(receipt.seq) or b""
+        self.outbox.remove(receipt.seq)
+        if self.on_receipt is not None:
+            self.on_receipt(receipt, payload)
         self._sent_at.pop(receipt.seq, None)
         self._ever_sent.discard(receipt.seq)
         if receipt.status == "accepted":

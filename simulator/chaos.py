@@ -2,7 +2,8 @@
 
 The aggregator is a real ``fedmq aggregator`` process (checkpoints + write-ahead log), the
 agents are real :class:`~edge_agent.service.AgentService` clients with outboxes, the broker
-is a real Mosquitto. An observer records every update published and every receipt. After
+is a real Mosquitto, optionally killed too. Each receipt an agent gets is recorded with the
+update it settles (the agents' own view: a broker crash cannot hide one from the audit). After
 the kills, the agents deliver what is left in their outboxes and stop, the aggregator is
 stopped with SIGTERM, and the audit checks:
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from aggregator.core import Accepted
 from aggregator.service import CHECKPOINT_KIND, AggregatorService
+from broker.launcher import MosquittoBroker
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
@@ -58,6 +60,10 @@ class ChaosConfig:
     checkpoint_every: int = 5
     receipt_timeout: float = 2.0
     drain_timeout: float = 60.0
+    broker: MosquittoBroker | None = None
+    """The broker at ``host:port``, needed to kill it too (``broker_kills``)."""
+    broker_kills: int = 0
+    """kill -9 of the broker (restarted on the same port, without persistence), mixed with the others."""
 
 
 @dataclass
@@ -65,6 +71,7 @@ class ChaosReport:
     """What happened and what the audit found."""
 
     kills: int = 0
+    broker_kills: int = 0
     updates_sent: int = 0
     receipted: int = 0
     applied: int = 0
@@ -129,7 +136,11 @@ def _aggregator_cmd(cfg: ChaosConfig) -> list[str]:
 
 
 class _Observer:
-    """Records every update (first copy) and every receipt, and the aggregator's liveness."""
+    """The audit's ledger and the aggregator's liveness.
+
+    Records the receipts each agent got, with the bytes of the update they settle, and watches
+    the aggregator's status topic (reconnecting across broker restarts).
+    """
 
     def __init__(self, cfg: ChaosConfig) -> None:
         self.cfg = cfg
@@ -139,38 +150,33 @@ class _Observer:
         self.online = asyncio.Event()
         self.subscribed = asyncio.Event()
 
+    def on_receipt(self, receipt: ReceiptMessage, payload: bytes) -> None:
+        key = (receipt.agent_id, receipt.seq)
+        if receipt.status == "accepted" and receipt.index is not None:
+            self.receipts.setdefault(key, set()).add(receipt.index)
+            self.updates.setdefault(key, payload)
+        else:
+            self.rejected[key] = receipt.reason or "?"
+
     async def run(self) -> None:
-        prefix = self.cfg.prefix
-        async with aiomqtt.Client(self.cfg.host, self.cfg.port, max_queued_incoming_messages=0) as client:
-            for topic in (f"{prefix}/update/+", f"{prefix}/receipt/+", f"{prefix}/server/status"):
-                await client.subscribe(topic, qos=1)
-            self.subscribed.set()
-            async for msg in client.messages:
-                data = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
-                topic = msg.topic.value
-                if "/update/" in topic:
-                    with contextlib.suppress(Exception):
-                        u = UpdateMessage.from_bytes(bytes(data))
-                        self.updates.setdefault((u.agent_id, u.seq), bytes(data))
-                elif "/receipt/" in topic:
-                    r = ReceiptMessage.from_bytes(bytes(data))
-                    if r.status == "accepted" and r.index is not None:
-                        self.receipts.setdefault((r.agent_id, r.seq), set()).add(r.index)
-                    else:
-                        self.rejected[(r.agent_id, r.seq)] = r.reason or "?"
-                elif (
-                    topic.endswith("/server/status")
-                    and data
-                    and StatusMessage.from_bytes(bytes(data)).state == "online"
-                ):
-                    self.online.set()
+        topic = f"{self.cfg.prefix}/server/status"
+        while True:
+            with contextlib.suppress(aiomqtt.MqttError):
+                async with aiomqtt.Client(self.cfg.host, self.cfg.port) as client:
+                    await client.subscribe(topic, qos=1)
+                    self.subscribed.set()
+                    async for msg in client.messages:
+                        data = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+                        if _says_online(bytes(data)):
+                            self.online.set()
+            await asyncio.sleep(0.1)  # the broker is restarting: try again
 
 
 def _says_online(data: bytes) -> bool:
     return bool(data) and StatusMessage.from_bytes(data).state == "online"
 
 
-def _agents(cfg: ChaosConfig, base: Config) -> list[AgentService]:
+def _agents(cfg: ChaosConfig, base: Config, observer: _Observer) -> list[AgentService]:
     sim = SimConfig(agents=cfg.agents, seed=cfg.seed)
     shards, _ = split_digits(sim)
     out = []
@@ -185,7 +191,13 @@ def _agents(cfg: ChaosConfig, base: Config) -> list[AgentService]:
         )
         privacy = PrivacyConfig(enabled=False)
         trainer = LocalTrainer(acfg, privacy, shard, rng=np.random.default_rng([cfg.seed, i]))
-        out.append(AgentService(replace(base, agent=acfg), trainer, rng=random.Random(cfg.seed * 1000 + i)))
+        service = AgentService(
+            replace(base, agent=acfg),
+            trainer,
+            rng=random.Random(cfg.seed * 1000 + i),
+            on_receipt=observer.on_receipt,
+        )
+        out.append(service)
     return out
 
 
@@ -198,17 +210,27 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     observer = _Observer(cfg)
     observer_task = asyncio.create_task(observer.run())
     await asyncio.wait_for(observer.subscribed.wait(), 20)
-    agents = _agents(cfg, base)
+    agents = _agents(cfg, base, observer)
     agent_stop = asyncio.Event()
     proc = await _start(cfg, observer)
     agent_tasks = [asyncio.create_task(a.run(agent_stop)) for a in agents]
+    targets = ["aggregator"] * cfg.kills + ["broker"] * cfg.broker_kills
+    rng.shuffle(targets)
     try:
-        for _ in range(cfg.kills):
+        for target in targets:
             await asyncio.sleep(rng.uniform(*cfg.uptime))
-            proc.kill()  # SIGKILL: no checkpoint, no goodbye
-            await proc.wait()
-            report.kills += 1
-            proc = await _start(cfg, observer)
+            if target == "aggregator":
+                proc.kill()  # SIGKILL: no checkpoint, no goodbye
+                await proc.wait()
+                report.kills += 1
+                proc = await _start(cfg, observer)
+            else:
+                assert cfg.broker is not None, "broker_kills needs ChaosConfig.broker"
+                observer.online.clear()
+                cfg.broker.kill()  # every session, queue and retained message is gone
+                await asyncio.to_thread(cfg.broker.start)
+                report.broker_kills += 1
+                await asyncio.wait_for(observer.online.wait(), 60)  # the aggregator is back
         await asyncio.sleep(rng.uniform(*cfg.uptime))
         for a in agents:  # no more training; deliver what is in the outboxes
             a.finish(cfg.drain_timeout)
@@ -224,7 +246,7 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosReport:
             await observer_task
     report.undelivered = sum(len(a.outbox) for a in agents)
     report.resent = sum(a.stats.resent for a in agents)
-    _audit(cfg, base, observer, report)
+    _audit(cfg, base, observer, report, agents)
     report.seconds = round(time.monotonic() - started, 1)
     return report
 
@@ -236,7 +258,9 @@ async def _start(cfg: ChaosConfig, observer: _Observer) -> asyncio.subprocess.Pr
     return proc
 
 
-def _audit(cfg: ChaosConfig, base: Config, observer: _Observer, report: ChaosReport) -> None:
+def _audit(
+    cfg: ChaosConfig, base: Config, observer: _Observer, report: ChaosReport, agents: list[AgentService]
+) -> None:
     state = read_state(cfg.workdir / "aggregator" / "aggregator.ckpt", CHECKPOINT_KIND)
     if state is None:
         report.problems.append("no final checkpoint")
@@ -246,7 +270,7 @@ def _audit(cfg: ChaosConfig, base: Config, observer: _Observer, report: ChaosRep
     report.applied = n
     report.duplicates_dropped = int(stats["rejected"].get("duplicate", 0))
     report.rejected_other = sum(int(v) for k, v in stats["rejected"].items() if k != "duplicate")
-    report.updates_sent = len(observer.updates)
+    report.updates_sent = sum(a.stats.updates_published for a in agents)
     report.receipted = len(observer.receipts)
     by_index: dict[int, tuple[str, int]] = {}
     for key, indexes in observer.receipts.items():
@@ -291,6 +315,7 @@ def format_report(r: ChaosReport) -> str:
     """The figures as a small table."""
     rows = [
         ("aggregator kills survived (kill -9)", r.kills),
+        ("broker kills survived (kill -9)", r.broker_kills),
         ("updates sent (distinct agent, seq)", r.updates_sent),
         ("re-sends by agents", r.resent),
         ("receipted as accepted", r.receipted),

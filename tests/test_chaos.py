@@ -24,6 +24,31 @@ async def test_ten_aggregator_kills_lose_nothing_receipted_and_apply_nothing_twi
     assert report.undelivered == 0
 
 
+async def test_broker_kills_during_the_burst_lose_nothing_receipted(tmp_path: Path, prefix: str) -> None:
+    """kill -9 of the broker (no persistence: sessions and queues gone) mixed with aggregator kills:
+    agents re-send what had no receipt, and the audit still balances."""
+    broker = MosquittoBroker(workdir=tmp_path / "broker")
+    broker.start()
+    try:
+        cfg = ChaosConfig(
+            host=broker.host,
+            port=broker.port,
+            workdir=tmp_path,
+            prefix=prefix,
+            kills=3,
+            broker=broker,
+            broker_kills=3,
+        )
+        report = await run_chaos(cfg)
+    finally:
+        broker.cleanup()
+    print(format_report(report))
+    assert report.kills == 3 and report.broker_kills == 3
+    assert report.problems == [] and report.ok, format_report(report) + "\n" + "\n".join(report.problems)
+    assert report.receipted == report.applied > 0 and report.undelivered == 0
+    assert report.resent > 0  # what the broker lost came again
+
+
 async def test_a_third_of_the_agents_frozen_with_sigstop_neither_stall_nor_corrupt_aggregation(
     mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
 ) -> None:
