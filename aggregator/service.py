@@ -61,6 +61,8 @@ class Progress:
     dropped_overload: int = 0
     robust: dict[str, int] = field(default_factory=dict)
     """What robust aggregation did: deltas ``clipped`` by norm bounding, ``excluded`` by Krum."""
+    agents_offline: int = 0
+    """Agents heard from before that are offline now (Will, stopped, or silent past the timeout)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map (the metrics payload)."""
@@ -128,6 +130,8 @@ class AggregatorService:
         self._last_checkpoint_version = -1
         self._wal: WriteAheadLog | None = None
         self._receipts: asyncio.Queue[ReceiptMessage] = asyncio.Queue(maxsize=self.INCOMING_QUEUE)
+        self._last_seen: dict[str, float] = {}  # agent -> clock() of its last message
+        self._last_sweep = 0.0
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
 
@@ -309,10 +313,28 @@ class AggregatorService:
                 await self._on_update(agent, bytes(payload))
             elif (agent := self.topics.agent_of(topic, "status")) is not None:
                 await self._on_status(agent, bytes(payload))
+            if self.clock() - self._last_sweep >= 1.0:
+                await self.expire_silent_agents()
             self.pulse.notify()
+
+    async def expire_silent_agents(self) -> list[str]:
+        """Mark offline every online agent silent for longer than ``aggregator.agent_timeout``.
+
+        Runs on the receive path (at most once a second), so the core has one writer; a sync
+        round waiting for such an agent completes without it.
+        """
+        core = self._core
+        now = self._last_sweep = self.clock()
+        silent = [a for a in core.online if now - self._last_seen.get(a, now) > self.cfg.agent_timeout]
+        for agent in silent:
+            log.info("agent %s silent for %.0f s: counted offline", agent, now - self._last_seen[agent])
+            if core.agent_status(agent, False) is not None:
+                await self._new_version()
+        return silent
 
     async def _on_update(self, topic_agent: str, payload: bytes) -> None:
         core = self._core
+        self._last_seen[topic_agent] = self.clock()
         try:
             update = UpdateMessage.from_bytes(payload, self._limits)
         except DecodeError as exc:  # no seq to answer: the agent re-sends after its receipt timeout
@@ -339,6 +361,7 @@ class AggregatorService:
 
     async def _on_status(self, agent: str, payload: bytes) -> None:
         core = self._core
+        self._last_seen[agent] = self.clock()
         online = False
         if payload:
             try:
@@ -538,6 +561,7 @@ class AggregatorService:
             mean_staleness=core.stats.mean_staleness,
             max_epsilon=core.stats.max_epsilon,
             agents_online=len(core.online),
+            agents_offline=len(self._last_seen.keys() - core.online),
             dropped_overload=core.stats.dropped_overload,
             robust=dict(core.rule.counters),
             elapsed=self.clock() - self.rt.started if self.rt.started else 0.0,

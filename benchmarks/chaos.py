@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ def main() -> int:
     p.add_argument("--broker-kills", type=int, default=0, help="also kill -9 the broker this many times")
     args = p.parse_args()
     lo, hi = (float(x) for x in args.uptime.split(","))
+    logging.basicConfig(level=logging.ERROR)  # reconnect warnings are expected here: hundreds of them
     with tempfile.TemporaryDirectory(prefix="fedmq-chaos-") as work:
         broker = MosquittoBroker(workdir=Path(work) / "broker")
         broker.start()

@@ -151,6 +151,7 @@ class AgentService:
                     will=will,
                     clean_session=True,
                 ) as client:
+                    delays = backoff(rng=self.rng)  # connected: the next outage starts from a short delay
                     await self._session(client, stop)
                     return self.stats
             except* aiomqtt.MqttError as group:
@@ -185,6 +186,7 @@ class AgentService:
                 tg.create_task(self._receive(client))
                 tg.create_task(self._train_loop(client))
                 tg.create_task(self._resender(client))
+                tg.create_task(self._heartbeat(client))
                 await self._watch(stop)  # in the body, not a child: see AggregatorService._session
         except* _Finished:
             final = "budget_exhausted" if self.trainer.exhausted is not None else "stopped"
@@ -263,6 +265,12 @@ class AgentService:
                     self._ever_sent.add(seq)
                     self.stats.updates_published += 1
                 self.pulse.notify()
+
+    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+        """Re-publish the retained ``online`` status now and then: proof of life beyond MQTT pings."""
+        while True:
+            await asyncio.sleep(self.config.agent.heartbeat_interval)
+            await publish(client, self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
 
     async def _resender(self, client: aiomqtt.Client) -> None:
         """Re-publish updates whose receipt is overdue (lost on the way, or the aggregator was away)."""

@@ -112,6 +112,9 @@ class AggregatorConfig:
     rejected as ``not_private``. Unset: no check."""
     dp_clip_norm: float = 1.0
     """The agents' clipping bound C for the check above."""
+    agent_timeout: float = 60.0
+    """Seconds without any message (update or status heartbeat) after which an agent counts as
+    offline, even if its Will never fired (a hung process whose MQTT thread still answers pings)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -140,6 +143,7 @@ class AggregatorConfig:
             "must be in (0, 1]",
         )
         _check(self.metrics_interval > 0, "aggregator.metrics_interval", "must be > 0")
+        _check(self.agent_timeout > 0, "aggregator.agent_timeout", "must be > 0 seconds")
         self.staleness.validate()
         self._validate_robust()
 
@@ -232,6 +236,8 @@ class AgentConfig:
     """Updates kept until their receipt arrives (on disk under ``state_dir``); training pauses when full."""
     receipt_timeout: float = 30.0
     """Seconds without a receipt after which an update is published again."""
+    heartbeat_interval: float = 15.0
+    """Seconds between status heartbeats (retained ``online`` with the current seq and epsilon)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -246,6 +252,7 @@ class AgentConfig:
             "agent.receipt_timeout",
             "must be > 0 seconds",
         )
+        _check(self.heartbeat_interval > 0, "agent.heartbeat_interval", "must be > 0 seconds")
         _check(
             self.round_interval >= 0 and math.isfinite(self.round_interval),
             "agent.round_interval",

@@ -333,3 +333,29 @@ async def test_agent_outbox_flushes_running_at_once_send_each_update_once(tmp_pa
     assert [p for _, p, _, _ in rec.published] == [b"update 1", b"update 2", b"update 3"]
     assert dev.stats.updates_published == 3 and dev.stats.resent == 0
     assert sorted(p.name for p in (tmp_path / "pi.outbox").iterdir()) == [f"{s:020d}.update" for s in (1, 2, 3)]
+
+
+async def test_an_agent_silent_past_the_timeout_counts_offline_and_a_sync_round_goes_on() -> None:
+    """A hung device whose MQTT thread still answers pings never triggers its Will: the heartbeat does."""
+    now = [1000.0]
+    cfg = Config(
+        prefix="fedmq/seam",
+        aggregator=AggregatorConfig(rule="fedavg", sync_agents=2, agent_timeout=60.0),
+    ).validate()
+    svc = AggregatorService(cfg, clock=lambda: now[0])
+    svc.startup()
+    rec = Recorder()
+    online = StatusMessage("a", "online").to_bytes(), StatusMessage("b", "online").to_bytes()
+    await feed(svc, rec, "a", online[0], kind="status")
+    await feed(svc, rec, "b", online[1], kind="status")
+    core = svc.core
+    assert core is not None and core.selected == ("a", "b")
+    await feed(svc, rec, "b", update_bytes(svc, "b", 1, 0.1))  # b delivers; a hangs
+    now[0] += 45
+    await feed(svc, rec, "b", online[1], kind="status")  # b's heartbeat
+    assert await svc.expire_silent_agents() == [] and core.version == 0
+    now[0] += 30  # a silent for 75 s > 60
+    assert await svc.expire_silent_agents() == ["a"]
+    assert core.online == {"b"} and core.version == 1  # the round finished without a
+    p = svc.progress()
+    assert (p.agents_online, p.agents_offline) == (1, 1)
