@@ -162,3 +162,59 @@ async def test_hostile_corpus_through_the_broker_is_refused_counted_and_changes_
     rejections = [r.getMessage() for r in caplog.records if "rejected an update" in r.getMessage()]
     assert len(rejections) == n_cases - 1  # each logged once, the repeat only counted
     assert not any(MARKER in text for text in caplog.messages)
+
+
+async def test_the_brokers_queue_limit_for_an_offline_aggregator_drops_silently(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Mosquitto queues QoS 1 messages for the aggregator's persistent session while it is away,
+    up to max_queued_messages, and drops the rest silently. The limit is the deployment's to size
+    (broker/mosquitto.conf: 1000 messages / 4 GiB); this pins the behaviour with a limit of 5.
+    What is dropped has no receipt, so real agents re-send it (tests/test_chaos.py)."""
+    require_mosquitto()
+    work = tmp_path_factory.mktemp("queue-limit")
+    lines = [
+        "max_queued_messages 5" if line.startswith("max_queued_messages") else line
+        for line in DEV_CONF.read_text().splitlines()
+    ]
+    template = work / "mosquitto.template.conf"
+    template.write_text("\n".join(lines) + "\n")
+    broker = MosquittoBroker(conf=template, workdir=work / "run")
+    broker.start()
+    try:
+        cfg = Config(
+            prefix="fedmq/queue",
+            broker=BrokerConfig(host=broker.host, port=broker.port),
+            aggregator=AggregatorConfig(rule="fedbuff", buffer_size=100, metrics_interval=0.1),
+        ).validate()
+        first = AggregatorService(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(first.run(stop))
+        await asyncio.wait_for(first.ready.wait(), 20)
+        assert first.core is not None
+        weights = dict(first.core.weights)
+        stop.set()
+        await task  # a clean stop: the persistent session stays on the broker
+        async with aiomqtt.Client(broker.host, broker.port) as dev:
+            for i in range(12):
+                delta = {k: np.zeros_like(v) for k, v in weights.items()}
+                u = UpdateMessage(agent_id=f"d{i}", seq=1, base_version=0, num_examples=1, delta=delta)
+                await dev.publish(f"fedmq/queue/update/d{i}", u.to_bytes(), qos=1)
+        second = AggregatorService(cfg)
+        stop2 = asyncio.Event()
+        task2 = asyncio.create_task(second.run(stop2))
+        await asyncio.wait_for(second.ready.wait(), 20)
+        assert second.core is not None
+        await wait_until(second.pulse, lambda: second.core.stats.accepted >= 5)  # type: ignore[union-attr]
+        # Nothing more comes. A marker update published now reaches the aggregator after the queued
+        # ones (Mosquitto delivers a session's queue first); once it is in, the queue is done.
+        async with aiomqtt.Client(broker.host, broker.port) as dev:
+            delta = {k: np.zeros_like(v) for k, v in weights.items()}
+            marker = UpdateMessage(agent_id="marker", seq=1, base_version=0, num_examples=1, delta=delta)
+            await dev.publish("fedmq/queue/update/marker", marker.to_bytes(), qos=1)
+        await wait_until(second.pulse, lambda: "marker" in second.core.last_seq)  # type: ignore[union-attr]
+        assert second.core.stats.accepted == 5 + 1  # 12 sent while away, 5 queued, 7 dropped silently
+        stop2.set()
+        await task2
+    finally:
+        broker.stop()
