@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -128,9 +129,71 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise DecodeError(RejectReason.MALFORMED, f"msgpack extension type {code} is not allowed")
 
 
+_LARGE_BIN = 4096
+"""Buffers at least this big are not copied into msgpack's own buffer first (see :func:`pack`)."""
+
+
 def pack(message: Mapping[str, Any]) -> bytes:
-    """Serialize a message map to msgpack bytes (``bin`` for bytes, ``str`` for text)."""
-    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+    """Serialize a message map to msgpack bytes (``bin`` for bytes, ``str`` for text).
+
+    The bytes are exactly ``msgpack.packb(message, use_bin_type=True)``, but large buffers
+    (tensor data, as memoryviews) are copied once, straight into the result: maps are written
+    piece by piece and the pieces joined, instead of msgpack packing everything into its own
+    buffer and then copying that buffer into a ``bytes`` object.
+    """
+    pieces: list[bytes | memoryview] = []
+    _emit(message, pieces)
+    return b"".join(pieces)
+
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """A msgpack Packer per thread (agents encode in worker threads; creating one per call is slow)."""
+    packer: msgpack.Packer | None = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
+def _has_large(obj: Any) -> bool:
+    if isinstance(obj, memoryview):
+        return obj.nbytes >= _LARGE_BIN
+    if isinstance(obj, Mapping):
+        return any(_has_large(v) for v in obj.values())
+    return False
+
+
+def _emit(obj: Any, pieces: list[bytes | memoryview]) -> None:
+    packer = _packer()
+    if isinstance(obj, Mapping) and _has_large(obj):
+        pieces.append(_map_header(len(obj)))
+        for key, value in obj.items():
+            pieces.append(packer.pack(key))
+            _emit(value, pieces)
+    elif isinstance(obj, memoryview) and obj.nbytes >= _LARGE_BIN:
+        flat = obj.cast("B") if obj.format != "B" or obj.ndim != 1 else obj
+        pieces.append(_bin_header(flat.nbytes))
+        pieces.append(flat)
+    else:
+        pieces.append(packer.pack(obj))
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x80 | n])
+    if n < 1 << 16:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def unpack(payload: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAULT_LIMITS) -> dict[str, Any]:
