@@ -16,14 +16,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import numpy as np
 import numpy.typing as npt
 
 from aggregator.rules.fedavg import weighted_mean
 from aggregator.rules.robust import (
-    check_finite,
     coordinate_median,
-    l2_norms,
     multi_krum_select,
     norm_bound,
     trimmed_count,
@@ -76,13 +73,7 @@ class NormBounded:
 
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> Tensors:
         """Clip, then reduce with ``inner``."""
-        check_finite(deltas)
-        bound = self.max_norm
-        if bound is None:
-            bound = float(np.median(l2_norms(deltas)))
-            if bound == 0:
-                return self.inner(deltas, weights)
-        clipped, n = norm_bound(deltas, bound)
+        clipped, n = norm_bound(deltas, self.max_norm)
         self.counters["clipped"] += n
         out = self.inner(clipped, weights)
         self.counters.update(self.inner.counters)

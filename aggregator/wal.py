@@ -26,6 +26,9 @@ from pathlib import Path
 
 import msgpack
 
+from fedmq.codec import pack
+from fedmq.state import fsync_dir
+
 log = logging.getLogger("fedmq.aggregator")
 _HEADER = struct.Struct("<II")
 MAX_RECORD = 1 << 31
@@ -41,11 +44,11 @@ class WriteAheadLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.generation = generation
         self.path = self._path(generation)
-        self._valid_end = self._scan_end()
+        valid_end = self._scan_end()
         self._file = open(self.path, "ab")  # noqa: SIM115 - owned by this object, closed in close()
-        if self._file.tell() != self._valid_end:
-            log.warning("%s: cutting a torn tail at byte %d (a crash mid-append)", self.path, self._valid_end)
-            self._file.truncate(self._valid_end)
+        if self._file.tell() != valid_end:
+            log.warning("%s: cutting a torn tail at byte %d (a crash mid-append)", self.path, valid_end)
+            self._file.truncate(valid_end)
             self._fsync()
         self.appended = 0
 
@@ -89,8 +92,9 @@ class WriteAheadLog:
 
     def append(self, agent: str, payload: bytes) -> None:
         """Append one accepted update and fsync: when this returns, it survives a crash."""
-        body = msgpack.packb({"agent": agent, "payload": payload}, use_bin_type=True)
-        self._file.write(_HEADER.pack(len(body), zlib.crc32(body)) + body)
+        body = pack({"agent": agent, "payload": memoryview(payload)})  # the payload is copied once
+        self._file.write(_HEADER.pack(len(body), zlib.crc32(body)))
+        self._file.write(body)
         self._fsync()
         self.appended += 1
 
@@ -106,10 +110,9 @@ class WriteAheadLog:
         self.generation = generation
         self.path = self._path(generation)
         self._file = open(self.path, "ab")  # noqa: SIM115
-        self._valid_end = self._file.tell()
         self.appended = 0
         self.prune()
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def prune(self) -> None:
         """Delete the files of generations before the current one."""
@@ -121,11 +124,3 @@ class WriteAheadLog:
     def close(self) -> None:
         """Close the file (everything appended is already durable)."""
         self._file.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -46,7 +46,7 @@ VARIANTS = {
 }
 
 
-def _rusage_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+def _rusage_child(cmd: list[str]) -> tuple[float, float, float]:
     """Run ``cmd``; return (wall seconds, peak RSS MiB, CPU seconds).
 
     The child is started through GNU time: a process forked from this (large) benchmark
@@ -56,9 +56,7 @@ def _rusage_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[fl
     gnu_time = shutil.which("time") or "/usr/bin/time"
     with tempfile.NamedTemporaryFile("r", suffix=".rusage") as out:
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [gnu_time, "-f", "%M %U %S", "-o", out.name, *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-        )
+        proc = subprocess.run([gnu_time, "-f", "%M %U %S", "-o", out.name, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd} exited with {proc.returncode}")

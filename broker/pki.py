@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmq.errors import ConfigError
+from fedmq.state import write_atomic
 from fedmq.topics import Topics, validate_agent_id
 
 REGISTRY = "pki.json"
@@ -116,18 +117,7 @@ def _save_registry(root: Path, reg: Registry) -> None:
 # --- files -----------------------------------------------------------------------------------
 def _write(path: Path, data: str | bytes, mode: int, gid: int | None = None) -> None:
     """Write atomically with ``mode`` (and group) set before the content lands."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        if gid is not None:
-            os.fchown(fd, -1, gid)
-        os.fchmod(fd, mode)
-        os.write(fd, data.encode() if isinstance(data, str) else data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data.encode() if isinstance(data, str) else data, mode=mode, gid=gid)
 
 
 def broker_group(requested: str | None = "auto") -> int | None:

@@ -16,9 +16,10 @@ small files directly.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
+
+from fedmq.state import write_atomic
 
 log = logging.getLogger("fedmq.agent")
 SUFFIX = ".update"
@@ -41,7 +42,7 @@ class Outbox:
                 if not stem.isdigit():
                     continue
                 self._items[int(stem)] = p.read_bytes()
-            for p in self.directory.glob(f".*{SUFFIX}.tmp"):  # a crash mid-write: never published
+            for p in self.directory.glob(f".*{SUFFIX}.*"):  # a crash mid-write: never published
                 p.unlink(missing_ok=True)
             if self._items:
                 log.info("outbox %s: %d updates from before the restart", self.directory, len(self._items))
@@ -60,14 +61,7 @@ class Outbox:
     def put(self, seq: int, payload: bytes) -> None:
         """Keep ``payload`` (durably, with a directory) until :meth:`remove` is called for ``seq``."""
         if self.directory is not None:
-            path = self.directory / f"{seq:020d}{SUFFIX}"
-            tmp = self.directory / f".{path.name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.directory)
+            write_atomic(self.directory / f"{seq:020d}{SUFFIX}", payload)
         with self._lock:
             self._items[seq] = payload
 
@@ -89,11 +83,3 @@ class Outbox:
         """``(seq, payload)`` of every update without a receipt, oldest first."""
         with self._lock:
             return sorted(self._items.items())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

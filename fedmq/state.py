@@ -45,13 +45,20 @@ def _from_wire(obj: Any, where: str) -> Any:
     return obj
 
 
-def write_state(path: str | os.PathLike[str], kind: str, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` (plain values and numpy arrays) to ``path``."""
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None, gid: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a torn one.
+
+    A temporary file in the same folder (created 0600; ``mode`` and group ``gid`` are applied
+    before any byte is written) is fsync'd, renamed over ``path``, and the folder fsync'd.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = pack({"schema": SCHEMA_VERSION, "kind": kind, "state": _to_wire(state)})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -60,11 +67,21 @@ def write_state(path: str | os.PathLike[str], kind: str, state: dict[str, Any]) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Fsync a folder, so that a file created, renamed or deleted in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def write_state(path: str | os.PathLike[str], kind: str, state: dict[str, Any]) -> None:
+    """Atomically write ``state`` (plain values and numpy arrays) to ``path``."""
+    write_atomic(path, pack({"schema": SCHEMA_VERSION, "kind": kind, "state": _to_wire(state)}))
 
 
 def read_state(path: str | os.PathLike[str], kind: str) -> dict[str, Any] | None:

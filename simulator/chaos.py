@@ -146,17 +146,14 @@ class _Observer:
         self.cfg = cfg
         self.updates: dict[tuple[str, int], bytes] = {}
         self.receipts: dict[tuple[str, int], set[int]] = {}
-        self.rejected: dict[tuple[str, int], str] = {}
         self.online = asyncio.Event()
         self.subscribed = asyncio.Event()
 
     def on_receipt(self, receipt: ReceiptMessage, payload: bytes) -> None:
         key = (receipt.agent_id, receipt.seq)
-        if receipt.status == "accepted" and receipt.index is not None:
+        if receipt.status == "accepted" and receipt.index is not None:  # rejections: counted by the aggregator
             self.receipts.setdefault(key, set()).add(receipt.index)
             self.updates.setdefault(key, payload)
-        else:
-            self.rejected[key] = receipt.reason or "?"
 
     async def run(self) -> None:
         topic = f"{self.cfg.prefix}/server/status"

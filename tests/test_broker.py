@@ -49,6 +49,25 @@ def fedmq_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedmq.cli", *args]
 
 
+def aggregator_cmd(broker: MosquittoBroker, prefix: str, checkpoint_dir: Path, *, checkpoint_every: int) -> list[str]:
+    """`fedmq aggregator` with FedBuff K = 2 and checkpoints in ``checkpoint_dir``."""
+    return fedmq_cmd(
+        "aggregator",
+        "--broker",
+        f"mqtt://{broker.host}:{broker.port}",
+        "--prefix",
+        prefix,
+        "--buffer-size",
+        "2",
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        "--checkpoint-every",
+        str(checkpoint_every),
+        "--log-level",
+        "WARNING",
+    )
+
+
 async def test_late_joining_agent_gets_the_retained_model_and_contributes(
     mosquitto: MosquittoBroker, prefix: str
 ) -> None:
@@ -179,22 +198,7 @@ async def test_small_federation_learns_well_above_chance(mosquitto: MosquittoBro
 async def test_aggregator_sigterm_checkpoints_and_restart_resumes(
     mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
 ) -> None:
-    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
-    args = fedmq_cmd(
-        "aggregator",
-        "--broker",
-        url,
-        "--prefix",
-        prefix,
-        "--buffer-size",
-        "2",
-        "--checkpoint-dir",
-        str(tmp_path),
-        "--checkpoint-every",
-        "100",
-        "--log-level",
-        "WARNING",
-    )
+    args = aggregator_cmd(mosquitto, prefix, tmp_path, checkpoint_every=100)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
     try:
         msg = await wait_for_message(mosquitto.host, mosquitto.port, f"{prefix}/model", lambda m: True, limit=60)
@@ -465,22 +469,8 @@ async def test_aggregator_killed_with_sigkill_recovers_its_exact_state_and_the_q
     from aggregator.staleness import make_staleness_fn
     from models.registry import create_model
 
-    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
-    args = fedmq_cmd(
-        "aggregator",
-        "--broker",
-        url,
-        "--prefix",
-        prefix,
-        "--buffer-size",
-        "2",
-        "--checkpoint-dir",
-        str(tmp_path),
-        "--checkpoint-every",
-        "1000",  # only the initial checkpoint: everything after lives in the log
-        "--log-level",
-        "WARNING",
-    )
+    # Only the initial checkpoint: everything after it lives in the write-ahead log.
+    args = aggregator_cmd(mosquitto, prefix, tmp_path, checkpoint_every=1000)
     weights = create_model("softmax", num_features=64, num_classes=10, seed=0).get_weights()
     rng = np.random.default_rng(5)
     updates = [

@@ -35,17 +35,21 @@ DECODER_LIMIT = 256 * 1024
 def small_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     require_mosquitto()
     work = tmp_path_factory.mktemp("hostile-broker")
-    lines = [
-        f"max_packet_size {BROKER_LIMIT}" if line.startswith("max_packet_size") else line
-        for line in DEV_CONF.read_text().splitlines()
-    ]
-    assert f"max_packet_size {BROKER_LIMIT}" in lines
-    template = work / "mosquitto.template.conf"
-    template.write_text("\n".join(lines) + "\n")
-    broker = MosquittoBroker(conf=template, workdir=work / "run")
+    broker = dev_broker_with(work, max_packet_size=BROKER_LIMIT)
     broker.start()
     yield broker
     broker.stop()
+
+
+def dev_broker_with(work: Path, **directives: int) -> MosquittoBroker:
+    """A Mosquitto on the project's dev config with some directives set to other values."""
+    lines = DEV_CONF.read_text().splitlines()
+    for name, value in directives.items():
+        assert any(line.startswith(f"{name} ") for line in lines), f"{name} is not in {DEV_CONF}"
+        lines = [f"{name} {value}" if line.startswith(f"{name} ") else line for line in lines]
+    template = work / "mosquitto.template.conf"
+    template.write_text("\n".join(lines) + "\n")
+    return MosquittoBroker(conf=template, workdir=work / "run")
 
 
 def honest_frames(weights: dict[str, Any]) -> list[tuple[str, bytes]]:
@@ -173,13 +177,7 @@ async def test_the_brokers_queue_limit_for_an_offline_aggregator_drops_silently(
     What is dropped has no receipt, so real agents re-send it (tests/test_chaos.py)."""
     require_mosquitto()
     work = tmp_path_factory.mktemp("queue-limit")
-    lines = [
-        "max_queued_messages 5" if line.startswith("max_queued_messages") else line
-        for line in DEV_CONF.read_text().splitlines()
-    ]
-    template = work / "mosquitto.template.conf"
-    template.write_text("\n".join(lines) + "\n")
-    broker = MosquittoBroker(conf=template, workdir=work / "run")
+    broker = dev_broker_with(work, max_queued_messages=5)
     broker.start()
     try:
         cfg = Config(

@@ -54,20 +54,24 @@ def l2_norms(deltas: Deltas) -> npt.NDArray[np.float64]:
     return out
 
 
-def norm_bound(deltas: Deltas, max_norm: float) -> tuple[list[Tensors], int]:
-    """Scale each delta with norm above ``max_norm`` to exactly ``max_norm``; return ``(deltas, n_clipped)``.
+def norm_bound(deltas: Deltas, max_norm: float | None) -> tuple[list[Tensors], int]:
+    """Scale each delta with norm above the bound to exactly the bound; return ``(deltas, n_clipped)``.
 
-    Deltas within the bound are returned as they are (no copy); a zero delta stays zero.
+    ``max_norm=None`` is adaptive: the bound is the median norm of ``deltas`` (no clipping
+    when that is 0). Deltas within the bound are returned as they are (no copy); a zero
+    delta stays zero.
     """
     _prepare(deltas, "norm_bound")
-    if not (math.isfinite(max_norm) and max_norm > 0):
+    if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm must be finite and > 0, got {max_norm}")
+    norms = l2_norms(deltas)
+    bound = float(np.median(norms)) if max_norm is None else max_norm
     out: list[Tensors] = []
     clipped = 0
-    for d, norm in zip(deltas, l2_norms(deltas), strict=True):
-        if norm > max_norm:
+    for d, norm in zip(deltas, norms, strict=True):
+        if bound > 0 and norm > bound:
             clipped += 1
-            out.append({k: a * a.dtype.type(max_norm / norm) for k, a in d.items()})
+            out.append({k: a * a.dtype.type(bound / norm) for k, a in d.items()})
         else:
             out.append(dict(d))
     return out, clipped
