@@ -26,6 +26,7 @@ from fedmq.state import read_state
 from models.datasets import digits
 from simulator.harness import SimConfig, Stragglers, run_federation, split_digits
 from tests.helpers import payload, wait_for_message, wait_until
+from tests.test_models import HAS_ONNX
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +240,7 @@ async def test_aggregator_sigterm_checkpoints_and_restart_resumes(
         await asyncio.to_thread(proc.wait, 30)
 
 
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx extra not installed")
 async def test_agent_keeps_an_onnx_model_that_predict_serves(
     mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
 ) -> None:
