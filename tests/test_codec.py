@@ -289,3 +289,95 @@ def test_pack_copies_a_large_tensor_once_into_the_result() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 1.2 * arr.nbytes  # the result itself, and no intermediate buffer of the same size
+
+
+def _plain(obj: object) -> object:
+    """Our reader's output with bin views turned into bytes, to compare with msgpack's."""
+    if isinstance(obj, memoryview):
+        return obj.tobytes()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=5), _trees, max_size=18))
+def test_reader_agrees_with_msgpack_on_every_valid_message(obj: dict[str, object]) -> None:
+    """Differential test: the zero-copy reader returns what msgpack.unpackb returns."""
+    data = msgpack.packb(obj, use_bin_type=True)
+    assert _plain(unpack(data)) == msgpack.unpackb(data, raw=False)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=200))
+def test_whatever_the_reader_accepts_msgpack_reads_the_same(data: bytes) -> None:
+    """On arbitrary bytes the reader is never more permissive than msgpack, and agrees on the value."""
+    try:
+        ours = unpack(b"\x81\xa1k" + data)
+    except DecodeError as exc:
+        reason = exc.reason
+        assert reason is RejectReason.MALFORMED
+        return
+    assert _plain(ours) == msgpack.unpackb(b"\x81\xa1k" + data, raw=False, strict_map_key=True)
+
+
+def test_decode_is_zero_copy_the_tensor_is_a_view_of_the_payload() -> None:
+    arr = np.arange(1_000_000, dtype=np.float32)
+    payload = UpdateMessage("a1", 1, 0, 10, {"w": arr}).to_bytes()
+    tracemalloc.start()
+    back = UpdateMessage.from_bytes(payload)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert np.shares_memory(back.delta["w"], np.frombuffer(payload, dtype=np.uint8))
+    assert peak < 64 * 1024  # no copy of the 4 MB tensor, and no temporary of its size
+    np.testing.assert_array_equal(back.delta["w"], arr)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_finiteness_check_catches_every_non_finite_value(dtype: str, bad: float) -> None:
+    arr = np.zeros(1001, dtype=dtype)
+    arr[537] = bad
+    with pytest.raises(DecodeError) as err:
+        decode_tensor(encode_tensor(arr), where="t")
+    assert err.value.reason is RejectReason.NON_FINITE
+
+
+def test_finiteness_check_accepts_finite_values_whose_squares_overflow() -> None:
+    """The fast path (x . x finite) overflows for huge finite floats; the exact check then decides."""
+    arr = np.full(100, 3e38, dtype=np.float32)
+    np.testing.assert_array_equal(decode_tensor(encode_tensor(arr), where="t"), arr)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=40),
+    st.sampled_from(["float16", "float32", "float64", "int8"]),
+    st.sampled_from([(4096,), (127, 64), (128, 40), (255, 33), (256, 17), (65535,), (65536,), (1, 1, 8192), (9, 512)]),
+)
+def test_large_tensors_land_aligned_and_every_msgpack_reader_reads_the_same(
+    prefix: str, dtype: str, shape: tuple[int, ...]
+) -> None:
+    """Whatever precedes it, a large tensor's data starts on an 8-byte boundary, and the
+    widened encodings that put it there decode to the same values in msgpack itself."""
+    arr = (np.arange(int(np.prod(shape))) % 100).astype(dtype).reshape(shape)
+    message = {"p": prefix, "t": encode_tensor(arr), "u": encode_tensor(arr[..., ::-1].copy())}
+    data = pack(message)
+    plain = msgpack.unpackb(data, raw=False)
+    assert plain["p"] == prefix and plain["t"]["shape"] == list(shape) and plain["t"]["dtype"] == dtype
+    assert plain["t"]["data"] == arr.tobytes()
+    decoded = decode_tensors({k: v for k, v in unpack(data).items() if k != "p"}, where="m")
+    for name, expected in (("t", arr), ("u", arr[..., ::-1])):
+        assert decoded[name].flags.aligned
+        offset = np.frombuffer(data, np.uint8).__array_interface__["data"][0]
+        assert (decoded[name].__array_interface__["data"][0] - offset) % 8 == 0
+        np.testing.assert_array_equal(decoded[name], expected)
+
+
+def test_small_messages_are_exactly_what_msgpack_writes() -> None:
+    """Only large tensors are padded: control messages and small tensors are plain msgpack."""
+    arr = np.ones(100, dtype=np.float32)
+    message = {"kind": "update", "delta": {"w": encode_tensor(arr)}, "seq": 3}
+    assert pack(message) == msgpack.packb(message, use_bin_type=True)
