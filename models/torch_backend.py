@@ -6,6 +6,7 @@ Weights cross the boundary as float32 numpy arrays named after the ``state_dict`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,7 +78,12 @@ class TorchModel:
         check_compatible(self.get_weights(), weights)
         with torch.no_grad():
             for k, p in self.module.named_parameters():
-                p.copy_(torch.from_numpy(np.asarray(weights[k], dtype=np.float32)))
+                src = np.asarray(weights[k], dtype=np.float32)
+                with warnings.catch_warnings():
+                    # Decoded models are read-only views of the received message; torch has
+                    # no read-only tensors and warns, but copy_ only reads from ``src``.
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    p.copy_(torch.from_numpy(src))
 
     def fit(
         self,
