@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import math
 import sys
+import threading
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -63,6 +64,9 @@ def add_gaussian_noise(tensors: Mapping[str, npt.NDArray[Any]], std: float, rng:
     return {k: v + rng.normal(0.0, std, size=v.shape).astype(v.dtype) for k, v in tensors.items()}
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.cache
 def rdp_accountant() -> tuple[Any, Any]:
     """``dp_accounting``'s ``RdpAccountant`` and ``GaussianDpEvent``, without the rest of the package.
@@ -75,8 +79,14 @@ def rdp_accountant() -> tuple[Any, Any]:
     ``scipy.special`` bound to a proxy that imports the real module on first use. The numbers
     are the library's own, computed by its code; a test checks them against a plain import in
     a fresh interpreter. If the package was already imported, or its layout changes, this
-    falls back to the plain import.
+    falls back to the plain import. Thread-safe: agents compute epsilons in worker threads,
+    and the stand-in must never be seen by another thread's import.
     """
+    with _LOAD_LOCK:
+        return _load()
+
+
+def _load() -> tuple[Any, Any]:
     if "dp_accounting" not in sys.modules:
         try:
             return _load_rdp_only()

@@ -217,3 +217,26 @@ print(json.dumps([lite, ref.get_epsilon(1e-5), heavy, sampled.get_epsilon(1e-5)]
     assert lite == full and math.isfinite(lite)
     assert heavy == []
     assert 0 < sampled < lite
+
+
+def test_the_accountant_loads_once_under_concurrent_first_use() -> None:
+    """Simulated agents compute epsilons in worker threads; the first uses race to load it."""
+    script = """
+import threading
+from edge_agent.privacy import PrivacyAccountant
+errors = []
+def work():
+    try:
+        acc = PrivacyAccountant(1e-5)
+        acc.record(1.0, 3)
+        assert acc.epsilon() > 0
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=work) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(errors)
+"""
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "[]"
