@@ -132,6 +132,8 @@ class AggregatorService:
         self._receipts: asyncio.Queue[ReceiptMessage] = asyncio.Queue(maxsize=self.INCOMING_QUEUE)
         self._last_seen: dict[str, float] = {}  # agent -> clock() of its last message
         self._last_sweep = 0.0
+        self._update_bytes = 0  # payload bytes of every update received, for bytes_per_update
+        self._update_count = 0
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
 
@@ -335,6 +337,8 @@ class AggregatorService:
     async def _on_update(self, topic_agent: str, payload: bytes) -> None:
         core = self._core
         self._last_seen[topic_agent] = self.clock()
+        self._update_bytes += len(payload)
+        self._update_count += 1
         try:
             update = UpdateMessage.from_bytes(payload, self._limits)
         except DecodeError as exc:  # no seq to answer: the agent re-sends after its receipt timeout
@@ -585,6 +589,7 @@ class AggregatorService:
             "robust": self.cfg.robust,
             "robust_counters": p.robust,
             "accuracy_history": [[round(e.elapsed, 3), e.version, round(e.accuracy, 4)] for e in self.rt.evals],
+            "bytes_per_update": round(self._update_bytes / self._update_count) if self._update_count else None,
         }
 
 

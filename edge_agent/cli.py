@@ -34,6 +34,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--receipt-timeout", "agent.receipt_timeout", type=float, help="seconds before re-sending (default 30)")
     flag(p, "--heartbeat-interval", "agent.heartbeat_interval", type=float, help="status heartbeat (default 15 s)")
     flag(p, "--seed", "agent.seed", type=int)
+    flag(p, "--compression", "agent.compression", help="none, fp16, int8 or topk (update compression on the wire)")
+    flag(p, "--topk-fraction", "agent.topk_fraction", type=float, help="topk: share of entries sent (default 0.01)")
     p.add_argument("--onnx-out", metavar="PATH", help="keep the newest global model here as ONNX, for `fedmq predict`")
     flag(p, "--clip-norm", "privacy.clip_norm", type=float)
     flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)

@@ -9,7 +9,7 @@ would exceed the budget never happens (:class:`BudgetExhausted`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.privacy import PrivacyAccountant, add_gaussian_noise, clip_l2
+from fedmq.compression import METHODS, WireTensor, compress, dense
 from fedmq.config import PrivacyConfig
 
 Tensors = dict[str, npt.NDArray[Any]]
@@ -45,6 +46,9 @@ class Release:
     norm: float | None = None
     clipped_to: float | None = None
     epsilon: float | None = None
+    wire: Mapping[str, WireTensor] | None = None
+    """The delta as it will be sent, when a :class:`CompressStep` compressed it; ``delta`` is
+    then what the aggregator will reconstruct from it."""
 
 
 Step = Callable[[Release], Release]
@@ -102,6 +106,36 @@ class GaussianNoiseStep:
         return replace(release, delta=noisy, epsilon=self.accountant.epsilon())
 
 
+class CompressStep:
+    """Compress the delta for the wire, with error feedback; the last step of a pipeline.
+
+    With error feedback (Stich et al., "Sparsified SGD with Memory", NeurIPS 2018; Karimireddy
+    et al., ICML 2019), what compression dropped from one release is added to the next one
+    before compressing, so no part of the update is lost for good, only delayed. The residual
+    is computed from the released (already noised) delta, so under DP it is post-processing
+    and costs no privacy. It lives in memory: a restarted agent starts with none.
+    """
+
+    def __init__(self, method: str, *, topk_fraction: float = 0.01, error_feedback: bool = True) -> None:
+        if method not in METHODS or method == "none":
+            raise ValueError(f"compression must be one of {METHODS[1:]}, got {method!r}")
+        self.method = method
+        self.topk_fraction = topk_fraction
+        self.error_feedback = error_feedback
+        self.residual: Tensors | None = None
+
+    def __call__(self, release: Release) -> Release:
+        """Compress ``release.delta`` (plus the residual); ``delta`` becomes what the server will see."""
+        delta = release.delta
+        if self.residual is not None and self.residual.keys() == delta.keys():
+            delta = {k: v + self.residual[k] for k, v in delta.items()}
+        wire = {k: compress(self.method, v, topk_fraction=self.topk_fraction) for k, v in delta.items()}
+        seen = {k: dense(w).astype(delta[k].dtype, copy=False) for k, w in wire.items()}
+        if self.error_feedback:
+            self.residual = {k: delta[k] - seen[k] for k in delta}
+        return replace(release, delta=seen, wire=wire, norm=None)
+
+
 def run_pipeline(steps: Sequence[Step], release: Release) -> Release:
     """Apply ``steps`` in order."""
     for step in steps:
@@ -110,14 +144,21 @@ def run_pipeline(steps: Sequence[Step], release: Release) -> Release:
 
 
 def build_pipeline(
-    privacy: PrivacyConfig, rng: np.random.Generator, accountant: PrivacyAccountant | None
+    privacy: PrivacyConfig,
+    rng: np.random.Generator,
+    accountant: PrivacyAccountant | None,
+    *,
+    compression: str = "none",
+    topk_fraction: float = 0.01,
 ) -> list[Step]:
-    """The steps for a privacy config: ``[]`` when DP is off, else clip then noise."""
+    """The steps for a config: clip then noise when DP is on, then compression if configured."""
+    tail: list[Step] = [] if compression == "none" else [CompressStep(compression, topk_fraction=topk_fraction)]
     if not privacy.enabled:
-        return []
+        return tail
     if accountant is None:
         raise ValueError("differential privacy needs an accountant")
     return [
         ClipStep(privacy.clip_norm),
         GaussianNoiseStep(privacy.noise_multiplier, privacy.clip_norm, rng, accountant, privacy.epsilon_budget),
+        *tail,
     ]

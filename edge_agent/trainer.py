@@ -54,7 +54,9 @@ class LocalTrainer:
         self.rng = rng
         self.state_path = state_path
         self.accountant = PrivacyAccountant(privacy.delta) if privacy.enabled else None
-        self.steps: list[Step] = build_pipeline(privacy, rng, self.accountant)
+        self.steps: list[Step] = build_pipeline(
+            privacy, rng, self.accountant, compression=agent.compression, topk_fraction=agent.topk_fraction
+        )
         self.seq = time.time_ns() // 1_000_000
         self.last_trained_version = -1
         self.exhausted: BudgetExhausted | None = None
@@ -125,6 +127,7 @@ class LocalTrainer:
             train_loss=release.loss,
             epsilon=release.epsilon,
             sent_at=time.time() if now is None else now,
+            wire=release.wire,
         )
 
     def _local_model(self, model: ModelMessage) -> Any:

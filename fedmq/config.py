@@ -219,6 +219,10 @@ class PrivacyConfig:
         )
 
 
+COMPRESSION_METHODS = ("none", "fp16", "int8", "topk")
+"""Values of ``agent.compression`` (the same as :data:`fedmq.compression.METHODS`)."""
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """One edge agent."""
@@ -238,10 +242,16 @@ class AgentConfig:
     """Seconds without a receipt after which an update is published again."""
     heartbeat_interval: float = 15.0
     """Seconds between status heartbeats (retained ``online`` with the current seq and epsilon)."""
+    compression: str = "none"
+    """Update compression on the wire: none, fp16, int8 or topk (see :mod:`fedmq.compression`)."""
+    topk_fraction: float = 0.01
+    """With ``compression = "topk"``: the share of entries sent per tensor (the rest feed back)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
         validate_agent_id(self.agent_id, key="agent.agent_id")
+        _check(self.compression in COMPRESSION_METHODS, "agent.compression", f"must be one of {COMPRESSION_METHODS}")
+        _check(0 < self.topk_fraction <= 1, "agent.topk_fraction", "must be in (0, 1]")
         _check(self.local_epochs >= 1, "agent.local_epochs", "must be >= 1")
         _check(self.batch_size >= 1, "agent.batch_size", "must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), "agent.lr", "must be > 0")

@@ -8,11 +8,13 @@ Each message is a msgpack map with ``schema`` (int) and ``kind`` (str) first. Th
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedmq import SCHEMA_VERSION
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, Tensors, decode_tensors, encode_tensors, pack, unpack
+from fedmq.compression import WireTensor, decode_delta, encode_wire
 from fedmq.errors import DecodeError, RejectReason
 from fedmq.topics import is_agent_id
 
@@ -166,6 +168,9 @@ class UpdateMessage:
     oldest_pending: int | None = None
     """The lowest ``seq`` still in the agent's outbox when this update was made: every update
     below it has its receipt, so the aggregator may forget them (it never sees them again)."""
+    wire: Mapping[str, WireTensor] | None = field(default=None, compare=False, repr=False)
+    """The delta as sent, when compressed (:mod:`fedmq.compression`); ``delta`` is then the
+    dense tensors the aggregator reconstructs. ``None``: ``delta`` is sent as it is."""
     kind: str = field(default="update", init=False)
 
     def to_bytes(self) -> bytes:
@@ -180,7 +185,11 @@ class UpdateMessage:
             "train_loss": self.train_loss,
             "epsilon": self.epsilon,
             "sent_at": self.sent_at,
-            "delta": encode_tensors(self.delta),
+            "delta": (
+                {str(k): encode_wire(v) for k, v in self.wire.items()}
+                if self.wire is not None
+                else encode_tensors(self.delta)
+            ),
         }
         if self.oldest_pending is not None:
             obj["oldest_pending"] = self.oldest_pending
@@ -196,7 +205,7 @@ class UpdateMessage:
             seq=_int(obj, "seq"),
             base_version=_int(obj, "base_version"),
             num_examples=_int(obj, "num_examples", minimum=1),
-            delta=decode_tensors(obj.get("delta"), where="delta", limits=limits),
+            delta=decode_delta(obj.get("delta"), where="delta", limits=limits),
             train_loss=_float(obj, "train_loss") or 0.0,
             epsilon=_float(obj, "epsilon", optional=True),
             sent_at=_float(obj, "sent_at") or 0.0,

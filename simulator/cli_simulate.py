@@ -93,6 +93,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=d.local_epochs)
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--compression", choices=["none", "fp16", "int8", "topk"], default=d.compression)
+    g.add_argument("--topk-fraction", type=float, default=d.topk_fraction, help="topk: share of entries sent")
     g.add_argument("--dirichlet-alpha", type=float, default=d.alpha, help="non-IID skew (smaller: more skewed)")
     g = p.add_argument_group("privacy")
     g.add_argument("--no-dp", action="store_true")
@@ -148,6 +150,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         attack=args.attack,
         verify_dp=not args.no_verify_dp,
         conforming_attack=args.attack_conform,
+        compression=args.compression,
+        topk_fraction=args.topk_fraction,
         malicious_fraction=args.malicious_fraction if args.attack != "none" else 0.0,
         privacy=PrivacyConfig(
             enabled=not args.no_dp,

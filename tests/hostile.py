@@ -87,6 +87,19 @@ def corpus(
             t["data"] = data
         return {**update_map(weights)["delta"], name0: t}  # type: ignore[dict-item]
 
+    def topk(index: list[int], *, values: int | None = None, shape: object = None, fill: float = 0.5) -> object:
+        n = len(index) if values is None else values
+        return {
+            "enc": "topk",
+            "shape": list(ref.shape) if shape is None else shape,
+            "index": np.array(index, "<u4").tobytes(),
+            "value": np.full(n, fill, "<f4").tobytes(),
+        }
+
+    def int8(*, scale: float = 0.01, cut: int = 0) -> object:
+        data = np.zeros(ref.size - cut, np.int8).tobytes()
+        return {"enc": "int8", "shape": list(ref.shape), "scale": scale, "data": data}
+
     nan = np.zeros_like(ref)
     nan.flat[0] = np.nan
     inf = np.zeros_like(ref)
@@ -127,6 +140,15 @@ def corpus(
         ("NaN train loss", upd(train_loss=float("nan")), R.BAD_FIELD, D),
         ("agent id not a string", upd(agent_id=5), R.BAD_FIELD, D),
         ("agent id with wildcard", upd(agent_id="a/#"), R.BAD_FIELD, D),
+        # -- compressed forms (fedmq.compression): decoded to dense tensors only after validation
+        ("top-k index out of range", upd(delta={**zeros, name0: topk([ref.size])}), R.SHAPE_MISMATCH, D),
+        ("top-k indices not increasing", upd(delta={**zeros, name0: topk([3, 1])}), R.SHAPE_MISMATCH, D),
+        ("top-k index/value lengths differ", upd(delta={**zeros, name0: topk([1], values=2)}), R.SHAPE_MISMATCH, D),
+        ("top-k decompression bomb", upd(delta={**zeros, name0: topk([1], shape=[2**40])}), R.TOO_LARGE, D),
+        ("top-k NaN value", upd(delta={**zeros, name0: topk([1], fill=float("nan"))}), R.NON_FINITE, D),
+        ("int8 NaN scale", upd(delta={**zeros, name0: int8(scale=float("nan"))}), R.NON_FINITE, D),
+        ("int8 short data", upd(delta={**zeros, name0: int8(cut=1)}), R.SHAPE_MISMATCH, D),
+        ("unknown tensor encoding", upd(delta={**zeros, name0: {"enc": "zstd", "data": MARKER}}), R.BAD_FIELD, D),
         ("oversized (decoder limit)", upd(note=MARKER * (decoder_limit // len(MARKER) + 1)), R.TOO_LARGE, D),
         # -- well formed, but the core must refuse them
         ("unknown base version", upd(base_version=version + 1000), R.UNKNOWN_BASE_VERSION, C),
