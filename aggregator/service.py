@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +132,19 @@ class AggregatorService:
         self._receipts: asyncio.Queue[ReceiptMessage] = asyncio.Queue(maxsize=self.INCOMING_QUEUE)
         self._last_seen: dict[str, float] = {}  # agent -> clock() of its last message
         self._last_sweep = 0.0
+        self._incoming: asyncio.Queue[aiomqtt.Message] | None = None
+        self._unsynced: list[ReceiptMessage] = []  # accepted, written, awaiting the group fsync
+        self._unsynced_bytes = 0
+        self._version_pending = False
+        self._model_view: ModelMessage | None = None
         self._update_bytes = 0  # payload bytes of every update received, for bytes_per_update
         self._update_count = 0
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
+
+    GROUP_COMMIT_UPDATES = 64
+    GROUP_COMMIT_BYTES = 64 * 1024 * 1024
+    """A group commit fsyncs when the incoming queue runs dry or one of these is reached."""
 
     INCOMING_QUEUE = 10_000
     """Received messages waiting to be processed; beyond it they are dropped and counted."""
@@ -145,6 +154,10 @@ class AggregatorService:
         service = self
 
         class CountingQueue(asyncio.Queue[aiomqtt.Message]):
+            def __init__(self, maxsize: int = 0) -> None:
+                super().__init__(maxsize)
+                service._incoming = self
+
             def put_nowait(self, item: aiomqtt.Message) -> None:
                 try:
                     super().put_nowait(item)
@@ -269,6 +282,7 @@ class AggregatorService:
             evaluator.cancel()
             await asyncio.wait([evaluator])  # unlike suppress(CancelledError), keeps our own cancellation
             await self._final_evaluation()
+            await self._flush_wal()
             await self.checkpoint()
             if self._wal is not None:
                 self._wal.close()
@@ -277,7 +291,7 @@ class AggregatorService:
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         await publish(client, self.topics.server_status, self._status("online"), qos=1, retain=True)
         self._maybe_start_round()
-        self._model_dirty.set()
+        self._mark_model_dirty()
         await self.publish_pending_model(client)
         await subscribe(client, self.topics.update_wildcard, qos=1)
         await subscribe(client, self.topics.status_wildcard, qos=1)
@@ -357,13 +371,44 @@ class AggregatorService:
                 )
             return
         assert isinstance(result, Accepted)
-        if self._wal is not None:  # durable before anything else happens because of it
-            await asyncio.to_thread(self._wal.append, topic_agent, payload)
-        self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", core.version, index=result.index))
-        if result.new_version is not None:
+        receipt = ReceiptMessage(topic_agent, update.seq, "accepted", core.version, index=result.index)
+        if self._wal is None:
+            self._send_receipt(receipt)
+            if result.new_version is not None:
+                await self._new_version()
+            return
+        # Group commit: the update is written now and fsync'd with the others that are already
+        # waiting; its receipt and any version it made wait for that fsync.
+        if len(payload) >= 256 * 1024:
+            await asyncio.to_thread(self._wal.write, topic_agent, payload)
+        else:
+            self._wal.write(topic_agent, payload)
+        self._unsynced.append(receipt)
+        self._unsynced_bytes += len(payload)
+        self._version_pending |= result.new_version is not None
+        incoming = self._incoming
+        if (
+            incoming is None
+            or incoming.empty()
+            or len(self._unsynced) >= self.GROUP_COMMIT_UPDATES
+            or self._unsynced_bytes >= self.GROUP_COMMIT_BYTES
+        ):
+            await self._flush_wal()
+
+    async def _flush_wal(self) -> None:
+        """Make what was written durable, then send its receipts and publish the version it made."""
+        if self._wal is None or not (self._unsynced or self._version_pending):
+            return
+        await asyncio.to_thread(self._wal.sync)
+        receipts, self._unsynced, self._unsynced_bytes = self._unsynced, [], 0
+        for receipt in receipts:
+            self._send_receipt(receipt)
+        if self._version_pending:
+            self._version_pending = False
             await self._new_version()
 
     async def _on_status(self, agent: str, payload: bytes) -> None:
+        await self._flush_wal()  # a round may start below: it must see only durable updates
         core = self._core
         self._last_seen[agent] = self.clock()
         online = False
@@ -383,9 +428,10 @@ class AggregatorService:
             self._maybe_start_round()
 
     async def _new_version(self) -> None:
+        await self._flush_wal()  # nothing is published or checkpointed that is not yet durable
         core = self._core
         self._maybe_start_round()
-        self._model_dirty.set()
+        self._mark_model_dirty()
         if core.version % self.cfg.eval_every == 0:
             self._eval_wanted.set()
         if core.version - self._last_checkpoint_version >= self.cfg.checkpoint_every:
@@ -400,7 +446,7 @@ class AggregatorService:
         if len(core.online) < max(1, self.cfg.sync_agents):
             return
         core.start_round()
-        self._model_dirty.set()
+        self._mark_model_dirty()
 
     def _send_receipt(self, receipt: ReceiptMessage) -> None:
         """Queue a receipt for the publisher; if the queue is full it is dropped (the agent re-sends)."""
@@ -429,23 +475,32 @@ class AggregatorService:
             await self._model_dirty.wait()
             await self.publish_pending_model(client)
 
-    async def publish_pending_model(self, client: Any) -> None:
-        """Publish the current model (retained, QoS 1) if it changed since the last publish."""
-        if not self._model_dirty.is_set():
-            return
-        self._model_dirty.clear()
+    def _mark_model_dirty(self) -> None:
+        """Take the model to publish now.
+
+        The core may move on (with updates not yet durable) while the publisher waits for the
+        broker, and must not leak those.
+        """
         core = self._core
-        if core.mode == "sync" and core.selected is None:
-            return  # no round open: nobody should train yet
-        msg = ModelMessage(
+        self._model_view = ModelMessage(
             version=core.version,
             model=self.spec,
-            tensors=core.weights,
+            tensors=core.weights,  # replaced, never mutated, by the core: a reference is a snapshot
             mode=core.mode,  # type: ignore[arg-type]
             selected=core.selected,
             max_staleness=core.max_staleness,
-            created_at=time.time(),
         )
+        self._model_dirty.set()
+
+    async def publish_pending_model(self, client: Any) -> None:
+        """Publish the model taken by the last :meth:`_mark_model_dirty` (retained, QoS 1), once."""
+        if not self._model_dirty.is_set():
+            return
+        self._model_dirty.clear()
+        view = self._model_view
+        if view is None or (view.mode == "sync" and view.selected is None):
+            return  # no round open: nobody should train yet
+        msg = replace(view, created_at=time.time())
         await publish(client, self.topics.model, msg.to_bytes(), qos=1, retain=True)
 
     def _log_rejection(self, rejected: Rejected, sender: str) -> None:

@@ -51,6 +51,7 @@ class WriteAheadLog:
             self._file.truncate(valid_end)
             self._fsync()
         self.appended = 0
+        self.syncs = 0
 
     def _path(self, generation: int) -> Path:
         return self.directory / f"wal.{generation}"
@@ -92,11 +93,23 @@ class WriteAheadLog:
 
     def append(self, agent: str, payload: bytes) -> None:
         """Append one accepted update and fsync: when this returns, it survives a crash."""
+        self.write(agent, payload)
+        self.sync()
+
+    def write(self, agent: str, payload: bytes) -> None:
+        """Append one accepted update without fsync: durable only after the next :meth:`sync`.
+
+        Group commit: one fsync covers every update written since the last.
+        """
         body = pack({"agent": agent, "payload": memoryview(payload)})  # the payload is copied once
         self._file.write(_HEADER.pack(len(body), zlib.crc32(body)))
         self._file.write(body)
-        self._fsync()
         self.appended += 1
+
+    def sync(self) -> None:
+        """Make everything written so far survive a crash."""
+        self._fsync()
+        self.syncs += 1
 
     def _fsync(self) -> None:
         self._file.flush()

@@ -92,7 +92,10 @@ def main() -> None:
         print(f"sync FedAvg never reached {args.target:.2f} in {args.cap:.0f} s; FedBuff took {fb:.1f} s")
     if args.plot:
         path = plot_accuracy(
-            results, args.plot, title=f"time to accuracy, {args.agents} agents with stragglers (target {args.target})"
+            results,
+            args.plot,
+            title=f"time to accuracy, {args.agents} agents with stragglers (target {args.target})",
+            target=args.target,
         )
         print(f"plot: {path}")
     if args.json:

@@ -101,8 +101,10 @@ def format_comparison(summaries: dict[str, dict[str, Any]], threshold: float) ->
     return "\n".join(rows)
 
 
-def plot_accuracy(summaries: dict[str, dict[str, Any]], path: str | Path, title: str = "fedmq") -> Path:
-    """Write a PNG of test accuracy against wall-clock seconds, one line per run."""
+def plot_accuracy(
+    summaries: dict[str, dict[str, Any]], path: str | Path, title: str = "fedmq", target: float | None = None
+) -> Path:
+    """Write a PNG of test accuracy against wall-clock seconds, one line per run (``target``: a dashed line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +115,8 @@ def plot_accuracy(summaries: dict[str, dict[str, Any]], path: str | Path, title:
         hist = s.get("accuracy_history") or []
         if hist:
             ax.plot([h[0] for h in hist], [h[2] for h in hist], label=label, lw=1.6)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1)
     ax.set_xlabel("wall-clock seconds")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
