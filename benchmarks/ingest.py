@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -51,6 +52,9 @@ QUIET = logging.getLogger("ingest.mqtt")
 QUIET.setLevel(logging.ERROR)  # aiomqtt warns on every publish past 10 pending; 20 is the point here
 
 
+_RUN_IDS = itertools.count(1)
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -62,16 +66,16 @@ class Payloads:
     def __init__(self, template_tensors: dict[str, np.ndarray]) -> None:
         rng = np.random.default_rng(0)
         delta = {k: (0.001 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in template_tensors.items()}
-        blob = UpdateMessage("x99999", 1, 0, 10, delta).to_bytes()
+        blob = UpdateMessage("x999999", 1, 0, 10, delta).to_bytes()
         self.template = bytearray(blob)
-        self.at = blob.index(b"x99999")
+        self.at = blob.index(b"x999999")
         self.count = 0
 
     def next(self) -> tuple[str, bytes]:
         """The next update: a new agent id (seq 1), the same delta."""
-        agent = f"a{self.count:05d}"
+        agent = f"a{self.count:06d}"
         self.count += 1
-        self.template[self.at : self.at + 6] = agent.encode()
+        self.template[self.at : self.at + 7] = agent.encode()
         return agent, bytes(self.template)
 
 
@@ -128,7 +132,9 @@ async def run_raw(broker: MosquittoBroker, payloads: Payloads, n: int) -> float:
 async def run_aggregator(
     broker: MosquittoBroker, model: dict[str, np.ndarray], n: int, *, features: int, durable: bool
 ) -> tuple[float, float, int]:
-    prefix = "bench/fedmq"
+    # A prefix of its own per run: the aggregator's persistent session and retained model
+    # from an earlier run on this broker must not be mistaken for this one's.
+    prefix = f"bench/fedmq-{'durable' if durable else 'memory'}-{next(_RUN_IDS)}"
     cmd = [
         sys.executable, "-m", "fedmq.cli", "aggregator", "--broker", broker.url, "--prefix", prefix,
         "--rule", "fedbuff", "--buffer-size", "10", "--model", "softmax", "--num-features", str(features),
