@@ -56,6 +56,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-versions", "aggregator.max_versions", type=int)
     flag(p, "--target-accuracy", "aggregator.target_accuracy", type=float)
     flag(p, "--seed", "aggregator.seed", type=int)
+    flag(p, "--model-interval", "aggregator.model_interval", type=float, help="min seconds between model publishes")
     flag(p, "--agent-timeout", "aggregator.agent_timeout", type=float, help="silent agents count offline after (60 s)")
     add_robust_flags(p)
 

@@ -468,12 +468,15 @@ class AggregatorService:
     async def _model_publisher(self, client: aiomqtt.Client) -> None:
         """Publish the newest model whenever it changed.
 
-        Versions made while a publish is in flight coalesce into one publish of the newest:
-        the retained topic only needs the latest, and the receive loop never waits on a PUBACK.
+        Versions made while a publish is in flight, or within ``aggregator.model_interval`` of
+        the last publish, coalesce into one publish of the newest: the retained topic only needs
+        the latest, and the receive loop never waits on a PUBACK.
         """
         while True:
             await self._model_dirty.wait()
             await self.publish_pending_model(client)
+            if self.cfg.model_interval > 0:
+                await asyncio.sleep(self.cfg.model_interval)  # a rate limit, not a wait for an event
 
     def _mark_model_dirty(self) -> None:
         """Take the model to publish now.

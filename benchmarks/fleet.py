@@ -52,7 +52,8 @@ async def run_size(agents: int, args: argparse.Namespace) -> dict[str, object]:
     broker = MosquittoBroker().start()
     agg = subprocess.Popen(
         [sys.executable, "-m", "fedmq.cli", "aggregator", "--broker", broker.url, "--prefix", cfg.prefix,
-         "--rule", "fedbuff", "--buffer-size", "100", "--model", "softmax", "--num-features", "64",
+         "--rule", "fedbuff", "--buffer-size", "100", "--model-interval", str(args.model_interval),
+         "--model", "softmax", "--num-features", "64",
          "--num-classes", "10", "--max-staleness", "1000000", "--agent-timeout", "3600", "--log-level", "ERROR"],
         cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
@@ -105,12 +106,16 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,5000,10000")
     ap.add_argument("--interval", type=float, default=30.0, help="mean seconds between one device's updates")
     ap.add_argument("--steady", type=float, default=60.0, help="measured seconds of traffic")
+    ap.add_argument("--model-interval", type=float, default=1.0, help="aggregator.model_interval (0: every version)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    print(f"fleet: one Mosquitto, one fedmq aggregator (FedBuff K=100), devices on one event loop; fd limit {soft}")
+    print(
+        f"fleet: one Mosquitto, one fedmq aggregator (FedBuff K=100, model published at most every "
+        f"{args.model_interval:g} s), devices on one event loop; fd limit {soft}"
+    )
     print(f"updates every {args.interval:g} s per device on average (log-normal, sigma 1); {args.steady:g} s measured")
     head = (
         f"{'agents':>7} {'connected':>9} {'connect s':>9} {'online':>7} {'upd/s':>7} {'accepted':>8} "

@@ -347,6 +347,8 @@ max_packet_size 134217728
 max_queued_messages 1000
 max_queued_bytes 4294967296
 max_inflight_messages 20
+# Small control messages (receipts, status) go out at once, not after Nagle's 40 ms delayed-ACK wait.
+set_tcp_nodelay true
 
 # A PUBACK is not an fsync: the database is written at exit and every autosave_interval s.
 persistence true

@@ -96,6 +96,10 @@ class AggregatorConfig:
     max_versions: int = 0
     target_accuracy: float | None = None
     metrics_interval: float = 1.0
+    model_interval: float = 0.0
+    """Seconds at least between two model publishes; versions made meanwhile coalesce into the
+    newest. Every publish goes to every device: with thousands of them this fan-out, not the
+    updates, is what saturates the broker (``benchmarks/fleet.py``). 0: publish every version."""
     seed: int = 0
     robust: str = "none"
     """Byzantine-robust buffer aggregation: none, norm_bound, median, trimmed_mean or krum."""
@@ -143,6 +147,11 @@ class AggregatorConfig:
             "must be in (0, 1]",
         )
         _check(self.metrics_interval > 0, "aggregator.metrics_interval", "must be > 0")
+        _check(
+            self.model_interval >= 0 and math.isfinite(self.model_interval),
+            "aggregator.model_interval",
+            "must be >= 0 seconds",
+        )
         _check(self.agent_timeout > 0, "aggregator.agent_timeout", "must be > 0 seconds")
         self.staleness.validate()
         self._validate_robust()

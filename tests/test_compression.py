@@ -100,3 +100,21 @@ def test_config_names_the_key() -> None:
         AgentConfig(compression="zip").validate()
     with pytest.raises(ConfigError, match=r"agent\.topk_fraction"):
         AgentConfig(compression="topk", topk_fraction=0).validate()
+
+
+async def test_with_the_dp_check_on_int8_passes_and_topk_is_refused_as_not_private() -> None:
+    """Quantization keeps the noise's norm; a top-k update no longer shows it, so it is refused."""
+    from tests.test_seams import Recorder, feed, make_service
+
+    svc = make_service(dp_noise_multiplier=1.0, dp_clip_norm=1.0)
+    assert svc.core is not None
+    r = np.random.default_rng(3)
+    outcomes = {}
+    for i, method in enumerate(("int8", "topk")):
+        noisy = {k: r.normal(0, 1.0, v.shape).astype(np.float32) for k, v in svc.core.weights.items()}
+        wire = {k: compress(method, v, topk_fraction=0.05) for k, v in noisy.items()}
+        seen = {k: dense(w).astype(np.float32) for k, w in wire.items()}
+        rec = Recorder()
+        await feed(svc, rec, f"a{i}", UpdateMessage(f"a{i}", 1, 0, 5, seen, wire=wire).to_bytes())
+        outcomes[method] = (rec.receipts()[0].status, rec.receipts()[0].reason)
+    assert outcomes == {"int8": ("accepted", None), "topk": ("rejected", "not_private")}

@@ -359,3 +359,34 @@ async def test_an_agent_silent_past_the_timeout_counts_offline_and_a_sync_round_
     assert core.online == {"b"} and core.version == 1  # the round finished without a
     p = svc.progress()
     assert (p.agents_online, p.agents_offline) == (1, 1)
+
+
+async def test_model_interval_coalesces_versions_into_one_publish_per_interval() -> None:
+    """With aggregator.model_interval, versions made within it go out as one publish of the newest."""
+    svc = make_service(model_interval=0.3)
+    assert svc.core is not None
+
+    class Client(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.event = asyncio.Event()
+
+        async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+            await super().publish(topic, payload, qos, retain)
+            self.event.set()
+
+    client = Client()
+    task = asyncio.create_task(svc._model_publisher(client))  # type: ignore[arg-type]
+    try:
+        svc._mark_model_dirty()
+        await asyncio.wait_for(client.event.wait(), 5)
+        client.event.clear()
+        started = asyncio.get_running_loop().time()
+        for seq in range(1, 5):  # two FedBuff versions (K=2) within the interval
+            await svc._on_update(f"a{seq}", update_bytes(svc, f"a{seq}", 1, 0.01))
+        assert svc.core.version == 2 and len(client.models()) == 1
+        await asyncio.wait_for(client.event.wait(), 5)
+        assert asyncio.get_running_loop().time() - started >= 0.25
+        assert [m.version for m in client.models()] == [0, 2]
+    finally:
+        task.cancel()
