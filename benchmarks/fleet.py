@@ -6,7 +6,8 @@ For each fleet size: a fresh Mosquitto (the project's dev config) and a real ``f
 aggregator`` process (FedBuff K=100, the digits softmax model) on this machine, and the
 simulated fleet (:mod:`simulator.fleet`) in this process, every device one MQTT connection
 on one event loop, subscribed to the model and its receipts, with a Will and a retained
-status. After the whole fleet is connected, each device sends an update at log-normal
+status. After the whole fleet is connected, each device sends a status heartbeat every 15 s
+(as ``fedmq agent`` does) and an update at log-normal
 intervals (mean ``--interval`` s, sigma 1) for ``--steady`` seconds (the first 10 s are a
 warm-up and not measured).
 

@@ -344,7 +344,7 @@ max_packet_size 134217728
 
 # Persistent sessions queue updates while the aggregator restarts: 1000 messages or 4 GiB,
 # whichever comes first; beyond that Mosquitto drops silently.
-max_queued_messages 1000
+max_queued_messages 50000
 max_queued_bytes 4294967296
 max_inflight_messages 20
 # Small control messages (receipts, status) go out at once, not after Nagle's 40 ms delayed-ACK wait.

@@ -5,7 +5,7 @@ with its own client id, Will and retained ``online`` status, subscribed to the g
 and to its own receipts, exactly as ``fedmq agent`` is. It does not train: it sends a valid
 update (a fixed small delta, its own agent id and seq, based on the newest model it received)
 at heavy-tailed random intervals, so the broker and the aggregator see a real fleet's
-traffic while this process stays cheap. Everything runs on one event loop: one scheduler
+traffic (updates and status heartbeats) while this process stays cheap. Everything runs on one event loop: one scheduler
 task drives every device's releases and keepalives (a heap of due times), and connections
 have no task, timer or thread of their own.
 
@@ -44,6 +44,8 @@ class FleetConfig:
     sigma: float = 1.0
     steady: float = 60.0
     """Seconds of steady traffic measured after the whole fleet is connected."""
+    heartbeat: float = 15.0
+    """Seconds between a device's status heartbeats (retained ``online``), as ``fedmq agent`` sends."""
     connect_concurrency: int = 200
     prefix: str = "fedmq/fleet"
     keepalive: int = 600
@@ -53,6 +55,8 @@ class FleetConfig:
         """Raise ValueError on nonsense parameters."""
         if self.agents < 1 or self.interval <= 0 or self.steady <= 0 or self.connect_concurrency < 1:
             raise ValueError("fleet: need agents >= 1, interval > 0, steady > 0, connect_concurrency >= 1")
+        if self.heartbeat <= 0:
+            raise ValueError("fleet: heartbeat must be > 0 seconds")
         return self
 
 
@@ -110,6 +114,7 @@ class Fleet:
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self.updates_sent = 0
+        self.heartbeats = 0
         self.models_received = 0
         self._model_cache: tuple[bytes, int] | None = None
         self.measuring = False
@@ -182,16 +187,22 @@ class Fleet:
         cfg = self.cfg
         mu = math.log(cfg.interval) - cfg.sigma**2 / 2  # mean of the log-normal == interval
         now = time.monotonic()
-        heap = [(now + self.rng.uniform(0, cfg.interval), d.agent_id) for d in self.devices.values()]
+        # One heap for the whole fleet: (due time, what, device); what 0 = update, 1 = heartbeat.
+        heap = [(now + self.rng.uniform(0, cfg.interval), 0, d.agent_id) for d in self.devices.values()]
+        heap += [(now + self.rng.uniform(0, cfg.heartbeat), 1, d.agent_id) for d in self.devices.values()]
         heapq.heapify(heap)
         end = now + seconds
         last_ping = now
         while time.monotonic() < end and not (stop and stop.is_set()):
             now = time.monotonic()
             while heap and heap[0][0] <= now:
-                _, agent = heapq.heappop(heap)
-                self._release(self.devices[agent], now)
-                heapq.heappush(heap, (now + self.rng.lognormvariate(mu, cfg.sigma), agent))
+                _, what, agent = heapq.heappop(heap)
+                if what == 0:
+                    self._release(self.devices[agent], now)
+                    heapq.heappush(heap, (now + self.rng.lognormvariate(mu, cfg.sigma), 0, agent))
+                else:
+                    self._heartbeat(self.devices[agent])
+                    heapq.heappush(heap, (now + cfg.heartbeat, 1, agent))
             if now - last_ping > cfg.keepalive / 2:
                 for d in self.devices.values():
                     if d.conn is not None:
@@ -199,6 +210,12 @@ class Fleet:
                 last_ping = now
             wait = min(end, heap[0][0] if heap else end) - time.monotonic()
             await asyncio.sleep(max(0.0, min(wait, 0.05)))
+
+    def _heartbeat(self, dev: _Device) -> None:
+        if dev.conn is not None:
+            online = StatusMessage(dev.agent_id, "online", seq=dev.seq, ts=time.time()).to_bytes()
+            dev.conn.publish(self.topics.status(dev.agent_id), online, qos=1, retain=True)
+            self.heartbeats += 1
 
     def _release(self, dev: _Device, now: float) -> None:
         if dev.conn is None or dev.version < 0:
