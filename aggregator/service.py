@@ -363,6 +363,7 @@ class AggregatorService:
             self._log_rejection(result, topic_agent)
             original = core.receipt_for(topic_agent, update.seq) if result.reason is RejectReason.DUPLICATE else None
             if original is not None:  # a re-send of an accepted update: the same receipt again
+                await self._flush_wal()  # ... once the original is durable (it may be in this group)
                 version, index = original
                 self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", version, index=index))
             else:

@@ -150,3 +150,20 @@ async def test_group_commit_fsyncs_a_burst_once_and_says_nothing_before_it(tmp_p
     # The burst is durable: a crash now loses none of it.
     again = service(tmp_path)
     assert snapshot(again) == snapshot(svc)
+
+
+async def test_a_duplicate_in_the_same_group_is_answered_only_once_the_original_is_durable(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    rec = Recorder()
+    backlog: asyncio.Queue[bytes] = asyncio.Queue()
+    svc._incoming = backlog  # type: ignore[assignment]
+    first = update_bytes(svc, "agent-1", 1, 0.1)
+    for _ in range(3):
+        backlog.put_nowait(first)
+    backlog.get_nowait()
+    await feed(svc, rec, "agent-1", first)  # accepted, written, not yet fsync'd (more waiting)
+    assert svc._wal is not None and svc._wal.syncs == 0 and rec.receipts() == []
+    backlog.get_nowait()
+    await feed(svc, rec, "agent-1", first)  # its duplicate: the answer needs the original durable
+    assert svc._wal.syncs == 1
+    assert [(r.seq, r.status) for r in rec.receipts()] == [(1, "accepted"), (1, "accepted")]
