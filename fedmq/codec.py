@@ -139,15 +139,26 @@ def decode_tensors(
     obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS, require_finite: bool = True
 ) -> Tensors:
     """Decode a map of named wire tensors."""
+    return {
+        name: decode_tensor(t, where=at, limits=limits, require_finite=require_finite)
+        for name, t, at in named_items(obj, where=where, limits=limits)
+    }
+
+
+def named_items(obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS) -> list[tuple[str, Any, str]]:
+    """Check a map of named wire tensors: a map, not too many, string names.
+
+    Returns ``(name, wire tensor, where)`` for each, the wire tensors not yet decoded.
+    """
     if not isinstance(obj, dict):
         raise DecodeError(RejectReason.BAD_FIELD, f"{where}: must be a map of named tensors")
     if len(obj) > limits.max_tensors:
         raise DecodeError(RejectReason.TOO_LARGE, f"{where}: {len(obj)} tensors, limit {limits.max_tensors}")
-    out: Tensors = {}
+    out = []
     for name, t in obj.items():
         if not isinstance(name, str):
             raise DecodeError(RejectReason.BAD_FIELD, f"{where}: tensor names must be strings")
-        out[name] = decode_tensor(t, where=f"{where}[{name!r}]", limits=limits, require_finite=require_finite)
+        out.append((name, t, f"{where}[{name!r}]"))
     return out
 
 

@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.codec import DEFAULT_LIMITS, DTYPES, DecodeLimits, Tensors, all_finite, decode_tensor, encode_tensor
+from fedmq.codec import (
+    DEFAULT_LIMITS,
+    DTYPES,
+    DecodeLimits,
+    Tensors,
+    all_finite,
+    decode_tensor,
+    encode_tensor,
+    named_items,
+)
 from fedmq.errors import DecodeError, RejectReason
 
 METHODS = ("none", "fp16", "int8", "topk")
@@ -136,15 +145,8 @@ def decode_delta(obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS)
     Raises:
         DecodeError: ``bad_field``, ``bad_dtype``, ``shape_mismatch``, ``non_finite`` or ``too_large``.
     """
-    if not isinstance(obj, dict):
-        raise DecodeError(RejectReason.BAD_FIELD, f"{where}: must be a map of named tensors")
-    if len(obj) > limits.max_tensors:
-        raise DecodeError(RejectReason.TOO_LARGE, f"{where}: {len(obj)} tensors, limit {limits.max_tensors}")
     out: Tensors = {}
-    for name, t in obj.items():
-        if not isinstance(name, str):
-            raise DecodeError(RejectReason.BAD_FIELD, f"{where}: tensor names must be strings")
-        at = f"{where}[{name!r}]"
+    for name, t, at in named_items(obj, where=where, limits=limits):
         if isinstance(t, dict) and "enc" in t:
             out[name] = _decode_compressed(t, where=at, limits=limits)
         else:
