@@ -23,7 +23,7 @@ import aiomqtt
 
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import BudgetExhausted
-from edge_agent.trainer import LocalTrainer
+from edge_agent.trainer import LocalTrainer, TrainingDiverged
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError
@@ -45,6 +45,8 @@ class AgentStats:
     receipts_rejected: int = 0
     models_received: int = 0
     bad_models: int = 0
+    diverged: int = 0
+    """Local rounds skipped because training produced NaN or Inf."""
     reconnects: int = 0
     last_version: int = -1
     epsilon: float | None = None
@@ -321,6 +323,10 @@ class AgentService:
             except BudgetExhausted as exc:
                 log.warning("agent %s: %s", self.agent_id, exc)
                 raise _Finished from None
+            except TrainingDiverged as exc:
+                self.stats.diverged += 1
+                log.warning("agent %s: %s", self.agent_id, exc)
+                continue
             finally:
                 if self._training.done():
                     self._training = None

@@ -16,6 +16,7 @@ import numpy as np
 
 from edge_agent.pipeline import BudgetExhausted, GaussianNoiseStep, Release, Step, build_pipeline, run_pipeline
 from edge_agent.privacy import PrivacyAccountant
+from fedmq.codec import all_finite
 from fedmq.config import AgentConfig, PrivacyConfig
 from fedmq.messages import ModelMessage, ModelSpec, UpdateMessage
 from fedmq.state import read_state, write_state
@@ -23,6 +24,22 @@ from models import create_model
 from models.datasets import Dataset
 
 STATE_KIND = "agent-state"
+
+
+class TrainingDiverged(Exception):
+    """Local training on one model version produced a non-finite update; the round is skipped.
+
+    The cause is on this device (its data or settings, typically a learning rate too high for
+    the model), so it is logged and counted, and the agent goes on with the next version.
+    """
+
+    def __init__(self, version: int, tensors: list[str], loss: float) -> None:
+        super().__init__(
+            f"local training on model version {version} diverged: NaN or Inf in {tensors[:4]} "
+            f"(loss {loss:.3g}); skipped, waiting for the next version (lower agent.lr if it repeats)"
+        )
+        self.version = version
+        self.tensors = tensors
 
 
 class LocalTrainer:
@@ -99,6 +116,8 @@ class LocalTrainer:
 
         Raises:
             BudgetExhausted: the privacy budget allows no further release.
+            TrainingDiverged: local training produced NaN or Inf (nothing is released or
+                accounted, and this model version is not trained again).
             ValueError: the global model does not fit this agent's model or data.
         """
         self.check_budget()
@@ -114,6 +133,10 @@ class LocalTrainer:
         )
         trained = local.get_weights()
         delta = {k: (trained[k] - model.tensors[k]).astype(model.tensors[k].dtype, copy=False) for k in trained}
+        bad = [k for k, v in delta.items() if not all_finite(v)]
+        if bad:
+            self.last_trained_version = model.version
+            raise TrainingDiverged(model.version, bad, result.loss)
         release = run_pipeline(self.steps, Release(delta, result.num_examples, result.loss))
         self.seq += 1
         self.last_trained_version = model.version

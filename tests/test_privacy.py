@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 
 from edge_agent.pipeline import BudgetExhausted, ClipStep, GaussianNoiseStep, Release, build_pipeline, run_pipeline
 from edge_agent.privacy import PrivacyAccountant, add_gaussian_noise, clip_l2, l2_norm
-from edge_agent.trainer import LocalTrainer
+from edge_agent.trainer import LocalTrainer, TrainingDiverged
 from fedmq.config import AgentConfig, PrivacyConfig
 from fedmq.errors import ConfigError
 from fedmq.messages import ModelMessage, ModelSpec
@@ -240,3 +240,19 @@ print(errors)
     for _ in range(3):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
         assert out.strip() == "[]"
+
+
+def test_diverged_local_training_releases_nothing_and_spends_no_budget() -> None:
+    """A learning rate far too high makes NaN/Inf: the round is skipped, not crashed, not accounted."""
+    train, _ = digits()
+    t = LocalTrainer(
+        AgentConfig(agent_id="a", lr=1e38),
+        PrivacyConfig(clip_norm=1.0, noise_multiplier=1.0),
+        train.subset(np.arange(200)),
+        rng=np.random.default_rng(0),
+    )
+    seq = t.seq
+    with pytest.raises(TrainingDiverged, match="version 4 diverged"):
+        t.train(_model_msg(4))
+    assert t.seq == seq and t.accountant is not None and t.accountant.releases == 0
+    assert not t.should_train(_model_msg(4))  # the same version is not tried again
