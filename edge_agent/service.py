@@ -326,6 +326,7 @@ class AgentService:
             except TrainingDiverged as exc:
                 self.stats.diverged += 1
                 log.warning("agent %s: %s", self.agent_id, exc)
+                await self._new_model.wait()  # not the same version again: the next one (or finish())
                 continue
             finally:
                 if self._training.done():

@@ -117,7 +117,7 @@ class LocalTrainer:
         Raises:
             BudgetExhausted: the privacy budget allows no further release.
             TrainingDiverged: local training produced NaN or Inf (nothing is released or
-                accounted, and this model version is not trained again).
+                accounted; the service waits for the next model version).
             ValueError: the global model does not fit this agent's model or data.
         """
         self.check_budget()
