@@ -46,6 +46,7 @@ METHODS = ("none", "fp16", "int8", "topk")
 
 _F32 = DTYPES["float32"]
 _U32 = np.dtype("<u4")
+_F32_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,10 @@ def compress(method: str, x: npt.NDArray[np.floating[Any]], *, topk_fraction: fl
         return half
     if method == "int8":
         peak = float(np.max(np.abs(x))) if x.size else 0.0
-        scale = peak / 127.0 if peak > 0 and math.isfinite(peak) else 1.0
-        q = np.rint(x / np.float32(scale)).clip(-127, 127).astype(np.int8)
+        # At least float32's smallest normal number, so that 1 / scale stays finite in float32
+        # (a subnormal peak would divide by zero); entries that small quantize to 0.
+        scale = max(peak / 127.0, _F32_TINY) if peak > 0 and math.isfinite(peak) else 1.0
+        q = np.rint(x * np.float32(1.0 / scale)).clip(-127, 127).astype(np.int8)
         return Quantized(q, scale)
     if method == "topk":
         if not 0 < topk_fraction <= 1:

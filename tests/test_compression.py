@@ -48,9 +48,19 @@ def test_bytes_per_update_shrink_as_promised() -> None:
 @settings(max_examples=100, deadline=None)
 @given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=20), elements=st.floats(-1e3, 1e3, width=32)))
 def test_int8_error_is_at_most_half_a_step(x: np.ndarray) -> None:
-    q = compress("int8", x)
+    with np.errstate(divide="raise", over="raise", invalid="raise"):  # for any finite input
+        q = compress("int8", x)
     assert isinstance(q, Quantized)
+    assert np.isfinite(q.scale) and q.scale > 0
     assert np.all(np.abs(q.dense() - x) <= q.scale / 2 * (1 + 1e-5) + 1e-30)
+
+
+def test_int8_of_subnormal_values_is_zero_not_garbage() -> None:
+    x = np.array([1e-45, -1e-45, 0.0], dtype=np.float32)
+    with np.errstate(divide="raise", over="raise", invalid="raise"):
+        q = compress("int8", x)
+    assert isinstance(q, Quantized)
+    np.testing.assert_array_equal(q.q, [0, 0, 0])
 
 
 @settings(max_examples=100, deadline=None)
