@@ -179,3 +179,16 @@ def test_auto_broker_falls_back_to_embedded_when_mosquitto_fails(tmp_path: Path)
         assert b.kind == "embedded"
     finally:
         b.stop()
+
+
+def test_the_readme_configuration_example_loads_and_validates(tmp_path: Path) -> None:
+    """The TOML in README's Configuration section is a real config: every key exists and is valid."""
+    from fedmq.config import load_config
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Configuration", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    path = tmp_path / "fedmq.toml"
+    path.write_text(block)
+    cfg = load_config(path, env={})
+    assert cfg.agent.compression == "none" and cfg.aggregator.model_interval == 0.0
+    assert cfg.aggregator.buffer_size == 10 and cfg.privacy.epsilon_budget == 10.0
