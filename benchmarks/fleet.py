@@ -28,24 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-import aiomqtt
 import numpy as np
 
 from broker.launcher import MosquittoBroker
 from fedmq.messages import ModelMessage, metrics_from_bytes
-from simulator.fleet import Fleet, FleetConfig, percentiles, proc_stats
+from simulator.fleet import Fleet, FleetConfig, percentiles
+from simulator.measure import first_payload, proc_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 10.0
-
-
-async def _first(host: str, port: int, topic: str, limit: float = 60.0) -> bytes:
-    async with aiomqtt.Client(host, port) as client, asyncio.timeout(limit):
-        await client.subscribe(topic, qos=1)
-        async for msg in client.messages:
-            assert isinstance(msg.payload, (bytes, bytearray))
-            return bytes(msg.payload)
-    raise RuntimeError(f"nothing on {topic}")  # pragma: no cover
 
 
 async def run_size(agents: int, args: argparse.Namespace) -> dict[str, object]:
@@ -60,7 +51,7 @@ async def run_size(agents: int, args: argparse.Namespace) -> dict[str, object]:
     )  # fmt: skip
     fleet: Fleet | None = None
     try:
-        model = ModelMessage.from_bytes(await _first(broker.host, broker.port, f"{cfg.prefix}/model"))
+        model = ModelMessage.from_bytes(await first_payload(broker.host, broker.port, f"{cfg.prefix}/model"))
         rng = np.random.default_rng(0)
         delta = {k: (0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in model.tensors.items()}
         fleet = Fleet(cfg, broker.host, broker.port, delta)
@@ -74,7 +65,7 @@ async def run_size(agents: int, args: argparse.Namespace) -> dict[str, object]:
         a1, b1, f1, t1 = proc_stats(agg.pid), proc_stats(broker.proc.pid), time.process_time(), time.monotonic()
         sent = fleet.updates_sent - sent0
         await asyncio.sleep(2.0)  # let the last receipts arrive (counted, not timed into the rate)
-        metrics = metrics_from_bytes(await _first(broker.host, broker.port, f"{cfg.prefix}/metrics"))
+        metrics = metrics_from_bytes(await first_payload(broker.host, broker.port, f"{cfg.prefix}/metrics"))
         wall = t1 - t0
         return {
             "agents": agents,

@@ -29,7 +29,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -41,8 +40,9 @@ import aiomqtt
 import numpy as np
 
 from broker.launcher import MosquittoBroker
-from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage
+from fedmq.messages import ReceiptMessage, UpdateMessage
 from models.registry import create_model
+from simulator.measure import first_payload, proc_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10
@@ -53,11 +53,6 @@ QUIET.setLevel(logging.ERROR)  # aiomqtt warns on every publish past 10 pending;
 
 
 _RUN_IDS = itertools.count(1)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Payloads:
@@ -102,15 +97,6 @@ async def publish_all(host: str, port: int, prefix: str, payloads: Payloads, n: 
         return start
 
 
-async def fetch_model(host: str, port: int, prefix: str, limit: float = 60.0) -> ModelMessage:
-    async with aiomqtt.Client(host, port) as client, asyncio.timeout(limit):
-        await client.subscribe(f"{prefix}/model", qos=1)
-        async for msg in client.messages:
-            assert isinstance(msg.payload, (bytes, bytearray))
-            return ModelMessage.from_bytes(bytes(msg.payload))
-    raise RuntimeError("no model")  # pragma: no cover
-
-
 async def run_raw(broker: MosquittoBroker, payloads: Payloads, n: int) -> float:
     prefix = "bench/raw"
     sink = subprocess.Popen(
@@ -131,7 +117,8 @@ async def run_raw(broker: MosquittoBroker, payloads: Payloads, n: int) -> float:
 
 async def run_aggregator(
     broker: MosquittoBroker, model: dict[str, np.ndarray], n: int, *, features: int, durable: bool
-) -> tuple[float, float, int]:
+) -> tuple[float, float]:
+    """Updates/s into a real aggregator and its CPU use (of one core)."""
     # A prefix of its own per run: the aggregator's persistent session and retained model
     # from an earlier run on this broker must not be mistaken for this one's.
     prefix = f"bench/fedmq-{'durable' if durable else 'memory'}-{next(_RUN_IDS)}"
@@ -145,14 +132,14 @@ async def run_aggregator(
             cmd += ["--checkpoint-dir", state, "--checkpoint-every", "1000000"]
         agg = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
         try:
-            await fetch_model(broker.host, broker.port, prefix)
+            await first_payload(broker.host, broker.port, f"{prefix}/model")  # the aggregator is up
             payloads = Payloads(model)
             accepted = 0
             last = 0.0
             rejected: dict[str, int] = {}
             async with aiomqtt.Client(broker.host, broker.port, identifier="ingest-obs") as obs:
                 await obs.subscribe(f"{prefix}/receipt/+", qos=1)
-                cpu0 = _cpu_seconds(agg.pid)
+                cpu0 = proc_stats(agg.pid)["cpu_s"]
                 pub = asyncio.create_task(publish_all(broker.host, broker.port, prefix, payloads, n))
                 async with asyncio.timeout(600):
                     async for msg in obs.messages:
@@ -166,11 +153,11 @@ async def run_aggregator(
                         if accepted + sum(rejected.values()) >= n:
                             break
                 start = await pub
-                cpu = _cpu_seconds(agg.pid) - cpu0
+                cpu = proc_stats(agg.pid)["cpu_s"] - cpu0
             if rejected:
                 raise RuntimeError(f"aggregator rejected {rejected}")
             wall = last - start
-            return accepted / wall, cpu / wall, accepted
+            return accepted / wall, cpu / wall
         finally:
             agg.terminate()
             agg.wait(30)
@@ -216,11 +203,11 @@ async def main_async(args: argparse.Namespace) -> None:
             broker = MosquittoBroker().start()  # a fresh broker per repetition: no retained state carried over
             try:
                 raws.append(await run_raw(broker, payloads, n))
-                rate, cpu, _ = await run_aggregator(broker, agg_model, n, features=features, durable=False)
+                rate, cpu = await run_aggregator(broker, agg_model, n, features=features, durable=False)
                 rates.append(rate)
                 cpus.append(cpu)
                 if args.durable:
-                    rate, cpu, _ = await run_aggregator(broker, agg_model, n, features=features, durable=True)
+                    rate, cpu = await run_aggregator(broker, agg_model, n, features=features, durable=True)
                     drates.append(rate)
                     dcpus.append(cpu)
             finally:

@@ -93,15 +93,11 @@ def decode_tensor(
     """
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise DecodeError(RejectReason.BAD_FIELD, f"{where}: a tensor is a map of exactly dtype, shape, data")
-    dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    dtype_name = obj["dtype"]
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise DecodeError(RejectReason.BAD_DTYPE, f"{where}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(type(d) is int and d >= 0 for d in shape):
-        raise DecodeError(
-            RejectReason.SHAPE_MISMATCH, f"{where}: shape must be a list of at most {limits.max_ndim} non-negative ints"
-        )
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DecodeError(RejectReason.BAD_FIELD, f"{where}: data must be msgpack bin")
+    shape = wire_shape(obj, where=where, limits=limits)
+    data = wire_bin(obj, "data", where=where)
     dtype = DTYPES[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
@@ -115,6 +111,32 @@ def decode_tensor(
     if require_finite and dtype_name in _FLOAT_NAMES and not all_finite(arr):
         raise DecodeError(RejectReason.NON_FINITE, f"{where}: contains NaN or Inf")
     return arr
+
+
+def wire_shape(obj: Mapping[str, Any], *, where: str, limits: DecodeLimits = DEFAULT_LIMITS) -> list[int]:
+    """The ``shape`` field of a wire tensor (plain or compressed), checked.
+
+    Raises:
+        DecodeError: ``shape_mismatch`` unless it is a list of at most ``max_ndim`` ints >= 0.
+    """
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(type(d) is int and d >= 0 for d in shape):
+        raise DecodeError(
+            RejectReason.SHAPE_MISMATCH, f"{where}: shape must be a list of at most {limits.max_ndim} non-negative ints"
+        )
+    return shape
+
+
+def wire_bin(obj: Mapping[str, Any], key: str, *, where: str) -> memoryview:
+    """A ``bin`` field of a wire tensor, as a memoryview (no copy).
+
+    Raises:
+        DecodeError: ``bad_field`` if it is not msgpack bin.
+    """
+    data = obj.get(key)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(RejectReason.BAD_FIELD, f"{where}: {key} must be msgpack bin")
+    return memoryview(data)
 
 
 def all_finite(arr: npt.NDArray[np.floating[Any]]) -> bool:

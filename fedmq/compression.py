@@ -38,6 +38,8 @@ from fedmq.codec import (
     decode_tensor,
     encode_tensor,
     named_items,
+    wire_bin,
+    wire_shape,
 )
 from fedmq.errors import DecodeError, RejectReason
 
@@ -159,22 +161,10 @@ def decode_delta(obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS)
 
 
 def _shape(obj: Mapping[str, Any], where: str, limits: DecodeLimits) -> tuple[int, ...]:
-    shape = obj.get("shape")
-    if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(type(d) is int and d >= 0 for d in shape):
-        raise DecodeError(
-            RejectReason.SHAPE_MISMATCH, f"{where}: shape must be a list of at most {limits.max_ndim} non-negative ints"
-        )
-    size = math.prod(shape)
-    if size * 4 > limits.max_payload_bytes:  # the dense float32 tensor this would allocate
+    shape = wire_shape(obj, where=where, limits=limits)
+    if math.prod(shape) * 4 > limits.max_payload_bytes:  # the dense float32 tensor this would allocate
         raise DecodeError(RejectReason.TOO_LARGE, f"{where}: shape {shape} expands past the payload limit")
     return tuple(shape)
-
-
-def _buffer(obj: Mapping[str, Any], key: str, where: str) -> memoryview:
-    data = obj.get(key)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DecodeError(RejectReason.BAD_FIELD, f"{where}: {key} must be msgpack bin")
-    return memoryview(data)
 
 
 def _decode_compressed(obj: dict[str, Any], *, where: str, limits: DecodeLimits) -> npt.NDArray[np.float32]:
@@ -186,7 +176,7 @@ def _decode_compressed(obj: dict[str, Any], *, where: str, limits: DecodeLimits)
         scale = obj["scale"]
         if type(scale) is not float or not (math.isfinite(scale) and scale > 0):
             raise DecodeError(RejectReason.NON_FINITE, f"{where}: scale must be a finite float > 0")
-        data = _buffer(obj, "data", where)
+        data = wire_bin(obj, "data", where=where)
         if len(data) != math.prod(shape):
             raise DecodeError(
                 RejectReason.SHAPE_MISMATCH, f"{where}: shape {list(shape)} needs {math.prod(shape)} bytes"
@@ -197,7 +187,7 @@ def _decode_compressed(obj: dict[str, Any], *, where: str, limits: DecodeLimits)
         if set(obj) != {"enc", "shape", "index", "value"}:
             raise DecodeError(RejectReason.BAD_FIELD, f"{where}: a top-k tensor is exactly enc, shape, index, value")
         shape = _shape(obj, where, limits)
-        index_b, value_b = _buffer(obj, "index", where), _buffer(obj, "value", where)
+        index_b, value_b = wire_bin(obj, "index", where=where), wire_bin(obj, "value", where=where)
         if len(index_b) % 4 or len(index_b) != len(value_b) or len(index_b) // 4 > math.prod(shape):
             raise DecodeError(
                 RejectReason.SHAPE_MISMATCH, f"{where}: index and value must be equally many 4-byte items, <= size"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmq.compression import METHODS
 from fedmq.errors import ConfigError
 from fedmq.topics import Topics, validate_agent_id
 
@@ -228,10 +229,6 @@ class PrivacyConfig:
         )
 
 
-COMPRESSION_METHODS = ("none", "fp16", "int8", "topk")
-"""Values of ``agent.compression`` (the same as :data:`fedmq.compression.METHODS`)."""
-
-
 @dataclass(frozen=True)
 class AgentConfig:
     """One edge agent."""
@@ -259,7 +256,7 @@ class AgentConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
         validate_agent_id(self.agent_id, key="agent.agent_id")
-        _check(self.compression in COMPRESSION_METHODS, "agent.compression", f"must be one of {COMPRESSION_METHODS}")
+        _check(self.compression in METHODS, "agent.compression", f"must be one of {METHODS}")
         _check(0 < self.topk_fraction <= 1, "agent.topk_fraction", "must be in (0, 1]")
         _check(self.local_epochs >= 1, "agent.local_epochs", "must be >= 1")
         _check(self.batch_size >= 1, "agent.batch_size", "must be >= 1")

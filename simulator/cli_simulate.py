@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedmq.compression import METHODS
 from fedmq.config import PrivacyConfig, StalenessConfig
 from fedmq.runtime import run_until_signalled, setup_logging
 from simulator.attacks import ATTACKS
@@ -93,7 +94,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=d.local_epochs)
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--compression", choices=["none", "fp16", "int8", "topk"], default=d.compression)
+    g.add_argument("--compression", choices=METHODS, default=d.compression)
     g.add_argument("--topk-fraction", type=float, default=d.topk_fraction, help="topk: share of entries sent")
     g.add_argument("--dirichlet-alpha", type=float, default=d.alpha, help="non-IID skew (smaller: more skewed)")
     g = p.add_argument_group("privacy")

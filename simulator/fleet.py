@@ -19,13 +19,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-import os
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -67,37 +64,6 @@ class _Device:
     version: int = -1
     seq: int = 0
     sent: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass
-class FleetReport:
-    """What a fleet run measured."""
-
-    agents: int
-    connected: int
-    connect_seconds: float
-    steady_seconds: float
-    updates_sent: int
-    receipts: int
-    accepted: int
-    rejected: dict[str, int]
-    latency_ms: dict[str, float]
-    models_received: int
-    fleet_cpu: float
-    processes: dict[str, dict[str, float]]
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data (JSON)."""
-        return dict(self.__dict__)
-
-
-def proc_stats(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system), current and peak RSS (MiB) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    status = Path(f"/proc/{pid}/status").read_text()
-    kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Vm")}
-    return {"cpu_s": cpu, "rss_mib": kb.get("VmRSS", 0) / 1024, "peak_rss_mib": kb.get("VmHWM", 0) / 1024}
 
 
 class Fleet:
@@ -245,4 +211,4 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": 1000 * xs[-1], "mean": 1000 * statistics.fmean(xs)}
 
 
-__all__ = ["Fleet", "FleetConfig", "FleetReport", "percentiles", "proc_stats"]
+__all__ = ["Fleet", "FleetConfig", "percentiles"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import aiomqtt
 
+from aggregator.service import AggregatorService
+from fedmq.config import Config
 from fedmq.runtime import Pulse
 
 
@@ -33,3 +36,12 @@ def payload(msg: aiomqtt.Message) -> bytes:
     """The payload as bytes."""
     assert isinstance(msg.payload, (bytes, bytearray))
     return bytes(msg.payload)
+
+
+async def start_aggregator(cfg: Config) -> tuple[AggregatorService, asyncio.Event, asyncio.Task[dict[str, Any]]]:
+    """An aggregator running on this loop, returned once it is subscribed: (service, stop, task)."""
+    server = AggregatorService(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    await asyncio.wait_for(server.ready.wait(), 20)
+    return server, stop, task

@@ -25,7 +25,7 @@ from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage, metrics_f
 from fedmq.state import read_state
 from models.datasets import digits
 from simulator.harness import SimConfig, Stragglers, run_federation, split_digits
-from tests.helpers import payload, wait_for_message, wait_until
+from tests.helpers import payload, start_aggregator, wait_for_message, wait_until
 from tests.test_models import HAS_ONNX
 
 pytestmark = pytest.mark.broker
@@ -73,10 +73,7 @@ async def test_late_joining_agent_gets_the_retained_model_and_contributes(
     mosquitto: MosquittoBroker, prefix: str
 ) -> None:
     cfg = config(mosquitto, prefix)
-    server = AggregatorService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(cfg)
     # A client that connects after the publish still gets the model: it is retained.
     msg = await wait_for_message(mosquitto.host, mosquitto.port, cfg.topics.model, lambda m: True)
     assert msg.retain and ModelMessage.from_bytes(payload(msg)).version == 0
@@ -157,10 +154,7 @@ async def test_agent_and_aggregator_survive_a_broker_restart(tmp_path: Path, pre
 
 async def test_spoofed_agent_id_is_rejected_and_counted_in_metrics(mosquitto: MosquittoBroker, prefix: str) -> None:
     cfg = config(mosquitto, prefix)
-    server = AggregatorService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(cfg)
     assert server.core is not None
     delta = {k: np.zeros_like(v) for k, v in server.core.weights.items()}
     forged = UpdateMessage(agent_id="agent-2", seq=1, base_version=0, num_examples=5, delta=delta)
@@ -397,10 +391,7 @@ async def test_agent_restarted_with_a_full_outbox_delivers_it(
     from edge_agent.outbox import Outbox
 
     cfg = config(mosquitto, prefix)
-    server = AggregatorService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(cfg)
     assert server.core is not None
     left = Outbox(tmp_path / "pi-1.outbox")  # what the previous run of the agent left behind
     for seq in (1, 2):
@@ -533,10 +524,7 @@ async def _feed_rounds(
 ) -> tuple[dict[str, Any], dict[str, int], int]:
     """Four rounds of three agents' updates, each frame published ``copies_of()`` times; the final state."""
     cfg = config(broker, prefix, buffer_size=3)
-    server = AggregatorService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(cfg)
     core = server.core
     assert core is not None
     sent = 0

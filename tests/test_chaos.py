@@ -8,6 +8,7 @@ import pytest
 
 from broker.launcher import MosquittoBroker
 from simulator.chaos import ChaosConfig, format_report, run_chaos
+from tests.helpers import start_aggregator
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -59,7 +60,6 @@ async def test_a_third_of_the_agents_frozen_with_sigstop_neither_stall_nor_corru
     import subprocess
     import sys
 
-    from aggregator.service import AggregatorService
     from fedmq.config import AggregatorConfig, BrokerConfig, Config
     from fedmq.messages import ReceiptMessage, UpdateMessage
     from tests.helpers import wait_until
@@ -69,10 +69,7 @@ async def test_a_third_of_the_agents_frozen_with_sigstop_neither_stall_nor_corru
         broker=BrokerConfig(host=mosquitto.host, port=mosquitto.port),
         aggregator=AggregatorConfig(rule="fedbuff", buffer_size=2, max_staleness=4, metrics_interval=0.2),
     ).validate()
-    server = AggregatorService(cfg)
-    stop = asyncio.Event()
-    server_task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, server_task = await start_aggregator(cfg)
     core = server.core
     assert core is not None
     seen: dict[str, list[tuple[int, int]]] = {}  # agent -> [(seq, base_version)]

@@ -10,12 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from aggregator.service import AggregatorService
 from broker.launcher import MosquittoBroker
 from fedmq.config import AggregatorConfig, BrokerConfig, Config
 from simulator.fleet import Fleet, FleetConfig, percentiles
 from simulator.mqtt_lite import LiteConnection, MQTTLiteError, _packet, _str
-from tests.helpers import wait_until
+from tests.helpers import start_aggregator, wait_until
 
 
 def _publish(topic: str, payload: bytes, qos: int = 0, pid: int = 7) -> bytes:
@@ -70,10 +69,7 @@ async def test_a_small_fleet_on_one_loop_is_online_and_its_updates_are_receipted
 ) -> None:
     agg = replace(AggregatorConfig(rule="fedbuff", buffer_size=5, metrics_interval=0.2), max_staleness=10_000)
     cfg = Config(prefix=prefix, broker=BrokerConfig(host=mosquitto.host, port=mosquitto.port), aggregator=agg)
-    server = AggregatorService(cfg.validate())
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(cfg.validate())
     assert server.core is not None
     delta = {k: np.full(v.shape, 0.001, np.float32) for k, v in server.core.weights.items()}
     fleet = Fleet(

@@ -18,12 +18,11 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from aggregator.service import AggregatorService
 from broker.launcher import DEV_CONF, MosquittoBroker
 from fedmq.config import AggregatorConfig, BrokerConfig, Config
 from fedmq.messages import UpdateMessage, metrics_from_bytes
 from tests.conftest import require_mosquitto
-from tests.helpers import payload, wait_for_message, wait_until
+from tests.helpers import payload, start_aggregator, wait_for_message, wait_until
 from tests.hostile import MARKER, Hostile, corpus
 
 pytestmark = pytest.mark.broker
@@ -69,10 +68,7 @@ async def run(broker: MosquittoBroker, prefix: str, *, attack: bool) -> tuple[di
         broker=BrokerConfig(host=broker.host, port=broker.port, max_payload_bytes=DECODER_LIMIT),
         aggregator=AggregatorConfig(rule="fedbuff", buffer_size=2, max_staleness=1, metrics_interval=0.1),
     ).validate()
-    server = AggregatorService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(cfg)
     core = server.core
     assert core is not None
     topics = server.topics
@@ -185,10 +181,7 @@ async def test_the_brokers_queue_limit_for_an_offline_aggregator_drops_silently(
             broker=BrokerConfig(host=broker.host, port=broker.port),
             aggregator=AggregatorConfig(rule="fedbuff", buffer_size=100, metrics_interval=0.1),
         ).validate()
-        first = AggregatorService(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(first.run(stop))
-        await asyncio.wait_for(first.ready.wait(), 20)
+        first, stop, task = await start_aggregator(cfg)
         assert first.core is not None
         weights = dict(first.core.weights)
         stop.set()
@@ -198,10 +191,7 @@ async def test_the_brokers_queue_limit_for_an_offline_aggregator_drops_silently(
                 delta = {k: np.zeros_like(v) for k, v in weights.items()}
                 u = UpdateMessage(agent_id=f"d{i}", seq=1, base_version=0, num_examples=1, delta=delta)
                 await dev.publish(f"fedmq/queue/update/d{i}", u.to_bytes(), qos=1)
-        second = AggregatorService(cfg)
-        stop2 = asyncio.Event()
-        task2 = asyncio.create_task(second.run(stop2))
-        await asyncio.wait_for(second.ready.wait(), 20)
+        second, stop2, task2 = await start_aggregator(cfg)
         assert second.core is not None
         await wait_until(second.pulse, lambda: second.core.stats.accepted >= 5)  # type: ignore[union-attr]
         # Nothing more comes. A marker update published now reaches the aggregator after the queued

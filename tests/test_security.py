@@ -34,7 +34,7 @@ from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage
 from fedmq.transport import client_kwargs
 from models.datasets import digits
 from tests.conftest import require_mosquitto
-from tests.helpers import payload, wait_until
+from tests.helpers import payload, start_aggregator, wait_until
 
 pytestmark = pytest.mark.broker
 PREFIX = "fedmq/secure"
@@ -165,10 +165,7 @@ def trainer(agent_id: str) -> LocalTrainer:
 
 
 async def test_an_agent_can_only_act_as_itself_and_the_aggregator_sees_only_that(deployment: Deployment) -> None:
-    server = AggregatorService(deployment.config("aggregator"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(deployment.config("aggregator"))
     assert server.core is not None
     topics = server.topics
     honest_cfg = replace(deployment.config("agent-2"), agent=AgentConfig(agent_id="agent-2", round_interval=0.05))
@@ -262,10 +259,7 @@ def test_agent_refuses_a_certificate_of_another_identity(deployment: Deployment)
 
 async def test_fedmq_agent_command_joins_over_tls_with_its_certificate(deployment: Deployment) -> None:
     """The device integrator's path: `fedmq agent --broker mqtts://... --ca-file --cert-file --key-file`."""
-    server = AggregatorService(deployment.config("aggregator"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    await asyncio.wait_for(server.ready.wait(), 20)
+    server, stop, task = await start_aggregator(deployment.config("aggregator"))
     client = deployment.root / "clients" / "agent-3"
     proc = subprocess.Popen(
         [
