@@ -14,13 +14,14 @@ import sys
 from collections.abc import Sequence
 
 from fedmq import __version__
-from fedmq.errors import ConfigError
+from fedmq.errors import ConfigError, StateError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("simulator.cli_demo", "broker + aggregator + 20 agents on the digits data, with a live progress bar"),
     "simulate": ("simulator.cli_simulate", "N simulated agents in one process: compare rules, DP, stragglers"),
     "broker": ("broker.cli", "run Mosquitto (or the embedded broker) with the project's configuration"),
     "aggregator": ("aggregator.cli", "run the aggregator service"),
+    "recover": ("aggregator.cli_recover", "inspect an aggregator's state folder and choose what to keep after damage"),
     "agent": ("edge_agent.cli", "run one edge agent against a broker and a local data source"),
     "predict": ("edge_agent.cli_predict", "predict with an exported ONNX global model (no torch needed)"),
 }
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args))
-    except ConfigError as exc:
+    except (ConfigError, StateError) as exc:
         print(f"fedmq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -157,6 +157,50 @@ def all_finite(arr: npt.NDArray[np.floating[Any]]) -> bool:
 _BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def owner_nbytes(arr: npt.NDArray[Any]) -> int:
+    """Bytes of the buffer that finally owns ``arr``'s memory: what keeping ``arr`` keeps alive.
+
+    A decoded tensor is a view into its message (:func:`unpack` copies nothing), so holding it
+    holds the whole payload.
+    """
+    obj: Any = arr
+    while True:
+        if isinstance(obj, np.ndarray) and obj.base is not None:
+            obj = obj.base
+        elif isinstance(obj, memoryview):
+            obj = obj.obj
+        elif isinstance(obj, np.ndarray):
+            return int(obj.nbytes)
+        else:
+            try:
+                return len(memoryview(obj).cast("B"))
+            except TypeError:  # pragma: no cover - numpy bases are arrays or buffers
+                return int(arr.nbytes)
+
+
+def detached(tensors: Mapping[str, npt.NDArray[Any]], *, slack: float = 2.0) -> Tensors:
+    """``tensors``, copying those whose owning buffer is more than ``slack`` times their own bytes.
+
+    For whoever keeps decoded tensors beyond one message (a FedBuff buffer): the tensors of
+    one update normally share their payload, which is barely larger than they are together,
+    and stay views; a payload padded with anything else is not kept alive by them.
+    """
+    shared: dict[int, int] = {}
+    owners: dict[str, tuple[int, int]] = {}
+    for name, arr in tensors.items():
+        base: Any = arr
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        key = id(base.obj if isinstance(base, memoryview) else base)
+        shared[key] = shared.get(key, 0) + int(arr.nbytes)
+        owners[name] = (key, owner_nbytes(arr))
+    out: Tensors = {}
+    for name, arr in tensors.items():
+        key, size = owners[name]
+        out[name] = np.array(arr) if size > slack * shared[key] + 4096 else arr
+    return out
+
+
 def decode_tensors(
     obj: Any, *, where: str, limits: DecodeLimits = DEFAULT_LIMITS, require_finite: bool = True
 ) -> Tensors:
@@ -340,7 +384,7 @@ def unpack(payload: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAU
     a strict reader of the msgpack spec for the types fedmq messages use (all of them except
     extension types): every declared length is checked against the bytes that remain and
     against ``limits`` before anything is sliced, nesting is capped at :data:`MAX_DEPTH`,
-    map keys must be strings, and trailing bytes are an error.
+    map keys must be strings and unique, and trailing bytes are an error.
 
     Raises:
         DecodeError: ``too_large`` before parsing when the payload exceeds the limit,
@@ -507,6 +551,8 @@ class _Reader:
                 key, pos = self.read(pos, depth + 1)
                 if not isinstance(key, str):
                     raise _Malformed(f"map keys must be str, got {type(key).__name__}")
+            if key in out:  # msgpack itself keeps the last value: a second claim must not override a checked one
+                raise _Malformed(f"map key {key[:64]!r} appears twice")
             b = buf[pos] if pos < end else 0xC1
             if b <= 0x7F:  # positive fixint value, inline
                 out[key] = b

@@ -16,7 +16,10 @@ Wire forms of one tensor in an update's ``delta`` map (all msgpack, no extension
   entry is zero (Aji & Heafield, EMNLP 2017; error feedback as in Stich et al., NeurIPS 2018).
 
 Decoding validates everything before use: shapes against byte lengths, indices in range and
-strictly increasing, scale and values finite.
+strictly increasing, scale and values finite *as float32*, the type the aggregator computes in
+(a float64 scale that is finite on the wire can still overflow once decoded). The aggregation
+core checks finiteness and range once more on exactly the dense tensors its rule will use
+(``aggregator.core``): that is the gate every form, present or future, passes.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ METHODS = ("none", "fp16", "int8", "topk")
 _F32 = DTYPES["float32"]
 _U32 = np.dtype("<u4")
 _F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,14 @@ def _decode_compressed(obj: dict[str, Any], *, where: str, limits: DecodeLimits)
                 RejectReason.SHAPE_MISMATCH, f"{where}: shape {list(shape)} needs {math.prod(shape)} bytes"
             )
         q = np.frombuffer(data, dtype=np.int8).reshape(shape)
+        # The scale is a float64 on the wire: finite there, it can still overflow float32, alone
+        # or times the codes (1e300 was accepted once and made the model NaN). Checked before use.
+        peak = int(np.abs(q.astype(np.int16)).max()) if q.size else 0
+        if scale > _F32_MAX or peak * scale > _F32_MAX:
+            raise DecodeError(
+                RejectReason.NON_FINITE,
+                f"{where}: scale {scale:.3g} x code {peak} overflows float32 (Inf once decoded)",
+            )
         return Quantized(q, scale).dense()
     if enc == "topk":
         if set(obj) != {"enc", "shape", "index", "value"}:

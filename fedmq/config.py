@@ -120,6 +120,27 @@ class AggregatorConfig:
     agent_timeout: float = 60.0
     """Seconds without any message (update or status heartbeat) after which an agent counts as
     offline, even if its Will never fired (a hung process whose MQTT thread still answers pings)."""
+    round_timeout: float = 300.0
+    """fedavg: seconds a sync round waits for its selected agents before it closes with what it
+    has (a device that reports online and never sends cannot stall the federation). 0: no limit."""
+    rate_limit: float = 1.0
+    """Updates per second one agent may have accepted, sustained (a token bucket; 0: no limit).
+    Set it to about twice the rate of your fastest honest devices: a device faster than that is
+    told to retry later, and cannot fill the buffers."""
+    rate_burst: float = 20.0
+    """Updates an agent may send at once beyond the rate (an outbox flushed after a reconnect)."""
+    max_num_examples: int = 10_000
+    """Cap on the example count a device claims (a claim is not trusted: robust rules ignore it)."""
+    max_update_norm: float = 1e9
+    """Updates with a larger L2 norm are refused (out_of_range): aggregating them could overflow float32."""
+    max_agents: int = 100_000
+    """Agents whose state (dedupe window, rate, liveness) is remembered; the least recently
+    active is forgotten first. The TLS deployment admits only issued identities anyway."""
+    buffer_patience: float = 5.0
+    """FedBuff holds at most one update per agent in a buffer (while K agents are active); a
+    buffer still open after this many seconds admits one more per agent, so it always fills."""
+    shutdown_grace: float = 5.0
+    """Seconds the final messages and the disconnect may take after SIGTERM (a hung broker)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -154,6 +175,16 @@ class AggregatorConfig:
             "must be >= 0 seconds",
         )
         _check(self.agent_timeout > 0, "aggregator.agent_timeout", "must be > 0 seconds")
+        _check(_finite(self.round_timeout) and self.round_timeout >= 0, "aggregator.round_timeout", "must be >= 0 s")
+        _check(_finite(self.rate_limit) and self.rate_limit >= 0, "aggregator.rate_limit", "must be >= 0 (0: off)")
+        _check(_finite(self.rate_burst) and self.rate_burst >= 1, "aggregator.rate_burst", "must be >= 1")
+        _check(self.max_num_examples >= 1, "aggregator.max_num_examples", "must be >= 1")
+        _check(_finite(self.max_update_norm) and self.max_update_norm > 0, "aggregator.max_update_norm", "must be > 0")
+        _check(self.max_agents >= 1, "aggregator.max_agents", "must be >= 1")
+        _check(
+            _finite(self.buffer_patience) and self.buffer_patience > 0, "aggregator.buffer_patience", "must be > 0 s"
+        )
+        _check(_finite(self.shutdown_grace) and self.shutdown_grace > 0, "aggregator.shutdown_grace", "must be > 0 s")
         self.staleness.validate()
         self._validate_robust()
 
@@ -252,6 +283,15 @@ class AgentConfig:
     """Update compression on the wire: none, fp16, int8 or topk (see :mod:`fedmq.compression`)."""
     topk_fraction: float = 0.01
     """With ``compression = "topk"``: the share of entries sent per tensor (the rest feed back)."""
+    send_train_loss: bool = False
+    """Send the local training loss with each update. It is outside the DP guarantee (computed
+    on the raw data, never noised), so it is off unless you want it for debugging."""
+    exact_num_examples: bool = False
+    """Send the exact example count instead of the power of two below it (the count is outside
+    the DP guarantee; see docs/protocol.md)."""
+    shutdown_grace: float = 5.0
+    """Seconds after SIGTERM before an unfinished local round is abandoned (nothing is released,
+    no privacy budget spent) and before a hung broker is given up on."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -274,6 +314,7 @@ class AgentConfig:
             "agent.round_interval",
             "must be >= 0 seconds",
         )
+        _check(_finite(self.shutdown_grace) and self.shutdown_grace > 0, "agent.shutdown_grace", "must be > 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -301,6 +342,10 @@ class Config:
             self.agent.validate()
             self.privacy.validate()
         return self
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 def _check(ok: bool, key: str, problem: str) -> None:

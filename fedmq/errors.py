@@ -5,6 +5,9 @@
 * :class:`PeerError` and its subclasses are a *peer's* fault (a device sent something we
   will not use): they carry a :class:`RejectReason` that is counted and published, and the
   service keeps running.
+* :class:`StateError` is damage to, or inconsistency of, what a service keeps on disk
+  (a checkpoint or log that fails its checksum, a file that went missing): it names the file
+  (and the offset) and stops the start, so that nothing is repaired silently.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ class RejectReason(enum.StrEnum):
     DUPLICATE = "duplicate"
     MODEL_MISMATCH = "model_mismatch"
     NOT_PRIVATE = "not_private"
+    OUT_OF_RANGE = "out_of_range"
+    """Finite, but so large that aggregation would overflow (L2 norm above ``aggregator.max_update_norm``)."""
+    RULE_REFUSED = "rule_refused"
+    """The aggregation rule raised a ValueError about this update (its buffer stays as it was)."""
+    RATE_LIMITED = "rate_limited"
+    """The agent's token bucket is empty; a ``retry`` receipt says when to send it again."""
+    AGENT_BUFFERED = "agent_buffered"
+    """The agent already has an update in the open FedBuff buffer; ``retry`` after it flushes."""
+    BAD_TOPIC = "bad_topic"
+    """An update on a topic whose last level is not a valid agent id (counted, never decoded)."""
+    WRONG_RUN = "wrong_run"
+    """Trained on a model of another federation run (the aggregator started afresh or rolled back)."""
 
 
 class PeerError(FedmqError):
@@ -56,3 +71,22 @@ class PeerError(FedmqError):
 
 class DecodeError(PeerError):
     """The bytes could not be decoded into a valid message under the schema and limits."""
+
+
+RETRYABLE = frozenset({RejectReason.RATE_LIMITED, RejectReason.AGENT_BUFFERED})
+"""Refusals that are not final: the receipt's status is ``retry`` and the agent keeps the update."""
+
+
+class StateError(FedmqError):
+    """A state file is damaged, missing or inconsistent; ``path`` names it (``offset`` where known).
+
+    Raised at startup instead of repairing anything: ``fedmq recover`` decides what to keep.
+    """
+
+    def __init__(self, path: str, problem: str, *, offset: int | None = None, hint: str | None = None) -> None:
+        where = f"{path} at offset {offset}" if offset is not None else path
+        super().__init__(f"{where}: {problem}" + (f"; {hint}" if hint else ""))
+        self.path = path
+        self.problem = problem
+        self.offset = offset
+        self.hint = hint

@@ -3,6 +3,11 @@
 Each message is a msgpack map with ``schema`` (int) and ``kind`` (str) first. The
 ``from_wire`` constructors validate every field of an untrusted map and raise
 :class:`~fedmq.errors.DecodeError` with a reason; see ``docs/protocol.md``.
+
+What devices send (updates, statuses) is decoded strictly: a field this schema does not name
+is refused (``bad_field``), so a device cannot make the aggregator keep, log or checkpoint
+bytes it never uses. What the aggregator sends (models, receipts, metrics) is read leniently
+by agents, so that a newer aggregator can add fields without breaking older devices.
 """
 
 from __future__ import annotations
@@ -18,9 +23,27 @@ from fedmq.compression import WireTensor, decode_delta, encode_wire
 from fedmq.errors import DecodeError, RejectReason
 from fedmq.topics import is_agent_id
 
+RUN_ID_CHARS = frozenset("0123456789abcdef")
+
 Mode = Literal["async", "sync"]
 AgentState = Literal["online", "offline", "training", "budget_exhausted", "stopped"]
 _AGENT_STATES = ("online", "offline", "training", "budget_exhausted", "stopped")
+
+
+def _check_fields(obj: dict[str, Any], allowed: frozenset[str], kind: str) -> None:
+    unknown = obj.keys() - allowed
+    if unknown:
+        names = ", ".join(repr(k[:32]) for k in sorted(unknown)[:4])
+        raise DecodeError(RejectReason.BAD_FIELD, f"unknown field(s) {names} in a {kind} (schema {SCHEMA_VERSION})")
+
+
+def _run_id(obj: dict[str, Any], key: str) -> str | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not (isinstance(v, str) and 8 <= len(v) <= 64 and set(v) <= RUN_ID_CHARS):
+        raise DecodeError(RejectReason.BAD_FIELD, f"{key} must be 8-64 lowercase hex digits or nil")
+    return v
 
 
 def _check_header(obj: dict[str, Any], kind: str) -> None:
@@ -99,6 +122,10 @@ class ModelMessage:
 
     ``selected`` is ``None`` in async mode (every agent may train); in sync mode it lists the
     agent ids the round waits for, and only they train on this version.
+
+    ``run`` names the federation run the versions belong to: it changes when the aggregator
+    starts afresh or an operator confirms a rollback (``fedmq recover --accept-loss``), and an
+    agent that sees a new run follows it, even to a lower version.
     """
 
     version: int
@@ -108,6 +135,7 @@ class ModelMessage:
     selected: tuple[str, ...] | None = None
     max_staleness: int = 20
     created_at: float = 0.0
+    run: str | None = None
     kind: str = field(default="model", init=False)
 
     def to_bytes(self) -> bytes:
@@ -122,6 +150,7 @@ class ModelMessage:
                 "selected": list(self.selected) if self.selected is not None else None,
                 "max_staleness": self.max_staleness,
                 "created_at": self.created_at,
+                "run": self.run,
                 "tensors": encode_tensors(self.tensors),
             }
         )
@@ -145,6 +174,7 @@ class ModelMessage:
             selected=tuple(selected) if selected is not None else None,
             max_staleness=_int(obj, "max_staleness"),
             created_at=_float(obj, "created_at") or 0.0,
+            run=_run_id(obj, "run"),
         )
 
 
@@ -154,7 +184,10 @@ class UpdateMessage:
 
     ``(agent_id, seq)`` identifies an update; ``seq`` increases by one per release.
     ``epsilon`` is the agent's cumulative privacy loss after this release (``None`` when
-    the agent runs without differential privacy).
+    the agent runs without differential privacy). ``num_examples`` is what the agent claims
+    (agents report a power of two, see :func:`report_examples`); ``train_loss`` is only sent
+    when the agent is configured to (``agent.send_train_loss``). ``base_run`` is the run of the
+    model it was trained on (:attr:`ModelMessage.run`).
     """
 
     agent_id: str
@@ -162,12 +195,13 @@ class UpdateMessage:
     base_version: int
     num_examples: int
     delta: Tensors
-    train_loss: float = 0.0
+    train_loss: float | None = None
     epsilon: float | None = None
     sent_at: float = 0.0
     oldest_pending: int | None = None
     """The lowest ``seq`` still in the agent's outbox when this update was made: every update
     below it has its receipt, so the aggregator may forget them (it never sees them again)."""
+    base_run: str | None = None
     wire: Mapping[str, WireTensor] | None = field(default=None, compare=False, repr=False)
     """The delta as sent, when compressed (:mod:`fedmq.compression`); ``delta`` is then the
     dense tensors the aggregator reconstructs. ``None``: ``delta`` is sent as it is."""
@@ -182,7 +216,6 @@ class UpdateMessage:
             "seq": self.seq,
             "base_version": self.base_version,
             "num_examples": self.num_examples,
-            "train_loss": self.train_loss,
             "epsilon": self.epsilon,
             "sent_at": self.sent_at,
             "delta": (
@@ -191,8 +224,9 @@ class UpdateMessage:
                 else encode_tensors(self.delta)
             ),
         }
-        if self.oldest_pending is not None:
-            obj["oldest_pending"] = self.oldest_pending
+        for key in ("train_loss", "oldest_pending", "base_run"):  # optional: absent, not nil
+            if getattr(self, key) is not None:
+                obj[key] = getattr(self, key)
         return pack(obj)
 
     @classmethod
@@ -200,20 +234,42 @@ class UpdateMessage:
         """Decode and validate an untrusted update."""
         obj = unpack(payload, limits)
         _check_header(obj, "update")
+        _check_fields(obj, UPDATE_FIELDS, "update")
         return cls(
             agent_id=_agent_id(obj),
             seq=_int(obj, "seq"),
             base_version=_int(obj, "base_version"),
             num_examples=_int(obj, "num_examples", minimum=1),
             delta=decode_delta(obj.get("delta"), where="delta", limits=limits),
-            train_loss=_float(obj, "train_loss") or 0.0,
+            train_loss=_float(obj, "train_loss", optional=True),
             epsilon=_float(obj, "epsilon", optional=True),
             sent_at=_float(obj, "sent_at") or 0.0,
             oldest_pending=_int(obj, "oldest_pending") if obj.get("oldest_pending") is not None else None,
+            base_run=_run_id(obj, "base_run"),
         )
 
 
-ReceiptStatus = Literal["accepted", "rejected"]
+UPDATE_FIELDS = frozenset(
+    {
+        "schema", "kind", "agent_id", "seq", "base_version", "num_examples", "train_loss",
+        "epsilon", "sent_at", "delta", "oldest_pending", "base_run",
+    }
+)  # fmt: skip
+"""Every field an update may carry; anything else is refused (``bad_field``)."""
+
+
+def report_examples(n: int, *, exact: bool = False) -> int:
+    """What an agent claims as its example count: ``n`` rounded down to a power of two.
+
+    The exact size of a device's data set is itself private (how many patients a clinic saw
+    this week); a power of two keeps FedAvg/FedBuff weights within a factor of 2 of the truth.
+    """
+    if n < 1:
+        raise ValueError(f"need n >= 1, got {n}")
+    return n if exact else 1 << (n.bit_length() - 1)
+
+
+ReceiptStatus = Literal["accepted", "rejected", "retry"]
 
 
 @dataclass(frozen=True)
@@ -222,7 +278,9 @@ class ReceiptMessage:
 
     ``accepted``: the update is in the write-ahead log and will survive a crash; ``version``
     is the model version right after it was taken. ``rejected``: ``reason`` says why; the
-    agent must not re-send it. A re-sent update that was accepted before gets the same
+    agent must not re-send it. ``retry``: not now (``reason`` ``rate_limited`` or
+    ``agent_buffered``); the agent keeps it and sends it again after ``retry_after`` seconds,
+    and trains nothing new meanwhile. A re-sent update that was accepted before gets the same
     receipt again.
     """
 
@@ -233,6 +291,8 @@ class ReceiptMessage:
     reason: str | None = None
     index: int | None = None
     """Accepted: the update's position in the aggregator's order of application (from 1)."""
+    retry_after: float | None = None
+    """Retry: seconds to wait before sending it again."""
 
     def to_bytes(self) -> bytes:
         """Encode."""
@@ -246,6 +306,7 @@ class ReceiptMessage:
                 "version": self.version,
                 "reason": self.reason,
                 "index": self.index,
+                "retry_after": self.retry_after,
             }
         )
 
@@ -255,8 +316,8 @@ class ReceiptMessage:
         obj = unpack(payload, limits)
         _check_header(obj, "receipt")
         status = obj.get("status")
-        if status not in ("accepted", "rejected"):
-            raise DecodeError(RejectReason.BAD_FIELD, "status must be accepted or rejected")
+        if status not in ("accepted", "rejected", "retry"):
+            raise DecodeError(RejectReason.BAD_FIELD, "status must be accepted, rejected or retry")
         reason = obj.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise DecodeError(RejectReason.BAD_FIELD, "reason must be a string or nil")
@@ -270,7 +331,15 @@ class ReceiptMessage:
             version=_int(obj, "version"),
             reason=reason,
             index=index,
+            retry_after=_retry_after(obj),
         )
+
+
+def _retry_after(obj: dict[str, Any]) -> float | None:
+    v = _float(obj, "retry_after", optional=True)
+    if v is not None and not 0 <= v <= 86_400:
+        raise DecodeError(RejectReason.BAD_FIELD, "retry_after must be 0-86400 seconds or nil")
+    return v
 
 
 @dataclass(frozen=True)
@@ -303,6 +372,7 @@ class StatusMessage:
         """Decode and validate an untrusted status message."""
         obj = unpack(payload, limits)
         _check_header(obj, "status")
+        _check_fields(obj, STATUS_FIELDS, "status")
         state = obj.get("state")
         if state not in _AGENT_STATES:
             raise DecodeError(RejectReason.BAD_FIELD, f"state must be one of {_AGENT_STATES}")
@@ -313,6 +383,10 @@ class StatusMessage:
             seq=_int(obj, "seq"),
             ts=_float(obj, "ts") or 0.0,
         )
+
+
+STATUS_FIELDS = frozenset({"schema", "kind", "agent_id", "state", "epsilon", "seq", "ts"})
+"""Every field a status may carry; anything else is refused (``bad_field``)."""
 
 
 def metrics_to_bytes(metrics: dict[str, Any]) -> bytes:

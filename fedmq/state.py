@@ -1,14 +1,28 @@
-"""Durable state files (checkpoints, accountant state): tagged msgpack, written atomically.
+"""Durable state files (checkpoints, accountant state): checksummed msgpack, written atomically.
 
-Arrays are stored as ``{"$tensor": <wire tensor>}`` and read back through the same
-validating decoder as network input; nothing is ever unpickled. Writes go to a temporary
-file in the same folder, are fsync'd, then renamed over the target, so a crash leaves
-either the old or the new file, never a torn one.
+A file is a fixed header and a msgpack body::
+
+    the 8 bytes "FEDMQST" 0x02 | body length (u64 le) | SHA-256 of the body (32 bytes) | body
+
+The body is ``{"schema", "kind", "state"}``; arrays in ``state`` are ``{"$tensor": <wire
+tensor>}``, read back through the same validating decoder as network input; nothing is ever
+unpickled. The digest is checked before anything is decoded, so a flipped bit anywhere (a
+weight's exponent, a counter) is a named :class:`~fedmq.errors.StateError`, not a model that
+loads and is quietly wrong.
+
+Writes go to a temporary file in the same folder (mode 0600), are fsync'd, then renamed over
+the target, so a crash leaves either the old or the new file, never a torn one.
+
+Files written before the checksum (a bare msgpack map) are still read, with a warning, so
+that a device's privacy accountant survives the upgrade; the next save adds the checksum.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +31,11 @@ import numpy as np
 
 from fedmq import SCHEMA_VERSION
 from fedmq.codec import DecodeLimits, decode_tensor, encode_tensor, pack, unpack
-from fedmq.errors import DecodeError
+from fedmq.errors import DecodeError, StateError
+
+log = logging.getLogger("fedmq.state")
+MAGIC = b"FEDMQST\x02"
+_HEADER = struct.Struct("<8sQ32s")
 
 _TAG = "$tensor"
 STATE_LIMITS = DecodeLimits(max_payload_bytes=2 * 1024 * 1024 * 1024, max_array_len=10_000_000, max_map_len=10_000_000)
@@ -79,29 +97,57 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_state(path: str | os.PathLike[str], kind: str, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` (plain values and numpy arrays) to ``path``."""
-    write_atomic(path, pack({"schema": SCHEMA_VERSION, "kind": kind, "state": _to_wire(state)}))
+def encode_state(kind: str, state: dict[str, Any]) -> bytes:
+    """The bytes of a state file: header with the body's length and SHA-256, then the body."""
+    body = pack({"schema": SCHEMA_VERSION, "kind": kind, "state": _to_wire(state)})
+    return _HEADER.pack(MAGIC, len(body), hashlib.sha256(body).digest()) + body
+
+
+def write_state(path: str | os.PathLike[str], kind: str, state: dict[str, Any]) -> int:
+    """Atomically write ``state`` (plain values and numpy arrays) to ``path``; return its size."""
+    data = encode_state(kind, state)
+    write_atomic(path, data, mode=0o600)
+    return len(data)
 
 
 def read_state(path: str | os.PathLike[str], kind: str) -> dict[str, Any] | None:
     """Read a state file written by :func:`write_state`; ``None`` if there is none.
 
     Raises:
-        ValueError: the file exists but is not a valid ``kind`` state file (names the path).
+        StateError: the file exists but is damaged (checksum, length) or is not a ``kind``
+            state file; it names the path.
     """
     path = Path(path)
     try:
         payload = path.read_bytes()
     except FileNotFoundError:
         return None
+    return decode_state(payload, kind, str(path))
+
+
+def decode_state(payload: bytes, kind: str, where: str) -> dict[str, Any]:
+    """Verify and decode the bytes of a state file (``where`` names it in errors)."""
+    if payload[: len(MAGIC)] == MAGIC:
+        if len(payload) < _HEADER.size:
+            raise StateError(where, f"truncated: {len(payload)} bytes, the header alone is {_HEADER.size}")
+        _, length, digest = _HEADER.unpack_from(payload)
+        body = memoryview(payload)[_HEADER.size :]
+        if length != len(body):
+            raise StateError(where, f"damaged: the header says {length} bytes of state, the file has {len(body)}")
+        if hashlib.sha256(body).digest() != digest:
+            raise StateError(where, "damaged: SHA-256 of the contents does not match the one written with them")
+    elif payload[:1] and 0x80 <= payload[0] <= 0x8F:  # a bare msgpack map: written before checksums
+        log.warning("%s has no checksum (written by an older fedmq); it gets one when it is next saved", where)
+        body = memoryview(payload)
+    else:
+        raise StateError(where, f"not a fedmq state file (it starts with {bytes(payload[:8])!r})")
     try:
-        obj = unpack(payload, STATE_LIMITS)
+        obj = unpack(body, STATE_LIMITS)
         if obj.get("schema") != SCHEMA_VERSION or obj.get("kind") != kind:
-            raise ValueError(f"schema {obj.get('schema')!r}, kind {obj.get('kind')!r}")
+            raise ValueError(f"schema {obj.get('schema')!r}, kind {obj.get('kind')!r}, expected kind {kind!r}")
         state = _from_wire(obj["state"], "state")
     except (DecodeError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path} is not a valid {kind} file: {exc}") from None
+        raise StateError(where, f"not a valid {kind} file: {exc}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a valid {kind} file")
+        raise StateError(where, f"not a valid {kind} file")
     return state

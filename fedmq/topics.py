@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 from fedmq.errors import ConfigError
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+# Always matched whole (``fullmatch``): with ``match`` and ``$``, "agent-1\n" passed.
 
 
 def is_agent_id(value: object) -> bool:
     """True if ``value`` is a usable agent id (see :func:`validate_agent_id`)."""
-    return isinstance(value, str) and bool(_ID_RE.match(value)) and value != "server"
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None and value != "server"
 
 
 def validate_agent_id(agent_id: str, *, key: str = "agent.agent_id") -> str:
@@ -34,7 +35,7 @@ def validate_agent_id(agent_id: str, *, key: str = "agent.agent_id") -> str:
     Ids are 1-64 characters of ``[A-Za-z0-9_.-]``: no ``/`` (a second level), no ``+`` or
     ``#`` (wildcards, which Mosquitto's ``%u``/``%c`` ACL patterns must never see).
     """
-    if not isinstance(agent_id, str) or not _ID_RE.match(agent_id):
+    if not isinstance(agent_id, str) or _ID_RE.fullmatch(agent_id) is None:
         raise ConfigError(key, f"agent id {agent_id!r} must be 1-64 characters of [A-Za-z0-9_.-]")
     if agent_id == "server":
         raise ConfigError(key, "agent id 'server' is reserved")
@@ -48,7 +49,7 @@ class Topics:
     prefix: str = "fedmq/default"
 
     def __post_init__(self) -> None:
-        if not _PREFIX_RE.match(self.prefix):
+        if _PREFIX_RE.fullmatch(self.prefix) is None:
             raise ConfigError("federation.prefix", f"{self.prefix!r} is not a valid topic prefix")
 
     @property
@@ -89,9 +90,15 @@ class Topics:
         return f"{self.prefix}/metrics"
 
     def agent_of(self, topic: str, kind: str) -> str | None:
-        """Return the agent id of ``{prefix}/{kind}/{agent_id}``, or ``None`` if it is not one."""
+        """Return the agent id of ``{prefix}/{kind}/{agent_id}``, or ``None`` if it is not one.
+
+        A topic of that kind whose last level is not a valid id gives ``None`` too; use
+        :meth:`kind_of` to tell it from a topic of another kind.
+        """
+        rest = self.kind_of(topic, kind)
+        return rest if rest is not None and is_agent_id(rest) else None
+
+    def kind_of(self, topic: str, kind: str) -> str | None:
+        """The last level of ``{prefix}/{kind}/{anything}`` (valid id or not), else ``None``."""
         head = f"{self.prefix}/{kind}/"
-        if not topic.startswith(head):
-            return None
-        rest = topic[len(head) :]
-        return rest if _ID_RE.match(rest) else None
+        return topic[len(head) :] if topic.startswith(head) else None

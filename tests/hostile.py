@@ -5,8 +5,8 @@ behind it (``"core"``: well-formed messages that must still be refused), and a r
 in front of a running aggregator (every entry, plus ``"broker"``: above the broker's own
 packet limit, which the broker must drop before the aggregator sees it).
 
-Every payload carries :data:`MARKER` where the format allows a free string, so a test can
-assert that no log line ever repeats payload content.
+Payloads carry :data:`MARKER` where a free string can go (an unknown field, an agent id, a
+tensor encoding), so a test can assert that no log line ever repeats payload content.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ def update_map(weights: Mapping[str, npt.NDArray[Any]], **over: object) -> dict[
         "train_loss": 0.0,
         "epsilon": None,
         "sent_at": 0.0,
-        "note": MARKER,
         "delta": {k: encode_tensor(np.zeros_like(v)) for k, v in weights.items()},
     }
     base.update(over)
@@ -149,6 +148,9 @@ def corpus(
         ("int8 NaN scale", upd(delta={**zeros, name0: int8(scale=float("nan"))}), R.NON_FINITE, D),
         ("int8 short data", upd(delta={**zeros, name0: int8(cut=1)}), R.SHAPE_MISMATCH, D),
         ("unknown tensor encoding", upd(delta={**zeros, name0: {"enc": "zstd", "data": MARKER}}), R.BAD_FIELD, D),
+        ("int8 scale overflows float32", upd(delta={**zeros, name0: int8(scale=1e300)}), R.NON_FINITE, D),
+        ("unknown top-level field", upd(note=MARKER), R.BAD_FIELD, D),
+        ("a key written twice", _twice(upd(), "num_examples", 2**62), R.MALFORMED, D),
         ("oversized (decoder limit)", upd(note=MARKER * (decoder_limit // len(MARKER) + 1)), R.TOO_LARGE, D),
         # -- well formed, but the core must refuse them
         ("unknown base version", upd(base_version=version + 1000), R.UNKNOWN_BASE_VERSION, C),
@@ -163,6 +165,7 @@ def corpus(
             C,
         ),
         ("replayed update", replay, R.DUPLICATE, C),
+        ("finite but overflowing", upd(delta={**zeros, name0: enc(np.full_like(ref, 3e38))}), R.OUT_OF_RANGE, C),
     ]
     if broker_limit is not None:
         too_big = upd(note=MARKER * (broker_limit // len(MARKER) + 1))
@@ -177,6 +180,15 @@ def corpus(
             payload = _with_agent(payload, agent)
         out.append(Hostile(name, payload, reason, stage, agent))
     return out
+
+
+def _twice(payload: bytes, key: str, value: object) -> bytes:
+    """The map of ``payload`` with ``key`` written a second time (msgpack readers keep the last)."""
+    obj = msgpack.unpackb(payload, raw=False)
+    items = [*obj.items(), (key, value)]
+    return bytes([0x80 | len(items)]) + b"".join(
+        msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in items
+    )
 
 
 def _with_agent(payload: bytes, agent: str) -> bytes:
