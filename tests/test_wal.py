@@ -6,62 +6,106 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from aggregator.service import AggregatorService
-from aggregator.wal import WriteAheadLog
+from aggregator.store import StateStore
+from aggregator.wal import WalHeader, WalScan, WriteAheadLog
 from fedmq.config import AggregatorConfig, Config
+from fedmq.errors import StateError
 from tests.test_seams import Recorder, feed, update_bytes
 
+RUN = "0123456789abcdef0123456789abcdef"
 
-def test_appended_records_come_back_in_order(tmp_path: Path) -> None:
-    wal = WriteAheadLog(tmp_path, 0)
+
+def new_log(directory: Path, generation: int = 0, base: int = 0) -> WriteAheadLog:
+    return WriteAheadLog.create(directory, WalHeader(RUN, generation, base))
+
+
+def read_log(path: Path) -> list[tuple[str, bytes]]:
+    return [(r.agent, r.payload) for r in WalScan(path).records()]
+
+
+def test_appended_records_come_back_in_order_with_their_numbers(tmp_path: Path) -> None:
+    wal = new_log(tmp_path, 0, base=7)
     for i in range(5):
-        wal.append(f"a{i}", bytes([i]) * (i + 1))
+        wal.write_update(f"a{i}", bytes([i]) * (i + 1), now=1.5 * i, index=10 + i)
+    wal.write_event({"round": ["a", "b"]}, now=9.0)
+    wal.sync()
     wal.close()
-    assert list(WriteAheadLog(tmp_path, 0).records()) == [(f"a{i}", bytes([i]) * (i + 1)) for i in range(5)]
+    scan = WalScan(tmp_path / "wal.0")
+    records = list(scan.records())
+    assert [(r.agent, r.payload, r.index) for r in records[:5]] == [
+        (f"a{i}", bytes([i]) * (i + 1), 10 + i) for i in range(5)
+    ]
+    assert [r.lsn for r in records] == [8, 9, 10, 11, 12, 13] and records[5].event == {"round": ["a", "b"]}
+    assert scan.header == WalHeader(RUN, 0, 7) and scan.torn == 0
 
 
 def test_a_torn_tail_is_cut_and_appending_goes_on(tmp_path: Path) -> None:
-    wal = WriteAheadLog(tmp_path, 3)
-    wal.append("a", b"first")
-    wal.append("b", b"second")
+    wal = new_log(tmp_path, 3)
+    wal.write_update("a", b"first", now=0.0, index=1)
+    wal.write_update("b", b"second", now=0.0, index=2)
+    wal.sync()
     wal.close()
     path = tmp_path / "wal.3"
     whole = path.read_bytes()
-    for cut in range(1, 12):  # a crash in the middle of the second append, at any byte
+    for cut in range(1, 20):  # a crash in the middle of the second append, at any byte
         path.write_bytes(whole[:-cut])
-        again = WriteAheadLog(tmp_path, 3)
-        assert list(again.records()) == [("a", b"first")]
-        again.append("c", b"third")
+        scan = WalScan(path)
+        assert [r.agent for r in scan.records()] == ["a"] and scan.torn > 0
+        again = WriteAheadLog.resume(scan)
+        again.write_update("c", b"third", now=0.0, index=2)
+        again.sync()
         again.close()
-        assert list(WriteAheadLog(tmp_path, 3).records()) == [("a", b"first"), ("c", b"third")]
+        assert read_log(path) == [("a", b"first"), ("c", b"third")]
 
 
-def test_a_corrupted_record_ends_the_log_there(tmp_path: Path) -> None:
-    wal = WriteAheadLog(tmp_path, 0)
-    for name in ("a", "b", "c"):
-        wal.append(name, name.encode() * 10)
+def test_a_corrupted_record_before_the_end_is_damage_named_by_offset(tmp_path: Path) -> None:
+    wal = new_log(tmp_path)
+    for i, name in enumerate(("a", "b", "c")):
+        wal.write_update(name, name.encode() * 10, now=0.0, index=i + 1)
+    wal.sync()
     wal.close()
-    data = bytearray((tmp_path / "wal.0").read_bytes())
-    data[len(data) // 2] ^= 0xFF  # flip a byte inside the second record: its CRC fails
-    (tmp_path / "wal.0").write_bytes(bytes(data))
-    assert [a for a, _ in WriteAheadLog(tmp_path, 0).records()] == ["a"]
+    path = tmp_path / "wal.0"
+    clean = path.read_bytes()
+    second = list(WalScan(path).records())[1].offset
+    for at in range(second, second + 12 + 20):  # every byte of the second record's header and some body
+        data = bytearray(clean)
+        data[at] ^= 0xFF
+        path.write_bytes(bytes(data))
+        scan = WalScan(path)
+        with pytest.raises(StateError) as err:
+            list(scan.records())
+        assert err.value.offset == second and err.value.path == str(path)
+        assert path.read_bytes() == bytes(data)  # nothing was cut
 
 
-def test_rotation_starts_an_empty_generation_and_deletes_older_ones(tmp_path: Path) -> None:
-    wal = WriteAheadLog(tmp_path, 0)
-    wal.append("a", b"x")
-    wal.rotate(1)
-    wal.append("b", b"y")
-    assert sorted(p.name for p in tmp_path.glob("wal.*")) == ["wal.1"]
-    assert list(wal.records()) == [("b", b"y")]
+def test_a_checkpoint_keeps_the_previous_generation_and_prunes_older_ones(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    restored = store.open()
+    store.begin_appending(restored)
+    assert store.wal is not None
+    store.wal.write_update("a", b"x", now=0.0, index=1)
+    store.checkpoint({"version": 0})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0] != ".") == [
+        "checkpoint.1", "fedmq-state.json", "wal.0", "wal.1"
+    ]  # fmt: skip
+    store.wal.write_update("b", b"y", now=0.0, index=2)
+    store.checkpoint({"version": 1})
+    store.checkpoint({"version": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.2", "checkpoint.3", "fedmq-state.json", "wal.2", "wal.3"
+    ]  # fmt: skip
+    for p in tmp_path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600, p
 
 
 def service(tmp_path: Path, rule: str = "fedbuff") -> AggregatorService:
     cfg = Config(
         prefix="fedmq/wal",
         aggregator=AggregatorConfig(
-            rule=rule, buffer_size=3, checkpoint_dir=str(tmp_path), checkpoint_every=2, max_staleness=10
+            rule=rule, buffer_size=3, checkpoint_dir=str(tmp_path), checkpoint_every=2, max_staleness=10, rate_limit=0
         ),
     ).validate()
     svc = AggregatorService(cfg)
@@ -74,11 +118,13 @@ def snapshot(svc: AggregatorService) -> dict[str, object]:
     assert core is not None
     return {
         "version": core.version,
-        "last_seq": dict(core.last_seq),
+        "agents": core.state_dict()["agents"],
         "stats": core.stats.to_dict(),
         "weights": {k: v.tobytes() for k, v in core.weights.items()},
         "rule": {
-            k: [(e["weight"], {n: t.tobytes() for n, t in e["delta"].items()}) for e in v] if k == "buffer" else None
+            k: [(e["agent_id"], e["weight"], {n: t.tobytes() for n, t in e["delta"].items()}) for e in v]
+            if k == "buffer"
+            else None
             for k, v in core.rule.state_dict().items()
         },
     }
@@ -95,10 +141,12 @@ async def test_a_crash_between_checkpoints_loses_nothing_that_was_logged(tmp_pat
             base = first.core.version if first.core is not None else 0
             await feed(first, rec, agent, update_bytes(first, agent, i + 1, float(rng.normal(0, 0.1)), base=base))
         before = snapshot(first)
-        assert first.rt.replayed == 0 and first._wal is not None and first._wal.appended > 0
+        assert first.store is not None and first.store.wal is not None
+        appended = first.store.wal.appended
+        assert first.rt.replayed == 0 and appended > 0
         # kill -9: no final checkpoint, the log file is simply left behind
         second = service(d, rule)
-        assert second.rt.replayed == first._wal.appended
+        assert second.rt.replayed == appended
         assert snapshot(second) == before, rule
 
 
@@ -136,23 +184,25 @@ async def test_group_commit_fsyncs_a_burst_once_and_says_nothing_before_it(tmp_p
     payloads = [update_bytes(svc, f"agent-{i}", 1, 0.1) for i in range(7)]
     for p in payloads:
         backlog.put_nowait(p)
-    assert svc._wal is not None and svc.core is not None
+    assert svc.store is not None and svc.store.wal is not None and svc.core is not None
+    wal = svc.store.wal
     for i, p in enumerate(payloads):
         backlog.get_nowait()
         await feed(svc, rec, f"agent-{i}", p)
         if not backlog.empty():
-            assert rec.receipts() == [] and rec.models() == [] and svc._wal.syncs == 0
-            assert svc._last_checkpoint_version == 0
-    assert svc.core.version == 2 and svc._wal.syncs == 1
+            assert rec.receipts() == [] and rec.models() == [] and wal.syncs == 0
+            assert not any(tmp_path.glob("checkpoint.*"))
+    assert svc.core.version == 2 and wal.syncs == 2  # the burst's fsync, then the checkpoint's
     assert [(r.agent_id, r.status) for r in rec.receipts()] == [(f"agent-{i}", "accepted") for i in range(7)]
     assert [m.version for m in rec.models()] == [2]
-    assert svc._last_checkpoint_version == 2
+    assert sorted(p.name for p in tmp_path.glob("checkpoint.*")) == ["checkpoint.1"]
     # The burst is durable: a crash now loses none of it.
     again = service(tmp_path)
     assert snapshot(again) == snapshot(svc)
 
 
 async def test_a_duplicate_in_the_same_group_is_answered_only_once_the_original_is_durable(tmp_path: Path) -> None:
+    """A re-send of an update still waiting for its fsync gets its receipt with the group, not before."""
     svc = service(tmp_path)
     rec = Recorder()
     backlog: asyncio.Queue[bytes] = asyncio.Queue()
@@ -162,8 +212,13 @@ async def test_a_duplicate_in_the_same_group_is_answered_only_once_the_original_
         backlog.put_nowait(first)
     backlog.get_nowait()
     await feed(svc, rec, "agent-1", first)  # accepted, written, not yet fsync'd (more waiting)
-    assert svc._wal is not None and svc._wal.syncs == 0 and rec.receipts() == []
+    assert svc.store is not None and svc.store.wal is not None
+    wal = svc.store.wal
+    assert wal.syncs == 0 and rec.receipts() == []
     backlog.get_nowait()
-    await feed(svc, rec, "agent-1", first)  # its duplicate: the answer needs the original durable
-    assert svc._wal.syncs == 1
-    assert [(r.seq, r.status) for r in rec.receipts()] == [(1, "accepted"), (1, "accepted")]
+    await feed(svc, rec, "agent-1", first)  # its duplicate waits in the same group: nothing yet
+    assert wal.syncs == 0 and rec.receipts() == []
+    backlog.get_nowait()
+    await feed(svc, rec, "agent-1", first)  # the queue runs dry: one fsync, then both answers
+    assert wal.syncs == 1
+    assert [(r.seq, r.status, r.index) for r in rec.receipts()] == [(1, "accepted", 1)] * 3
