@@ -1,17 +1,39 @@
-"""The sans-IO aggregation core: versioned global model, validation, the rule, and its state.
+"""The sans-IO aggregation core: the versioned global model and every decision about it.
 
-Everything that affects the global model lives here and nowhere else (the discipline of
-h11's ``_state.py``). The core takes decoded messages and plain values and returns
-:class:`Accepted` / :class:`Rejected` results; it never awaits, sleeps, reads a clock or
-touches a socket. The asyncio service (:mod:`aggregator.service`) feeds it and publishes
-what it returns.
+Everything that affects the global model, and every policy about who may change it how
+often, lives here (the discipline of h11's ``_state.py``). The core takes decoded messages and
+plain values, the current time included (``now``, seconds), and returns results that carry
+**effects**: what the service must do, in order (log this input, send this receipt once it is
+durable, publish the model, checkpoint now). It never awaits, sleeps, reads a clock or
+touches a socket or a file; :mod:`aggregator.service` feeds it and carries the effects out.
+
+Its inputs:
+
+- :meth:`AggregatorCore.receive`: one decoded update, from the agent its topic names;
+- :meth:`AggregatorCore.agent_status`: an agent's status (or heartbeat) arrived;
+- :meth:`AggregatorCore.tick`: time passed (liveness expiry, sync-round timeouts);
+- :meth:`AggregatorCore.replay`: a record of the write-ahead log, at start.
+
+What it decides, for each update, in this order: identity (the topic's agent), duplicates
+(a re-send gets its original receipt), the validation gate (names, shapes, dtypes, every
+value finite, the L2 norm within ``max_update_norm``: on exactly the dense tensors the rule
+will use), run and version (``wrong_run``, ``unknown_base_version``, ``too_stale``, sync
+selection), the agreed DP noise (:class:`~aggregator.rules.noise.NoiseCheck`), the agent's
+token bucket (``rate_limited``), one update per agent in each FedBuff buffer
+(``agent_buffered``), and finally the rule, whose ``ValueError`` about the update rejects it
+(``rule_refused``) and leaves its state as it was. The claimed example count is capped at
+``max_num_examples``; robust aggregates ignore it (:mod:`aggregator.robust`).
+
+State kept per agent is bounded (``max_agents``, least recently active first out); what it
+costs is written in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections import Counter
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,17 +41,73 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.robust import Aggregate, WeightedMean
+from aggregator.rules._checks import finite_result
 from aggregator.rules.fedasync import fedasync_mix
 from aggregator.rules.fedavg import fedavg_step
 from aggregator.rules.fedbuff import fedbuff_step, staleness_weight
-from aggregator.rules.robust import l2_norms, norm_bound
+from aggregator.rules.noise import NoiseCheck
+from aggregator.rules.robust import norm_bound
 from aggregator.staleness import StalenessFn
-from fedmq.errors import RejectReason
-from fedmq.messages import UpdateMessage
+from fedmq.codec import detached
+from fedmq.config import AggregatorConfig
+from fedmq.errors import RETRYABLE, RejectReason
+from fedmq.messages import ReceiptMessage, ReceiptStatus, UpdateMessage
 
 Tensors = dict[str, npt.NDArray[Any]]
+_DEFAULTS = AggregatorConfig()
 
 
+# --- effects -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LogUpdate:
+    """Append the update just received (its bytes, as they came) to the write-ahead log."""
+
+    agent_id: str
+    index: int
+    now: float
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """Append a core event (a sync round opened, lost an agent, or closed) to the write-ahead log."""
+
+    event: Mapping[str, Any]
+    now: float
+
+
+@dataclass(frozen=True)
+class SendReceipt:
+    """Send ``receipt``; with ``durable``, only once everything logged before it is on disk."""
+
+    receipt: ReceiptMessage
+    durable: bool
+
+
+@dataclass(frozen=True)
+class PublishModel:
+    """The model or the sync round's selection changed: publish it (once what made it is durable)."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class CheckpointDue:
+    """``checkpoint_every`` versions have passed since the last checkpoint."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class AgentsOffline:
+    """These agents were silent longer than ``agent_timeout`` and now count as offline."""
+
+    agents: tuple[str, ...]
+
+
+Effect = LogUpdate | LogEvent | SendReceipt | PublishModel | CheckpointDue | AgentsOffline
+
+
+# --- results -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Accepted:
     """An update was taken into the rule; ``new_version`` is set when it produced a new model."""
@@ -42,6 +120,7 @@ class Accepted:
     index: int = 0
     """Position in the order of application (1 for the first update ever accepted): a replay of the
     accepted updates sorted by ``index`` rebuilds the model bit for bit."""
+    effects: tuple[Effect, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,18 +131,24 @@ class Rejected:
     seq: int | None
     reason: RejectReason
     detail: str
+    retry_after: float | None = None
+    """For a retryable reason (:data:`fedmq.errors.RETRYABLE`): when to send it again."""
+    effects: tuple[Effect, ...] = ()
 
 
 @dataclass
 class Stats:
-    """Counters the service publishes as metrics."""
+    """Counters the service publishes as metrics (checkpointed with the state)."""
 
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    """Final refusals by reason: the sender's fault."""
+    retried: Counter[str] = field(default_factory=Counter)
+    """``retry`` answers by reason (rate limit, buffer share): flow control, nobody's fault."""
     staleness_sum: int = 0
     max_epsilon: float = 0.0
-    dropped_overload: int = 0
-    """Messages dropped before decoding because the incoming queue was full (our capacity, not a peer's fault)."""
+    rounds_abandoned: int = 0
+    """Sync rounds whose rule refused the updates received (e.g. too few for Krum at a timeout)."""
 
     @property
     def mean_staleness(self) -> float:
@@ -75,9 +160,10 @@ class Stats:
         return {
             "accepted": self.accepted,
             "rejected": dict(self.rejected),
+            "retried": dict(self.retried),
             "staleness_sum": self.staleness_sum,
             "max_epsilon": self.max_epsilon,
-            "dropped_overload": self.dropped_overload,
+            "rounds_abandoned": self.rounds_abandoned,
         }
 
     @classmethod
@@ -86,14 +172,20 @@ class Stats:
         return cls(
             int(d["accepted"]),
             Counter({str(k): int(v) for k, v in d["rejected"].items()}),
+            Counter({str(k): int(v) for k, v in d.get("retried", {}).items()}),
             int(d["staleness_sum"]),
             float(d["max_epsilon"]),
-            int(d.get("dropped_overload", 0)),
+            int(d.get("rounds_abandoned", 0)),
         )
 
 
+# --- rules -----------------------------------------------------------------------------------------
 class Rule(Protocol):
-    """A stateful aggregation strategy that the core drives. Rules never see transport types."""
+    """A stateful aggregation strategy that the core drives. Rules never see transport types.
+
+    :meth:`add` is all-or-nothing: when it raises ``ValueError`` (about this update, or a step
+    whose result would not be finite), the rule's state is as it was before the call.
+    """
 
     name: str
     needs_history: bool
@@ -116,6 +208,14 @@ class Rule(Protocol):
         A rule may keep references to ``delta``'s arrays (no copy on the hot path): callers
         hand over decoded, read-only tensors and never mutate them afterwards.
         """
+        ...
+
+    def held(self, agent_id: str) -> int:
+        """How many updates of ``agent_id`` wait in the rule (the open buffer or round)."""
+        ...
+
+    def open_slots(self) -> tuple[int, int]:
+        """``(waiting, capacity)`` of the open buffer (``(0, 0)`` for a rule without one)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -156,11 +256,22 @@ class FedAsyncRule:
     ) -> Tensors | None:
         """Mix immediately (after norm bounding, when configured)."""
         assert base is not None, "FedAsync needs the base version"
+        clipped = 0
         if self.max_norm is not None:
             (bounded,), clipped = norm_bound([delta], self.max_norm)
-            self.counters["clipped"] += clipped
             delta = bounded
-        return fedasync_mix(weights, base, delta, self.alpha * self.staleness_fn(staleness))
+        new = fedasync_mix(weights, base, delta, self.alpha * self.staleness_fn(staleness))
+        finite_result(new, "the FedAsync mix")
+        self.counters["clipped"] += clipped
+        return new
+
+    def held(self, agent_id: str) -> int:
+        """FedAsync holds nothing between updates."""
+        return 0
+
+    def open_slots(self) -> tuple[int, int]:
+        """No buffer."""
+        return 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         """FedAsync keeps no state beyond the model."""
@@ -170,8 +281,20 @@ class FedAsyncRule:
         """Nothing to restore."""
 
 
+@dataclass(frozen=True)
+class Buffered:
+    """One delta waiting in a FedBuff buffer or a sync round."""
+
+    agent_id: str
+    delta: Tensors
+    weight: float
+
+
 class FedBuffRule:
-    """FedBuff (Nguyen et al. 2022): buffer ``K`` deltas weighted by ``n * s(staleness)``, then one server step."""
+    """FedBuff (Nguyen et al. 2022): buffer ``K`` deltas weighted by ``n * s(staleness)``, then one server step.
+
+    With a robust aggregate the weight is ``s(staleness)`` alone (claims are not trusted).
+    """
 
     name = "fedbuff"
     needs_history = False
@@ -194,7 +317,7 @@ class FedBuffRule:
         self.staleness_fn = staleness_fn
         self.server_lr = server_lr
         self.momentum = momentum
-        self.buffer: list[tuple[Tensors, float]] = []
+        self.buffer: list[Buffered] = []
         self.velocity: Tensors | None = None
 
     def add(
@@ -207,30 +330,53 @@ class FedBuffRule:
         num_examples: int,
         agent_id: str,
     ) -> Tensors | None:
-        """Buffer the delta; step when the buffer holds ``K``."""
-        self.buffer.append((dict(delta), staleness_weight(num_examples, self.staleness_fn(staleness))))
-        if len(self.buffer) < self.buffer_size:
+        """Buffer the delta; step when the buffer holds ``K`` (all-or-nothing)."""
+        claimed = num_examples if self.aggregate.trusts_claims else 1
+        entry = Buffered(agent_id, delta, staleness_weight(claimed, self.staleness_fn(staleness)))
+        if len(self.buffer) + 1 < self.buffer_size:
+            self.buffer.append(entry)
             return None
-        deltas, ws = zip(*self.buffer, strict=True)
-        new, self.velocity = fedbuff_step(
-            weights,
-            deltas,
-            ws,
-            server_lr=self.server_lr,
-            momentum=self.momentum,
-            velocity=self.velocity,
-            aggregate=self.aggregate,
-        )
+        full = [*self.buffer, entry]
+        before = Counter(self.counters)
+        try:
+            new, velocity = fedbuff_step(
+                weights,
+                [e.delta for e in full],
+                [e.weight for e in full],
+                server_lr=self.server_lr,
+                momentum=self.momentum,
+                velocity=self.velocity,
+                aggregate=self.aggregate,
+            )
+            finite_result(new, "the FedBuff step")
+        except ValueError:
+            self.counters.clear()
+            self.counters.update(before)
+            raise
+        self.velocity = velocity
         self.buffer.clear()
         return new
 
+    def held(self, agent_id: str) -> int:
+        """How many deltas of ``agent_id`` are in the open buffer."""
+        return sum(e.agent_id == agent_id for e in self.buffer)
+
+    def open_slots(self) -> tuple[int, int]:
+        """Deltas waiting, and the buffer size ``K``."""
+        return len(self.buffer), self.buffer_size
+
     def state_dict(self) -> dict[str, Any]:
         """The buffer and the momentum state."""
-        return {"buffer": [{"delta": d, "weight": w} for d, w in self.buffer], "velocity": self.velocity}
+        return {
+            "buffer": [{"agent_id": e.agent_id, "delta": e.delta, "weight": e.weight} for e in self.buffer],
+            "velocity": self.velocity,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the buffer and the momentum state."""
-        self.buffer = [(dict(e["delta"]), float(e["weight"])) for e in state["buffer"]]
+        self.buffer = [
+            Buffered(str(e.get("agent_id", "")), dict(e["delta"]), float(e["weight"])) for e in state["buffer"]
+        ]
         self.velocity = dict(state["velocity"]) if state["velocity"] is not None else None
 
 
@@ -244,7 +390,7 @@ class SyncFedAvgRule:
     def __init__(self, aggregate: Aggregate | None = None) -> None:
         self.aggregate = aggregate or WeightedMean()
         self.counters = self.aggregate.counters
-        self.received: list[tuple[Tensors, int]] = []
+        self.received: list[Buffered] = []
 
     def add(
         self,
@@ -257,24 +403,38 @@ class SyncFedAvgRule:
         agent_id: str,
     ) -> Tensors | None:
         """Collect; the core decides when the round is complete and calls :meth:`finish`."""
-        self.received.append((dict(delta), num_examples))
+        claimed = num_examples if self.aggregate.trusts_claims else 1
+        self.received.append(Buffered(agent_id, delta, float(claimed)))
         return None
 
     def finish(self, weights: Tensors) -> Tensors:
-        """Average the round's deltas into the model."""
-        deltas, ns = zip(*self.received, strict=True)
-        self.received.clear()
-        return fedavg_step(weights, deltas, ns, aggregate=self.aggregate)
+        """Average the round's deltas into the model (the round is emptied, also when this raises)."""
+        received, self.received = self.received, []
+        new = fedavg_step(weights, [e.delta for e in received], [e.weight for e in received], aggregate=self.aggregate)
+        return dict(finite_result(new, "the FedAvg round"))
+
+    def held(self, agent_id: str) -> int:
+        """How many updates of ``agent_id`` are in the open round (at most one: selection sees to it)."""
+        return sum(e.agent_id == agent_id for e in self.received)
+
+    def open_slots(self) -> tuple[int, int]:
+        """A round is not a buffer: the selection decides."""
+        return 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         """The deltas received in the open round."""
-        return {"received": [{"delta": d, "num_examples": n} for d, n in self.received]}
+        return {
+            "received": [{"agent_id": e.agent_id, "delta": e.delta, "num_examples": e.weight} for e in self.received]
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the open round."""
-        self.received = [(dict(e["delta"]), int(e["num_examples"])) for e in state["received"]]
+        self.received = [
+            Buffered(str(e.get("agent_id", "")), dict(e["delta"]), float(e["num_examples"])) for e in state["received"]
+        ]
 
 
+# --- per-agent state -------------------------------------------------------------------------------
 RECEIPTS_KEPT = 4096
 """At most this many accepted ``seq -> (version, index)`` remembered per agent: the exactly-once window.
 
@@ -285,6 +445,27 @@ outbox (``oldest_pending``); everything below it has its receipt and is forgotte
 below it is refused as a duplicate. The cap only matters for an agent that never advances it."""
 
 
+@dataclass
+class AgentRecord:
+    """What the core remembers about one agent that had an update accepted (hard state: checkpointed)."""
+
+    last_seq: int = 0
+    receipts: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Accepted ``seq -> (version after it, index)`` the agent may still re-send."""
+    floor: int = 0
+    """The highest ``oldest_pending`` it reported: seqs below are settled."""
+    tokens: float = 0.0
+    stamp: float = 0.0
+    """The token bucket: ``tokens`` at time ``stamp``."""
+
+
+def _bucket(rec: AgentRecord | None, now: float, rate: float, burst: float) -> float:
+    """Tokens available at ``now`` (a new agent starts full; a clock that went back refills nothing)."""
+    if rec is None:
+        return burst
+    return min(burst, rec.tokens + rate * max(0.0, now - rec.stamp))
+
+
 class AggregatorCore:
     """The versioned global model and everything that may change it.
 
@@ -293,10 +474,18 @@ class AggregatorCore:
         rule: the aggregation rule.
         max_staleness: updates more than this many versions behind are rejected.
         version: the version of ``weights`` (0 for a fresh model).
+        run_id: the federation run; an update trained on another run is ``wrong_run``.
         sync_agents: in sync mode, agents per round (0: every online agent).
+        round_timeout: sync mode: seconds a round waits before it closes with what it has.
+        agent_timeout: seconds of silence after which an online agent counts as offline.
         seed: RNG seed for sync-round selection.
-        norm_window: ``(low, high)`` L2 norms outside of which an update is rejected as
-            ``not_private`` (see :func:`aggregator.rules.robust.dp_norm_window`); None: off.
+        noise_check: the agreed local DP noise (see :mod:`aggregator.rules.noise`); None: off.
+        max_num_examples: cap on the example count a device claims.
+        max_update_norm: larger L2 norms are ``out_of_range`` (aggregation could overflow).
+        rate_limit: sustained updates per second per agent (0: no limit); ``rate_burst`` more at once.
+        max_agents: agents remembered (hard and soft state each); least recently active go first.
+        buffer_patience: seconds after which an open FedBuff buffer admits one more update per agent.
+        checkpoint_every: versions between :class:`CheckpointDue` effects (0: never).
     """
 
     def __init__(
@@ -304,33 +493,57 @@ class AggregatorCore:
         weights: Mapping[str, npt.NDArray[Any]],
         rule: Rule,
         *,
-        max_staleness: int = 20,
+        max_staleness: int = _DEFAULTS.max_staleness,
         version: int = 0,
+        run_id: str | None = None,
         sync_agents: int = 0,
+        round_timeout: float = _DEFAULTS.round_timeout,
+        agent_timeout: float = _DEFAULTS.agent_timeout,
         seed: int = 0,
-        norm_window: tuple[float, float] | None = None,
+        noise_check: NoiseCheck | None = None,
+        max_num_examples: int = _DEFAULTS.max_num_examples,
+        max_update_norm: float = _DEFAULTS.max_update_norm,
+        rate_limit: float = _DEFAULTS.rate_limit,
+        rate_burst: float = _DEFAULTS.rate_burst,
+        max_agents: int = _DEFAULTS.max_agents,
+        buffer_patience: float = _DEFAULTS.buffer_patience,
+        checkpoint_every: int = 0,
     ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
-        if norm_window is not None and not 0 <= norm_window[0] < norm_window[1]:
-            raise ValueError(f"norm_window must be (low, high) with 0 <= low < high, got {norm_window}")
-        self.norm_window = norm_window
+        if not (max_num_examples >= 1 and max_update_norm > 0 and rate_limit >= 0 and rate_burst >= 1):
+            raise ValueError("need max_num_examples >= 1, max_update_norm > 0, rate_limit >= 0, rate_burst >= 1")
+        if max_agents < 1 or round_timeout < 0 or agent_timeout <= 0 or checkpoint_every < 0 or buffer_patience <= 0:
+            raise ValueError(
+                "need max_agents >= 1, round_timeout >= 0, agent_timeout > 0, checkpoint_every >= 0, "
+                "buffer_patience > 0"
+            )
         self.rule = rule
         self.max_staleness = 0 if rule.mode == "sync" else max_staleness
         self.version = version
+        self.run_id = run_id
+        self.noise_check = noise_check
+        self.max_num_examples = max_num_examples
+        self.max_update_norm = max_update_norm
+        self.rate_limit, self.rate_burst = rate_limit, rate_burst
+        self.max_agents = max_agents
+        self.buffer_patience = buffer_patience
+        self.sync_agents, self.round_timeout, self.agent_timeout = sync_agents, round_timeout, agent_timeout
+        self.checkpoint_every = checkpoint_every
         self._weights: Tensors = _frozen({k: np.array(v) for k, v in weights.items()})
         self._history: dict[int, Tensors] = {version: self._weights} if rule.needs_history else {}
-        self.last_seq: dict[str, int] = {}
-        self.receipts: dict[str, dict[int, tuple[int, int]]] = {}
-        self.floors: dict[str, int] = {}
-        """Per agent, the highest ``oldest_pending`` it reported: seqs below are settled."""
-        """Per agent, the last :data:`RECEIPTS_KEPT` accepted ``seq -> (version, index)`` (to answer re-sends)."""
-        self.stats = Stats()
+        self._agents: OrderedDict[str, AgentRecord] = OrderedDict()
+        self._seen: OrderedDict[str, float] = OrderedDict()  # soft: last message time, for liveness
         self.online: set[str] = set()
-        self.sync_agents = sync_agents
+        self.stats = Stats()
         self.selected: tuple[str, ...] | None = None
         self._waiting: set[str] = set()
+        self._round_started = 0.0
         self._rng = random.Random(seed)
+        self._last_checkpoint = version
+        self._replaying = False
+        self._recent: OrderedDict[str, float] = OrderedDict()  # soft: last accepted update per agent
+        self._buffer_opened = 0.0  # soft: when the open buffer got its first delta
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -343,104 +556,246 @@ class AggregatorCore:
         """``"async"`` or ``"sync"``."""
         return self.rule.mode
 
-    # --- agents ----------------------------------------------------------------------------
-    def agent_status(self, agent_id: str, online: bool) -> int | None:
-        """Record an agent coming online or going offline; may complete a sync round.
+    @property
+    def known_agents(self) -> int:
+        """Agents whose dedupe state is kept (at most ``max_agents``)."""
+        return len(self._agents)
 
-        Returns the new version when a sync round completed because its last awaited agent left.
-        """
-        if online:
-            self.online.add(agent_id)
-            return None
-        self.online.discard(agent_id)
-        if self.mode == "sync" and agent_id in self._waiting:
-            self._waiting.discard(agent_id)
-            return self._maybe_finish_round()
-        return None
+    @property
+    def last_seq(self) -> dict[str, int]:
+        """The highest accepted seq of each known agent (a snapshot)."""
+        return {a: r.last_seq for a, r in self._agents.items()}
 
-    def start_round(self) -> tuple[str, ...]:
-        """Sync mode: select the agents the round at the current version waits for.
+    @property
+    def offline(self) -> int:
+        """Agents heard from (still remembered) that are offline now."""
+        return len(self._seen) - len(self.online)
 
-        Only call while the round has received nothing (at start, or after a round completed).
-        """
-        if self.mode != "sync":
-            raise RuntimeError("start_round is for the sync rule only")
-        if isinstance(self.rule, SyncFedAvgRule) and self.rule.received:
-            raise RuntimeError("round already has updates; it cannot be re-selected")
-        pool = sorted(self.online)
-        k = len(pool) if self.sync_agents == 0 else min(self.sync_agents, len(pool))
-        self.selected = tuple(sorted(self._rng.sample(pool, k)))
-        self._waiting = set(self.selected)
-        return self.selected
+    def agent(self, agent_id: str) -> AgentRecord | None:
+        """What the core remembers about ``agent_id`` (None: nothing accepted, or forgotten)."""
+        return self._agents.get(agent_id)
+
+    def receipt_for(self, agent_id: str, seq: int) -> tuple[int, int] | None:
+        """``(version, index)`` recorded when ``(agent_id, seq)`` was accepted, if it was (and is still kept)."""
+        rec = self._agents.get(agent_id)
+        return rec.receipts.get(seq) if rec is not None else None
 
     @property
     def round_open(self) -> bool:
         """Sync mode: the current round still waits for someone."""
         return bool(self._waiting)
 
+    # --- agents ----------------------------------------------------------------------------
+    def agent_status(self, agent_id: str, online: bool, *, now: float = 0.0) -> tuple[Effect, ...]:
+        """An agent's status or heartbeat arrived: liveness, and in sync mode maybe a round."""
+        effects: list[Effect] = []
+        self._touch(agent_id, now, effects)
+        if online:
+            self.online.add(agent_id)
+        elif agent_id in self.online:
+            self.online.discard(agent_id)
+            self._leave_round(agent_id, now, effects)
+        self._maybe_start_round(now, effects)
+        return tuple(effects)
+
+    def tick(self, now: float) -> tuple[Effect, ...]:
+        """Time passed: expire silent agents, time out a sync round, maybe open one."""
+        effects: list[Effect] = []
+        cutoff = now - self.agent_timeout
+        silent = []
+        for agent, seen in self._seen.items():  # oldest first: stop at the first recent one
+            if seen >= cutoff:
+                break
+            if agent in self.online:
+                silent.append(agent)
+        for agent in silent:
+            self.online.discard(agent)
+            self._leave_round(agent, now, effects)
+        if silent:
+            effects.append(AgentsOffline(tuple(silent)))
+        if self.selected is not None and self.round_timeout > 0 and now - self._round_started >= self.round_timeout:
+            self._close_round(now, "timeout", effects)
+        self._maybe_start_round(now, effects)
+        return tuple(effects)
+
+    def _touch(self, agent_id: str, now: float, effects: list[Effect]) -> None:
+        self._seen.pop(agent_id, None)
+        self._seen[agent_id] = now
+        while len(self._seen) > self.max_agents:
+            gone, _ = self._seen.popitem(last=False)
+            if gone in self.online:
+                self.online.discard(gone)
+                self._leave_round(gone, now, effects)
+
+    # --- sync rounds -----------------------------------------------------------------------
+    def _maybe_start_round(self, now: float, effects: list[Effect]) -> None:
+        if self.mode != "sync" or self.selected is not None or self._replaying:
+            return
+        if len(self.online) < max(1, self.sync_agents):
+            return
+        pool = sorted(self.online)
+        k = len(pool) if self.sync_agents == 0 else min(self.sync_agents, len(pool))
+        selected = tuple(sorted(self._rng.sample(pool, k)))
+        self._open_round(selected, now)
+        effects += [LogEvent({"round": list(selected)}, now), PublishModel(self.version)]
+
+    def _open_round(self, selected: tuple[str, ...], now: float) -> None:
+        self.selected = selected
+        self._waiting = set(selected)
+        self._round_started = now
+
+    def _leave_round(self, agent_id: str, now: float, effects: list[Effect]) -> None:
+        if self.mode != "sync" or agent_id not in self._waiting:
+            return
+        self._waiting.discard(agent_id)
+        effects.append(LogEvent({"leave": agent_id}, now))
+        if not self._waiting:
+            self._close_round(now, "everyone answered or left", effects)
+
+    def _close_round(self, now: float, why: str, effects: list[Effect]) -> None:
+        effects.append(LogEvent({"close": why}, now))
+        self._finish_round(effects)
+
+    def _finish_round(self, effects: list[Effect]) -> None:
+        assert isinstance(self.rule, SyncFedAvgRule)
+        self.selected, self._waiting = None, set()
+        if not self.rule.received:
+            return
+        try:
+            new = self.rule.finish(self._weights)
+        except ValueError:
+            self.stats.rounds_abandoned += 1  # e.g. a timeout left fewer updates than Krum needs
+            effects.append(PublishModel(self.version))
+            return
+        self._advance(new, effects)
+
     # --- updates ---------------------------------------------------------------------------
-    def receive(self, update: UpdateMessage, *, topic_agent_id: str | None = None) -> Accepted | Rejected:
-        """Validate ``update`` and feed it to the rule.
+    def receive(
+        self, update: UpdateMessage, *, topic_agent_id: str | None = None, now: float = 0.0
+    ) -> Accepted | Rejected:
+        """Decide about ``update``; the result carries the effects to carry out, in order.
 
         ``topic_agent_id`` is the agent id taken from the topic the update arrived on; an
         update whose own ``agent_id`` differs is rejected (spoofing).
         """
         aid, seq = update.agent_id, update.seq
-        rejected = self._validate(update, topic_agent_id)
+        effects: list[Effect] = []
+        if topic_agent_id is not None and not self._replaying:
+            self._touch(topic_agent_id, now, effects)
+        rejected = self._admit(update, topic_agent_id, now)
         if rejected is not None:
-            return self.reject(rejected)
+            return self._refuse(rejected, effects, topic_agent_id)
         staleness = self.version - update.base_version
         base = self._history.get(update.base_version) if self.rule.needs_history else None
-        new = self.rule.add(
-            self._weights, base, update.delta, staleness=staleness, num_examples=update.num_examples, agent_id=aid
-        )
-        self.last_seq[aid] = max(seq, self.last_seq.get(aid, seq))
+        try:
+            new = self.rule.add(
+                self._weights,
+                base,
+                detached(update.delta),  # a buffered delta must not keep a larger payload alive
+                staleness=staleness,
+                num_examples=min(update.num_examples, self.max_num_examples),
+                agent_id=aid,
+            )
+        except ValueError as exc:
+            return self._refuse(Rejected(aid, seq, RejectReason.RULE_REFUSED, str(exc)[:300]), effects, topic_agent_id)
         self.stats.accepted += 1
+        index = self.stats.accepted
         self.stats.staleness_sum += staleness
         if update.epsilon is not None:
             self.stats.max_epsilon = max(self.stats.max_epsilon, update.epsilon)
-        new_version: int | None = None
+        effects.append(LogUpdate(aid, index, now))
+        receipt_at = len(effects)
+        rec = self._record(aid)
+        if self.rate_limit > 0:
+            rec.tokens, rec.stamp = max(0.0, _bucket(rec, now, self.rate_limit, self.rate_burst) - 1.0), now
+        rec.last_seq = max(seq, rec.last_seq)
+        self._recent.pop(aid, None)
+        self._recent[aid] = now
+        if self.rule.open_slots()[0] == 1:
+            self._buffer_opened = now
+        before = self.version
         if new is not None:
-            new_version = self._advance(new)
+            self._advance(new, effects)
         elif self.mode == "sync":
             self._waiting.discard(aid)
-            new_version = self._maybe_finish_round()
-        kept = self.receipts.setdefault(aid, {})
-        kept[seq] = (self.version, self.stats.accepted)
-        if update.oldest_pending is not None and update.oldest_pending > self.floors.get(aid, 0):
-            self.floors[aid] = update.oldest_pending
-            for old in [q for q in kept if q < update.oldest_pending]:
-                del kept[old]  # receipted: the agent will not send it again
-        if len(kept) > RECEIPTS_KEPT:
-            del kept[min(kept)]
-        return Accepted(aid, seq, update.base_version, staleness, new_version, self.stats.accepted)
+            if not self._waiting:
+                self._finish_round(effects)
+            self._maybe_start_round(now, effects)
+        new_version = self.version if self.version != before else None
+        rec.receipts[seq] = (self.version, index)
+        if update.oldest_pending is not None and update.oldest_pending > rec.floor:
+            rec.floor = update.oldest_pending
+            for old in [q for q in rec.receipts if q < update.oldest_pending]:
+                del rec.receipts[old]  # receipted: the agent will not send it again
+        if len(rec.receipts) > RECEIPTS_KEPT:
+            del rec.receipts[min(rec.receipts)]
+        receipt = ReceiptMessage(aid, seq, "accepted", self.version, index=index)
+        effects.insert(receipt_at, SendReceipt(receipt, durable=True))
+        return Accepted(aid, seq, update.base_version, staleness, new_version, index, tuple(effects))
 
-    def receipt_for(self, agent_id: str, seq: int) -> tuple[int, int] | None:
-        """``(version, index)`` recorded when ``(agent_id, seq)`` was accepted, if it was (and is still kept)."""
-        return self.receipts.get(agent_id, {}).get(seq)
+    def _refuse(self, rejected: Rejected, effects: list[Effect], sender: str | None) -> Rejected:
+        """Count it and answer it on the receipt topic of ``sender``.
+
+        That is the agent the topic names (the identity the broker authenticated), never the id
+        the payload claims.
+        """
+        retry = rejected.reason in RETRYABLE
+        (self.stats.retried if retry else self.stats.rejected)[rejected.reason.value] += 1
+        aid, seq = sender or rejected.agent_id, rejected.seq
+        if aid is not None and seq is not None:
+            original = self.receipt_for(aid, seq) if rejected.reason is RejectReason.DUPLICATE else None
+            if original is not None:  # a re-send of an accepted update: the same receipt again, once durable
+                receipt = ReceiptMessage(aid, seq, "accepted", original[0], index=original[1])
+                effects.append(SendReceipt(receipt, durable=True))
+            else:
+                status: ReceiptStatus = "retry" if retry else "rejected"
+                receipt = ReceiptMessage(
+                    aid, seq, status, self.version, rejected.reason.value, retry_after=rejected.retry_after
+                )
+                effects.append(SendReceipt(receipt, durable=False))
+        return Rejected(aid, seq, rejected.reason, rejected.detail, rejected.retry_after, tuple(effects))
 
     def reject(self, rejected: Rejected) -> Rejected:
-        """Count a rejection (also one found before the core, e.g. by the decoder) and return it."""
+        """Count a rejection found before the core (by the decoder, or on the topic); nothing to answer."""
         self.stats.rejected[rejected.reason.value] += 1
         return rejected
 
-    def _validate(self, u: UpdateMessage, topic_agent_id: str | None) -> Rejected | None:
-        def rej(reason: RejectReason, detail: str) -> Rejected:
-            return Rejected(u.agent_id, u.seq, reason, detail)
+    def _record(self, agent_id: str) -> AgentRecord:
+        rec = self._agents.pop(agent_id, None) or AgentRecord(tokens=self.rate_burst)
+        self._agents[agent_id] = rec  # most recently active last
+        while len(self._agents) > self.max_agents:
+            self._agents.popitem(last=False)
+        return rec
+
+    def _admit(self, u: UpdateMessage, topic_agent_id: str | None, now: float) -> Rejected | None:
+        """The checks, in order; ``None`` when the update may go to the rule."""
+
+        def rej(reason: RejectReason, detail: str, retry_after: float | None = None) -> Rejected:
+            return Rejected(u.agent_id, u.seq, reason, detail, retry_after)
 
         if topic_agent_id is not None and u.agent_id != topic_agent_id:
             return rej(
                 RejectReason.AGENT_ID_MISMATCH,
                 f"update names agent {u.agent_id!r} but came on the topic of {topic_agent_id!r}",
             )
-        kept = self.receipts.get(u.agent_id)
-        if kept and u.seq in kept:
-            return rej(RejectReason.DUPLICATE, f"seq {u.seq} was accepted before")
-        floor = self.floors.get(u.agent_id, 0)
-        if u.seq < floor:
-            return rej(RejectReason.DUPLICATE, f"seq {u.seq} is below the agent's receipted floor {floor}")
-        if kept and len(kept) >= RECEIPTS_KEPT and u.seq < min(kept):
-            return rej(RejectReason.DUPLICATE, f"seq {u.seq} is older than the {RECEIPTS_KEPT} remembered")
+        rec = self._agents.get(u.agent_id)
+        if rec is not None:
+            if u.seq in rec.receipts:
+                return rej(RejectReason.DUPLICATE, f"seq {u.seq} was accepted before")
+            if u.seq < rec.floor:
+                return rej(RejectReason.DUPLICATE, f"seq {u.seq} is below the agent's receipted floor {rec.floor}")
+            if len(rec.receipts) >= RECEIPTS_KEPT and u.seq < min(rec.receipts):
+                return rej(RejectReason.DUPLICATE, f"seq {u.seq} is older than the {RECEIPTS_KEPT} remembered")
+        if not self._replaying and self.rate_limit > 0:
+            available = _bucket(rec, now, self.rate_limit, self.rate_burst)
+            if available < 1.0:
+                wait = (1.0 - available) / self.rate_limit
+                return rej(RejectReason.RATE_LIMITED, f"more than {self.rate_limit:g} updates/s", round(wait, 3))
+        problem, norm = self._gate(u.delta)
+        if problem is not None:
+            return rej(*problem)
+        if self.run_id is not None and u.base_run is not None and u.base_run != self.run_id:
+            return rej(RejectReason.WRONG_RUN, f"trained on run {u.base_run}, this federation runs {self.run_id}")
         if u.base_version > self.version:
             return rej(
                 RejectReason.UNKNOWN_BASE_VERSION,
@@ -453,83 +808,183 @@ class AggregatorCore:
             return rej(RejectReason.UNKNOWN_BASE_VERSION, f"base version {u.base_version} is not kept")
         if self.mode == "sync" and u.agent_id not in self._waiting:
             return rej(RejectReason.NOT_SELECTED, f"agent not awaited in the round at version {self.version}")
-        if u.delta.keys() != self._weights.keys():
-            return rej(
-                RejectReason.MODEL_MISMATCH,
-                f"tensor names {sorted(u.delta)[:8]} differ from the model's {sorted(self._weights)[:8]}",
-            )
-        for k, ref in self._weights.items():
-            d = u.delta[k]
-            if d.shape != ref.shape or d.dtype != ref.dtype:
-                return rej(
-                    RejectReason.MODEL_MISMATCH,
-                    f"tensor {k!r} is {d.dtype}{list(d.shape)}, model has {ref.dtype}{list(ref.shape)}",
-                )
-        if self.norm_window is not None:
-            low, high = self.norm_window
-            norm = float(l2_norms([u.delta])[0])
-            if not low <= norm <= high:
-                return rej(
-                    RejectReason.NOT_PRIVATE,
-                    f"L2 norm {norm:.4g} outside [{low:.4g}, {high:.4g}] for the agreed DP noise",
-                )
+        if self.noise_check is not None and not self._replaying:
+            why = self.noise_check(u.delta, norm)
+            if why is not None:
+                return rej(RejectReason.NOT_PRIVATE, why)
+        if self.mode == "async" and not self._replaying:
+            waiting, capacity = self.rule.open_slots()
+            if capacity and waiting:
+                age = max(0.0, now - self._buffer_opened)
+                share = max(self._buffer_share(capacity, now), 1 + int(age // self.buffer_patience))
+                if self.rule.held(u.agent_id) >= share:
+                    # When the buffer will have flushed (its fill rate so far), or the share grows.
+                    eta = min(age / waiting * (capacity - waiting), self.buffer_patience - age % self.buffer_patience)
+                    return rej(
+                        RejectReason.AGENT_BUFFERED,
+                        f"this agent has {share} update(s) in the open buffer of {capacity}, its share",
+                        round(max(eta, 0.05), 3),
+                    )
         return None
 
-    def _maybe_finish_round(self) -> int | None:
-        assert isinstance(self.rule, SyncFedAvgRule)
-        if self._waiting:
-            return None
-        if not self.rule.received:
-            self.selected = None
-            return None
-        return self._advance(self.rule.finish(self._weights))
+    def _buffer_share(self, capacity: int, now: float) -> int:
+        """Updates one agent may have in a buffer of ``capacity``: one, while that many agents are active.
 
-    def _advance(self, new: Tensors) -> int:
-        self._weights = _frozen(new)
+        With fewer agents active (sent an update or a status within ``agent_timeout``) than the
+        buffer holds, one each could never fill it: then each agent's fair share,
+        ``ceil(capacity / active)``. And a buffer open longer than ``buffer_patience`` seconds
+        (active agents that went quiet) admits one more per agent for each such period, so it
+        always fills. Admission decisions may use liveness and time: a replay of the log applies
+        what was admitted and does not ask again.
+        """
+        cutoff = now - self.agent_timeout
+        while self._recent and next(iter(self._recent.values())) < cutoff:
+            self._recent.popitem(last=False)
+        active = max(len(self.online), len(self._recent), 1)
+        return max(1, math.ceil(capacity / active)) if capacity > active else 1
+
+    def _gate(self, delta: Mapping[str, npt.NDArray[Any]]) -> tuple[tuple[RejectReason, str] | None, float]:
+        """What the rule will use: names, shapes and dtypes of the model; finite; L2 norm in range.
+
+        One pass: ``x . x`` per tensor is finite only if every value is finite and the norm does
+        not overflow; only then is the exact element-wise check run to tell the two apart.
+        """
+        if delta.keys() != self._weights.keys():
+            names = f"tensor names {sorted(delta)[:8]} differ from the model's {sorted(self._weights)[:8]}"
+            return (RejectReason.MODEL_MISMATCH, names), 0.0
+        sq = 0.0
+        for k, ref in self._weights.items():
+            d = delta[k]
+            if d.shape != ref.shape or d.dtype != ref.dtype:
+                what = f"tensor {k!r} is {d.dtype}{list(d.shape)}, model has {ref.dtype}{list(ref.shape)}"
+                return (RejectReason.MODEL_MISMATCH, what), 0.0
+            flat = d.reshape(-1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                sq += float(np.dot(flat, flat))
+        if not math.isfinite(sq):
+            if any(not np.isfinite(v).all() for v in delta.values()):
+                return (RejectReason.NON_FINITE, "contains NaN or Inf"), 0.0
+            return (RejectReason.OUT_OF_RANGE, f"L2 norm overflows (limit {self.max_update_norm:g})"), 0.0
+        norm = math.sqrt(sq)
+        if norm > self.max_update_norm:
+            return (RejectReason.OUT_OF_RANGE, f"L2 norm {norm:.4g} > {self.max_update_norm:g}"), norm
+        return None, norm
+
+    def _advance(self, new: Tensors, effects: list[Effect]) -> int:
+        self._weights = _frozen(dict(new))
         self.version += 1
         if self.rule.needs_history:
-            self._history[self.version] = new
+            self._history[self.version] = self._weights
             for v in [v for v in self._history if v < self.version - self.max_staleness]:
                 del self._history[v]
-        if self.mode == "sync":
-            self.selected = None
-            self._waiting = set()
+        effects.append(PublishModel(self.version))
+        if (
+            self.checkpoint_every
+            and not self._replaying
+            and self.version - self._last_checkpoint >= self.checkpoint_every
+        ):
+            effects.append(CheckpointDue(self.version))
         return self.version
+
+    def checkpoint_written(self, version: int) -> None:
+        """The service wrote a checkpoint of ``version``."""
+        self._last_checkpoint = version
+
+    # --- replay --------------------------------------------------------------------------------
+    def replay(self, kind: str, *, update: UpdateMessage | None = None, agent_id: str = "",
+               event: Mapping[str, Any] | None = None, now: float = 0.0) -> Accepted | Rejected | None:  # fmt: skip
+        """Feed one write-ahead log record back: the same decisions, without the admission policies.
+
+        An update was admitted when it was logged (rate, buffer fairness, the DP check); here it
+        is only applied, so that a changed setting cannot refuse what was receipted. Effects are
+        not for carrying out.
+        """
+        self._replaying = True
+        try:
+            if kind == "update":
+                assert update is not None
+                return self.receive(update, topic_agent_id=agent_id, now=now)
+            assert event is not None
+            effects: list[Effect] = []
+            if "round" in event:
+                self._open_round(tuple(str(a) for a in event["round"]), now)
+            elif "leave" in event:
+                self._waiting.discard(str(event["leave"]))
+            elif "close" in event:
+                self._finish_round(effects)
+            else:
+                raise ValueError(f"unknown core event {sorted(event)}")
+            return None
+        finally:
+            self._replaying = False
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: model, version, rule state, dedupe state, stats."""
+        """Everything needed to resume exactly: model, version, rule state, agents, round, stats."""
         return {
             "version": self.version,
             "weights": self._weights,
             "rule": self.rule.name,
             "rule_state": self.rule.state_dict(),
-            "last_seq": dict(self.last_seq),
-            "receipts": {a: [[q, v, i] for q, (v, i) in kept.items()] for a, kept in self.receipts.items()},
-            "floors": dict(self.floors),
+            "agents": [
+                [a, r.last_seq, r.floor, r.tokens, r.stamp, [[q, v, i] for q, (v, i) in r.receipts.items()]]
+                for a, r in self._agents.items()
+            ],
+            "round": {"selected": list(self.selected), "waiting": sorted(self._waiting), "started": self._round_started}
+            if self.selected is not None
+            else None,
             "stats": self.stats.to_dict(),
             "history": {str(v): w for v, w in self._history.items() if v != self.version},
         }
 
+    def check_state(self) -> None:
+        """Raise ValueError if anything that would be checkpointed is not finite (our bug, never a peer's)."""
+        for name, tensors in self._state_tensors():
+            finite_result(tensors, name)
+
+    def _state_tensors(self) -> Iterator[tuple[str, Mapping[str, npt.NDArray[Any]]]]:
+        yield "the model", self._weights
+        rule_state = self.rule.state_dict()
+        for key in ("buffer", "received"):
+            for i, e in enumerate(rule_state.get(key, [])):
+                yield f"{key}[{i}]", e["delta"]
+        if rule_state.get("velocity") is not None:
+            yield "the momentum", rule_state["velocity"]
+        for v, w in self._history.items():
+            yield f"version {v}", w
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises ValueError if it belongs to another rule or model."""
+        """Restore :meth:`state_dict` (also of the previous format); ValueError if it is another rule's or model's."""
         if state["rule"] != self.rule.name:
             raise ValueError(f"checkpoint is for rule {state['rule']!r}, this aggregator runs {self.rule.name!r}")
         weights = state["weights"]
         if weights.keys() != self._weights.keys() or any(weights[k].shape != v.shape for k, v in self._weights.items()):
             raise ValueError("checkpoint model does not match the configured model")
+        finite_result(weights, "the checkpoint's model")
         self.version = int(state["version"])
         self._weights = _frozen({k: np.array(v) for k, v in weights.items()})
         self.rule.load_state_dict(state["rule_state"])
-        self.last_seq = {str(k): int(v) for k, v in state["last_seq"].items()}
-        self.receipts = {
-            str(a): {int(q): (int(v), int(i)) for q, v, i in kept} for a, kept in state.get("receipts", {}).items()
-        }
-        self.floors = {str(a): int(f) for a, f in state.get("floors", {}).items()}
+        self._agents = OrderedDict()
+        if "agents" in state:
+            for a, last, floor, tokens, stamp, kept in state["agents"]:
+                receipts = {int(q): (int(v), int(i)) for q, v, i in kept}
+                self._agents[str(a)] = AgentRecord(int(last), receipts, int(floor), float(tokens), float(stamp))
+        else:  # the format before per-agent records
+            floors = state.get("floors", {})
+            receipts_by_agent = state.get("receipts", {})
+            for a, last in state["last_seq"].items():
+                kept = {int(q): (int(v), int(i)) for q, v, i in receipts_by_agent.get(a, [])}
+                self._agents[str(a)] = AgentRecord(int(last), kept, int(floors.get(a, 0)), self.rate_burst, 0.0)
+        rnd = state.get("round")
+        if rnd is not None:
+            self.selected = tuple(str(a) for a in rnd["selected"])
+            self._waiting = {str(a) for a in rnd["waiting"]}
+            self._round_started = float(rnd["started"])
         self.stats = Stats.from_dict(state["stats"])
         if self.rule.needs_history:
             self._history = {int(v): w for v, w in state["history"].items()}
             self._history[self.version] = self._weights
+        self._last_checkpoint = self.version
 
 
 def _frozen(tensors: Tensors) -> Tensors:

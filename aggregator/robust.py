@@ -8,6 +8,16 @@ A buffered rule (FedBuff, sync FedAvg) reduces its buffer of deltas with an
 Each aggregate is a small callable over plain arrays (sans-IO) that counts what it did
 (``counters``: deltas clipped, deltas excluded), so the service can publish it as metrics.
 The math lives in :mod:`aggregator.rules.robust`.
+
+**Claimed example counts.** FedBuff and FedAvg weight each delta by the number of examples
+its device *claims* (Nguyen et al. 2022, McMahan et al. 2017), which a malicious device can
+inflate: one claiming 2^62 examples outweighs every honest one. Robust aggregates therefore
+declare ``trusts_claims = False`` and the rules then weight by staleness alone. This follows
+the papers: Krum and Multi-Krum select and average the selected uniformly (Blanchard et al.,
+NeurIPS 2017, Sec. 4), coordinate-wise median and trimmed mean have no weights (Yin et al.,
+ICML 2018), and norm bounding is analysed for an unweighted mean (Sun et al. 2019). The
+staleness weight ``s(t - tau) <= 1`` stays: it comes from the aggregator's own versions, and
+a device can only lower its own by claiming an older base.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ class Aggregate(Protocol):
 
     name: str
     counters: Counter[str]
+    trusts_claims: bool
+    """Whether the rule may weight deltas by the example counts devices claim (only the plain mean)."""
 
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> Tensors:
         """The aggregated delta."""
@@ -47,6 +59,7 @@ class WeightedMean:
     """``sum_i w_i delta_i / sum_i w_i``: FedBuff's and FedAvg's own reduction (not robust)."""
 
     name = "mean"
+    trusts_claims = True
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
@@ -62,6 +75,8 @@ class NormBounded:
     ``max_norm=None`` bounds adaptively by the median norm of the buffer, which needs no
     tuning and holds while fewer than half the buffered deltas are malicious.
     """
+
+    trusts_claims = False
 
     def __init__(self, inner: Aggregate, max_norm: float | None = None) -> None:
         if max_norm is not None and not max_norm > 0:
@@ -85,6 +100,7 @@ class CoordinateMedian:
     """Per-coordinate median (Yin et al. 2018). Ignores the rule weights: a weight is a claim."""
 
     name = "median"
+    trusts_claims = False
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
@@ -96,6 +112,8 @@ class CoordinateMedian:
 
 class TrimmedMean:
     """Per-coordinate mean without the ``floor(beta * n)`` extremes at each end (Yin et al. 2018)."""
+
+    trusts_claims = False
 
     def __init__(self, trim_fraction: float) -> None:
         trimmed_count(10, trim_fraction)  # validates the fraction
@@ -111,6 +129,8 @@ class TrimmedMean:
 class MultiKrum:
     """Keep the ``m`` deltas with the best Krum scores, then reduce them with ``inner`` (Blanchard et al. 2017)."""
 
+    trusts_claims = False
+
     def __init__(self, f: int, m: int | None = None, inner: Aggregate | None = None) -> None:
         if f < 0:
             raise ValueError(f"f must be >= 0, got {f}")
@@ -121,7 +141,7 @@ class MultiKrum:
         self.counters: Counter[str] = Counter()
 
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> Tensors:
-        """Select by Krum score, then average the selected with their weights."""
+        """Select by Krum score, then average the selected with their (staleness) weights."""
         m = self.m if self.m is not None else len(deltas) - self.f
         keep = multi_krum_select(deltas, self.f, m)
         self.counters["excluded"] += len(deltas) - len(keep)

@@ -11,7 +11,7 @@ import pytest
 from aggregator.core import RECEIPTS_KEPT, Accepted, AggregatorCore, FedAsyncRule, FedBuffRule, Rejected, SyncFedAvgRule
 from aggregator.rules import fedbuff_step
 from aggregator.staleness import constant, polynomial
-from fedmq.errors import RejectReason
+from fedmq.errors import RejectReason, StateError
 from fedmq.messages import UpdateMessage
 from fedmq.state import read_state, write_state
 
@@ -25,6 +25,7 @@ def upd(agent: str, seq: int, base: int, value: float = 1.0, n: int = 10, **kw: 
 
 
 def fedbuff_core(k: int = 2, **kw: object) -> AggregatorCore:
+    kw.setdefault("rate_limit", 0)  # these tests send many updates per agent at one instant
     return AggregatorCore(W0, FedBuffRule(k, lambda s: polynomial(s, 0.5)), **kw)  # type: ignore[arg-type]
 
 
@@ -85,7 +86,8 @@ def test_an_older_seq_arriving_late_is_new_but_not_below_the_window() -> None:
     assert isinstance(core.receive(upd("a", 4, 1)), Accepted)  # delivered after 5, never seen: new
     for seq in range(100, 100 + RECEIPTS_KEPT):  # fill the window with newer ones
         core.receive(upd("a", seq, core.version))
-    assert min(core.receipts["a"]) == 100
+    rec = core.agent("a")
+    assert rec is not None and min(rec.receipts) == 100
     r = core.receive(upd("a", 3, core.version))
     assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE and "older" in r.detail
 
@@ -109,11 +111,16 @@ def test_fedasync_mixes_against_the_base_version() -> None:
     assert core.version == 2
 
 
+def sync_core(**kw: object) -> AggregatorCore:
+    return AggregatorCore(W0, SyncFedAvgRule(), **kw)  # type: ignore[arg-type]
+
+
 def test_sync_round_waits_for_every_selected_agent() -> None:
-    core = AggregatorCore(W0, SyncFedAvgRule(), sync_agents=0, seed=1)
+    core = sync_core(sync_agents=3, seed=1)
     for a in ("a", "b", "c"):
-        core.agent_status(a, True)
-    assert core.start_round() == ("a", "b", "c")
+        effects = core.agent_status(a, True)
+    assert core.selected == ("a", "b", "c")  # enough online: the round opens, is logged and published
+    assert [type(e).__name__ for e in effects] == ["LogEvent", "PublishModel"]
     assert core.receive(upd("a", 1, 0, 1.0, n=1)).new_version is None  # type: ignore[union-attr]
     r = core.receive(upd("a", 2, 0, 1.0))
     assert isinstance(r, Rejected) and r.reason is RejectReason.NOT_SELECTED
@@ -122,28 +129,68 @@ def test_sync_round_waits_for_every_selected_agent() -> None:
     r3 = core.receive(upd("c", 1, 0, 6.0, n=2))
     assert isinstance(r3, Accepted) and r3.new_version == 1
     np.testing.assert_allclose(core.weights["b"], [(1 + 2 + 12) / 4] * 2)
-    assert core.selected is None
+    assert core.selected == ("a", "b", "c") and core.round_open  # all still online: the next round is open
 
 
 def test_sync_round_completes_when_an_awaited_agent_goes_offline() -> None:
-    core = AggregatorCore(W0, SyncFedAvgRule(), sync_agents=2, seed=0)
+    core = sync_core(sync_agents=2, seed=0)
     for a in ("a", "b", "c"):
         core.agent_status(a, True)
-    selected = core.start_round()
-    assert len(selected) == 2
+    selected = core.selected
+    assert selected is not None and len(selected) == 2
     core.receive(upd(selected[0], 1, 0, 1.0))
-    assert core.agent_status(selected[1], False) == 1
+    core.agent_status(selected[1], False)
+    assert core.version == 1
     np.testing.assert_allclose(core.weights["b"], [1.0, 1.0])
 
 
 def test_sync_stale_update_is_rejected() -> None:
-    core = AggregatorCore(W0, SyncFedAvgRule())
+    core = sync_core()
     core.agent_status("a", True)
-    core.start_round()
     core.receive(upd("a", 1, 0))
-    core.start_round()
+    assert core.version == 1 and core.selected == ("a",)  # the next round opened at once
     r = core.receive(upd("a", 2, 0))
     assert isinstance(r, Rejected) and r.reason is RejectReason.TOO_STALE
+
+
+def test_a_sync_round_replays_from_its_logged_events() -> None:
+    """The round's selection, an agent leaving and a timeout are logged as events; a replay of
+    the log gives the same versions and weights, without soft state (nobody online)."""
+    live = sync_core(sync_agents=3, seed=3, round_timeout=10.0)
+    log: list[tuple[str, object, float]] = []
+
+    def keep(effects: object, update: UpdateMessage | None = None, now: float = 0.0) -> None:
+        for e in effects:  # type: ignore[attr-defined]
+            if type(e).__name__ == "LogEvent":
+                log.append(("event", e.event, e.now))
+            elif type(e).__name__ == "LogUpdate":
+                log.append(("update", update, e.now))
+
+    for a in "abcd":
+        keep(live.agent_status(a, True, now=0.0))
+    first = live.selected
+    assert first is not None
+    keep(
+        live.receive(upd(first[0], 1, 0, 1.0), topic_agent_id=first[0], now=1.0).effects, upd(first[0], 1, 0, 1.0), 1.0
+    )
+    keep(live.agent_status(first[1], False, now=2.0))  # leaves: no longer awaited
+    keep(live.tick(11.0))  # the round times out with one update: version 1
+    second = live.selected
+    assert live.version == 1 and second is not None
+    for i, a in enumerate(second):
+        u = upd(a, 10 + i, 1, float(i))
+        keep(live.receive(u, topic_agent_id=a, now=12.0).effects, u, 12.0)
+    assert live.version == 2
+    replayed = sync_core(sync_agents=3, seed=99, round_timeout=10.0)
+    for kind, item, now in log:
+        if kind == "event":
+            replayed.replay("event", event=item, now=now)  # type: ignore[arg-type]
+        else:
+            assert isinstance(item, UpdateMessage)
+            assert isinstance(replayed.replay("update", update=item, agent_id=item.agent_id, now=now), Accepted)
+    assert replayed.version == live.version
+    for k in W0:
+        assert np.array_equal(replayed.weights[k], live.weights[k])
 
 
 def test_checkpoint_roundtrip_continues_bit_identically(tmp_path: Path) -> None:
@@ -168,7 +215,7 @@ def test_checkpoint_roundtrip_continues_bit_identically(tmp_path: Path) -> None:
     write_state(tmp_path / "ckpt", "aggregator-checkpoint", a.state_dict())
     b = AggregatorCore(W0, FedBuffRule(3, constant, server_lr=0.7, momentum=0.9))
     b.load_state_dict(read_state(tmp_path / "ckpt", "aggregator-checkpoint"))  # type: ignore[arg-type]
-    assert b.version == a.version and b.last_seq == a.last_seq
+    assert b.version == a.version and b.last_seq == a.last_seq and b.state_dict()["agents"] == a.state_dict()["agents"]
     for u in updates[7:]:
         b.receive(u)
     assert b.version == ref.version
@@ -188,7 +235,7 @@ def test_checkpoint_of_another_rule_is_refused() -> None:
 def test_corrupt_state_file_names_the_path(tmp_path: Path) -> None:
     p = tmp_path / "ckpt"
     p.write_bytes(b"\x93garbage")
-    with pytest.raises(ValueError, match=str(p)):
+    with pytest.raises(StateError, match=str(p)):
         read_state(p, "aggregator-checkpoint")
     assert read_state(tmp_path / "missing", "aggregator-checkpoint") is None
 
@@ -213,10 +260,11 @@ def test_the_agents_outbox_floor_lets_the_core_forget_settled_receipts() -> None
         assert isinstance(core.receive(upd("a", seq, core.version)), Accepted)
     later = replace(upd("a", 5, core.version), oldest_pending=3)  # 1 and 2 have their receipts
     assert isinstance(core.receive(later), Accepted)
-    assert sorted(core.receipts["a"]) == [3, 5] and core.floors["a"] == 3
+    rec = core.agent("a")
+    assert rec is not None and sorted(rec.receipts) == [3, 5] and rec.floor == 3
     r = core.receive(upd("a", 2, core.version))  # a replay from below the floor
     assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE and "floor" in r.detail
     assert isinstance(core.receive(upd("a", 4, core.version)), Accepted)  # above it and unseen: new
     restored = fedbuff_core(1, max_staleness=10_000)
     restored.load_state_dict(core.state_dict())
-    assert restored.floors == core.floors and restored.receipts == core.receipts
+    assert restored.agent("a") == core.agent("a")

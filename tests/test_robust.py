@@ -13,9 +13,9 @@ from scipy import stats
 
 from aggregator.core import AggregatorCore, FedBuffRule, Rejected
 from aggregator.robust import CoordinateMedian, MultiKrum, NormBounded, TrimmedMean, WeightedMean, build_aggregate
+from aggregator.rules.noise import NoiseCheck, dp_norm_window
 from aggregator.rules.robust import (
     coordinate_median,
-    dp_norm_window,
     krum_scores,
     l2_norms,
     multi_krum_select,
@@ -244,8 +244,9 @@ def test_dp_norm_window_admits_honest_privatised_updates_and_nothing_unnoised() 
 
 def test_core_rejects_an_update_that_does_not_fit_the_agreed_noise() -> None:
     w0 = {"w": np.zeros(400, np.float32)}
-    window = dp_norm_window(400, 0.5, 1.0)
-    core = AggregatorCore(w0, FedBuffRule(2, make_staleness_fn("constant", 0, 0)), norm_window=window)
+    core = AggregatorCore(
+        w0, FedBuffRule(2, make_staleness_fn("constant", 0, 0)), noise_check=NoiseCheck(400, 0.5, 1.0)
+    )
     rng = np.random.default_rng(1)
     noised = (rng.normal(0, 0.5, 400)).astype(np.float32)
     ok = core.receive(UpdateMessage(agent_id="a", seq=1, base_version=0, num_examples=1, delta={"w": noised}))

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy.typing as npt
 
+from fedmq.codec import all_finite
+
 
 def same_layout(
     reference: Mapping[str, npt.NDArray[Any]], others: Sequence[Mapping[str, npt.NDArray[Any]]], what: str
@@ -27,3 +29,15 @@ def check_weights(weights: Sequence[float]) -> None:
         raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
     if not sum(weights) > 0:
         raise ValueError("weights sum to 0")
+
+
+def finite_result(tensors: Mapping[str, npt.NDArray[Any]], what: str) -> Mapping[str, npt.NDArray[Any]]:
+    """Return ``tensors`` if every value is finite, else raise ValueError naming ``what``.
+
+    Rules check what they are about to return, so that nothing non-finite ever becomes a model
+    version: inputs can be finite and their weighted sum still overflow.
+    """
+    bad = [k for k, v in tensors.items() if not all_finite(v)]
+    if bad:
+        raise ValueError(f"{what} would hold NaN or Inf in {sorted(bad)[:4]}")
+    return tensors

@@ -43,10 +43,13 @@ def weighted_mean(tensors: Sequence[Mapping[str, npt.NDArray[Any]]], weights: Se
 def fedavg_step(
     global_weights: Mapping[str, npt.NDArray[Any]],
     deltas: Sequence[Mapping[str, npt.NDArray[Any]]],
-    num_examples: Sequence[int],
+    num_examples: Sequence[float],
     aggregate: Callable[[Sequence[Mapping[str, npt.NDArray[Any]]], Sequence[float]], Tensors] | None = None,
 ) -> Tensors:
-    """One synchronous FedAvg round: ``w + sum_i n_i delta_i / sum_i n_i`` (or ``w + aggregate(...)``)."""
+    """One synchronous FedAvg round: ``w + sum_i n_i delta_i / sum_i n_i`` (or ``w + aggregate(...)``).
+
+    ``num_examples`` are the weights: the example counts, or 1 each under a robust aggregate.
+    """
     mean = (aggregate or weighted_mean)(deltas, [float(n) for n in num_examples])
     same_layout(global_weights, [mean], "delta")
     return {k: (v + mean[k]).astype(v.dtype, copy=False) for k, v in global_weights.items()}

@@ -26,17 +26,18 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.rules._checks import same_layout
+from fedmq.codec import all_finite
 
 Tensors = dict[str, npt.NDArray[Any]]
 Deltas = Sequence[Mapping[str, npt.NDArray[Any]]]
 
 
-def check_finite(deltas: Deltas) -> None:
+def check_finite(deltas: Deltas, what: str = "delta") -> None:
     """Raise ValueError if any delta holds NaN or Inf (robust rules must never see one)."""
     for i, d in enumerate(deltas):
         for k, arr in d.items():
-            if not np.isfinite(arr).all():
-                raise ValueError(f"delta {i}: tensor {k!r} is not finite")
+            if not all_finite(arr):
+                raise ValueError(f"{what} {i}: tensor {k!r} is not finite")
 
 
 def _prepare(deltas: Deltas, what: str) -> None:
@@ -75,30 +76,6 @@ def norm_bound(deltas: Deltas, max_norm: float | None) -> tuple[list[Tensors], i
         else:
             out.append(dict(d))
     return out, clipped
-
-
-def dp_norm_window(dim: int, noise_std: float, clip_norm: float, tolerance: float = 6.0) -> tuple[float, float]:
-    """The L2 norms an honestly privatised update falls between, with overwhelming probability.
-
-    Under local DP each device sends ``x + n`` with ``||x|| <= C`` (clipped) and
-    ``n ~ N(0, s^2 I_d)``. ``||n||^2 / s^2`` is chi-square with ``d`` degrees of freedom:
-    mean ``d``, standard deviation ``sqrt(2 d)``; the cross term ``2 n.x`` has standard
-    deviation ``<= 2 s C``. So ``||x + n||^2`` lies in
-    ``[d s^2 - t sqrt(2d) s^2,  d s^2 + C^2 + t (sqrt(2d) s^2 + 2 s C)]``
-    except with probability about ``exp(-t^2 / 2)`` per side (``t = tolerance``).
-
-    An update outside the window was not noised as agreed (a misconfigured device, which is
-    a privacy failure, or a Byzantine one skipping the noise to push harder), or carries far
-    more signal than clipping allows. An attacker who adds the noise itself is limited to a
-    signal of norm about ``sqrt(C^2 + t (sqrt(2d) s^2 + 2 s C))``.
-    """
-    if dim < 1 or not (noise_std > 0 and clip_norm > 0 and tolerance > 0):
-        raise ValueError("need dim >= 1, noise_std > 0, clip_norm > 0, tolerance > 0")
-    s2 = noise_std * noise_std
-    spread = math.sqrt(2 * dim) * s2
-    low2 = dim * s2 - tolerance * spread
-    high2 = dim * s2 + clip_norm * clip_norm + tolerance * (spread + 2 * noise_std * clip_norm)
-    return math.sqrt(max(low2, 0.0)), math.sqrt(high2)
 
 
 def _stacked(deltas: Deltas, name: str) -> npt.NDArray[Any]:
@@ -177,7 +154,6 @@ def multi_krum_select(deltas: Deltas, f: int, m: int) -> list[int]:
 __all__ = [
     "check_finite",
     "coordinate_median",
-    "dp_norm_window",
     "krum_scores",
     "l2_norms",
     "multi_krum_select",
