@@ -37,6 +37,7 @@ def add_robust_flags(p: argparse.ArgumentParser) -> None:
 def configure(p: argparse.ArgumentParser) -> None:
     """Add the command's arguments."""
     add_common(p)
+    add_fresh_flag(p)
     flag(p, "--rule", "aggregator.rule", choices=["fedasync", "fedbuff", "fedavg"])
     flag(p, "--model", "aggregator.model", help="softmax, mlp, digits-cnn, med-cnn")
     flag(p, "--num-features", "aggregator.num_features", type=int)
@@ -58,14 +59,31 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--seed", "aggregator.seed", type=int)
     flag(p, "--model-interval", "aggregator.model_interval", type=float, help="min seconds between model publishes")
     flag(p, "--agent-timeout", "aggregator.agent_timeout", type=float, help="silent agents count offline after (60 s)")
+    flag(p, "--round-timeout", "aggregator.round_timeout", type=float, help="fedavg: a round closes after (300 s)")
+    flag(p, "--rate-limit", "aggregator.rate_limit", type=float, help="updates/s one agent may send, sustained (1)")
+    flag(p, "--rate-burst", "aggregator.rate_burst", type=float, help="updates an agent may send at once (20)")
+    flag(p, "--max-num-examples", "aggregator.max_num_examples", type=int, help="cap on a claimed count (10000)")
+    flag(p, "--max-update-norm", "aggregator.max_update_norm", type=float, help="larger L2 norms are refused (1e9)")
+    flag(p, "--max-agents", "aggregator.max_agents", type=int, help="agents whose state is kept (100000)")
+    flag(p, "--shutdown-grace", "aggregator.shutdown_grace", type=float, help="seconds for the goodbye at SIGTERM (5)")
     add_robust_flags(p)
+
+
+def add_fresh_flag(p: argparse.ArgumentParser) -> None:
+    """``--fresh``: begin a new run, moving an existing state aside."""
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="begin a new federation run: an existing state in --checkpoint-dir is moved aside (not deleted) "
+        "and agents follow the new run; without it, missing or damaged state refuses to start",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate config, start up (fail fast), serve until signalled."""
     setup_logging(args.log_level)
     config = load_from_args(args, "aggregator")
-    service = AggregatorService(config)
+    service = AggregatorService(config, fresh=args.fresh)
     core = service.startup()
     logging.getLogger("fedmq.aggregator").info(
         "aggregator: rule %s, model %s, version %d, broker %s:%d, prefix %s",

@@ -1,47 +1,81 @@
 """The aggregator service: the asyncio loop that owns all I/O around :class:`AggregatorCore`.
 
 Lifecycle (after uvicorn's ``Server``): :meth:`AggregatorService.startup` builds the model
-and core, restores the checkpoint and loads the evaluation set, failing fast on bad config;
-:meth:`AggregatorService.run` connects (reconnecting with backoff), publishes the current
-model retained, and consumes updates as they arrive; on stop (SIGTERM in the CLI) it
-checkpoints, publishes final metrics and its ``stopped`` status, and disconnects.
+and core, opens the state folder (refusing damaged or missing state, see
+:mod:`aggregator.store`), replays the write-ahead log and loads the evaluation set, failing
+fast on bad config; :meth:`AggregatorService.run` connects (reconnecting with backoff),
+publishes the current model retained, and consumes updates as they arrive; on stop (SIGTERM
+in the CLI) it makes the log durable, checkpoints, publishes final metrics and its
+``stopped`` status within ``aggregator.shutdown_grace`` seconds, and disconnects.
+
+The core decides, the service moves bytes: every input goes to the core with the time, and
+the effects it returns are carried out here, in order: log writes (grouped, one fsync for
+the updates waiting behind each other), receipts and model publishes once what they reveal
+is durable, checkpoints. An input, the core's decision and its log writes run under one lock
+and to their end even when the task that started them is cancelled, so the core and the log
+never disagree. Large decodes and expensive rule steps (a robust aggregate, a large model)
+run in a worker thread. Every task is supervised: it runs in a TaskGroup, and an error of
+ours ends the service loudly instead of vanishing.
 
 A peer's bad message never stops the service: it is rejected with a reason, counted,
-logged once per (agent, reason) without its payload, and published in the metrics.
+logged once per (agent, reason) without its payload, and published in the metrics. A state
+folder that cannot be written (a full disk) stops the acknowledgements, not the service:
+nothing is receipted until the folder takes writes again, and the state is then rebuilt
+from what was durable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 
-from aggregator.core import Accepted, AggregatorCore, Rejected, make_rule
+from aggregator.core import (
+    Accepted,
+    AgentsOffline,
+    AggregatorCore,
+    CheckpointDue,
+    Effect,
+    FedBuffRule,
+    LogEvent,
+    LogUpdate,
+    PublishModel,
+    Rejected,
+    SendReceipt,
+    make_rule,
+)
 from aggregator.robust import build_aggregate
-from aggregator.rules.robust import dp_norm_window
+from aggregator.rules.noise import NoiseCheck
 from aggregator.staleness import make_staleness_fn
-from aggregator.wal import WriteAheadLog
+from aggregator.store import Mode, Restored, StateStore, new_run_id
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
-from fedmq.errors import ConfigError, DecodeError, RejectReason
+from fedmq.errors import ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
 from fedmq.runtime import Pulse
-from fedmq.state import read_state, write_state
 from fedmq.transport import backoff, client_kwargs, publish, subscribe
 from models import create_model
 from models.base import evaluate
 from models.datasets import Dataset, load_source
 
 log = logging.getLogger("fedmq.aggregator")
-CHECKPOINT_NAME = "aggregator.ckpt"
-CHECKPOINT_KIND = "aggregator-checkpoint"
+T = TypeVar("T")
+OFF_LOOP_BYTES = 256 * 1024
+"""Payloads at least this big are decoded (and logged) in a worker thread."""
+OFF_LOOP_WORK = 4_000_000
+"""A step that touches about this many numbers (parameters x K, x K again for Krum's distances)
+runs in a worker thread; below it a thread hand-off costs more than the step (a GIL switch)."""
+HISTORY_POINTS = 2048
+"""Evaluation points kept for the summary (older ones are thinned out, the first and last stay)."""
 
 
 @dataclass
@@ -63,6 +97,16 @@ class Progress:
     """What robust aggregation did: deltas ``clipped`` by norm bounding, ``excluded`` by Krum."""
     agents_offline: int = 0
     """Agents heard from before that are offline now (Will, stopped, or silent past the timeout)."""
+    dropped_receipts: int = 0
+    """Receipts not sent because their queue was full (the agents re-send; our capacity)."""
+    dropped_unsafe: int = 0
+    """Updates not taken while the state folder could not be written (a full disk): no receipt."""
+    storage: str = "ok"
+    """``ok``, ``none`` (no checkpoint_dir) or what is wrong with the state folder."""
+    run: str | None = None
+    """The federation run (new after --fresh or a confirmed rollback)."""
+    retried_by_reason: dict[str, int] = field(default_factory=dict)
+    """``retry`` answers (rate limit, one update per agent per buffer): flow control, not faults."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map (the metrics payload)."""
@@ -79,15 +123,48 @@ class EvalPoint:
     loss: float
 
 
+class History:
+    """Evaluation points, bounded: when full, every other point goes (the first and the newest stay)."""
+
+    def __init__(self, limit: int = HISTORY_POINTS) -> None:
+        self.limit = limit
+        self.points: list[EvalPoint] = []
+        self.last: EvalPoint | None = None
+
+    def add(self, point: EvalPoint) -> None:
+        """Record ``point``."""
+        self.last = point
+        self.points.append(point)
+        if len(self.points) > self.limit:
+            self.points = [self.points[0], *self.points[2:-1:2], self.points[-1]]
+
+
 @dataclass
 class _Runtime:
     started: float = 0.0
-    evals: list[EvalPoint] = field(default_factory=list)
+    evals: History = field(default_factory=History)
     logged: set[tuple[str, str]] = field(default_factory=set)
     connections: int = 0
     """Successful broker connections (1 + reconnects)."""
     replayed: int = 0
     """Accepted updates restored from the write-ahead log at startup."""
+    dropped_overload: int = 0
+    dropped_receipts: int = 0
+    dropped_unsafe: int = 0
+
+    def record_eval(self, point: EvalPoint) -> None:
+        """Keep an evaluation point (bounded)."""
+        self.evals.add(point)
+
+
+@dataclass
+class _StorageFailure:
+    """The state folder refused a write; nothing is acknowledged until it takes writes again."""
+
+    error: OSError
+    needed: int
+    next_probe: float
+    delay: float = 1.0
 
 
 class _Stop(Exception):
@@ -101,7 +178,9 @@ class AggregatorService:
         config: validated configuration (``broker``, ``aggregator``, ``prefix``).
         eval_data: held-out set (overrides ``aggregator.eval_data``).
         on_progress: called with a :class:`Progress` after each evaluation and metrics tick.
-        clock: monotonic clock (injected for tests).
+        clock: the time given to the core (seconds; wall clock by default, so that rate limits
+            and rounds continue across restarts).
+        fresh: move an existing state aside and begin a new run (``fedmq aggregator --fresh``).
     """
 
     def __init__(
@@ -110,7 +189,8 @@ class AggregatorService:
         *,
         eval_data: Dataset | None = None,
         on_progress: Callable[[Progress], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        fresh: bool = False,
     ) -> None:
         self.config = config
         self.cfg = config.aggregator
@@ -118,25 +198,29 @@ class AggregatorService:
         self.eval_data = eval_data
         self.on_progress = on_progress
         self.clock = clock
+        self.fresh = fresh
         self.spec = ModelSpec(self.cfg.model, self.cfg.num_features, self.cfg.num_classes, self.cfg.hidden)
         self.core: AggregatorCore | None = None
+        self.store: StateStore | None = None
+        self.run_id: str | None = None
         self.rt = _Runtime()
         self.done = asyncio.Event()
         self.ready = asyncio.Event()
         self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
+        self._status_limits = DecodeLimits(max_payload_bytes=64 * 1024)
+        self._lock = asyncio.Lock()
         self._eval_wanted = asyncio.Event()
         self._model_dirty = asyncio.Event()
         self._eval_model: Any = None
-        self._last_checkpoint_version = -1
-        self._wal: WriteAheadLog | None = None
+        self._params = 0
         self._receipts: asyncio.Queue[ReceiptMessage] = asyncio.Queue(maxsize=self.INCOMING_QUEUE)
-        self._last_seen: dict[str, float] = {}  # agent -> clock() of its last message
-        self._last_sweep = 0.0
         self._incoming: asyncio.Queue[aiomqtt.Message] | None = None
         self._unsynced: list[ReceiptMessage] = []  # accepted, written, awaiting the group fsync
-        self._unsynced_bytes = 0
-        self._version_pending = False
+        self._publish_pending = False
+        self._checkpoint_pending = False
         self._model_view: ModelMessage | None = None
+        self._failure: _StorageFailure | None = None
+        self._initial: dict[str, Any] = {}
         self._update_bytes = 0  # payload bytes of every update received, for bytes_per_update
         self._update_count = 0
         self.pulse = Pulse()
@@ -162,20 +246,14 @@ class AggregatorService:
                 try:
                     super().put_nowait(item)
                 except asyncio.QueueFull:
-                    if service.core is not None:
-                        service.core.stats.dropped_overload += 1
+                    service.rt.dropped_overload += 1
                     raise
 
         return CountingQueue
 
     # --- lifecycle --------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path | None:
-        """Where checkpoints go (``None``: checkpointing off)."""
-        return Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME if self.cfg.checkpoint_dir else None
-
-    def startup(self) -> AggregatorCore:
-        """Build model and core, restore the checkpoint, load evaluation data. Fails fast, naming the key."""
+    def startup(self, *, mode: Mode = "start") -> AggregatorCore:
+        """Build model and core, open and replay the state, load evaluation data. Fails fast, naming the key."""
         try:
             model = create_model(
                 self.spec.name,
@@ -187,6 +265,50 @@ class AggregatorService:
         except (ValueError, ImportError) as exc:
             raise ConfigError("aggregator.model", str(exc)) from None
         self._eval_model = model
+        weights = model.get_weights()
+        self._params = sum(int(w.size) for w in weights.values())
+        model_bytes = sum(int(w.nbytes) for w in weights.values())
+        # An update is at most the model in float32 twice over (top-k of everything: indices and
+        # values) plus its fields: anything larger is refused before it is parsed.
+        limit = min(self.config.broker.max_payload_bytes, 2 * max(model_bytes, 4 * self._params) + 64 * 1024)
+        self._limits = DecodeLimits(max_payload_bytes=limit)
+        self._initial = weights
+        try:
+            self.core, self.store, self.run_id = self._open_state(mode)
+        except StateError as exc:
+            raise ConfigError("aggregator.checkpoint_dir", str(exc)) from None
+        except (ValueError, OSError) as exc:
+            raise ConfigError("aggregator.checkpoint_dir", f"{self.cfg.checkpoint_dir}: {exc}") from None
+        self._load_eval_data()
+        return self.core
+
+    def _open_state(self, mode: Mode) -> tuple[AggregatorCore, StateStore | None, str]:
+        """A core restored from the state folder (checkpoint + log), the open store and the run id.
+
+        Without a state folder every process is a run of its own: agents then drop what they
+        trained on the previous one instead of sending it to a model that never saw it.
+        """
+        core = self._new_core(self._initial)
+        if not self.cfg.checkpoint_dir:
+            run = new_run_id()
+            core.run_id = run
+            return core, None, run
+        store = StateStore(self.cfg.checkpoint_dir)
+        restored = store.open(fresh=self.fresh, mode=mode)
+        core.run_id = restored.run
+        core = self._restore(core, restored)
+        store.begin_appending(restored)
+        if restored.checkpoint_now:
+            store.checkpoint(self._checked_state(core))
+            core.checkpoint_written(core.version)
+        self.fresh = False  # a reload after a storage failure must not discard again
+        for note in restored.notes:
+            log.warning("%s: %s", self.cfg.checkpoint_dir, note)
+        if restored.new_run:
+            log.warning("a new federation run begins: %s (agents follow it)", restored.run)
+        return core, store, restored.run
+
+    def _new_core(self, weights: dict[str, Any]) -> AggregatorCore:
         c = self.cfg
         robust = c.robust != "none" or c.norm_bound is not None
         rule = make_rule(
@@ -207,43 +329,84 @@ class AggregatorService:
             else None,
             max_norm=c.norm_bound if c.rule == "fedasync" else None,
         )
-        weights = model.get_weights()
-        window = None
+        check = None
         if c.dp_noise_multiplier is not None:
-            dim = sum(int(w.size) for w in weights.values())
-            window = dp_norm_window(dim, c.dp_noise_multiplier * c.dp_clip_norm, c.dp_clip_norm)
-        core = AggregatorCore(
+            check = NoiseCheck(self._params, c.dp_noise_multiplier * c.dp_clip_norm, c.dp_clip_norm)
+        return AggregatorCore(
             weights,
             rule,
             max_staleness=c.max_staleness,
             sync_agents=c.sync_agents,
+            round_timeout=c.round_timeout,
+            agent_timeout=c.agent_timeout,
             seed=c.seed,
-            norm_window=window,
+            noise_check=check,
+            max_num_examples=c.max_num_examples,
+            max_update_norm=c.max_update_norm,
+            rate_limit=c.rate_limit,
+            rate_burst=c.rate_burst,
+            max_agents=c.max_agents,
+            buffer_patience=c.buffer_patience,
+            checkpoint_every=c.checkpoint_every if c.checkpoint_dir else 0,
         )
-        path = self.checkpoint_path
-        if path is not None:
+
+    def _restore(self, core: AggregatorCore, restored: Restored) -> AggregatorCore:
+        """Load the checkpoint and feed the log back through the core: the state before the crash."""
+        if restored.checkpoint is not None:
             try:
-                state = read_state(path, CHECKPOINT_KIND)
-                if state is not None:
-                    core.load_state_dict(state)
-                    log.info("resumed from %s at version %d", path, core.version)
-                self._wal = WriteAheadLog(path.parent, int(state.get("wal_generation", 0)) if state else 0)
-            except (ValueError, OSError) as exc:
-                raise ConfigError("aggregator.checkpoint_dir", str(exc)) from None
-            self._replay(core, self._wal)
+                core.load_state_dict(restored.checkpoint)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StateError(
+                    str(self.cfg.checkpoint_dir), f"the checkpoint does not fit this configuration: {exc}"
+                ) from None
+            log.info("resumed from %s at version %d", self.cfg.checkpoint_dir, core.version)
+        replayed = 0
+        for scan, rec in restored.records():
+            if rec.kind == "event":
+                assert rec.event is not None
+                core.replay("event", event=rec.event, now=rec.now or 0.0)
+                continue
+            try:
+                update = UpdateMessage.from_bytes(rec.payload, self._limits)
+            except DecodeError as exc:
+                raise StateError(
+                    str(scan.path),
+                    f"a logged update no longer decodes ({exc}); was the model changed?",
+                    offset=rec.offset,
+                ) from None
+            result = core.replay("update", update=update, agent_id=rec.agent, now=rec.now or 0.0)
+            if not isinstance(result, Accepted) or (rec.index is not None and result.index != rec.index):
+                raise StateError(
+                    str(scan.path),
+                    f"replaying the update of {rec.agent!r} logged as number {rec.index} gives {result}: "
+                    "the log does not belong to this checkpoint or configuration",
+                    offset=rec.offset,
+                )
+            replayed += 1
+        if replayed:
+            log.info("replayed %d accepted updates from the write-ahead log: now at version %d", replayed, core.version)
+        self.rt.replayed = replayed
+        return core
+
+    def _load_eval_data(self) -> None:
         if self.eval_data is None and self.cfg.eval_data:
             try:
                 self.eval_data = load_source(self.cfg.eval_data)
             except (ValueError, OSError, ImportError, AttributeError) as exc:
                 raise ConfigError("aggregator.eval_data", str(exc)) from None
-        if self.eval_data is not None and self.eval_data.x.shape[1] != self.spec.num_features:
+        if self.eval_data is None:
+            return
+        if self.eval_data.x.shape[1] != self.spec.num_features:
             raise ConfigError(
                 "aggregator.num_features",
                 f"{self.spec.num_features}, but the evaluation data has {self.eval_data.x.shape[1]} features",
             )
-        self.core = core
-        self._last_checkpoint_version = core.version
-        return core
+        y = self.eval_data.y
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.spec.num_classes):
+            raise ConfigError(
+                "aggregator.eval_data",
+                f"labels {int(y.min())}..{int(y.max())} do not fit the model's {self.spec.num_classes} classes",
+            )
 
     async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
         """Serve until ``stop`` is set, ``max_versions`` or ``target_accuracy`` is reached; return the summary."""
@@ -251,13 +414,28 @@ class AggregatorService:
         if self.core is None:
             self.startup()
         self.rt.started = self.clock()
-        delays = backoff()
-        will = aiomqtt.Will(self.topics.server_status, self._status("offline"), qos=1, retain=True)
-        evaluator = asyncio.create_task(self._evaluator())
         self._eval_wanted.set()
         try:
-            while not stop.is_set() and not self.done.is_set():
-                try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._evaluator())
+                tg.create_task(self._ticker())
+                await self._connections(stop)
+                raise _Stop  # ends the evaluator and the ticker
+        except* _Stop:
+            pass
+        finally:
+            await self._serialized(self._close_state)
+        await self._evaluate_current()  # the last version's accuracy; an error here is ours: it propagates
+        return self.summary()
+
+    async def _connections(self, stop: asyncio.Event) -> None:
+        """Connect, serve, reconnect with backoff; at stop, finish within the shutdown grace."""
+        delays = backoff()
+        will = aiomqtt.Will(self.topics.server_status, self._status("offline"), qos=1, retain=True)
+        gave_up = False
+        while not stop.is_set() and not self.done.is_set() and not gave_up:
+            try:
+                async with asyncio.timeout(None) as grace:
                     async with aiomqtt.Client(
                         **client_kwargs(self.config.broker),
                         will=will,
@@ -270,27 +448,23 @@ class AggregatorService:
                     ) as client:
                         delays = backoff()
                         self.rt.connections += 1
-                        await self._session(client, stop)
-                except* aiomqtt.MqttError as group:
-                    self.ready.clear()
-                    delay = next(delays)
-                    log.warning("broker connection lost (%s); reconnecting in %.1f s", group.exceptions[0], delay)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await stop.wait()
-        finally:
-            evaluator.cancel()
-            await asyncio.wait([evaluator])  # unlike suppress(CancelledError), keeps our own cancellation
-            await self._final_evaluation()
-            await self._flush_wal()
-            await self.checkpoint()
-            if self._wal is not None:
-                self._wal.close()
-        return self.summary()
+                        await self._session(client, stop, grace)
+            except* aiomqtt.MqttError as group:
+                self.ready.clear()
+                delay = next(delays)
+                log.warning("broker connection lost (%s); reconnecting in %.1f s", group.exceptions[0], delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+            except* TimeoutError:
+                log.warning(
+                    "the broker did not answer within aggregator.shutdown_grace (%.1f s): stopped without its goodbye",
+                    self.cfg.shutdown_grace,
+                )
+                gave_up = True
 
-    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event, grace: asyncio.Timeout) -> None:
         await publish(client, self.topics.server_status, self._status("online"), qos=1, retain=True)
-        self._maybe_start_round()
         self._mark_model_dirty()
         await self.publish_pending_model(client)
         await subscribe(client, self.topics.update_wildcard, qos=1)
@@ -307,6 +481,10 @@ class AggregatorService:
                 await self._watch(stop)
         except* _Stop:
             pass
+        # Stopping: what is left is bounded by the grace period, whatever the broker does.
+        grace.reschedule(asyncio.get_running_loop().time() + self.cfg.shutdown_grace)
+        await self._serialized(self._flush_locked)
+        await self.publish_pending(client)
         await publish(client, self.topics.metrics, metrics_to_bytes(self.progress().to_dict()), qos=1, retain=True)
         await publish(client, self.topics.server_status, self._status("stopped"), qos=1, retain=True)
 
@@ -319,103 +497,93 @@ class AggregatorService:
                 w.cancel()
         raise _Stop
 
+    async def _close_state(self) -> None:
+        """At the end: make the log durable, checkpoint, close the folder."""
+        if self.store is None or self._failure is not None:
+            return
+        await self._flush_locked()
+        await self._checkpoint_locked()
+        self.store.close()
+
     # --- messages ---------------------------------------------------------------------------
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
-            topic = msg.topic.value
             payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
-            agent = self.topics.agent_of(topic, "update")
-            if agent is not None:
-                await self._on_update(agent, bytes(payload))
-            elif (agent := self.topics.agent_of(topic, "status")) is not None:
-                await self._on_status(agent, bytes(payload))
-            if self.clock() - self._last_sweep >= 1.0:
-                await self.expire_silent_agents()
-            self.pulse.notify()
+            await self.handle(msg.topic.value, bytes(payload))
 
-    async def expire_silent_agents(self) -> list[str]:
-        """Mark offline every online agent silent for longer than ``aggregator.agent_timeout``.
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """One message received on ``topic``: an update or a status (the seam tests feed this)."""
+        if (agent := self.topics.agent_of(topic, "update")) is not None:
+            await self._on_update(agent, payload)
+        elif (agent := self.topics.agent_of(topic, "status")) is not None:
+            await self._on_status(agent, payload)
+        elif (bad := self.topics.kind_of(topic, "update")) is not None:
+            rejected = Rejected(None, None, RejectReason.BAD_TOPIC, f"update topic level {bad[:64]!r} is no agent id")
+            self._log_rejection(self._core.reject(rejected), "(invalid id)")
+        self.pulse.notify()
 
-        Runs on the receive path (at most once a second), so the core has one writer; a sync
-        round waiting for such an agent completes without it.
-        """
-        core = self._core
-        now = self._last_sweep = self.clock()
-        silent = [a for a in core.online if now - self._last_seen.get(a, now) > self.cfg.agent_timeout]
-        for agent in silent:
-            log.info("agent %s silent for %.0f s: counted offline", agent, now - self._last_seen[agent])
-            if core.agent_status(agent, False) is not None:
-                await self._new_version()
-        return silent
-
-    async def _on_update(self, topic_agent: str, payload: bytes) -> None:
-        core = self._core
-        self._last_seen[topic_agent] = self.clock()
+    async def _on_update(self, agent: str, payload: bytes) -> None:
         self._update_bytes += len(payload)
         self._update_count += 1
+        if self._failure is not None:
+            self.rt.dropped_unsafe += 1  # nothing can be made durable: no receipt; the agent re-sends
+            return
         try:
-            update = UpdateMessage.from_bytes(payload, self._limits)
-        except DecodeError as exc:  # no seq to answer: the agent re-sends after its receipt timeout
-            self._log_rejection(core.reject(Rejected(topic_agent, None, exc.reason, exc.detail)), topic_agent)
-            return
-        result = core.receive(update, topic_agent_id=topic_agent)
-        if isinstance(result, Rejected):
-            self._log_rejection(result, topic_agent)
-            original = core.receipt_for(topic_agent, update.seq) if result.reason is RejectReason.DUPLICATE else None
-            if original is not None:  # a re-send of an accepted update: the same receipt again
-                await self._flush_wal()  # ... once the original is durable (it may be in this group)
-                version, index = original
-                self._send_receipt(ReceiptMessage(topic_agent, update.seq, "accepted", version, index=index))
+            if len(payload) >= OFF_LOOP_BYTES:
+                update = await asyncio.to_thread(UpdateMessage.from_bytes, payload, self._limits)
             else:
-                self._send_receipt(
-                    ReceiptMessage(topic_agent, update.seq, "rejected", core.version, result.reason.value)
-                )
+                update = UpdateMessage.from_bytes(payload, self._limits)
+        except DecodeError as exc:  # no seq to answer: the agent re-sends after its receipt timeout
+            self._log_rejection(self._core.reject(Rejected(agent, None, exc.reason, exc.detail)), agent)
             return
-        assert isinstance(result, Accepted)
-        receipt = ReceiptMessage(topic_agent, update.seq, "accepted", core.version, index=result.index)
-        if self._wal is None:
-            self._send_receipt(receipt)
-            if result.new_version is not None:
-                await self._new_version()
-            return
-        # Group commit: the update is written now and fsync'd with the others that are already
-        # waiting; its receipt and any version it made wait for that fsync.
-        if len(payload) >= 256 * 1024:
-            await asyncio.to_thread(self._wal.write, topic_agent, payload)
+        if self._lock.locked() or self._heavy_step_due(self._core) or len(payload) >= OFF_LOOP_BYTES:
+            result = await self._serialized(lambda: self._decide(update, agent, payload))
         else:
-            self._wal.write(topic_agent, payload)
-        self._unsynced.append(receipt)
-        self._unsynced_bytes += len(payload)
-        self._version_pending |= result.new_version is not None
-        incoming = self._incoming
-        if (
-            incoming is None
-            or incoming.empty()
-            or len(self._unsynced) >= self.GROUP_COMMIT_UPDATES
-            or self._unsynced_bytes >= self.GROUP_COMMIT_BYTES
-        ):
-            await self._flush_wal()
+            # The common case has no await: the decision and its log writes cannot be split by a
+            # cancellation, so they need no shield (a task per update would yield to the loop).
+            result = self._decide_now(update, agent, payload)
+            if self._flush_due():
+                await self._serialized(self._flush_locked)
+        if isinstance(result, Rejected):
+            self._log_rejection(result, agent)
 
-    async def _flush_wal(self) -> None:
-        """Make what was written durable, then send its receipts and publish the version it made."""
-        if self._wal is None or not (self._unsynced or self._version_pending):
-            return
-        await asyncio.to_thread(self._wal.sync)
-        receipts, self._unsynced, self._unsynced_bytes = self._unsynced, [], 0
-        for receipt in receipts:
-            self._send_receipt(receipt)
-        if self._version_pending:
-            self._version_pending = False
-            await self._new_version()
+    def _decide_now(self, update: UpdateMessage, agent: str, payload: bytes) -> Accepted | Rejected | None:
+        if self._failure is not None:
+            self.rt.dropped_unsafe += 1
+            return None
+        result = self._core.receive(update, topic_agent_id=agent, now=self.clock())
+        self._apply(result.effects, payload)
+        return result
+
+    async def _decide(self, update: UpdateMessage, agent: str, payload: bytes) -> Accepted | Rejected | None:
+        if self._failure is not None:
+            self.rt.dropped_unsafe += 1
+            return None
+        core = self._core
+        now = self.clock()
+        if self._heavy_step_due(core):
+            result = await asyncio.to_thread(core.receive, update, topic_agent_id=agent, now=now)
+        else:
+            result = core.receive(update, topic_agent_id=agent, now=now)
+        await self._carry_out(result.effects, payload)
+        return result
+
+    def _heavy_step_due(self, core: AggregatorCore) -> bool:
+        """Whether this update may make a step worth a worker thread: one that touches many numbers."""
+        rule = core.rule
+        if isinstance(rule, FedBuffRule):
+            if len(rule.buffer) + 1 < rule.buffer_size:
+                return False
+            k = rule.buffer_size
+            work = self._params * k * (k if rule.aggregate.name != "mean" else 1)
+            return work >= OFF_LOOP_WORK
+        return self._params * 4 >= OFF_LOOP_WORK
 
     async def _on_status(self, agent: str, payload: bytes) -> None:
-        await self._flush_wal()  # a round may start below: it must see only durable updates
-        core = self._core
-        self._last_seen[agent] = self.clock()
         online = False
         if payload:
             try:
-                status = StatusMessage.from_bytes(payload, self._limits)
+                status = StatusMessage.from_bytes(payload, self._status_limits)
             except DecodeError as exc:
                 log.debug("bad status from %s: %s", agent, exc)
                 return
@@ -423,36 +591,232 @@ class AggregatorService:
                 log.warning("status on %s's topic names agent %r; ignored", agent, status.agent_id)
                 return
             online = status.state in ("online", "training")
-        if core.agent_status(agent, online) is not None:
-            await self._new_version()
+
+        if self._failure is not None:
+            return
+        if self._lock.locked():
+
+            async def apply() -> None:
+                if self._failure is None:
+                    await self._carry_out(self._core.agent_status(agent, online, now=self.clock()), b"")
+
+            await self._serialized(apply)
+            return
+        self._apply(self._core.agent_status(agent, online, now=self.clock()), b"")
+        if self._flush_due():
+            await self._serialized(self._flush_locked)
+
+    async def tick(self) -> None:
+        """Time passed: the core's timeouts, a retry of a failed state folder, the group commit's tail."""
+
+        async def apply() -> None:
+            if self._failure is not None:
+                await self._probe_storage()
+                return
+            await self._carry_out(self._core.tick(self.clock()), b"")
+
+        await self._serialized(apply)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)  # a clock for the core's timeouts, not a wait for an event
+            await self.tick()
+
+    # --- effects ------------------------------------------------------------------------------
+    async def _serialized(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` under the core lock and to its end, even if the caller is cancelled meanwhile.
+
+        An input's decision and its log writes (and a checkpoint with its log rotation) are one
+        step: a cancellation (a failing publisher ends the session's TaskGroup) may delay it but
+        never split it. The caller's cancellation is raised once the step is done.
+        """
+
+        async def locked() -> T:
+            async with self._lock:
+                return await fn()
+
+        task = asyncio.ensure_future(locked())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+            raise
+
+    async def _carry_out(self, effects: tuple[Effect, ...], payload: bytes) -> None:
+        """Do what the core decided, in order, then the group commit if it is due (under the lock)."""
+        if len(payload) >= OFF_LOOP_BYTES and any(isinstance(e, LogUpdate) for e in effects):
+            await asyncio.to_thread(self._apply, effects, payload)
         else:
-            self._maybe_start_round()
+            self._apply(effects, payload)
+        if self._flush_due():
+            await self._flush_locked()
 
-    async def _new_version(self) -> None:
-        await self._flush_wal()  # nothing is published or checkpointed that is not yet durable
-        core = self._core
-        self._maybe_start_round()
-        self._mark_model_dirty()
-        if core.version % self.cfg.eval_every == 0:
-            self._eval_wanted.set()
-        if core.version - self._last_checkpoint_version >= self.cfg.checkpoint_every:
-            await self.checkpoint()
-        if self.cfg.max_versions and core.version >= self.cfg.max_versions:
-            self.done.set()
-
-    def _maybe_start_round(self) -> None:
-        core = self._core
-        if core.mode != "sync" or core.selected is not None:
+    def _apply(self, effects: tuple[Effect, ...], payload: bytes) -> None:
+        """The effects, in order, with no await: log writes are buffered, receipts and publishes queued."""
+        store = self.store
+        try:
+            for effect in effects:
+                if isinstance(effect, LogUpdate):
+                    if store is not None:
+                        assert store.wal is not None
+                        store.wal.write_update(effect.agent_id, payload, now=effect.now, index=effect.index)
+                elif isinstance(effect, LogEvent):
+                    if store is not None:
+                        assert store.wal is not None
+                        store.wal.write_event(effect.event, now=effect.now)
+                elif isinstance(effect, SendReceipt):
+                    if effect.durable and store is not None:
+                        self._unsynced.append(effect.receipt)
+                    else:
+                        self._send_receipt(effect.receipt)
+                elif isinstance(effect, PublishModel):
+                    self._publish_pending = True
+                elif isinstance(effect, CheckpointDue):
+                    self._checkpoint_pending = True
+                elif isinstance(effect, AgentsOffline):
+                    log.info("agents silent for %.0f s: counted offline: %s", self.cfg.agent_timeout, effect.agents[:8])
+        except OSError as exc:
+            self._storage_failed(exc, needed=len(payload) + 4096)
             return
-        if len(core.online) < max(1, self.cfg.sync_agents):
+        if store is None:
+            self._release()  # nothing to make durable
+
+    def _flush_due(self) -> bool:
+        """Group commit: fsync once the incoming queue runs dry or enough waits; something must be pending."""
+        wal = self.store.wal if self.store is not None else None
+        if wal is None or self._failure is not None:
+            return False
+        if not (self._unsynced or self._publish_pending or self._checkpoint_pending or wal.unsynced):
+            return False
+        incoming = self._incoming
+        return (
+            incoming is None
+            or incoming.empty()
+            or len(self._unsynced) >= self.GROUP_COMMIT_UPDATES
+            or wal.unsynced >= self.GROUP_COMMIT_BYTES
+        )
+
+    async def _flush_locked(self) -> None:
+        """Make what was written durable, then send its receipts, publish the version it made, checkpoint."""
+        store = self.store
+        if store is not None and store.wal is not None and self._failure is None and store.wal.unsynced:
+            try:
+                await asyncio.to_thread(store.wal.sync)
+            except OSError as exc:
+                self._storage_failed(exc, needed=store.wal.unsynced)
+                return
+        self._release()
+        if self._checkpoint_pending:
+            await self._checkpoint_locked()
+
+    def _release(self) -> None:
+        """What waited for durability goes out: receipts, the new version (and what it triggers)."""
+        receipts, self._unsynced = self._unsynced, []
+        for receipt in receipts:
+            self._send_receipt(receipt)
+        if self._publish_pending:
+            self._publish_pending = False
+            self._mark_model_dirty()
+            core = self._core
+            if core.version % self.cfg.eval_every == 0:
+                self._eval_wanted.set()
+            if self.cfg.max_versions and core.version >= self.cfg.max_versions:
+                self.done.set()
+
+    async def checkpoint(self) -> None:
+        """Make the log durable and checkpoint now (model, version, rule state, agents, counters)."""
+        await self._serialized(self._flush_then_checkpoint)
+
+    async def _flush_then_checkpoint(self) -> None:
+        await self._flush_locked()
+        await self._checkpoint_locked()
+
+    async def _checkpoint_locked(self) -> None:
+        """The checkpoint step of :class:`~aggregator.store.StateStore`, in one worker-thread call."""
+        self._checkpoint_pending = False
+        store, core = self.store, self._core
+        if store is None or self._failure is not None:
             return
-        core.start_round()
+        state = self._checked_state(core)
+        try:
+            await asyncio.to_thread(store.checkpoint, state)
+        except OSError as exc:
+            self._storage_failed(exc, needed=2 * sum(int(w.nbytes) for w in core.weights.values()) + 65536)
+            return
+        core.checkpoint_written(core.version)
+
+    @staticmethod
+    def _checked_state(core: AggregatorCore) -> dict[str, Any]:
+        try:
+            core.check_state()  # nothing non-finite is ever written: if it were, the bug is ours
+        except ValueError as exc:
+            raise RuntimeError(f"refusing to checkpoint a state that is not finite: {exc}") from exc
+        return core.state_dict()
+
+    # --- a state folder that refuses writes -------------------------------------------------------
+    def _storage_failed(self, exc: OSError, *, needed: int) -> None:
+        """Stop acknowledging; forget what was not durable; rebuild from disk once writes work again."""
+        store = self.store
+        assert store is not None
+        directory = self.cfg.checkpoint_dir
+        free = shutil.disk_usage(directory).free if directory and Path(directory).exists() else 0
+        what = "no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+        log.error(
+            "aggregator.checkpoint_dir %s: %s (a write needs %d bytes, %d bytes are free); nothing is acknowledged "
+            "until it takes writes again (checking every few seconds); %d updates were not receipted",
+            directory,
+            what,
+            needed,
+            free,
+            len(self._unsynced),
+        )
+        self._unsynced.clear()
+        self._publish_pending = self._checkpoint_pending = False
+        if store.wal is not None:
+            try:
+                store.wal.drop_unsynced()
+            except OSError as cut:
+                log.error("could not cut the log back to its last durable record: %s", cut)
+            store.wal = None
+        store.close()
+        self._failure = _StorageFailure(exc, needed, self.clock() + 1.0)
+
+    async def _probe_storage(self) -> None:
+        failure = self._failure
+        directory = self.cfg.checkpoint_dir
+        if failure is None or directory is None or self.clock() < failure.next_probe:
+            return
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            free = 0
+        if free < failure.needed + 65536:
+            failure.delay = min(30.0, failure.delay * 2)
+            failure.next_probe = self.clock() + failure.delay
+            return
+        old = self._core
+        try:
+            core, store, run = await asyncio.to_thread(self._open_state, "start")
+        except (OSError, StateError, ValueError) as exc:
+            log.error("the state folder still fails (%s); trying again later", exc)
+            failure.delay = min(30.0, failure.delay * 2)
+            failure.next_probe = self.clock() + failure.delay
+            return
+        core.online, core._seen = old.online, old._seen  # liveness is soft state: keep what we saw
+        self.core, self.store, self.run_id = core, store, run
+        self._failure = None
+        log.warning("the state folder takes writes again: resumed from durable state at version %d", core.version)
         self._mark_model_dirty()
 
+    # --- publishing -------------------------------------------------------------------------------
     def _send_receipt(self, receipt: ReceiptMessage) -> None:
-        """Queue a receipt for the publisher; if the queue is full it is dropped (the agent re-sends)."""
-        with contextlib.suppress(asyncio.QueueFull):
+        """Queue a receipt for the publisher; if the queue is full it is dropped and counted (the agent re-sends)."""
+        try:
             self._receipts.put_nowait(receipt)
+        except asyncio.QueueFull:
+            self.rt.dropped_receipts += 1
 
     async def _receipt_publisher(self, client: aiomqtt.Client) -> None:
         """Publish receipts in order, off the receive loop (which never waits on a PUBACK)."""
@@ -460,8 +824,13 @@ class AggregatorService:
             receipt = await self._receipts.get()
             await publish(client, self.topics.receipt(receipt.agent_id), receipt.to_bytes(), qos=1)
 
+    async def publish_pending(self, client: Any) -> None:
+        """Publish the pending model and every queued receipt now (tests and shutdown)."""
+        await self.publish_pending_model(client)
+        await self.publish_pending_receipts(client)
+
     async def publish_pending_receipts(self, client: Any) -> None:
-        """Publish every queued receipt now (tests and shutdown)."""
+        """Publish every queued receipt now."""
         while not self._receipts.empty():
             receipt = self._receipts.get_nowait()
             await publish(client, self.topics.receipt(receipt.agent_id), receipt.to_bytes(), qos=1)
@@ -480,11 +849,7 @@ class AggregatorService:
                 await asyncio.sleep(self.cfg.model_interval)  # a rate limit, not a wait for an event
 
     def _mark_model_dirty(self) -> None:
-        """Take the model to publish now.
-
-        The core may move on (with updates not yet durable) while the publisher waits for the
-        broker, and must not leak those.
-        """
+        """Take the model to publish now: it is durable (the core may move on before the publish)."""
         core = self._core
         self._model_view = ModelMessage(
             version=core.version,
@@ -493,6 +858,7 @@ class AggregatorService:
             mode=core.mode,  # type: ignore[arg-type]
             selected=core.selected,
             max_staleness=core.max_staleness,
+            run=self.run_id,
         )
         self._model_dirty.set()
 
@@ -513,7 +879,10 @@ class AggregatorService:
         ``sender`` is the agent the topic names: the identity the broker authenticated (with the
         generated ACL), not whatever the payload claims. Both it and the detail are clipped
         and escaped, and the set of logged keys is bounded, so a peer cannot flood the log.
+        Retryable refusals (rate, buffer) are counted, not logged.
         """
+        if rejected.reason in (RejectReason.RATE_LIMITED, RejectReason.AGENT_BUFFERED):
+            return
         key = (sender[:64], rejected.reason.value)
         if key in self.rt.logged or len(self.rt.logged) >= 10_000:
             return
@@ -525,7 +894,7 @@ class AggregatorService:
             rejected.detail[:200],
         )
 
-    # --- evaluation, metrics, checkpoints ---------------------------------------------------
+    # --- evaluation, metrics ----------------------------------------------------------------------
     async def _evaluator(self) -> None:
         """Evaluate the newest version in a worker thread, one evaluation at a time."""
         while True:
@@ -536,11 +905,12 @@ class AggregatorService:
     async def _evaluate_current(self) -> None:
         if self.eval_data is None or self.core is None:
             return
-        if self.rt.evals and self.rt.evals[-1].version == self.core.version:
+        last = self.rt.evals.last
+        if last is not None and last.version == self.core.version:
             return
         version, weights = self.core.version, self.core.weights
         loss, acc = await asyncio.to_thread(self._evaluate, weights)
-        self.rt.evals.append(EvalPoint(self.clock() - self.rt.started, version, acc, loss))
+        self.rt.record_eval(EvalPoint(self.clock() - self.rt.started, version, acc, loss))
         if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
             self.done.set()
         self.pulse.notify()
@@ -552,10 +922,6 @@ class AggregatorService:
         self._eval_model.set_weights(weights)
         return evaluate(self._eval_model, self.eval_data.x, self.eval_data.y)
 
-    async def _final_evaluation(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._evaluate_current()
-
     async def _metrics_loop(self, client: aiomqtt.Client) -> None:
         while True:
             progress = self.progress()
@@ -563,43 +929,6 @@ class AggregatorService:
             if self.on_progress is not None:
                 self.on_progress(progress)
             await asyncio.sleep(self.cfg.metrics_interval)
-
-    async def checkpoint(self) -> None:
-        """Write model, version, rule state, dedupe state and counters atomically (in a thread).
-
-        The checkpoint names the write-ahead-log generation that starts after it; the log is
-        rotated only once the checkpoint is on disk, so a crash at any point leaves either the
-        old checkpoint with its full log or the new one with an empty log.
-        """
-        path = self.checkpoint_path
-        if path is None or self.core is None:
-            return
-        state = self.core.state_dict()
-        wal = self._wal
-        if wal is not None:
-            state["wal_generation"] = wal.generation + 1
-        await asyncio.to_thread(write_state, path, CHECKPOINT_KIND, state)
-        if wal is not None:
-            await asyncio.to_thread(wal.rotate, wal.generation + 1)
-        self._last_checkpoint_version = self.core.version
-
-    def _replay(self, core: AggregatorCore, wal: WriteAheadLog) -> None:
-        """Feed the log's accepted updates back through the core: the state before the crash."""
-        replayed = 0
-        for agent, payload in wal.records():
-            try:
-                result = core.receive(UpdateMessage.from_bytes(payload, self._limits), topic_agent_id=agent)
-            except DecodeError as exc:  # only if the limits changed since the update was accepted
-                log.warning("write-ahead log: an update from %r no longer decodes (%s); skipped", agent, exc)
-                continue
-            if isinstance(result, Rejected):
-                log.warning("write-ahead log: replaying %r's update was rejected (%s)", agent, result.detail)
-                continue
-            replayed += 1
-        wal.prune()
-        if replayed:
-            log.info("replayed %d accepted updates from %s: now at version %d", replayed, wal.path, core.version)
-        self.rt.replayed = replayed
 
     # --- reporting --------------------------------------------------------------------------
     @property
@@ -613,7 +942,10 @@ class AggregatorService:
     def progress(self) -> Progress:
         """Current figures."""
         core = self._core
-        last = self.rt.evals[-1] if self.rt.evals else None
+        last = self.rt.evals.last
+        storage = "none" if self.store is None else "ok"
+        if self._failure is not None:
+            storage = f"failing: {self._failure.error.strerror or self._failure.error}"
         return Progress(
             version=core.version,
             accuracy=last.accuracy if last else None,
@@ -621,13 +953,18 @@ class AggregatorService:
             accepted=core.stats.accepted,
             rejected=sum(core.stats.rejected.values()),
             rejected_by_reason=dict(core.stats.rejected),
+            retried_by_reason=dict(core.stats.retried),
             mean_staleness=core.stats.mean_staleness,
             max_epsilon=core.stats.max_epsilon,
             agents_online=len(core.online),
-            agents_offline=len(self._last_seen.keys() - core.online),
-            dropped_overload=core.stats.dropped_overload,
+            agents_offline=core.offline,
+            dropped_overload=self.rt.dropped_overload,
+            dropped_receipts=self.rt.dropped_receipts,
+            dropped_unsafe=self.rt.dropped_unsafe,
             robust=dict(core.rule.counters),
             elapsed=self.clock() - self.rt.started if self.rt.started else 0.0,
+            storage=storage,
+            run=self.run_id,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -640,6 +977,7 @@ class AggregatorService:
             "updates_accepted": p.accepted,
             "updates_rejected": p.rejected,
             "rejected_by_reason": p.rejected_by_reason,
+            "retried_by_reason": p.retried_by_reason,
             "dropped_overload": p.dropped_overload,
             "mean_staleness": round(p.mean_staleness, 3),
             "max_epsilon": p.max_epsilon,
@@ -647,8 +985,9 @@ class AggregatorService:
             "rule": self.cfg.rule,
             "robust": self.cfg.robust,
             "robust_counters": p.robust,
-            "accuracy_history": [[round(e.elapsed, 3), e.version, round(e.accuracy, 4)] for e in self.rt.evals],
+            "accuracy_history": [[round(e.elapsed, 3), e.version, round(e.accuracy, 4)] for e in self.rt.evals.points],
             "bytes_per_update": round(self._update_bytes / self._update_count) if self._update_count else None,
+            "run": self.run_id,
         }
 
 

@@ -18,7 +18,7 @@ agent's pipeline (``LocalTrainer.steps``) or its data, never the training code:
   coordinate stays inside the benign spread while all of them push the same way.
 
 With ``conform`` (the federation uses local DP and the aggregator checks it, see
-:func:`aggregator.rules.robust.dp_norm_window`), the sign-flip, scaling and Gaussian attackers
+:func:`aggregator.rules.noise.NoiseCheck`), the sign-flip, scaling and Gaussian attackers
 disguise themselves: they scale their malicious delta down to the largest signal the norm
 window lets through (``0.7 * sqrt(high^2 - d s^2)``) and add the agreed noise themselves.
 """
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.rules.robust import dp_norm_window  # the check a conforming attacker must pass
+from aggregator.rules.noise import dp_norm_window  # the check a conforming attacker must pass
 from edge_agent.pipeline import Release, Step
 from models.datasets import Dataset
 

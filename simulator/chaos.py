@@ -31,13 +31,13 @@ import aiomqtt
 import numpy as np
 
 from aggregator.core import Accepted
-from aggregator.service import CHECKPOINT_KIND, AggregatorService
+from aggregator.service import AggregatorService
+from aggregator.store import latest_checkpoint
 from broker.launcher import MosquittoBroker
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
 from fedmq.messages import ReceiptMessage, StatusMessage, UpdateMessage
-from fedmq.state import read_state
 from simulator.harness import SimConfig, split_digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +84,9 @@ class ChaosReport:
     inconsistent_receipts: int = 0
     undelivered: int = 0
     model_equals_replay: bool = False
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    retried: int = 0
+    """``retry`` answers (rate limit, buffer share): kept by the agents and sent again."""
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -258,7 +261,7 @@ async def _start(cfg: ChaosConfig, observer: _Observer) -> asyncio.subprocess.Pr
 def _audit(
     cfg: ChaosConfig, base: Config, observer: _Observer, report: ChaosReport, agents: list[AgentService]
 ) -> None:
-    state = read_state(cfg.workdir / "aggregator" / "aggregator.ckpt", CHECKPOINT_KIND)
+    state = latest_checkpoint(cfg.workdir / "aggregator")
     if state is None:
         report.problems.append("no final checkpoint")
         return
@@ -267,6 +270,8 @@ def _audit(
     report.applied = n
     report.duplicates_dropped = int(stats["rejected"].get("duplicate", 0))
     report.rejected_other = sum(int(v) for k, v in stats["rejected"].items() if k != "duplicate")
+    report.rejected_by_reason = {str(k): int(v) for k, v in stats["rejected"].items() if k != "duplicate"}
+    report.retried = sum(int(v) for v in stats.get("retried", {}).values())
     report.updates_sent = sum(a.stats.updates_published for a in agents)
     report.receipted = len(observer.receipts)
     by_index: dict[int, tuple[str, int]] = {}
@@ -290,13 +295,14 @@ def _audit(
     oracle.startup()
     core = oracle.core
     assert core is not None
+    core.run_id = str(state["run"])  # the oracle replays as the audited run
     for index in sorted(by_index):
         agent, seq = by_index[index]
         payload = observer.updates.get((agent, seq))
         if payload is None:
             report.problems.append(f"no copy of receipted update {agent}/{seq}")
             return
-        result = core.receive(UpdateMessage.from_bytes(payload), topic_agent_id=agent)
+        result = core.replay("update", update=UpdateMessage.from_bytes(payload), agent_id=agent)  # admitted once
         if not isinstance(result, Accepted) or result.index != index:
             report.problems.append(f"replay of {agent}/{seq} at {index} gave {result}")
             return
@@ -318,7 +324,8 @@ def format_report(r: ChaosReport) -> str:
         ("receipted as accepted", r.receipted),
         ("applied (final state)", r.applied),
         ("duplicates dropped", r.duplicates_dropped),
-        ("rejected for other reasons", r.rejected_other),
+        ("rejected for other reasons", f"{r.rejected_other} {r.rejected_by_reason or ''}".strip()),
+        ("answered retry (sent again later)", r.retried),
         ("lost (receipted, not applied)", r.lost),
         ("applied twice", r.applied_twice),
         ("applied without a receipt", r.applied_without_receipt),

@@ -17,6 +17,7 @@ aggregator's receipt (percentiles), and the aggregator's and broker's CPU and me
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import math
 import random
@@ -64,6 +65,8 @@ class _Device:
     version: int = -1
     seq: int = 0
     sent: dict[int, float] = field(default_factory=dict)
+    payloads: dict[int, bytes] = field(default_factory=dict)
+    """Updates without a final receipt yet (a ``retry`` receipt sends one again later)."""
 
 
 class Fleet:
@@ -80,6 +83,8 @@ class Fleet:
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self.updates_sent = 0
+        self.retries = 0
+        """``retry`` receipts (rate limit, one update per agent per buffer): sent again when due."""
         self.heartbeats = 0
         self.models_received = 0
         self._model_cache: tuple[bytes, int] | None = None
@@ -100,6 +105,15 @@ class Fleet:
             return
         receipt = ReceiptMessage.from_bytes(payload)
         self.receipted.set()
+        if receipt.status == "retry":  # as fedmq agent does: keep it, send it again when told
+            again = dev.payloads.get(receipt.seq)
+            if again is not None and dev.conn is not None:
+                self.retries += 1
+                conn, topic = dev.conn, self.topics.update(dev.agent_id)
+                resend = functools.partial(conn.publish, topic, again, qos=1)
+                asyncio.get_running_loop().call_later(receipt.retry_after or 1.0, resend)
+            return
+        dev.payloads.pop(receipt.seq, None)
         sent_at = dev.sent.pop(receipt.seq, None)
         if sent_at is None or not self.measuring:
             return
@@ -187,8 +201,10 @@ class Fleet:
         if dev.conn is None or dev.version < 0:
             return
         dev.seq += 1
-        msg = UpdateMessage(dev.agent_id, dev.seq, dev.version, 10, self.delta, sent_at=time.time())
-        dev.conn.publish(self.topics.update(dev.agent_id), msg.to_bytes(), qos=1)
+        msg = UpdateMessage(dev.agent_id, dev.seq, dev.version, 8, self.delta, sent_at=time.time())
+        payload = msg.to_bytes()
+        dev.conn.publish(self.topics.update(dev.agent_id), payload, qos=1)
+        dev.payloads[dev.seq] = payload
         dev.sent[dev.seq] = now
         self.updates_sent += 1
 

@@ -87,6 +87,9 @@ class SimConfig:
             metrics_interval=0.5,
             staleness=StalenessConfig("polynomial", 0.5),
             max_staleness=20,
+            # Simulated devices finish a round in about 0.1 s (10 updates/s), real ones in seconds:
+            # the limit is twice the median simulated rate, as aggregator.rate_limit advises.
+            rate_limit=20.0,
         )
     )
     privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(clip_norm=1.0, noise_multiplier=0.5))
