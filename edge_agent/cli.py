@@ -36,6 +36,23 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--seed", "agent.seed", type=int)
     flag(p, "--compression", "agent.compression", help="none, fp16, int8 or topk (update compression on the wire)")
     flag(p, "--topk-fraction", "agent.topk_fraction", type=float, help="topk: share of entries sent (default 0.01)")
+    flag(p, "--shutdown-grace", "agent.shutdown_grace", type=float, help="seconds to abandon a round at SIGTERM (5)")
+    p.add_argument(
+        "--send-train-loss",
+        dest="cfg:agent.send_train_loss",
+        action="store_const",
+        const=True,
+        default=None,
+        help="send the local training loss with each update (outside the DP guarantee; off by default)",
+    )
+    p.add_argument(
+        "--exact-num-examples",
+        dest="cfg:agent.exact_num_examples",
+        action="store_const",
+        const=True,
+        default=None,
+        help="send the exact example count, not the power of two below it (outside the DP guarantee)",
+    )
     p.add_argument("--onnx-out", metavar="PATH", help="keep the newest global model here as ONNX, for `fedmq predict`")
     flag(p, "--clip-norm", "privacy.clip_norm", type=float)
     flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)

@@ -9,6 +9,10 @@ With no directory the outbox lives in memory (it then survives reconnects, not r
 It holds at most ``max_items`` updates: when it is full the agent stops training until a
 receipt frees a place (a device cut off for hours does not fill its disk).
 
+An entry found on disk that no longer passes ``validate`` (damaged, or written by a build that
+spoke another schema) is moved to ``quarantine/`` and counted, never re-sent: the aggregator
+could not even answer it, so it would hold a slot for good.
+
 Plain blocking file I/O, no asyncio: the service calls it from a worker thread or for
 small files directly.
 """
@@ -16,10 +20,12 @@ small files directly.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from fedmq.state import write_atomic
+from fedmq.state import fsync_dir, write_atomic
 
 log = logging.getLogger("fedmq.agent")
 SUFFIX = ".update"
@@ -28,11 +34,15 @@ SUFFIX = ".update"
 class Outbox:
     """Pending updates by sequence number, optionally persisted in ``directory``."""
 
-    def __init__(self, directory: Path | None, max_items: int = 16) -> None:
+    def __init__(
+        self, directory: Path | None, max_items: int = 16, *, validate: Callable[[bytes], str | None] | None = None
+    ) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         self.directory = Path(directory) if directory is not None else None
         self.max_items = max_items
+        self.quarantined = 0
+        """Entries set aside because they no longer decode."""
         self._items: dict[int, bytes] = {}
         self._lock = threading.Lock()  # the trainer's worker thread puts, the event loop reads and removes
         if self.directory is not None:
@@ -41,11 +51,25 @@ class Outbox:
                 stem = p.name[: -len(SUFFIX)]
                 if not stem.isdigit():
                     continue
-                self._items[int(stem)] = p.read_bytes()
+                payload = p.read_bytes()
+                problem = validate(payload) if validate is not None else None
+                if problem is not None:
+                    self._quarantine(p, problem)
+                    continue
+                self._items[int(stem)] = payload
             for p in self.directory.glob(f".*{SUFFIX}.*"):  # a crash mid-write: never published
                 p.unlink(missing_ok=True)
             if self._items:
                 log.info("outbox %s: %d updates from before the restart", self.directory, len(self._items))
+
+    def _quarantine(self, path: Path, problem: str) -> None:
+        assert self.directory is not None
+        target = self.directory / "quarantine"
+        target.mkdir(exist_ok=True)
+        os.replace(path, target / path.name)
+        fsync_dir(self.directory)
+        self.quarantined += 1
+        log.warning("outbox entry %s does not decode (%s): moved to %s, not sent", path.name, problem, target)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -5,6 +5,14 @@ One ``aiomqtt.Client`` per agent (``async with``), an MQTT Will that marks the a
 ``client.messages``, training in a worker thread so the MQTT loop stays responsive, QoS 1
 publishes, and reconnection with exponential backoff and jitter. An update whose publish
 did not complete is kept and re-sent after the reconnect.
+
+The agent follows the aggregator: the newest model message it receives is the one it trains
+on, even at a lower version (a rollback) or of another run (a fresh start); updates trained on
+another run are dropped from the outbox, and after the aggregator says it does not know an
+update's base, nothing more is trained on that base, so no privacy budget is spent on updates
+that would all be refused. A ``retry`` receipt keeps the update and pauses training until
+it is due again. At SIGTERM an unfinished local round is abandoned before its release
+(``agent.shutdown_grace``): nothing is released and no budget spent.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +36,13 @@ from edge_agent.trainer import LocalTrainer, TrainingDiverged
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError
-from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage
+from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
 from fedmq.runtime import Pulse
 from fedmq.transport import backoff, client_kwargs, publish, subscribe
+from models.base import TrainingCancelled
+
+UNKNOWN_BASE = ("unknown_base_version", "wrong_run")
+"""Refusals that mean the aggregator no longer knows the model an update was trained on."""
 
 log = logging.getLogger("fedmq.agent")
 
@@ -47,6 +60,14 @@ class AgentStats:
     bad_models: int = 0
     diverged: int = 0
     """Local rounds skipped because training produced NaN or Inf."""
+    retries: int = 0
+    """``retry`` receipts (rate limit, buffer): the update was kept and sent again later."""
+    dropped_other_run: int = 0
+    """Outbox updates dropped because they were trained on a run the aggregator no longer runs."""
+    quarantined: int = 0
+    """Outbox entries found on disk that no longer decode (set aside, not sent)."""
+    abandoned: int = 0
+    """Local rounds abandoned at shutdown before their release."""
     reconnects: int = 0
     last_version: int = -1
     epsilon: float | None = None
@@ -121,8 +142,10 @@ class AgentService:
         self.stats = AgentStats()
         a = config.agent
         outbox_dir = Path(a.state_dir) / f"{self.agent_id}.outbox" if a.state_dir else None
-        self.outbox = Outbox(outbox_dir, a.outbox_max)
+        self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
+        self.outbox = Outbox(outbox_dir, a.outbox_max, validate=self._undecodable)
         """Released updates without a receipt yet (see :mod:`edge_agent.outbox`)."""
+        self.stats.quarantined = self.outbox.quarantined
         self._sent_at: dict[int, float] = {}  # seq -> monotonic time of its last publish in this session
         self._ever_sent: set[int] = set()
         self._receipt = asyncio.Event()
@@ -130,8 +153,12 @@ class AgentService:
         self._draining = asyncio.Event()
         self._drain_wait: float | None = None
         self._latest: ModelMessage | None = None
+        self._run: str | None = None
+        self._blocked: tuple[str | None, int] | None = None  # (run, version) the aggregator does not know
+        self._pause_until = 0.0  # monotonic: no training before (a retry receipt)
+        self._resend_wanted = asyncio.Event()
+        self._cancel: threading.Event | None = None
         self._new_model = asyncio.Event()
-        self._limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
         self.pulse = Pulse()
         """Notified after every publish, model received, reconnect and state change."""
 
@@ -140,38 +167,71 @@ class AgentService:
             self.agent_id, state, epsilon=self.trainer.epsilon, seq=self.trainer.seq, ts=time.time()
         ).to_bytes()
 
+    def _undecodable(self, payload: bytes) -> str | None:
+        """Why an outbox entry cannot be sent (None: it can): it must decode as one of our updates."""
+        try:
+            update = UpdateMessage.from_bytes(payload, self._limits)
+        except DecodeError as exc:
+            return str(exc)
+        return None if update.agent_id == self.agent_id else f"it is agent {update.agent_id!r}'s"
+
     async def run(self, stop: asyncio.Event | None = None) -> AgentStats:
         """Connect, train and publish until ``stop`` is set or the agent is finished."""
         stop = stop or asyncio.Event()
         delays = backoff(rng=self.rng)
         will = aiomqtt.Will(self.topics.status(self.agent_id), self._status("offline"), qos=1, retain=True)
-        while not stop.is_set():
-            try:
-                async with aiomqtt.Client(
-                    **client_kwargs(self.config.broker),
-                    identifier=f"fedmq-{self.agent_id}",
-                    will=will,
-                    clean_session=True,
-                ) as client:
-                    delays = backoff(rng=self.rng)  # connected: the next outage starts from a short delay
-                    await self._session(client, stop)
-                    return self.stats
-            except* aiomqtt.MqttError as group:
-                self.stats.reconnects += 1
-                self.pulse.notify()
-                delay = next(delays)
-                log.warning(
-                    "agent %s: broker connection lost (%s); reconnecting in %.1f s",
-                    self.agent_id,
-                    group.exceptions[0],
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await stop.wait()
+        gave_up = False
+        try:
+            while not stop.is_set() and not gave_up:
+                try:
+                    async with asyncio.timeout(None) as grace:
+                        async with aiomqtt.Client(
+                            **client_kwargs(self.config.broker),
+                            identifier=f"fedmq-{self.agent_id}",
+                            will=will,
+                            clean_session=True,
+                        ) as client:
+                            delays = backoff(rng=self.rng)  # connected: the next outage starts from a short delay
+                            await self._session(client, stop, grace)
+                            return self.stats
+                except* aiomqtt.MqttError as group:
+                    self.stats.reconnects += 1
+                    self.pulse.notify()
+                    delay = next(delays)
+                    log.warning(
+                        "agent %s: broker connection lost (%s); reconnecting in %.1f s",
+                        self.agent_id,
+                        group.exceptions[0],
+                        delay,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
+                except* TimeoutError:
+                    log.warning("agent %s: the broker did not answer within the shutdown grace; stopped", self.agent_id)
+                    gave_up = True
+        finally:
+            await self._abandon_training()
         return self.stats
 
-    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _abandon_training(self) -> None:
+        """At the end: a local round still running is cancelled and waited for at most the grace period.
+
+        The worker thread is a daemon: if it does not notice in time (one very long minibatch)
+        the process exits without it, and what it had not released is lost, not released.
+        """
+        training = self._training
+        if training is None or training.done():
+            return
+        if self._cancel is not None:
+            self._cancel.set()
+        await asyncio.wait([training], timeout=self.config.agent.shutdown_grace)
+        if not training.done():
+            log.warning("agent %s: the local round did not stop within the grace period; leaving it", self.agent_id)
+        elif not training.cancelled() and isinstance(training.exception(), TrainingCancelled):
+            self.stats.abandoned += 1  # nothing was released, no budget spent
+
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event, grace: asyncio.Timeout) -> None:
         await publish(client, self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
         await subscribe(client, self.topics.model, qos=1)
         self.stats.state = "online"
@@ -179,6 +239,8 @@ class AgentService:
         await subscribe(client, self.topics.receipt(self.agent_id), qos=1)
         if self._training is not None:  # a local round from the lost session: let it stage its update
             await asyncio.wait([self._training])
+            if not self._training.cancelled() and self._training.exception() is not None:
+                log.info("agent %s: the round of the lost session ended: %s", self.agent_id, self._training.exception())
             self._training = None
         self._sent_at.clear()  # a new session: everything without a receipt goes again
         await self._flush_outbox(client)
@@ -186,7 +248,7 @@ class AgentService:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client))
-                tg.create_task(self._train_loop(client))
+                tg.create_task(self._train_loop(client, stop))
                 tg.create_task(self._resender(client))
                 tg.create_task(self._heartbeat(client))
                 await self._watch(stop)  # in the body, not a child: see AggregatorService._session
@@ -194,6 +256,8 @@ class AgentService:
             final = "budget_exhausted" if self.trainer.exhausted is not None else "stopped"
         except* _Stopped:
             final = "stopped"
+        # Finishing: the goodbye and the disconnect are bounded, whatever the broker does.
+        grace.reschedule(asyncio.get_running_loop().time() + self.config.agent.shutdown_grace)
         self.stats.state = final
         self.stats.epsilon = self.trainer.epsilon
         await publish(client, self.topics.status(self.agent_id), self._status(final), qos=1, retain=True)
@@ -221,13 +285,59 @@ class AgentService:
                 log.warning("agent %s: ignoring a bad global model: %s", self.agent_id, exc)
                 continue
             self.stats.models_received += 1
+            self._follow(model)
             self.pulse.notify()
-            if self._latest is None or model.version >= self._latest.version:
-                self._latest = model
-                self._new_model.set()
-                if self.on_model is not None and not self._on_model_busy:
-                    self._on_model_busy = True
-                    self._hook_task = asyncio.get_running_loop().create_task(self._run_on_model(model))  # keep a ref
+            if self.on_model is not None and not self._on_model_busy:
+                self._on_model_busy = True
+                self._hook_task = asyncio.get_running_loop().create_task(self._run_on_model(model))  # keep a ref
+
+    def _follow(self, model: ModelMessage) -> None:
+        """Train on ``model`` from now on: the aggregator's newest word, whatever its version.
+
+        MQTT delivers one publisher's messages on a topic in order, so a lower version than
+        before means the aggregator went back (a restored backup, a recovery): ignoring it would
+        stall this agent for good. A model of another run also drops what the outbox holds for
+        the old one: the aggregator cannot use it.
+        """
+        latest = self._latest
+        if model.run != self._run:
+            if latest is not None:
+                log.warning(
+                    "agent %s: the aggregator runs %s now (was %s, at version %d): following it",
+                    self.agent_id,
+                    model.run,
+                    self._run,
+                    latest.version,
+                )
+            self._run = model.run
+            self._drop_other_runs(model.run)
+        elif latest is not None and model.version < latest.version:
+            log.warning(
+                "agent %s: the model went back from version %d to %d (the aggregator's state was rolled back): "
+                "following it",
+                self.agent_id,
+                latest.version,
+                model.version,
+            )
+        self._latest = model
+        if self._blocked is not None and self._blocked != (model.run, model.version):
+            self._blocked = None
+        self._new_model.set()
+
+    def _drop_other_runs(self, run: str | None) -> None:
+        if run is None:
+            return
+        for seq, payload in self.outbox.pending():
+            try:
+                base_run = UpdateMessage.from_bytes(payload, self._limits).base_run
+            except DecodeError:
+                continue
+            if base_run is not None and base_run != run:
+                self.outbox.remove(seq)
+                self._sent_at.pop(seq, None)
+                self._ever_sent.discard(seq)
+                self.stats.dropped_other_run += 1
+                log.info("agent %s: update %d was trained on run %s: dropped, not sent", self.agent_id, seq, base_run)
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
@@ -237,6 +347,14 @@ class AgentService:
             return
         if receipt.agent_id != self.agent_id or receipt.seq not in self.outbox:
             return  # not ours, or a second receipt for a re-sent update
+        if receipt.status == "retry":  # not now: keep it, send it again when due, train nothing new meanwhile
+            wait = receipt.retry_after if receipt.retry_after is not None else 1.0
+            self._sent_at[receipt.seq] = time.monotonic() - self.config.agent.receipt_timeout + wait
+            self._pause_until = max(self._pause_until, time.monotonic() + wait)
+            self.stats.retries += 1
+            self._resend_wanted.set()
+            self.pulse.notify()
+            return
         payload = self.outbox.get(receipt.seq) or b""
         self.outbox.remove(receipt.seq)
         if self.on_receipt is not None:
@@ -248,8 +366,26 @@ class AgentService:
         else:
             self.stats.receipts_rejected += 1
             log.info("agent %s: update %d rejected: %s", self.agent_id, receipt.seq, receipt.reason)
+            if receipt.reason in UNKNOWN_BASE:
+                self._block_base(payload)
         self._receipt.set()
         self.pulse.notify()
+
+    def _block_base(self, payload: bytes) -> None:
+        """The aggregator does not know the model this update was trained on: train no more on it."""
+        try:
+            update = UpdateMessage.from_bytes(payload, self._limits)
+        except DecodeError:
+            return
+        latest = self._latest
+        if latest is not None and (update.base_run, update.base_version) == (latest.run, latest.version):
+            self._blocked = (latest.run, latest.version)
+            log.warning(
+                "agent %s: the aggregator does not know model version %d of run %s: waiting for one it knows",
+                self.agent_id,
+                latest.version,
+                latest.run,
+            )
 
     async def _flush_outbox(self, client: aiomqtt.Client) -> None:
         """Publish every outbox entry not sent in this session, or sent longer ago than the receipt timeout."""
@@ -275,11 +411,20 @@ class AgentService:
             await publish(client, self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
 
     async def _resender(self, client: aiomqtt.Client) -> None:
-        """Re-publish updates whose receipt is overdue (lost on the way, or the aggregator was away)."""
-        timeout = self.config.agent.receipt_timeout
+        """Re-publish updates whose receipt is overdue (lost, the aggregator away) or whose retry is due."""
         while True:
-            await asyncio.sleep(timeout / 2)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._next_due()):
+                    await self._resend_wanted.wait()
+            self._resend_wanted.clear()
             await self._flush_outbox(client)
+
+    def _next_due(self) -> float:
+        """Seconds until the first update without a receipt is due to be sent again."""
+        timeout = self.config.agent.receipt_timeout
+        now = time.monotonic()
+        dues = [self._sent_at[seq] + timeout - now for seq, _ in self.outbox.pending() if seq in self._sent_at]
+        return max(0.05, min([timeout / 2, *dues]))
 
     async def _await_receipt(self, limit: float) -> None:
         self._receipt.clear()
@@ -296,7 +441,7 @@ class AgentService:
         finally:
             self._on_model_busy = False
 
-    async def _train_loop(self, client: aiomqtt.Client) -> None:
+    async def _train_loop(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         limit = self.config.agent.max_updates
         interval = self.config.agent.round_interval
         while True:
@@ -308,18 +453,26 @@ class AgentService:
             if self.outbox.full:  # back-pressure: no training while nothing can be delivered
                 await self._await_receipt(self.config.agent.receipt_timeout)
                 continue
+            pause = self._pause_until - time.monotonic()
+            if pause > 0:  # a retry receipt: the aggregator wants nothing new before then
+                await asyncio.sleep(pause)
+                continue
             model = self._latest
-            if model is None or not self.trainer.should_train(model):
+            if model is None or self._blocked is not None or not self.trainer.should_train(model):
                 await self._new_model.wait()
                 self._new_model.clear()
                 continue
             self._new_model.clear()
-            # The worker thread trains, encodes and stages the update as pending itself; the task is
-            # shielded, so a session that dies meanwhile (broker gone) loses nothing: the next session
-            # waits for it and re-sends what is pending.
-            self._training = asyncio.ensure_future(asyncio.to_thread(self._train_and_stage, model))
+            # A worker thread trains, encodes and stages the update as pending itself; it runs on
+            # when a session dies meanwhile (broker gone), and the next session waits for it and
+            # re-sends what is pending. At a stop it is told to abandon the round instead.
+            self._training = self._start_training(model)
             try:
                 await asyncio.shield(self._training)
+            except asyncio.CancelledError:
+                if stop.is_set() and self._cancel is not None:
+                    self._cancel.set()
+                raise
             except BudgetExhausted as exc:
                 log.warning("agent %s: %s", self.agent_id, exc)
                 raise _Finished from None
@@ -328,6 +481,9 @@ class AgentService:
                 log.warning("agent %s: %s", self.agent_id, exc)
                 await self._new_model.wait()  # not the same version again: the next one (or finish())
                 continue
+            except TrainingCancelled:
+                self.stats.abandoned += 1
+                raise _Finished from None
             finally:
                 if self._training.done():
                     self._training = None
@@ -339,6 +495,32 @@ class AgentService:
                 raise _Finished
             if interval > 0:
                 await asyncio.sleep(interval)
+
+    def _start_training(self, model: ModelMessage) -> asyncio.Future[None]:
+        """Train in a daemon thread (so that an exiting process never waits for a round); a future for the result."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        cancel = self._cancel = threading.Event()
+
+        def settle(error: BaseException | None) -> None:
+            if done.cancelled():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                self._train_and_stage(model, cancel)
+            except BaseException as exc:  # handed to the event loop, which decides
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+                loop.call_soon_threadsafe(settle, error)
+
+        threading.Thread(target=work, name=f"fedmq-train-{self.agent_id}", daemon=True).start()
+        return done
 
     def finish(self, wait: float | None = None) -> None:
         """Train no more; deliver what is in the outbox, then stop.
@@ -356,9 +538,9 @@ class AgentService:
         while len(self.outbox) and time.monotonic() < deadline:
             await self._await_receipt(deadline - time.monotonic())
 
-    def _train_and_stage(self, model: ModelMessage) -> None:
+    def _train_and_stage(self, model: ModelMessage, cancel: threading.Event) -> None:
         """Worker thread: train, encode, put in the outbox (durably with a state dir) before any publish."""
-        update = self.trainer.train(model)
+        update = self.trainer.train(model, cancel=cancel)
         floor = min([seq for seq, _ in self.outbox.pending()] + [update.seq])
         update = dataclasses.replace(update, oldest_pending=floor)  # lets the aggregator forget the rest
         self.outbox.put(update.seq, update.to_bytes())

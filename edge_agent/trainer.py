@@ -8,6 +8,7 @@ number and accountant history) lives in one small state file.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from edge_agent.pipeline import BudgetExhausted, GaussianNoiseStep, Release, Ste
 from edge_agent.privacy import PrivacyAccountant
 from fedmq.codec import all_finite
 from fedmq.config import AgentConfig, PrivacyConfig
-from fedmq.messages import ModelMessage, ModelSpec, UpdateMessage
+from fedmq.errors import StateError
+from fedmq.messages import ModelMessage, ModelSpec, UpdateMessage, report_examples
 from fedmq.state import read_state, write_state
 from models import create_model
+from models.base import TrainingCancelled
 from models.datasets import Dataset
 
 STATE_KIND = "agent-state"
@@ -111,13 +114,19 @@ class LocalTrainer:
                     self.exhausted = exc
                     raise
 
-    def train(self, model: ModelMessage, now: float | None = None) -> UpdateMessage:
+    def train(
+        self, model: ModelMessage, now: float | None = None, *, cancel: threading.Event | None = None
+    ) -> UpdateMessage:
         """Train on ``model`` and return the update to publish (blocking; run it in a thread).
+
+        ``cancel`` abandons the round when it is set before the release: between minibatches,
+        or before the privacy pipeline runs (then nothing is released and no budget is spent).
 
         Raises:
             BudgetExhausted: the privacy budget allows no further release.
             TrainingDiverged: local training produced NaN or Inf (nothing is released or
                 accounted; the service waits for the next model version).
+            TrainingCancelled: ``cancel`` was set before the release.
             ValueError: the global model does not fit this agent's model or data.
         """
         self.check_budget()
@@ -130,7 +139,10 @@ class LocalTrainer:
             batch_size=self.agent.batch_size,
             lr=self.agent.lr,
             rng=self.rng,
+            stop=cancel.is_set if cancel is not None else None,
         )
+        if cancel is not None and cancel.is_set():
+            raise TrainingCancelled
         trained = local.get_weights()
         delta = {k: (trained[k] - model.tensors[k]).astype(model.tensors[k].dtype, copy=False) for k in trained}
         bad = [k for k, v in delta.items() if not all_finite(v)]
@@ -145,11 +157,13 @@ class LocalTrainer:
             agent_id=self.agent.agent_id,
             seq=self.seq,
             base_version=model.version,
-            num_examples=release.num_examples,
+            # Outside the DP guarantee (docs/protocol.md): a power of two, and no loss, by default.
+            num_examples=report_examples(release.num_examples, exact=self.agent.exact_num_examples),
             delta=release.delta,
-            train_loss=release.loss,
+            train_loss=release.loss if self.agent.send_train_loss else None,
             epsilon=release.epsilon,
             sent_at=time.time() if now is None else now,
+            base_run=model.run,
             wire=release.wire,
         )
 
@@ -183,7 +197,10 @@ class LocalTrainer:
     def _load_state(self) -> None:
         if self.state_path is None:
             return
-        state = read_state(self.state_path, STATE_KIND)
+        try:
+            state = read_state(self.state_path, STATE_KIND)
+        except StateError as exc:
+            raise ValueError(str(exc)) from None
         if state is None:
             return
         if state.get("agent_id") != self.agent.agent_id:

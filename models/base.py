@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -10,6 +10,10 @@ import numpy as np
 import numpy.typing as npt
 
 Tensors = dict[str, npt.NDArray[Any]]
+
+
+class TrainingCancelled(Exception):
+    """``fit`` stopped early because its ``stop`` callback said so (the round is abandoned)."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,13 @@ class Model(Protocol):
         batch_size: int,
         lr: float,
         rng: np.random.Generator,
+        stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
-        """Train with minibatch SGD on cross-entropy."""
+        """Train with minibatch SGD on cross-entropy.
+
+        ``stop`` is asked between minibatches; when it returns True, :class:`TrainingCancelled`
+        is raised and the weights are left half-trained (the caller discards them).
+        """
         ...
 
     def predict_proba(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

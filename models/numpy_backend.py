@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from models.base import Tensors, TrainResult, check_compatible, softmax
+from models.base import Tensors, TrainingCancelled, TrainResult, check_compatible, softmax
 
 
 class _NumpyModel:
@@ -35,8 +35,12 @@ class _NumpyModel:
         batch_size: int,
         lr: float,
         rng: np.random.Generator,
+        stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
-        """Minibatch SGD on cross-entropy; returns the last epoch's mean loss."""
+        """Minibatch SGD on cross-entropy; returns the last epoch's mean loss.
+
+        ``stop``: see :class:`~models.base.Model`.
+        """
         n = len(x)
         if n == 0:
             raise ValueError("cannot train on an empty data set")
@@ -46,6 +50,8 @@ class _NumpyModel:
             order = rng.permutation(n)
             loss_sum = 0.0
             for start in range(0, n, batch_size):
+                if stop is not None and stop():
+                    raise TrainingCancelled
                 idx = order[start : start + batch_size]
                 loss, grads = self._grads(x[idx], y[idx])
                 loss_sum += loss * len(idx)

@@ -7,7 +7,7 @@ Weights cross the boundary as float32 numpy arrays named after the ``state_dict`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from models.base import Tensors, TrainResult, check_compatible
+from models.base import Tensors, TrainingCancelled, TrainResult, check_compatible
 
 
 def digits_cnn(num_classes: int = 10) -> nn.Module:
@@ -94,8 +94,9 @@ class TorchModel:
         batch_size: int,
         lr: float,
         rng: np.random.Generator,
+        stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
-        """Minibatch SGD on cross-entropy."""
+        """Minibatch SGD on cross-entropy (``stop``: see :class:`~models.base.Model`)."""
         xt, yt = self._images(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
         opt = torch.optim.SGD(self.module.parameters(), lr=lr)
         loss_fn = nn.CrossEntropyLoss()
@@ -105,6 +106,8 @@ class TorchModel:
             order = torch.from_numpy(rng.permutation(len(x)))
             total = 0.0
             for start in range(0, len(x), batch_size):
+                if stop is not None and stop():
+                    raise TrainingCancelled
                 idx = order[start : start + batch_size]
                 opt.zero_grad()
                 loss = loss_fn(self.module(xt[idx]), yt[idx])

@@ -155,7 +155,7 @@ def test_trainer_update_is_clipped_noised_accounted_and_persisted(tmp_path: Path
         state_path=state,
     )
     u = t.train(_model_msg(3))
-    assert u.base_version == 3 and u.num_examples == 100 and u.agent_id == "a"
+    assert u.base_version == 3 and u.num_examples == 64 and u.agent_id == "a"  # 100, reported as a power of two
     assert l2_norm(u.delta) == pytest.approx(0.5, rel=0.05)
     assert u.epsilon == t.epsilon and u.epsilon is not None and u.epsilon > 0
     t2 = LocalTrainer(
