@@ -336,8 +336,11 @@ use_username_as_clientid true
 tls_version tlsv1.2
 
 # Operators on the broker host only: user {OPS_USER} (password in ops.password), read-only topics.
+# Here too the client id is the username: an ops login asking for the aggregator's client id
+# would otherwise disconnect it, and with a clean session discard the updates queued for it.
 listener {reg.ops_port} 127.0.0.1
 protocol mqtt
+use_username_as_clientid true
 
 # Model payloads are large: 128 MiB packets (Mosquitto 2.1 defaults to 2 MB).
 max_packet_size 134217728

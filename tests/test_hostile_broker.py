@@ -206,3 +206,19 @@ async def test_the_brokers_queue_limit_for_an_offline_aggregator_drops_silently(
         await task2
     finally:
         broker.stop()
+
+
+async def test_an_update_on_a_topic_whose_id_is_not_valid_is_counted(
+    small_broker: MosquittoBroker, prefix: str
+) -> None:
+    cfg = Config(prefix=prefix, broker=BrokerConfig(host=small_broker.host, port=small_broker.port)).validate()
+    server, stop, task = await start_aggregator(cfg)
+    assert server.core is not None
+    async with aiomqtt.Client(small_broker.host, small_broker.port) as c:
+        for bad in ("x" * 65, "server", "a b", "é"):
+            await c.publish(f"{prefix}/update/{bad}", b"\xc1", qos=1)
+        await c.publish(f"{prefix}/update/marker", b"\xc1", qos=1)  # a valid id: malformed, and last
+        await wait_until(server.pulse, lambda: server.core.stats.rejected.get("malformed", 0) == 1)  # type: ignore[union-attr]
+    assert dict(server.core.stats.rejected) == {"malformed": 1, "bad_topic": 4}
+    stop.set()
+    await task

@@ -297,3 +297,25 @@ async def test_fedmq_agent_command_joins_over_tls_with_its_certificate(deploymen
         stop.set()
         await task
     assert dict(server.core.stats.rejected) == {}
+
+
+async def test_the_ops_listener_cannot_take_over_the_aggregators_session(deployment: Deployment) -> None:
+    """An `ops` login that asks for the aggregator's client id must not disconnect it (or, with a
+    clean session, discard the updates queued for it)."""
+    server, stop, task = await start_aggregator(deployment.config("aggregator"))
+    assert server.core is not None
+    password = (deployment.root / "broker" / "ops.password").read_text().strip()
+    reg = load_registry(deployment.root)
+    assert reg is not None
+    for identifier in ("aggregator", server_identifier(server)):
+        async with aiomqtt.Client("127.0.0.1", reg.ops_port, username="ops", password=password, identifier=identifier):
+            pass
+    # A sentinel update shows the aggregator is still on its first connection when it arrives.
+    zeros = {k: np.zeros_like(v) for k, v in server.core.weights.items()}
+    async with deployment.client("agent-2") as agent:
+        own = UpdateMessage(agent_id="agent-2", seq=7, base_version=0, num_examples=5, delta=zeros)
+        await agent.publish(server.topics.update("agent-2"), own.to_bytes(), qos=1)
+        await wait_until(server.pulse, lambda: server.core.last_seq.get("agent-2", 0) == 7)  # type: ignore[union-attr]
+    assert server.rt.connections == 1
+    stop.set()
+    await task
