@@ -65,6 +65,8 @@ class LogUpdate:
     agent_id: str
     index: int
     now: float
+    deferred: bool = False
+    """Held for the next buffer: a replay must hold it too."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class Stats:
     max_epsilon: float = 0.0
     rounds_abandoned: int = 0
     """Sync rounds whose rule refused the updates received (e.g. too few for Krum at a timeout)."""
+    held_dropped: int = 0
+    """Held updates the rule refused when their buffer opened (the gate makes it impossible: counted)."""
 
     @property
     def mean_staleness(self) -> float:
@@ -164,6 +168,7 @@ class Stats:
             "staleness_sum": self.staleness_sum,
             "max_epsilon": self.max_epsilon,
             "rounds_abandoned": self.rounds_abandoned,
+            "held_dropped": self.held_dropped,
         }
 
     @classmethod
@@ -176,6 +181,7 @@ class Stats:
             int(d["staleness_sum"]),
             float(d["max_epsilon"]),
             int(d.get("rounds_abandoned", 0)),
+            int(d.get("held_dropped", 0)),
         )
 
 
@@ -288,6 +294,16 @@ class Buffered:
     agent_id: str
     delta: Tensors
     weight: float
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """An accepted update held for the next FedBuff buffer (its agent already had one in the open one)."""
+
+    agent_id: str
+    delta: Tensors
+    num_examples: int
+    base_version: int
 
 
 class FedBuffRule:
@@ -544,6 +560,8 @@ class AggregatorCore:
         self._replaying = False
         self._recent: OrderedDict[str, float] = OrderedDict()  # soft: last accepted update per agent
         self._buffer_opened = 0.0  # soft: when the open buffer got its first delta
+        self._deferred: list[Deferred] = []
+        """Accepted, held for the next buffer, in order of acceptance (at most one per agent)."""
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -618,6 +636,10 @@ class AggregatorCore:
         self._maybe_start_round(now, effects)
         return tuple(effects)
 
+    def adopt_liveness(self, other: AggregatorCore) -> None:
+        """Take over what ``other`` saw of the agents (soft state), e.g. after a rebuild from disk."""
+        self.online, self._seen, self._recent = set(other.online), OrderedDict(other._seen), OrderedDict(other._recent)
+
     def _touch(self, agent_id: str, now: float, effects: list[Effect]) -> None:
         self._seen.pop(agent_id, None)
         self._seen[agent_id] = now
@@ -671,39 +693,41 @@ class AggregatorCore:
 
     # --- updates ---------------------------------------------------------------------------
     def receive(
-        self, update: UpdateMessage, *, topic_agent_id: str | None = None, now: float = 0.0
+        self, update: UpdateMessage, *, topic_agent_id: str | None = None, now: float = 0.0, deferred: bool = False
     ) -> Accepted | Rejected:
         """Decide about ``update``; the result carries the effects to carry out, in order.
 
         ``topic_agent_id`` is the agent id taken from the topic the update arrived on; an
-        update whose own ``agent_id`` differs is rejected (spoofing).
+        update whose own ``agent_id`` differs is rejected (spoofing). ``deferred`` is for
+        :meth:`replay` only: the decision logged with the update.
         """
         aid, seq = update.agent_id, update.seq
         effects: list[Effect] = []
         if topic_agent_id is not None and not self._replaying:
             self._touch(topic_agent_id, now, effects)
-        rejected = self._admit(update, topic_agent_id, now)
+        rejected, hold = self._admit(update, topic_agent_id, now)
         if rejected is not None:
             return self._refuse(rejected, effects, topic_agent_id)
+        hold = deferred if self._replaying else hold
         staleness = self.version - update.base_version
         base = self._history.get(update.base_version) if self.rule.needs_history else None
-        try:
-            new = self.rule.add(
-                self._weights,
-                base,
-                detached(update.delta),  # a buffered delta must not keep a larger payload alive
-                staleness=staleness,
-                num_examples=min(update.num_examples, self.max_num_examples),
-                agent_id=aid,
-            )
-        except ValueError as exc:
-            return self._refuse(Rejected(aid, seq, RejectReason.RULE_REFUSED, str(exc)[:300]), effects, topic_agent_id)
+        delta = detached(update.delta)  # a kept delta must not keep a larger payload alive
+        claimed = min(update.num_examples, self.max_num_examples)
+        new: Tensors | None = None
+        if hold:  # waits for the next buffer: the agent has one in this one
+            self._deferred.append(Deferred(aid, delta, claimed, update.base_version))
+        else:
+            try:
+                new = self.rule.add(self._weights, base, delta, staleness=staleness, num_examples=claimed, agent_id=aid)
+            except ValueError as exc:
+                refused = Rejected(aid, seq, RejectReason.RULE_REFUSED, str(exc)[:300])
+                return self._refuse(refused, effects, topic_agent_id)
         self.stats.accepted += 1
         index = self.stats.accepted
         self.stats.staleness_sum += staleness
         if update.epsilon is not None:
             self.stats.max_epsilon = max(self.stats.max_epsilon, update.epsilon)
-        effects.append(LogUpdate(aid, index, now))
+        effects.append(LogUpdate(aid, index, now, deferred=hold))
         receipt_at = len(effects)
         rec = self._record(aid)
         if self.rate_limit > 0:
@@ -711,11 +735,14 @@ class AggregatorCore:
         rec.last_seq = max(seq, rec.last_seq)
         self._recent.pop(aid, None)
         self._recent[aid] = now
+        while len(self._recent) > self.max_agents:
+            self._recent.popitem(last=False)
         if self.rule.open_slots()[0] == 1:
             self._buffer_opened = now
         before = self.version
         if new is not None:
             self._advance(new, effects)
+            self._take_deferred(effects)
         elif self.mode == "sync":
             self._waiting.discard(aid)
             if not self._waiting:
@@ -729,9 +756,31 @@ class AggregatorCore:
                 del rec.receipts[old]  # receipted: the agent will not send it again
         if len(rec.receipts) > RECEIPTS_KEPT:
             del rec.receipts[min(rec.receipts)]
-        receipt = ReceiptMessage(aid, seq, "accepted", self.version, index=index)
+        receipt = ReceiptMessage(aid, seq, "accepted", self.version, index=index, deferred=hold or None)
         effects.insert(receipt_at, SendReceipt(receipt, durable=True))
         return Accepted(aid, seq, update.base_version, staleness, new_version, index, tuple(effects))
+
+    def _take_deferred(self, effects: list[Effect]) -> None:
+        """After a step: the held updates go into the new buffer, in order (they may fill it, and more).
+
+        Nothing here depends on time or liveness, so a replay repeats it exactly.
+        """
+        while self._deferred:
+            d = self._deferred.pop(0)
+            try:
+                new = self.rule.add(
+                    self._weights,
+                    None,
+                    d.delta,
+                    staleness=self.version - d.base_version,
+                    num_examples=d.num_examples,
+                    agent_id=d.agent_id,
+                )
+            except ValueError:  # cannot happen for a delta the gate let in; counted, not fatal
+                self.stats.held_dropped += 1
+                continue
+            if new is not None:
+                self._advance(new, effects)
 
     def _refuse(self, rejected: Rejected, effects: list[Effect], sender: str | None) -> Rejected:
         """Count it and answer it on the receipt topic of ``sender``.
@@ -767,11 +816,11 @@ class AggregatorCore:
             self._agents.popitem(last=False)
         return rec
 
-    def _admit(self, u: UpdateMessage, topic_agent_id: str | None, now: float) -> Rejected | None:
-        """The checks, in order; ``None`` when the update may go to the rule."""
+    def _admit(self, u: UpdateMessage, topic_agent_id: str | None, now: float) -> tuple[Rejected | None, bool]:
+        """The checks, in order: ``(None, hold)`` when the update is taken, ``hold`` for the next buffer."""
 
-        def rej(reason: RejectReason, detail: str, retry_after: float | None = None) -> Rejected:
-            return Rejected(u.agent_id, u.seq, reason, detail, retry_after)
+        def rej(reason: RejectReason, detail: str, retry_after: float | None = None) -> tuple[Rejected, bool]:
+            return Rejected(u.agent_id, u.seq, reason, detail, retry_after), False
 
         if topic_agent_id is not None and u.agent_id != topic_agent_id:
             return rej(
@@ -818,14 +867,16 @@ class AggregatorCore:
                 age = max(0.0, now - self._buffer_opened)
                 share = max(self._buffer_share(capacity, now), 1 + int(age // self.buffer_patience))
                 if self.rule.held(u.agent_id) >= share:
-                    # When the buffer will have flushed (its fill rate so far), or the share grows.
+                    if not any(d.agent_id == u.agent_id for d in self._deferred):
+                        return None, True  # its share is taken: it waits here for the next buffer
+                    # A third one: when the buffer will have flushed (its fill rate so far), at most 1 s.
                     eta = min(age / waiting * (capacity - waiting), self.buffer_patience - age % self.buffer_patience)
                     return rej(
                         RejectReason.AGENT_BUFFERED,
-                        f"this agent has {share} update(s) in the open buffer of {capacity}, its share",
-                        round(max(eta, 0.05), 3),
+                        f"this agent has {share} update(s) in the open buffer of {capacity} and one waiting",
+                        round(min(max(eta, 0.05), 1.0), 3),
                     )
-        return None
+        return None, False
 
     def _buffer_share(self, capacity: int, now: float) -> int:
         """Updates one agent may have in a buffer of ``capacity``: one, while that many agents are active.
@@ -892,7 +943,8 @@ class AggregatorCore:
 
     # --- replay --------------------------------------------------------------------------------
     def replay(self, kind: str, *, update: UpdateMessage | None = None, agent_id: str = "",
-               event: Mapping[str, Any] | None = None, now: float = 0.0) -> Accepted | Rejected | None:  # fmt: skip
+               event: Mapping[str, Any] | None = None, now: float = 0.0,
+               deferred: bool = False) -> Accepted | Rejected | None:  # fmt: skip
         """Feed one write-ahead log record back: the same decisions, without the admission policies.
 
         An update was admitted when it was logged (rate, buffer fairness, the DP check); here it
@@ -903,7 +955,7 @@ class AggregatorCore:
         try:
             if kind == "update":
                 assert update is not None
-                return self.receive(update, topic_agent_id=agent_id, now=now)
+                return self.receive(update, topic_agent_id=agent_id, now=now, deferred=deferred)
             assert event is not None
             effects: list[Effect] = []
             if "round" in event:
@@ -926,6 +978,10 @@ class AggregatorCore:
             "weights": self._weights,
             "rule": self.rule.name,
             "rule_state": self.rule.state_dict(),
+            "deferred": [
+                {"agent_id": d.agent_id, "delta": d.delta, "num_examples": d.num_examples, "base": d.base_version}
+                for d in self._deferred
+            ],
             "agents": [
                 [a, r.last_seq, r.floor, r.tokens, r.stamp, [[q, v, i] for q, (v, i) in r.receipts.items()]]
                 for a, r in self._agents.items()
@@ -950,6 +1006,8 @@ class AggregatorCore:
                 yield f"{key}[{i}]", e["delta"]
         if rule_state.get("velocity") is not None:
             yield "the momentum", rule_state["velocity"]
+        for i, d in enumerate(self._deferred):
+            yield f"deferred[{i}]", d.delta
         for v, w in self._history.items():
             yield f"version {v}", w
 
@@ -964,6 +1022,10 @@ class AggregatorCore:
         self.version = int(state["version"])
         self._weights = _frozen({k: np.array(v) for k, v in weights.items()})
         self.rule.load_state_dict(state["rule_state"])
+        self._deferred = [
+            Deferred(str(d["agent_id"]), dict(d["delta"]), int(d["num_examples"]), int(d["base"]))
+            for d in state.get("deferred", [])
+        ]
         self._agents = OrderedDict()
         if "agents" in state:
             for a, last, floor, tokens, stamp, kept in state["agents"]:

@@ -374,7 +374,7 @@ class AggregatorService:
                     f"a logged update no longer decodes ({exc}); was the model changed?",
                     offset=rec.offset,
                 ) from None
-            result = core.replay("update", update=update, agent_id=rec.agent, now=rec.now or 0.0)
+            result = core.replay("update", update=update, agent_id=rec.agent, now=rec.now or 0.0, deferred=rec.deferred)
             if not isinstance(result, Accepted) or (rec.index is not None and result.index != rec.index):
                 raise StateError(
                     str(scan.path),
@@ -536,37 +536,47 @@ class AggregatorService:
         except DecodeError as exc:  # no seq to answer: the agent re-sends after its receipt timeout
             self._log_rejection(self._core.reject(Rejected(agent, None, exc.reason, exc.detail)), agent)
             return
-        if self._lock.locked() or self._heavy_step_due(self._core) or len(payload) >= OFF_LOOP_BYTES:
-            result = await self._serialized(lambda: self._decide(update, agent, payload))
-        else:
-            # The common case has no await: the decision and its log writes cannot be split by a
-            # cancellation, so they need no shield (a task per update would yield to the loop).
-            result = self._decide_now(update, agent, payload)
+
+        def decide() -> tuple[Accepted | Rejected, tuple[Effect, ...]]:
+            result = self._core.receive(update, topic_agent_id=agent, now=self.clock())
+            return result, result.effects
+
+        outcome = await self._input(
+            decide, payload, in_thread=self._heavy_step_due(self._core), big=len(payload) >= OFF_LOOP_BYTES
+        )
+        if outcome is None:
+            self.rt.dropped_unsafe += 1
+        elif isinstance(outcome, Rejected):
+            self._log_rejection(outcome, agent)
+
+    async def _input(
+        self, decide: Callable[[], tuple[T, tuple[Effect, ...]]], payload: bytes, *, in_thread: bool, big: bool
+    ) -> T | None:
+        """One input to the core and its effects; ``None`` when the state folder refuses writes.
+
+        The common case runs inline: it has no await, so a cancellation cannot split the
+        decision from its log writes, and it needs no shield (a task per input would yield to
+        the loop). An input whose step goes to a thread (``in_thread``), whose payload is
+        logged from one (``big``), or that finds the lock taken, runs as one shielded step
+        under the lock (:meth:`_serialized`).
+        """
+        if self._failure is not None:
+            return None
+        if not (in_thread or big or self._lock.locked()):
+            result, effects = decide()
+            self._apply(effects, payload)
             if self._flush_due():
                 await self._serialized(self._flush_locked)
-        if isinstance(result, Rejected):
-            self._log_rejection(result, agent)
+            return result
 
-    def _decide_now(self, update: UpdateMessage, agent: str, payload: bytes) -> Accepted | Rejected | None:
-        if self._failure is not None:
-            self.rt.dropped_unsafe += 1
-            return None
-        result = self._core.receive(update, topic_agent_id=agent, now=self.clock())
-        self._apply(result.effects, payload)
-        return result
+        async def step() -> T | None:
+            if self._failure is not None:
+                return None
+            result, effects = await asyncio.to_thread(decide) if in_thread else decide()
+            await self._carry_out(effects, payload)
+            return result
 
-    async def _decide(self, update: UpdateMessage, agent: str, payload: bytes) -> Accepted | Rejected | None:
-        if self._failure is not None:
-            self.rt.dropped_unsafe += 1
-            return None
-        core = self._core
-        now = self.clock()
-        if self._heavy_step_due(core):
-            result = await asyncio.to_thread(core.receive, update, topic_agent_id=agent, now=now)
-        else:
-            result = core.receive(update, topic_agent_id=agent, now=now)
-        await self._carry_out(result.effects, payload)
-        return result
+        return await self._serialized(step)
 
     def _heavy_step_due(self, core: AggregatorCore) -> bool:
         """Whether this update may make a step worth a worker thread: one that touches many numbers."""
@@ -592,19 +602,10 @@ class AggregatorService:
                 return
             online = status.state in ("online", "training")
 
-        if self._failure is not None:
-            return
-        if self._lock.locked():
+        def decide() -> tuple[None, tuple[Effect, ...]]:
+            return None, self._core.agent_status(agent, online, now=self.clock())
 
-            async def apply() -> None:
-                if self._failure is None:
-                    await self._carry_out(self._core.agent_status(agent, online, now=self.clock()), b"")
-
-            await self._serialized(apply)
-            return
-        self._apply(self._core.agent_status(agent, online, now=self.clock()), b"")
-        if self._flush_due():
-            await self._serialized(self._flush_locked)
+        await self._input(decide, b"", in_thread=False, big=False)
 
     async def tick(self) -> None:
         """Time passed: the core's timeouts, a retry of a failed state folder, the group commit's tail."""
@@ -661,7 +662,9 @@ class AggregatorService:
                 if isinstance(effect, LogUpdate):
                     if store is not None:
                         assert store.wal is not None
-                        store.wal.write_update(effect.agent_id, payload, now=effect.now, index=effect.index)
+                        store.wal.write_update(
+                            effect.agent_id, payload, now=effect.now, index=effect.index, deferred=effect.deferred
+                        )
                 elif isinstance(effect, LogEvent):
                     if store is not None:
                         assert store.wal is not None
@@ -804,7 +807,7 @@ class AggregatorService:
             failure.delay = min(30.0, failure.delay * 2)
             failure.next_probe = self.clock() + failure.delay
             return
-        core.online, core._seen = old.online, old._seen  # liveness is soft state: keep what we saw
+        core.adopt_liveness(old)  # liveness is soft state: keep what we saw
         self.core, self.store, self.run_id = core, store, run
         self._failure = None
         log.warning("the state folder takes writes again: resumed from durable state at version %d", core.version)

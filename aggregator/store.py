@@ -315,13 +315,19 @@ class StateStore:
         """After the replay: append to the current generation (resumed, or created) and prune old files."""
         if self.wal is None:
             current = [s for s in restored.sources if s.header and s.header.generation == restored.generation]
-            if current and not current[0].legacy and current[0].header and current[0].header.run == self.run:
+            if current:
+                # Also when a recovery begins a new run: the checkpoint that follows at once
+                # starts the new run's generation, and a crash before it leaves the old run's
+                # state intact (the header still names the old run, as its checkpoint does).
                 self.wal = WriteAheadLog.resume(current[0])
             else:
                 lsn = max([restored.base_lsn] + [s.last_lsn for s in restored.sources if s.header])
                 path = wal_path(self.directory, restored.generation)
-                if path.exists():  # an older format, another run, or a header torn at creation
-                    self._move_to_damaged(path) if current and current[0].end else path.unlink()
+                if path.exists():
+                    if any(s.legacy and s.path == path for s in restored.sources):
+                        os.replace(path, path.with_name(f"{path.name}.before-migration"))  # kept, not deleted
+                    else:
+                        path.unlink()  # a header torn when the file was created: no record was ever in it
                 self.wal = WriteAheadLog.create(self.directory, WalHeader(self.run, restored.generation, lsn))
         self._prune(self.wal.generation)
 

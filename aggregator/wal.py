@@ -84,6 +84,8 @@ class WalRecord:
     payload: bytes = b""
     index: int | None = None
     event: Mapping[str, Any] | None = None
+    deferred: bool = False
+    """An update the core held for the next FedBuff buffer when it was accepted."""
 
 
 def wal_path(directory: Path, generation: int) -> Path:
@@ -183,7 +185,14 @@ class WalScan:
             lsn, now = int(rec["lsn"]), float(rec["now"])
             if rec["t"] == "u":
                 return WalRecord(
-                    "update", offset, lsn, now, str(rec["agent"]), bytes(rec["payload"]), int(rec["index"])
+                    "update",
+                    offset,
+                    lsn,
+                    now,
+                    str(rec["agent"]),
+                    bytes(rec["payload"]),
+                    int(rec["index"]),
+                    deferred=rec.get("deferred") is True,
                 )
             if rec["t"] == "e" and isinstance(rec["event"], dict):
                 return WalRecord("event", offset, lsn, now, event=rec["event"])
@@ -248,9 +257,15 @@ class WriteAheadLog:
                 os.close(fd)
         return cls(scan.path, scan.header, scan.end, scan.last_lsn)
 
-    def write_update(self, agent: str, payload: bytes, *, now: float, index: int) -> int:
-        """Append an accepted update, not yet fsync'd (durable after the next :meth:`sync`); returns its size."""
-        return self._append({"t": "u", "agent": agent, "payload": memoryview(payload), "now": now, "index": index})
+    def write_update(self, agent: str, payload: bytes, *, now: float, index: int, deferred: bool = False) -> int:
+        """Append an accepted update, not yet fsync'd (durable after the next :meth:`sync`); returns its size.
+
+        ``deferred``: the core held it for the next buffer (the decision a replay must repeat).
+        """
+        obj = {"t": "u", "agent": agent, "payload": memoryview(payload), "now": now, "index": index}
+        if deferred:
+            obj["deferred"] = True
+        return self._append(obj)
 
     def write_event(self, event: Mapping[str, Any], *, now: float) -> int:
         """Append a core event (not yet fsync'd); returns its size."""

@@ -293,6 +293,9 @@ class ReceiptMessage:
     """Accepted: the update's position in the aggregator's order of application (from 1)."""
     retry_after: float | None = None
     """Retry: seconds to wait before sending it again."""
+    deferred: bool | None = None
+    """Accepted and held for the next FedBuff buffer (its agent had one in the open buffer): it is
+    applied when that buffer steps. ``None`` otherwise."""
 
     def to_bytes(self) -> bytes:
         """Encode."""
@@ -307,6 +310,7 @@ class ReceiptMessage:
                 "reason": self.reason,
                 "index": self.index,
                 "retry_after": self.retry_after,
+                "deferred": self.deferred,
             }
         )
 
@@ -332,6 +336,7 @@ class ReceiptMessage:
             reason=reason,
             index=index,
             retry_after=_retry_after(obj),
+            deferred=True if obj.get("deferred") is True else None,
         )
 
 
