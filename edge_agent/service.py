@@ -311,6 +311,8 @@ class AgentService:
                 )
             self._run = model.run
             self._drop_other_runs(model.run)
+            if self._training is not None and not self._training.done() and self._cancel is not None:
+                self._cancel.set()  # a round on the old run would be refused: abandon it before its release
         elif latest is not None and model.version < latest.version:
             log.warning(
                 "agent %s: the model went back from version %d to %d (the aggregator's state was rolled back): "
@@ -483,7 +485,9 @@ class AgentService:
                 continue
             except TrainingCancelled:
                 self.stats.abandoned += 1
-                raise _Finished from None
+                if stop.is_set():
+                    raise _Finished from None
+                continue  # the aggregator moved to another run meanwhile: train on its model
             finally:
                 if self._training.done():
                     self._training = None
@@ -519,8 +523,15 @@ class AgentService:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
                 loop.call_soon_threadsafe(settle, error)
 
+        # A round that outlives the session that started it (a stop, a lost broker) may end with
+        # nobody awaiting it; its outcome is logged here, and still raised to whoever awaits it.
+        done.add_done_callback(self._round_ended)
         threading.Thread(target=work, name=f"fedmq-train-{self.agent_id}", daemon=True).start()
         return done
+
+    def _round_ended(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and isinstance(done.exception(), TrainingCancelled):
+            log.debug("agent %s: a local round was abandoned before its release", self.agent_id)
 
     def finish(self, wait: float | None = None) -> None:
         """Train no more; deliver what is in the outbox, then stop.
