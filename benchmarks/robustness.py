@@ -29,7 +29,7 @@ from fedmq.config import PrivacyConfig
 from simulator.harness import SimConfig, run_federation, split_digits
 
 RULES = ("none", "norm_bound", "median", "trimmed_mean", "krum")
-ATTACKS = ("sign_flip", "scale", "gaussian", "label_flip", "alie")
+ATTACKS = ("sign_flip", "scale", "gaussian", "label_flip", "alie", "window", "inflate", "fast")
 ROBUST_KW: dict[str, dict[str, Any]] = {
     "none": {},
     "norm_bound": {"norm_bound": 0.0},  # adaptive: the buffer's median norm
@@ -54,7 +54,8 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
     privacy = PrivacyConfig(enabled=args.dp, clip_norm=1.0, noise_multiplier=0.5)
     base = SimConfig(
         agents=args.agents, duration=args.duration, seed=args.seed, privacy=privacy, conforming_attack=args.conform
-    ).validate()
+    )
+    base = replace(base, aggregator=replace(base.aggregator, buffer_size=20)).validate()  # docs/robustness.md: K = 20
     shards, test = split_digits(base)
     broker = await asyncio.to_thread(start_broker, "mosquitto")
     results: dict[str, dict[str, dict[str, float]]] = {}

@@ -35,7 +35,7 @@ def configs(args: argparse.Namespace) -> dict[str, SimConfig]:
         seed=args.seed,
         stragglers=Stragglers(median=args.median, sigma=args.sigma, slow_fraction=0.1, slow_factor=args.slow_factor),
     )
-    agg = replace(base.aggregator, target_accuracy=args.target)
+    agg = replace(base.aggregator, target_accuracy=args.target, buffer_size=args.buffer_size)
     runs = {
         "fedavg (sync)": replace(base, aggregator=replace(agg, rule="fedavg", sync_agents=0)),
         "fedasync": replace(base, aggregator=replace(agg, rule="fedasync", max_staleness=3 * args.agents)),
@@ -52,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=float, default=0.90)
     ap.add_argument("--agents", type=int, default=50)
+    ap.add_argument("--buffer-size", type=int, default=20, help="FedBuff K (docs/performance.md: 20 of 50 devices)")
     ap.add_argument("--cap", type=float, default=300.0, help="seconds per run at most")
     ap.add_argument("--median", type=float, default=0.1, help="median seconds per local round")
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the compute time")

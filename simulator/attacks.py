@@ -16,6 +16,12 @@ agent's pipeline (``LocalTrainer.steps``) or its data, never the training code:
   pool their honestly released deltas, estimate the per-coordinate mean and standard
   deviation, and each sends ``mean - z_max * std`` with ``z_max`` from the paper, so every
   coordinate stays inside the benign spread while all of them push the same way.
+- ``window``: skip the noise, send ``-delta`` scaled to ``sqrt(d) * s``, the norm an honestly
+  noised update has (``s`` the agreed noise std): the DP norm window alone cannot tell it apart.
+- ``inflate``: train on flipped labels, release through the honest pipeline (clip, noise) and
+  claim ``2^62`` examples, so that weighting by the claim makes it outweigh everyone.
+- ``fast``: send ``-4 x`` the trained delta (as ``sign_flip``) 20 times as often as an honest
+  device (a twentieth of its compute time), to fill the buffers.
 
 With ``conform`` (the federation uses local DP and the aggregator checks it, see
 :func:`aggregator.rules.noise.NoiseCheck`), the sign-flip, scaling and Gaussian attackers
@@ -39,9 +45,11 @@ from edge_agent.pipeline import Release, Step
 from models.datasets import Dataset
 
 Tensors = dict[str, npt.NDArray[Any]]
-ATTACKS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "alie")
+ATTACKS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "alie", "window", "inflate", "fast")
 SIGN_FLIP_SCALE = 4.0
 GAUSSIAN_SIGMA = 5.0
+INFLATED_EXAMPLES = 2**62
+FAST_SPEEDUP = 20.0
 
 
 def flip_labels(data: Dataset, num_classes: int) -> Dataset:
@@ -104,10 +112,17 @@ class AttackPlan:
     boost: float
     collusion: Collusion | None
     disguise: Disguise | None = None
+    window_norm: float = 1.0
+    """``window``: the L2 norm to send at (``sqrt(d) * s`` for the agreed noise std ``s``)."""
+
+    @property
+    def speedup(self) -> float:
+        """How much faster than honest the malicious agents send (``fast``; 1 otherwise)."""
+        return FAST_SPEEDUP if self.attack == "fast" else 1.0
 
     def data_for(self, agent: int, data: Dataset) -> Dataset:
         """The agent's training data (poisoned for label-flipping and model-replacement attackers)."""
-        if agent in self.malicious and self.attack in ("label_flip", "scale"):
+        if agent in self.malicious and self.attack in ("label_flip", "scale", "inflate"):
             return flip_labels(data, self.num_classes)
         return data
 
@@ -115,8 +130,12 @@ class AttackPlan:
         """The release pipeline of ``agent``: the honest one unless it is malicious."""
         if agent not in self.malicious or self.attack in ("none", "label_flip"):
             return list(honest)
+        if self.attack == "inflate":
+            return [*honest, _claim(INFLATED_EXAMPLES)]
+        if self.attack == "window":
+            return [_map_delta(lambda d: _scaled_to(d, -self.window_norm))]  # no clip, no noise
         steps: list[Step]
-        if self.attack == "sign_flip":
+        if self.attack in ("sign_flip", "fast"):
             steps = [_map_delta(lambda d: {k: v * v.dtype.type(-SIGN_FLIP_SCALE) for k, v in d.items()})]
         elif self.attack == "scale":
             boost = self.boost
@@ -141,6 +160,20 @@ class AttackPlan:
         raise ValueError(f"unknown attack {self.attack!r}")
 
 
+def _scaled_to(delta: Tensors, norm: float) -> Tensors:
+    """``delta`` scaled to L2 norm ``|norm|`` (sign-flipped when ``norm < 0``); zero stays zero."""
+    have = math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in delta.values()))
+    factor = norm / have if have > 0 else 0.0
+    return {k: (v * v.dtype.type(factor)).astype(v.dtype, copy=False) for k, v in delta.items()}
+
+
+def _claim(num_examples: int) -> Step:
+    def step(release: Release) -> Release:
+        return replace(release, num_examples=num_examples)
+
+    return step
+
+
 def _map_delta(fn: Callable[[Tensors], Tensors]) -> Step:
     def step(release: Release) -> Release:
         return replace(release, delta=fn(release.delta), norm=None, clipped_to=None, epsilon=None)
@@ -158,11 +191,13 @@ def plan_attack(
     server_lr: float,
     seed: int,
     conform_to: tuple[int, float, float] | None = None,
+    window_norm: float = 1.0,
 ) -> AttackPlan:
     """Choose ``round(f * n)`` malicious agents (by seed) for ``attack``.
 
     ``conform_to = (dim, noise_std, clip_norm)`` makes the attackers disguise their updates to
-    pass the aggregator's DP norm check (see :class:`Disguise`).
+    pass the aggregator's DP norm check (see :class:`Disguise`). ``window_norm`` is the norm the
+    ``window`` attacker sends at.
     """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
@@ -176,7 +211,8 @@ def plan_attack(
         num_classes=num_classes,
         boost=buffer_size / server_lr,
         collusion=Collusion(n_agents, count) if attack == "alie" and count else None,
-        disguise=_disguise(*conform_to) if conform_to is not None else None,
+        disguise=_disguise(*conform_to) if conform_to is not None and attack not in ("window", "inflate") else None,
+        window_norm=window_norm,
     )
 
 

@@ -81,7 +81,9 @@ class SimConfig:
     aggregator: AggregatorConfig = field(
         default_factory=lambda: AggregatorConfig(
             rule="fedbuff",
-            buffer_size=20,
+            # One update per device per buffer: K well below the number of devices keeps FedBuff
+            # asynchronous (the demo's 20 devices: 10; K = 20 of 20 waits for the slowest each time).
+            buffer_size=10,
             server_lr=0.5,
             eval_every=1,
             metrics_interval=0.5,
@@ -177,10 +179,12 @@ async def run_federation(
     rng = random.Random(cfg.seed)
     delays = cfg.stragglers.delays(len(shards), rng)
     conform = None
+    assert service.core is not None
+    dim = sum(int(w.size) for w in service.core.weights.values())
     if cfg.conforming_attack and p.enabled and p.noise_multiplier > 0:
-        assert service.core is not None
-        dim = sum(int(w.size) for w in service.core.weights.values())
         conform = (dim, p.noise_multiplier * p.clip_norm, p.clip_norm)
+    # Where an honestly noised update's norm lies (the agreed noise, even when DP is off here).
+    window_norm = math.sqrt(dim) * max(p.noise_multiplier, 0.5) * p.clip_norm
     plan = plan_attack(
         cfg.attack,
         cfg.malicious_fraction,
@@ -190,6 +194,7 @@ async def run_federation(
         server_lr=base.aggregator.server_lr,
         seed=cfg.seed,
         conform_to=conform,
+        window_norm=window_norm,
     )
     agents: list[AgentService] = []
     for i, shard in enumerate(shards):
@@ -204,8 +209,11 @@ async def run_federation(
         )
         trainer = LocalTrainer(acfg, cfg.privacy, plan.data_for(i, shard), rng=np.random.default_rng([cfg.seed, i]))
         trainer.steps = plan.steps_for(i, trainer.steps, np.random.default_rng([cfg.seed, i, 7]))
+        delay = delays[i]
+        if i in plan.malicious and plan.speedup != 1 and delay is not None:
+            delay = _faster(delay, plan.speedup)
         agents.append(
-            AgentService(replace(base, agent=acfg), trainer, compute_delay=delays[i], rng=random.Random(rng.random()))
+            AgentService(replace(base, agent=acfg), trainer, compute_delay=delay, rng=random.Random(rng.random()))
         )
     agent_stop = asyncio.Event()
     started = time.monotonic()
@@ -232,6 +240,10 @@ async def run_federation(
     summary["budget_exhausted_agents"] = sum(a.trainer.exhausted is not None for a in agents)
     summary["wall_seconds"] = round(time.monotonic() - started, 2)
     return summary
+
+
+def _faster(delay: Callable[[], float], speedup: float) -> Callable[[], float]:
+    return lambda: delay() / speedup
 
 
 async def run_simulation(

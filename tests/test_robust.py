@@ -270,3 +270,34 @@ def test_a_conforming_attacker_passes_the_check_with_a_bounded_signal() -> None:
     for step in steps:
         release = step(release)
     assert low <= float(np.linalg.norm(release.delta["w"])) <= high
+
+
+def test_the_window_attacker_sends_an_unnoised_flipped_delta_at_the_windows_norm() -> None:
+    plan = plan_attack("window", 0.5, 4, num_classes=10, buffer_size=4, server_lr=1.0, seed=0, window_norm=12.5)
+    rng = np.random.default_rng(0)
+    release = Release({"w": rng.normal(0, 1, 650).astype(np.float32)}, 5, 0.0)
+    out = release
+    for step in plan.steps_for(min(plan.malicious), [], rng):
+        out = step(out)
+    assert float(np.linalg.norm(out.delta["w"])) == pytest.approx(12.5, rel=1e-5)
+    cos = float(out.delta["w"] @ release.delta["w"]) / (12.5 * float(np.linalg.norm(release.delta["w"])))
+    assert cos == pytest.approx(-1.0, abs=1e-5)  # the trained direction, flipped; no noise
+
+
+def test_the_inflating_attacker_claims_two_to_the_62_examples_after_the_honest_pipeline() -> None:
+    plan = plan_attack("inflate", 0.5, 4, num_classes=10, buffer_size=4, server_lr=1.0, seed=0)
+    honest = [lambda r: replace(r, norm=1.0)]
+    steps = plan.steps_for(min(plan.malicious), honest, np.random.default_rng(0))
+    out = Release({"w": np.ones(3, np.float32)}, 5, 0.0)
+    for step in steps:
+        out = step(out)
+    assert out.num_examples == 2**62 and out.norm == 1.0  # the honest steps ran, then the claim
+    assert plan.data_for(min(plan.malicious), Dataset(np.zeros((2, 1), np.float32), np.array([0, 1]))).y.tolist() == [
+        9,
+        8,
+    ]
+
+
+def test_the_fast_attacker_sends_twenty_times_as_often() -> None:
+    assert plan_attack("fast", 0.2, 10, num_classes=10, buffer_size=4, server_lr=1.0, seed=0).speedup == 20
+    assert plan_attack("sign_flip", 0.2, 10, num_classes=10, buffer_size=4, server_lr=1.0, seed=0).speedup == 1
