@@ -3,6 +3,8 @@
     python benchmarks/chaos.py                       # 50 aggregator kills, 20 agents
     python benchmarks/chaos.py --kills 200 --agents 50 --uptime 0.3,2.0
     python benchmarks/chaos.py --kills 50 --broker-kills 20   # the broker killed too
+    python benchmarks/chaos.py --kills 100 --checkpoint-disconnects 40 --checkpoint-every 1   # issue 11
+    python benchmarks/chaos.py --kills 100 --corruptions 100   # bit flips between kills
 
 Starts its own Mosquitto (the project's dev config on a free loopback port), runs
 :func:`simulator.chaos.run_chaos` and prints what was sent, receipted, applied, dropped as
@@ -31,6 +33,12 @@ def main() -> int:
     p.add_argument("--uptime", default="0.5,1.5", help="min,max seconds between kills (default 0.5,1.5)")
     p.add_argument("--buffer-size", type=int, default=4)
     p.add_argument("--broker-kills", type=int, default=0, help="also kill -9 the broker this many times")
+    p.add_argument(
+        "--checkpoint-disconnects", type=int, default=0, help="broker kills timed to land while a checkpoint is written"
+    )
+    p.add_argument("--corruptions", type=int, default=0, help="bit flips in the state files between kills")
+    p.add_argument("--checkpoint-every", type=int, default=5, help="versions between checkpoints (default 5)")
+    p.add_argument("--model", default="softmax", help="softmax or mlp (a larger checkpoint takes longer to write)")
     args = p.parse_args()
     lo, hi = (float(x) for x in args.uptime.split(","))
     logging.basicConfig(level=logging.ERROR)  # reconnect warnings are expected here: hundreds of them
@@ -49,13 +57,18 @@ def main() -> int:
                 buffer_size=args.buffer_size,
                 broker=broker,
                 broker_kills=args.broker_kills,
+                checkpoint_disconnects=args.checkpoint_disconnects,
+                corruptions=args.corruptions,
+                checkpoint_every=args.checkpoint_every,
+                model=args.model,
             )
             report = asyncio.run(run_chaos(cfg))
         finally:
             broker.cleanup()
     print(
-        f"chaos soak: {args.kills} aggregator and {args.broker_kills} broker kills, {args.agents} agents, "
-        f"FedBuff K={args.buffer_size}, seed {args.seed}"
+        f"chaos soak: {args.kills} aggregator and {args.broker_kills} broker kills, {args.checkpoint_disconnects} "
+        f"broker kills during checkpoints, {args.corruptions} bit flips, {args.agents} agents, FedBuff "
+        f"K={args.buffer_size}, checkpoint every {args.checkpoint_every}, {args.model}, seed {args.seed}"
     )
     print(format_report(report))
     for problem in report.problems:

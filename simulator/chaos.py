@@ -13,13 +13,28 @@ stopped with SIGTERM, and the audit checks:
   nothing receipted was lost, nothing applied twice, nothing applied without a receipt;
 - replaying the receipted updates in that order through a fresh core (same configuration)
   gives the final model bit for bit.
+
+Two more kinds of fault can be mixed in:
+
+- ``checkpoint_disconnects``: the broker is killed (and restarted) the moment a checkpoint is
+  being written (a watcher sees the checkpoint's temporary file, or a checkpoint whose log does
+  not exist yet): the publisher fails, the session's TaskGroup cancels the task running the
+  checkpoint, and the aggregator is often killed right after. This is how a receipted update
+  was lost before the checkpoint step was made one shielded step.
+- ``corruptions``: while the aggregator is down, one random bit of a random state file
+  (checkpoints and logs of both kept generations) is flipped. A start on a copy must then either
+  refuse with a named error, or give exactly the state a start on the unflipped copy gives
+  (the bit was in something not needed: the previous generation, a torn tail). Anything else is
+  counted as undetected. The flip is then undone and the real aggregator restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -37,6 +52,7 @@ from broker.launcher import MosquittoBroker
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
+from fedmq.errors import ConfigError
 from fedmq.messages import ReceiptMessage, StatusMessage, UpdateMessage
 from simulator.harness import SimConfig, split_digits
 
@@ -64,6 +80,12 @@ class ChaosConfig:
     """The broker at ``host:port``, needed to kill it too (``broker_kills``)."""
     broker_kills: int = 0
     """kill -9 of the broker (restarted on the same port, without persistence), mixed with the others."""
+    checkpoint_disconnects: int = 0
+    """Broker kills timed to land while the aggregator writes a checkpoint (needs ``broker``)."""
+    corruptions: int = 0
+    """Bit flips in the state files between kills, each checked for detection (see the module docstring)."""
+    model: str = "softmax"
+    hidden: int = 64
 
 
 @dataclass
@@ -84,6 +106,17 @@ class ChaosReport:
     inconsistent_receipts: int = 0
     undelivered: int = 0
     model_equals_replay: bool = False
+    checkpoint_disconnects: int = 0
+    """Broker kills that landed while a checkpoint was being written."""
+    flips: int = 0
+    flips_detected: int = 0
+    """Refused at start with a named error (file, and offset for a log)."""
+    flips_harmless: int = 0
+    """Started, with the same state as without the flip."""
+    flips_undetected: int = 0
+    """Started with another state: must be 0."""
+    detections: dict[str, int] = field(default_factory=dict)
+    """What the named errors said (by kind), for the report."""
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     retried: int = 0
     """``retry`` answers (rate limit, buffer share): kept by the agents and sent again."""
@@ -99,6 +132,7 @@ class ChaosReport:
             and self.applied_twice == 0
             and self.applied_without_receipt == 0
             and self.inconsistent_receipts == 0
+            and self.flips_undetected == 0
         )
 
 
@@ -113,6 +147,9 @@ def aggregator_config(cfg: ChaosConfig) -> Config:
             checkpoint_dir=str(cfg.workdir / "aggregator"),
             checkpoint_every=cfg.checkpoint_every,
             metrics_interval=0.2,
+            model=cfg.model,
+            hidden=cfg.hidden,
+            rate_limit=50.0,
         ),
     ).validate()
 
@@ -133,6 +170,10 @@ def _aggregator_cmd(cfg: ChaosConfig) -> list[str]:
         str(cfg.workdir / "aggregator"),
         "--checkpoint-every",
         str(cfg.checkpoint_every),
+        "--model",
+        cfg.model,
+        "--rate-limit",
+        "50",  # agents here send every 50 ms: the audit is about crashes, not flow control
         "--log-level",
         "ERROR",
     ]
@@ -149,6 +190,7 @@ class _Observer:
         self.cfg = cfg
         self.updates: dict[tuple[str, int], bytes] = {}
         self.receipts: dict[tuple[str, int], set[int]] = {}
+        self.deferred: dict[tuple[str, int], bool] = {}
         self.online = asyncio.Event()
         self.subscribed = asyncio.Event()
 
@@ -157,6 +199,7 @@ class _Observer:
         if receipt.status == "accepted" and receipt.index is not None:  # rejections: counted by the aggregator
             self.receipts.setdefault(key, set()).add(receipt.index)
             self.updates.setdefault(key, payload)
+            self.deferred[key] = receipt.deferred is True
 
     async def run(self) -> None:
         topic = f"{self.cfg.prefix}/server/status"
@@ -214,16 +257,40 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     agent_stop = asyncio.Event()
     proc = await _start(cfg, observer)
     agent_tasks = [asyncio.create_task(a.run(agent_stop)) for a in agents]
-    targets = ["aggregator"] * cfg.kills + ["broker"] * cfg.broker_kills
+    targets = (
+        ["aggregator"] * cfg.kills
+        + ["broker"] * cfg.broker_kills
+        + ["disconnect"] * cfg.checkpoint_disconnects
+        + ["corrupt"] * cfg.corruptions
+    )
     rng.shuffle(targets)
+    state = cfg.workdir / "aggregator"
     try:
         for target in targets:
             await asyncio.sleep(rng.uniform(*cfg.uptime))
-            if target == "aggregator":
+            if target in ("aggregator", "corrupt"):
                 proc.kill()  # SIGKILL: no checkpoint, no goodbye
                 await proc.wait()
                 report.kills += 1
+                if target == "corrupt":
+                    await asyncio.to_thread(_flip_and_classify, cfg, state, rng, report)
                 proc = await _start(cfg, observer)
+            elif target == "disconnect":
+                assert cfg.broker is not None, "checkpoint_disconnects needs ChaosConfig.broker"
+                hit = await asyncio.to_thread(_wait_for_checkpoint, state, 10.0)
+                observer.online.clear()
+                cfg.broker.kill()
+                report.checkpoint_disconnects += hit
+                if rng.random() < 0.5:  # and often the aggregator dies before the next checkpoint
+                    proc.kill()
+                    await proc.wait()
+                    report.kills += 1
+                    await asyncio.to_thread(cfg.broker.start)
+                    proc = await _start(cfg, observer)
+                else:
+                    await asyncio.to_thread(cfg.broker.start)
+                    report.broker_kills += 1
+                    await asyncio.wait_for(observer.online.wait(), 60)
             else:
                 assert cfg.broker is not None, "broker_kills needs ChaosConfig.broker"
                 observer.online.clear()
@@ -249,6 +316,73 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     _audit(cfg, base, observer, report, agents)
     report.seconds = round(time.monotonic() - started, 1)
     return report
+
+
+def _wait_for_checkpoint(state: Path, limit: float) -> bool:
+    """Return as soon as a checkpoint is being written in ``state`` (True), or after ``limit`` s (False).
+
+    Written: its temporary file exists, or a checkpoint exists whose log does not yet. Polled as
+    fast as the folder can be listed: the whole step takes milliseconds.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            names = os.listdir(state)
+            if any(n.startswith(".checkpoint.") for n in names):
+                return True
+            gens = [n.split(".", 1)[1] for n in names if n.startswith("checkpoint.")]
+            if any(f"wal.{g}" not in names for g in gens):
+                return True
+    return False
+
+
+def _flip_and_classify(cfg: ChaosConfig, state: Path, rng: random.Random, report: ChaosReport) -> None:
+    """Flip one bit of one state file; a start must refuse it by name or not be affected by it."""
+    files = sorted(p for p in state.iterdir() if p.is_file() and p.name.split(".")[0] in ("checkpoint", "wal"))
+    if not files:
+        return
+    victim = rng.choice(files)
+    data = bytearray(victim.read_bytes())
+    if not data:
+        return
+    at = rng.randrange(len(data))
+    clean = state.parent / "clean-copy"
+    flipped = state.parent / "flipped-copy"
+    for d in (clean, flipped):
+        shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(state, clean)
+    data[at] ^= 1 << rng.randrange(8)
+    victim.write_bytes(bytes(data))
+    shutil.copytree(state, flipped)
+    report.flips += 1
+    try:
+        expected = _started_state(cfg, clean)
+        try:
+            got = _started_state(cfg, flipped)
+        except ConfigError as exc:  # the start refused it, and said why
+            report.flips_detected += 1
+            kind = "checksum" if "SHA-256" in str(exc) else "log record" if "offset" in str(exc) else "other"
+            report.detections[kind] = report.detections.get(kind, 0) + 1
+            return
+        if got == expected:
+            report.flips_harmless += 1
+        else:
+            report.flips_undetected += 1
+            report.problems.append(f"a flip in {victim.name} at byte {at} started with another state")
+    finally:
+        shutil.copy2(clean / victim.name, victim)  # undo the flip before the real aggregator starts again
+        shutil.rmtree(flipped, ignore_errors=True)
+        shutil.rmtree(clean, ignore_errors=True)
+
+
+def _started_state(cfg: ChaosConfig, directory: Path) -> tuple[int, int, bytes]:
+    """What a start from ``directory`` gives: version, updates applied, the model's bytes."""
+    base = aggregator_config(cfg)
+    svc = AggregatorService(replace(base, aggregator=replace(base.aggregator, checkpoint_dir=str(directory))))
+    core = svc.startup()
+    if svc.store is not None:
+        svc.store.close()
+    return core.version, core.stats.accepted, b"".join(core.weights[k].tobytes() for k in sorted(core.weights))
 
 
 async def _start(cfg: ChaosConfig, observer: _Observer) -> asyncio.subprocess.Process:
@@ -302,7 +436,8 @@ def _audit(
         if payload is None:
             report.problems.append(f"no copy of receipted update {agent}/{seq}")
             return
-        result = core.replay("update", update=UpdateMessage.from_bytes(payload), agent_id=agent)  # admitted once
+        held = observer.deferred.get((agent, seq), False)  # the receipt says whether it waited a buffer
+        result = core.replay("update", update=UpdateMessage.from_bytes(payload), agent_id=agent, deferred=held)
         if not isinstance(result, Accepted) or result.index != index:
             report.problems.append(f"replay of {agent}/{seq} at {index} gave {result}")
             return
@@ -326,6 +461,11 @@ def format_report(r: ChaosReport) -> str:
         ("duplicates dropped", r.duplicates_dropped),
         ("rejected for other reasons", f"{r.rejected_other} {r.rejected_by_reason or ''}".strip()),
         ("answered retry (sent again later)", r.retried),
+        ("broker kills during a checkpoint", r.checkpoint_disconnects),
+        ("bit flips in the state files", r.flips),
+        ("  refused at start, named", f"{r.flips_detected} {r.detections or ''}".strip()),
+        ("  harmless (same state)", r.flips_harmless),
+        ("  undetected", r.flips_undetected),
         ("lost (receipted, not applied)", r.lost),
         ("applied twice", r.applied_twice),
         ("applied without a receipt", r.applied_without_receipt),

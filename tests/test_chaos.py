@@ -50,6 +50,35 @@ async def test_broker_kills_during_the_burst_lose_nothing_receipted(tmp_path: Pa
     assert report.resent > 0  # what the broker lost came again
 
 
+async def test_broker_kills_during_checkpoints_and_bit_flips_between_kills(tmp_path: Path, prefix: str) -> None:
+    """Issue 11's mix: the broker killed while a checkpoint is written (often followed by a kill -9
+    of the aggregator), and bits flipped in the state files while the aggregator is down: every
+    flip is refused at start by name or leaves the state as it was; the audit still balances."""
+    broker = MosquittoBroker(workdir=tmp_path / "broker")
+    broker.start()
+    try:
+        cfg = ChaosConfig(
+            host=broker.host,
+            port=broker.port,
+            workdir=tmp_path,
+            prefix=prefix,
+            kills=3,
+            broker=broker,
+            checkpoint_disconnects=4,
+            corruptions=6,
+            checkpoint_every=1,
+        )
+        report = await run_chaos(cfg)
+    finally:
+        broker.cleanup()
+    print(format_report(report))
+    assert report.problems == [] and report.ok, format_report(report) + "\n" + "\n".join(report.problems)
+    assert report.flips == 6 and report.flips_undetected == 0
+    assert report.flips_detected + report.flips_harmless == 6
+    assert report.checkpoint_disconnects >= 1  # at least one broker kill landed in a checkpoint
+    assert report.receipted == report.applied > 0 and report.lost == 0 and report.applied_twice == 0
+
+
 async def test_a_third_of_the_agents_frozen_with_sigstop_neither_stall_nor_corrupt_aggregation(
     mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
 ) -> None:
