@@ -391,7 +391,7 @@ async def test_model_interval_coalesces_versions_into_one_publish_per_interval()
         client.event.clear()
         started = asyncio.get_running_loop().time()
         for seq in range(1, 5):  # two FedBuff versions (K=2) within the interval
-            await svc._on_update(f"a{seq}", update_bytes(svc, f"a{seq}", 1, 0.01))
+            await svc.handle(f"fedmq/seam/update/a{seq}", update_bytes(svc, f"a{seq}", 1, 0.01))
         assert svc.core.version == 2 and len(client.models()) == 1
         await asyncio.wait_for(client.event.wait(), 5)
         assert asyncio.get_running_loop().time() - started >= 0.25

@@ -228,7 +228,7 @@ def test_evaluation_labels_outside_the_model_fail_at_startup(tmp_path: Path) -> 
 async def test_receipts_dropped_on_a_full_queue_are_counted(tmp_path: Path) -> None:
     svc = stateful(tmp_path)
     for seq in range(1, svc.INCOMING_QUEUE + 50):  # rejections (ahead of the model), no publisher running
-        await svc._on_update("a", update_bytes(svc, "a", seq, 0.01, base=99))
+        await svc.handle("fedmq/state/update/a", update_bytes(svc, "a", seq, 0.01, base=99))
     assert svc.progress().dropped_receipts == 49  # type: ignore[attr-defined]
 
 
