@@ -298,7 +298,7 @@ class StateStore:
         self.run = new_run_id()
         restored = Restored(self.run, state, 0, gen, new_run=True, checkpoint_now=True)
         if gen in wals:
-            restored.sources.append(WalScan(wals[gen]))
+            restored.sources.append(WalScan(wals[gen], legacy=True))
         restored.notes.append(f"the state of an older fedmq ({LEGACY_CHECKPOINT}, wal.{gen}) is migrated")
         if not self._dry:
             self._write_marker()

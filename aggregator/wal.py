@@ -101,11 +101,15 @@ class WalScan:
     damaged record raises :class:`StateError` during the iteration.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, legacy: bool = False) -> None:
+        """Read ``path``; ``legacy`` accepts a file of the older format (an upgrade), else it is damage."""
         self.path = Path(path)
         self.data = self.path.read_bytes()
         self.header: WalHeader | None = None
-        self.legacy = not self.data.startswith(MAGIC) and len(self.data) > 0
+        starts = self.data[: len(MAGIC)]
+        self.legacy = legacy and len(self.data) > 0 and starts != MAGIC
+        if not self.legacy and starts != MAGIC[: len(starts)]:
+            raise self._damage(0, f"the file does not start with {MAGIC!r}")
         self.end = 0
         self.torn = 0
         self._start = 0 if self.legacy else self._read_header()

@@ -81,6 +81,46 @@ def test_a_corrupted_record_before_the_end_is_damage_named_by_offset(tmp_path: P
         assert path.read_bytes() == bytes(data)  # nothing was cut
 
 
+def test_a_flipped_magic_is_damage_not_an_older_format(tmp_path: Path) -> None:
+    """Found by the chaos soak: a log whose first bytes no longer read FEDMQWAL looked like the older
+    format and was migrated away (its records set aside). Only an upgrade may read an older log."""
+    wal = new_log(tmp_path)
+    wal.write_update("a", b"first", now=0.0, index=1)
+    wal.sync()
+    wal.close()
+    path = tmp_path / "wal.0"
+    clean = path.read_bytes()
+    for at in range(8):
+        for bit in range(8):
+            data = bytearray(clean)
+            data[at] ^= 1 << bit
+            path.write_bytes(bytes(data))
+            with pytest.raises(StateError) as err:
+                WalScan(path)
+            assert err.value.offset == 0 and "FEDMQWAL" in str(err.value)
+            assert WalScan(path, legacy=True).legacy  # what an upgrade from the older format reads
+    path.write_bytes(clean[:5])  # a header torn while the log was created is not damage
+    assert list(WalScan(path).records()) == []
+
+
+def test_a_current_state_with_a_flipped_magic_is_refused_at_start(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.begin_appending(store.open())
+    assert store.wal is not None
+    store.wal.write_update("a", b"x", now=0.0, index=1)
+    store.checkpoint({"version": 0})
+    store.wal.write_update("b", b"y", now=0.0, index=2)
+    store.close()
+    wal = tmp_path / "wal.1"
+    data = bytearray(wal.read_bytes())
+    data[0] ^= 0x01
+    wal.write_bytes(bytes(data))
+    with pytest.raises(StateError) as err:
+        StateStore(tmp_path).open()
+    assert err.value.path == str(wal)
+    assert wal.read_bytes() == bytes(data)  # evidence kept where it was, nothing set aside
+
+
 def test_a_checkpoint_keeps_the_previous_generation_and_prunes_older_ones(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     restored = store.open()
