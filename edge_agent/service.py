@@ -329,6 +329,7 @@ class AgentService:
     def _drop_other_runs(self, run: str | None) -> None:
         if run is None:
             return
+        dropped = self.stats.dropped_other_run
         for seq, payload in self.outbox.pending():
             try:
                 base_run = UpdateMessage.from_bytes(payload, self._limits).base_run
@@ -340,6 +341,8 @@ class AgentService:
                 self._ever_sent.discard(seq)
                 self.stats.dropped_other_run += 1
                 log.info("agent %s: update %d was trained on run %s: dropped, not sent", self.agent_id, seq, base_run)
+        if self.stats.dropped_other_run > dropped:
+            self._receipt.set()  # room in a full outbox: a train loop held back by it goes on now
 
     def _on_receipt(self, payload: bytes) -> None:
         try:

@@ -9,6 +9,7 @@ says it does not know.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 
 import aiomqtt
@@ -37,6 +38,8 @@ class FakeAggregator:
         self.updates: list[UpdateMessage] = []
         self.arrived = asyncio.Event()
         self.weights = create_model("softmax", num_features=64, num_classes=10).get_weights()
+        self.auto_accept = False
+        self._receipted: set[int] = set()
 
     async def model(self, version: int, run: str) -> None:
         msg = ModelMessage(version, ModelSpec("softmax", 64, 10), self.weights, run=run)
@@ -44,11 +47,26 @@ class FakeAggregator:
 
     async def receipt(self, u: UpdateMessage, status: str, **kw: object) -> None:
         r = ReceiptMessage(u.agent_id, u.seq, status, u.base_version, **kw)  # type: ignore[arg-type]
+        if status != "retry":
+            self._receipted.add(u.seq)
         await self.client.publish(self.topics.receipt(u.agent_id), r.to_bytes(), qos=1)
+
+    async def accept_all(self) -> None:
+        """From now on act like a healthy aggregator: accept every update, those already here too.
+
+        (Without receipts a full outbox rightly holds training back until its re-sends are due.)
+        """
+        self.auto_accept = True
+        for u in list(self.updates):
+            if u.seq not in self._receipted:
+                await self.receipt(u, "accepted", index=1)
 
     async def collect(self) -> None:
         async for msg in self.client.messages:
-            self.updates.append(UpdateMessage.from_bytes(payload(msg)))
+            update = UpdateMessage.from_bytes(payload(msg))
+            self.updates.append(update)
+            if self.auto_accept and update.seq not in self._receipted:
+                await self.receipt(update, "accepted", index=1)
             self.arrived.set()
 
     async def next_update(self, limit: float = 30.0) -> UpdateMessage:
@@ -58,6 +76,17 @@ class FakeAggregator:
                 self.arrived.clear()
                 await self.arrived.wait()
         return self.updates[seen]
+
+    async def until(self, start: int, wanted: object, limit: float = 30.0) -> UpdateMessage:
+        """The first update from index ``start`` on for which ``wanted(update)`` holds."""
+        async with asyncio.timeout(limit):
+            while True:
+                for u in self.updates[start:]:
+                    if wanted(u):  # type: ignore[operator]
+                        return u
+                start = len(self.updates)
+                self.arrived.clear()
+                await self.arrived.wait()
 
     async def quiet_for(self, seconds: float) -> list[UpdateMessage]:
         """What arrives within ``seconds`` (to show that nothing does: a bound, not a wait for readiness)."""
@@ -86,10 +115,15 @@ async def test_the_agent_follows_retries_runs_rollbacks_and_unknown_bases(
             first = await agg.next_update()
             assert (first.base_version, first.base_run) == (5, RUN_A)
             # retry: kept, sent again after retry_after, and nothing new trained meanwhile
+            # (round_interval=0: a round already under way when the receipt lands may still be sent)
+            start = len(agg.updates)
             await agg.receipt(first, "retry", reason="rate_limited", retry_after=1.0)
-            again = await agg.next_update()
-            assert again.seq == first.seq and again.base_version == 5
-            assert first.seq in agent.outbox and agent.stats.retries == 1
+            async with asyncio.timeout(30):
+                await agent.pulse.wait_for(lambda: agent.stats.retries == 1)
+            published_at_retry = agent.stats.updates_published
+            again = await agg.until(start, lambda u: u.seq == first.seq)
+            assert again.base_version == 5 and first.seq in agent.outbox
+            assert agent.stats.updates_published - published_at_retry <= 1  # only the round in flight
             await agg.receipt(again, "accepted", index=1)
             newer = await agg.next_update()
             assert newer.seq > first.seq
@@ -113,15 +147,16 @@ async def test_the_agent_follows_retries_runs_rollbacks_and_unknown_bases(
             assert all(s.base_version == 0 for s in stray) and len(stray) <= 2
             assert await agg.quiet_for(1.5) == []
             # a version it knows again: training resumes; then one lower (a restored backup) is followed
+            await agg.accept_all()
+            start = len(agg.updates)
             await agg.model(7, RUN_B)
-            async with asyncio.timeout(30):
-                while (u := await agg.next_update()).base_version != 7:
-                    pass
+            await agg.until(start, lambda u: u.base_version == 7)
+            start = len(agg.updates)
             await agg.model(2, RUN_B)
-            async with asyncio.timeout(30):
-                while (u := await agg.next_update()).base_version != 2:
-                    pass
+            await agg.until(start, lambda u: u.base_version == 2)
         finally:
             stop.set()
             await task
             collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
