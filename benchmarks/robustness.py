@@ -55,7 +55,10 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
     base = SimConfig(
         agents=args.agents, duration=args.duration, seed=args.seed, privacy=privacy, conforming_attack=args.conform
     )
-    base = replace(base, aggregator=replace(base.aggregator, buffer_size=20)).validate()  # docs/robustness.md: K = 20
+    agg = replace(base.aggregator, buffer_size=20)  # docs/robustness.md: K = 20
+    if args.rate_limit is not None:
+        agg = replace(agg, rate_limit=args.rate_limit)
+    base = replace(base, aggregator=agg).validate()
     shards, test = split_digits(base)
     broker = await asyncio.to_thread(start_broker, "mosquitto")
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -119,6 +122,9 @@ def main() -> None:
         help="agents clip to 1 and add Gaussian noise z = 0.5; the aggregator rejects updates that do not fit it",
     )
     p.add_argument("--conform", action="store_true", help="with --dp: attackers disguise updates to pass that check")
+    p.add_argument(
+        "--rate-limit", type=float, default=None, help="updates/s per agent (default: the simulator's 20, 2x the median)"
+    )
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     args = p.parse_args()

@@ -48,6 +48,7 @@ import numpy as np
 from aggregator.core import Accepted
 from aggregator.service import AggregatorService
 from aggregator.store import latest_checkpoint
+from aggregator.wal import WalScan
 from broker.launcher import MosquittoBroker
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
@@ -117,6 +118,8 @@ class ChaosReport:
     """Started with another state: must be 0."""
     detections: dict[str, int] = field(default_factory=dict)
     """What the named errors said (by kind), for the report."""
+    harmless_where: dict[str, int] = field(default_factory=dict)
+    """Where the harmless flips were: the previous generation (kept only to rebuild), a torn tail."""
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     retried: int = 0
     """``retry`` answers (rate limit, buffer share): kept by the agents and sent again."""
@@ -346,6 +349,9 @@ def _flip_and_classify(cfg: ChaosConfig, state: Path, rng: random.Random, report
     if not data:
         return
     at = rng.randrange(len(data))
+    ckpts = [int(p.name.split(".")[1]) for p in files if p.name.startswith("checkpoint.")]
+    current = max(ckpts, default=0)
+    where = "current generation" if int(victim.name.split(".")[1]) >= current else "previous generation"
     clean = state.parent / "clean-copy"
     flipped = state.parent / "flipped-copy"
     for d in (clean, flipped):
@@ -366,6 +372,13 @@ def _flip_and_classify(cfg: ChaosConfig, state: Path, rng: random.Random, report
             return
         if got == expected:
             report.flips_harmless += 1
+            torn = (
+                where == "current generation"
+                and victim.name.startswith("wal.")
+                and at >= _intact_end(clean / victim.name)
+            )
+            kind = "a torn tail" if torn else where
+            report.harmless_where[kind] = report.harmless_where.get(kind, 0) + 1
         else:
             report.flips_undetected += 1
             report.problems.append(f"a flip in {victim.name} at byte {at} started with another state")
@@ -373,6 +386,14 @@ def _flip_and_classify(cfg: ChaosConfig, state: Path, rng: random.Random, report
         shutil.copy2(clean / victim.name, victim)  # undo the flip before the real aggregator starts again
         shutil.rmtree(flipped, ignore_errors=True)
         shutil.rmtree(clean, ignore_errors=True)
+
+
+def _intact_end(path: Path) -> int:
+    """Where the intact records of a log end (after it: an incomplete last record)."""
+    scan = WalScan(path)
+    for _ in scan.records():
+        pass
+    return scan.end
 
 
 def _started_state(cfg: ChaosConfig, directory: Path) -> tuple[int, int, bytes]:
@@ -464,7 +485,7 @@ def format_report(r: ChaosReport) -> str:
         ("broker kills during a checkpoint", r.checkpoint_disconnects),
         ("bit flips in the state files", r.flips),
         ("  refused at start, named", f"{r.flips_detected} {r.detections or ''}".strip()),
-        ("  harmless (same state)", r.flips_harmless),
+        ("  harmless (same state)", f"{r.flips_harmless} {r.harmless_where or ''}".strip()),
         ("  undetected", r.flips_undetected),
         ("lost (receipted, not applied)", r.lost),
         ("applied twice", r.applied_twice),
