@@ -123,7 +123,10 @@ def main() -> None:
     )
     p.add_argument("--conform", action="store_true", help="with --dp: attackers disguise updates to pass that check")
     p.add_argument(
-        "--rate-limit", type=float, default=None, help="updates/s per agent (default: the simulator's 20, 2x the median)"
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="updates/s per agent (default: the simulator's 20, 2x the median)",
     )
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
