@@ -225,6 +225,33 @@ def test_evaluation_labels_outside_the_model_fail_at_startup(tmp_path: Path) -> 
         AggregatorService(cfg).startup()
 
 
+async def test_an_evaluator_error_ends_the_service_with_that_error_and_the_state_closed(tmp_path: Path) -> None:
+    """The evaluator used to run outside any TaskGroup: its errors vanished and the service went on
+    without accuracy. Now an error there is ours: the service stops with it, its state flushed."""
+    from broker.launcher import free_port
+    from fedmq.config import BrokerConfig
+
+    x = np.zeros((4, 64), np.float32)
+    np.savez(tmp_path / "eval.npz", x=x, y=np.array([0, 1, 2, 3]))
+    fields = {"rule": "fedbuff", "checkpoint_dir": str(tmp_path / "state"), "eval_data": str(tmp_path / "eval.npz")}
+    broker = BrokerConfig(port=free_port())  # nobody listens: the service keeps reconnecting meanwhile
+    cfg = Config(prefix="fedmq/eval", broker=broker, aggregator=AggregatorConfig(**fields)).validate()
+    svc = AggregatorService(cfg)
+    svc.startup()
+
+    def broken(weights: dict[str, Any]) -> tuple[float, float]:
+        raise RuntimeError("evaluation broke")
+
+    svc._evaluate = broken  # type: ignore[method-assign]
+    with pytest.raises(ExceptionGroup) as caught:
+        async with asyncio.timeout(60):
+            await svc.run(asyncio.Event())
+    assert caught.group_contains(RuntimeError, match="evaluation broke")
+    again = AggregatorService(svc.config)  # closed cleanly: the next start resumes the same run
+    again.startup()
+    assert again.core is not None and svc.core is not None and again.core.run_id == svc.core.run_id
+
+
 async def test_receipts_dropped_on_a_full_queue_are_counted(tmp_path: Path) -> None:
     svc = stateful(tmp_path)
     for seq in range(1, svc.INCOMING_QUEUE + 50):  # rejections (ahead of the model), no publisher running
