@@ -67,7 +67,8 @@ def main() -> int:
             broker.cleanup()
     print(
         f"chaos soak: {args.kills} aggregator and {args.broker_kills} broker kills, {args.checkpoint_disconnects} "
-        f"broker kills during checkpoints, {args.corruptions} bit flips, {args.agents} agents, FedBuff "
+        f"broker kills during checkpoints, {args.corruptions} bit flips (each after a kill of its own), "
+        f"{args.agents} agents, FedBuff "
         f"K={args.buffer_size}, checkpoint every {args.checkpoint_every}, {args.model}, seed {args.seed}"
     )
     print(format_report(report))

@@ -309,7 +309,8 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosReport:
         agent_stop.set()
         with contextlib.suppress(Exception):
             await asyncio.gather(*agent_tasks)
-        proc.send_signal(signal.SIGTERM)
+        if proc.returncode is None:  # (the loop above may have failed while it was down)
+            proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
         observer_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
@@ -352,6 +353,8 @@ def _flip_and_classify(cfg: ChaosConfig, state: Path, rng: random.Random, report
     ckpts = [int(p.name.split(".")[1]) for p in files if p.name.startswith("checkpoint.")]
     current = max(ckpts, default=0)
     where = "current generation" if int(victim.name.split(".")[1]) >= current else "previous generation"
+    original = bytes(data)
+    intact_end = _intact_end(victim) if victim.name.startswith("wal.") else len(data)
     clean = state.parent / "clean-copy"
     flipped = state.parent / "flipped-copy"
     for d in (clean, flipped):
@@ -372,18 +375,15 @@ def _flip_and_classify(cfg: ChaosConfig, state: Path, rng: random.Random, report
             return
         if got == expected:
             report.flips_harmless += 1
-            torn = (
-                where == "current generation"
-                and victim.name.startswith("wal.")
-                and at >= _intact_end(clean / victim.name)
-            )
+            torn = where == "current generation" and at >= intact_end
             kind = "a torn tail" if torn else where
             report.harmless_where[kind] = report.harmless_where.get(kind, 0) + 1
         else:
             report.flips_undetected += 1
             report.problems.append(f"a flip in {victim.name} at byte {at} started with another state")
     finally:
-        shutil.copy2(clean / victim.name, victim)  # undo the flip before the real aggregator starts again
+        victim.write_bytes(original)  # undo the flip before the real aggregator starts again
+        # (not from clean-copy: the trial start there checkpoints and prunes what it started from)
         shutil.rmtree(flipped, ignore_errors=True)
         shutil.rmtree(clean, ignore_errors=True)
 
