@@ -380,8 +380,8 @@ class StateStore:
             except StateError as exc:
                 lines.append(f"{p.name}: {p.stat().st_size} bytes, DAMAGED: {exc.problem}")
         for _, p in sorted(wals.items()):
-            scan = WalScan(p)
             try:
+                scan = WalScan(p)  # (a damaged header raises here already)
                 n = sum(1 for _ in scan.records())
                 head = scan.header
                 what = f"run {head.run}, records {head.base_lsn + 1}-{scan.last_lsn}" if head else "older format"

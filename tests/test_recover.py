@@ -105,3 +105,23 @@ async def test_missing_state_refuses_to_start_and_fresh_moves_it_aside(tmp_path:
     assert core.version == 0 and core.stats.accepted == 0
     aside = list(tmp_path.glob("discarded-*"))
     assert len(aside) == 1 and any(p.name.startswith("checkpoint.") for p in aside[0].iterdir())
+
+
+async def test_recover_lists_every_damaged_file_even_a_log_whose_header_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bit-flip soak leaves damage anywhere, also in the previous generation, which a start
+    does not read. `fedmq recover` must still show every file and what is wrong with it."""
+    await filled(tmp_path, 11)
+    started(tmp_path)  # a clean start: both kept generations are there
+    wals = sorted(tmp_path.glob("wal.*"), key=lambda p: int(p.suffix[1:]))
+    ckpts = sorted(tmp_path.glob("checkpoint.*"), key=lambda p: int(p.suffix[1:]))
+    assert len(wals) == 2 and len(ckpts) == 2
+    flip(wals[-1], 0)  # the magic of the current log
+    flip(ckpts[0], len(ckpts[0].read_bytes()) // 2)  # the previous generation's checkpoint
+    assert cli("recover", "--checkpoint-dir", str(tmp_path), *FLAGS) == 1
+    out = capsys.readouterr().out
+    damaged = [line for line in out.splitlines() if "DAMAGED" in line]
+    assert any(wals[-1].name in line and "offset 0" in line for line in damaged), out
+    assert any(ckpts[0].name in line for line in damaged), out
+    assert "a start would refuse" in out and str(wals[-1]) in out
