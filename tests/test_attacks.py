@@ -80,6 +80,24 @@ async def test_an_int8_scale_beyond_float32_is_rejected_and_the_service_goes_on(
     assert again.core.version == svc.core.version and all_finite(again)  # type: ignore[union-attr]
 
 
+async def test_a_state_that_is_not_finite_is_never_checkpointed(tmp_path: Path) -> None:
+    """The last line of defence: were a NaN ever to get past the gate (our bug, not a peer's), the
+    checkpoint refuses to write it, loudly, and the last good checkpoint stays as it was."""
+    svc = make_service(tmp_path)
+    rec = Recorder()
+    for i in range(4):
+        await feed(svc, rec, f"h{i}", update_bytes(svc, f"h{i}", 1, 0.01, base=svc.core.version))  # type: ignore[union-attr]
+    await svc.checkpoint()
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint.*")}
+    assert before
+    core = svc.core
+    assert core is not None
+    core._weights = {k: np.full(v.shape, np.nan, v.dtype) for k, v in core.weights.items()}  # the bug
+    with pytest.raises(RuntimeError, match="refusing to checkpoint a state that is not finite"):
+        await svc.checkpoint()
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint.*")} == before
+
+
 EXTREMES = [1e-45, 1e-38, 1.0, 3.0e38, 3.5e38, 1e300]
 
 
