@@ -269,29 +269,44 @@ def test_the_evaluation_history_is_bounded(tmp_path: Path) -> None:
     assert len(history) <= 2048 and history[0][1] == 0 and history[-1][1] == 49_999
 
 
-async def test_large_decodes_and_krum_run_off_the_event_loop(tmp_path: Path, monkeypatch: Any) -> None:
+async def test_heavy_decodes_and_krum_run_off_the_event_loop_and_cheap_decodes_stay_on_it(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A decode that converts every element (here fp16 of a 614K-parameter model) and Krum's
+    O(K^2 d) step go to a worker thread. A plain float32 update of the same model decodes into
+    views of its payload and stays on the loop: the hand-off would cost more than the decode."""
     import aggregator.rules.robust as robust_rules
     import fedmq.messages as messages
+    from fedmq.compression import compress
 
-    svc = stateful(tmp_path, model="mlp", hidden=4096, robust="krum", buffer_size=5, krum_f=1)
-    threads: dict[str, set[str]] = {"decode": set(), "krum": set()}
+    svc = stateful(tmp_path, model="mlp", hidden=8192, robust="krum", buffer_size=5, krum_f=1)
+    threads: dict[str, list[tuple[int, str]]] = {"decode": [], "krum": []}
     real_decode, real_select = messages.UpdateMessage.from_bytes, robust_rules.multi_krum_select
 
     def decode(payload: Any, limits: Any = messages.DEFAULT_LIMITS) -> Any:
-        threads["decode"].add(threading.current_thread().name)
+        threads["decode"].append((len(payload), threading.current_thread().name))
         return real_decode(payload, limits)
 
     def select(*args: Any) -> Any:
-        threads["krum"].add(threading.current_thread().name)
+        threads["krum"].append((0, threading.current_thread().name))
         return real_select(*args)
 
     monkeypatch.setattr(messages.UpdateMessage, "from_bytes", staticmethod(decode))
     monkeypatch.setattr(robust_rules, "multi_krum_select", select)
     monkeypatch.setattr("aggregator.robust.multi_krum_select", select)
     rec = Recorder()
-    for i in range(5):
-        await send(svc, rec, f"a{i}", 1)
-    assert svc.core is not None and svc.core.version == 1
+    assert svc.core is not None
+    weights = svc.core.weights
+    for i in range(4):
+        delta = {k: np.full(v.shape, 0.01, np.float32) for k, v in weights.items()}
+        wire = {k: compress("fp16", v) for k, v in delta.items()}
+        message = messages.UpdateMessage(f"a{i}", 1, 0, 10, delta, wire=wire)
+        await feed(svc, rec, f"a{i}", message.to_bytes())
+    await send(svc, rec, "plain", 1)  # the fifth: fills the buffer, Krum runs
+    assert svc.core.version == 1 and svc.core.stats.accepted == 5
     main = threading.main_thread().name
-    assert threads["decode"] and main not in threads["decode"]
-    assert threads["krum"] and main not in threads["krum"]
+    fp16 = [name for size, name in threads["decode"] if size < 4 * 614_000]
+    plain = [name for size, name in threads["decode"] if size >= 4 * 614_000]
+    assert len(fp16) == 4 and main not in fp16
+    assert plain == [main]
+    assert threads["krum"] and all(name != main for _, name in threads["krum"])
