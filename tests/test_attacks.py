@@ -339,7 +339,11 @@ def test_buffered_deltas_do_not_pin_payloads_larger_than_themselves() -> None:
 
 
 def owner_nbytes(arr: np.ndarray) -> int:
-    """Bytes of the buffer that finally owns ``arr``'s memory (what keeping ``arr`` keeps alive)."""
+    """Bytes of the buffer that finally owns ``arr``'s memory (what keeping ``arr`` keeps alive).
+
+    The test's own oracle, written apart from :func:`fedmq.codec.owner_nbytes`, which the code
+    under test uses to decide what to copy: a bug there must not hide here.
+    """
     obj: Any = arr
     while True:
         if isinstance(obj, np.ndarray) and obj.base is not None:

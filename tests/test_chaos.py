@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.launcher import MosquittoBroker
-from simulator.chaos import ChaosConfig, format_report, run_chaos
+from simulator.chaos import ChaosConfig, ChaosReport, format_report, run_chaos
 from tests.helpers import start_aggregator
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+async def chaos_with_a_broker_of_its_own(tmp_path: Path, prefix: str, **faults: Any) -> ChaosReport:
+    """Run the soak against a broker this test may kill (the shared fixture's must stay up)."""
+    broker = MosquittoBroker(workdir=tmp_path / "broker")
+    broker.start()
+    try:
+        cfg = ChaosConfig(host=broker.host, port=broker.port, workdir=tmp_path, prefix=prefix, broker=broker, **faults)
+        report = await run_chaos(cfg)
+    finally:
+        broker.cleanup()
+    print(format_report(report))
+    assert report.problems == [] and report.ok, format_report(report) + "\n" + "\n".join(report.problems)
+    return report
 
 
 async def test_ten_aggregator_kills_lose_nothing_receipted_and_apply_nothing_twice(
@@ -28,24 +43,8 @@ async def test_ten_aggregator_kills_lose_nothing_receipted_and_apply_nothing_twi
 async def test_broker_kills_during_the_burst_lose_nothing_receipted(tmp_path: Path, prefix: str) -> None:
     """kill -9 of the broker (no persistence: sessions and queues gone) mixed with aggregator kills:
     agents re-send what had no receipt, and the audit still balances."""
-    broker = MosquittoBroker(workdir=tmp_path / "broker")
-    broker.start()
-    try:
-        cfg = ChaosConfig(
-            host=broker.host,
-            port=broker.port,
-            workdir=tmp_path,
-            prefix=prefix,
-            kills=3,
-            broker=broker,
-            broker_kills=3,
-        )
-        report = await run_chaos(cfg)
-    finally:
-        broker.cleanup()
-    print(format_report(report))
+    report = await chaos_with_a_broker_of_its_own(tmp_path, prefix, kills=3, broker_kills=3)
     assert report.kills == 3 and report.broker_kills == 3
-    assert report.problems == [] and report.ok, format_report(report) + "\n" + "\n".join(report.problems)
     assert report.receipted == report.applied > 0 and report.undelivered == 0
     assert report.resent > 0  # what the broker lost came again
 
@@ -54,25 +53,9 @@ async def test_broker_kills_during_checkpoints_and_bit_flips_between_kills(tmp_p
     """Issue 11's mix: the broker killed while a checkpoint is written (often followed by a kill -9
     of the aggregator), and bits flipped in the state files while the aggregator is down: every
     flip is refused at start by name or leaves the state as it was; the audit still balances."""
-    broker = MosquittoBroker(workdir=tmp_path / "broker")
-    broker.start()
-    try:
-        cfg = ChaosConfig(
-            host=broker.host,
-            port=broker.port,
-            workdir=tmp_path,
-            prefix=prefix,
-            kills=3,
-            broker=broker,
-            checkpoint_disconnects=4,
-            corruptions=6,
-            checkpoint_every=1,
-        )
-        report = await run_chaos(cfg)
-    finally:
-        broker.cleanup()
-    print(format_report(report))
-    assert report.problems == [] and report.ok, format_report(report) + "\n" + "\n".join(report.problems)
+    report = await chaos_with_a_broker_of_its_own(
+        tmp_path, prefix, kills=3, checkpoint_disconnects=4, corruptions=6, checkpoint_every=1
+    )
     assert report.flips == 6 and report.flips_undetected == 0
     assert report.flips_detected + report.flips_harmless == 6
     assert report.checkpoint_disconnects >= 1  # at least one broker kill landed in a checkpoint
