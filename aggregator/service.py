@@ -307,11 +307,13 @@ class AggregatorService:
         if restored.checkpoint_now:
             store.checkpoint(self._checked_state(core))
             core.checkpoint_written(core.version)
+        replaced = self.fresh or mode != "start"  # an earlier run was set aside: agents drop what they hold
         self.fresh = False  # a reload after a storage failure must not discard again
         for note in restored.notes:
             log.warning("%s: %s", self.cfg.checkpoint_dir, note)
         if restored.new_run:
-            log.warning("a new federation run begins: %s (agents follow it)", restored.run)
+            level = logging.WARNING if replaced else logging.INFO  # (a new folder: nothing to replace)
+            log.log(level, "a new federation run begins: %s (agents follow it)", restored.run)
         return core, store, restored.run
 
     def _new_core(self, weights: dict[str, Any]) -> AggregatorCore:

@@ -7,6 +7,7 @@ and the logs) or accepts a loss (keeps the newest consistent state, announces a 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,24 @@ async def test_recover_lists_every_damaged_file_even_a_log_whose_header_is_gone(
     assert any(wals[-1].name in line and "offset 0" in line for line in damaged), out
     assert any(ckpts[0].name in line for line in damaged), out
     assert "a start would refuse" in out and str(wals[-1]) in out
+
+
+def test_a_new_run_is_a_warning_only_when_it_replaces_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A first start in an empty folder is routine; --fresh (or --accept-loss) sets a run aside and
+    makes the agents drop what they hold: that is worth a warning."""
+    caplog.set_level(logging.INFO, logger="fedmq.aggregator")
+
+    def levels() -> list[int]:
+        found = [r.levelno for r in caplog.records if "a new federation run begins" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    started(tmp_path)
+    assert levels() == [logging.INFO]
+    started(tmp_path)  # resumed: no new run
+    assert levels() == []
+    svc = AggregatorService(config(tmp_path), fresh=True)
+    svc.startup()
+    assert svc.store is not None
+    svc.store.close()
+    assert levels() == [logging.WARNING]
