@@ -62,7 +62,7 @@ from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
 from fedmq.runtime import Pulse
-from fedmq.transport import backoff, client_kwargs, publish, subscribe
+from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models import create_model
 from models.base import evaluate
 from models.datasets import Dataset, load_source
@@ -419,6 +419,7 @@ class AggregatorService:
     async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
         """Serve until ``stop`` is set, ``max_versions`` or ``target_accuracy`` is reached; return the summary."""
         stop = stop or asyncio.Event()
+        tolerate_aiomqtt_disconnect_race(asyncio.get_running_loop())
         if self.core is None:
             self.startup()
         self.rt.started = self.clock()

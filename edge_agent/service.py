@@ -38,7 +38,7 @@ from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
 from fedmq.runtime import Pulse
-from fedmq.transport import backoff, client_kwargs, publish, subscribe
+from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models.base import TrainingCancelled
 
 UNKNOWN_BASE = ("unknown_base_version", "wrong_run")
@@ -178,6 +178,7 @@ class AgentService:
     async def run(self, stop: asyncio.Event | None = None) -> AgentStats:
         """Connect, train and publish until ``stop`` is set or the agent is finished."""
         stop = stop or asyncio.Event()
+        tolerate_aiomqtt_disconnect_race(asyncio.get_running_loop())
         delays = backoff(rng=self.rng)
         will = aiomqtt.Will(self.topics.status(self.agent_id), self._status("offline"), qos=1, retain=True)
         gave_up = False

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import random
 import socket
 import ssl
@@ -12,6 +14,8 @@ from typing import Any
 import aiomqtt
 
 from fedmq.config import BrokerConfig
+
+log = logging.getLogger("fedmq.transport")
 
 
 def client_kwargs(broker: BrokerConfig) -> dict[str, Any]:
@@ -70,3 +74,30 @@ async def subscribe(client: aiomqtt.Client, topic: str, *, qos: int) -> None:
     """``client.subscribe`` that never swallows a cancellation (see :func:`publish`)."""
     await client.subscribe(topic, qos=qos)
     _reraise_swallowed_cancellation()
+
+
+def tolerate_aiomqtt_disconnect_race(loop: asyncio.AbstractEventLoop) -> None:
+    """Log aiomqtt's late write registration on a closed socket at DEBUG, not as an error.
+
+    aiomqtt (2.5.1, the newest) queues ``loop.add_writer(fd, ...)`` from paho's callback with
+    ``call_soon_threadsafe``. When the broker drops the connection first, the socket is closed
+    before that runs, and asyncio's default handler logs "Exception in callback ... add_writer"
+    with ``EBADF``: 30 lines of traceback per client at every broker restart. The client has
+    already seen the disconnect (an ``MqttError``) and reconnects; nothing is lost. Everything
+    else still goes to the default handler. A handler the application set is left alone.
+    """
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_exception_handler)
+
+
+def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc, handle = context.get("exception"), context.get("handle")
+    if (
+        isinstance(exc, OSError)
+        and exc.errno == errno.EBADF
+        and isinstance(handle, asyncio.Handle)
+        and getattr(handle, "_callback", None) == loop.add_writer
+    ):
+        log.debug("a write registration for a socket closed before it ran (aiomqtt, at a disconnect): ignored")
+        return
+    loop.default_exception_handler(context)

@@ -398,3 +398,39 @@ async def test_model_interval_coalesces_versions_into_one_publish_per_interval()
         assert [m.version for m in client.models()] == [0, 2]
     finally:
         task.cancel()
+
+
+@pytest.mark.parametrize("tolerated", [False, True])
+async def test_aiomqtts_write_registration_after_a_disconnect_is_not_an_error_in_the_log(
+    tolerated: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiomqtt queues ``loop.add_writer(fd)`` from paho's callback; when the connection drops
+    first, the socket is closed before that runs, and asyncio logged 'Exception in callback ...
+    add_writer' with EBADF at ERROR: 30 lines per client at every broker restart. aiomqtt's own
+    callback, a real socket closed in between; without the handler the ERROR is there."""
+    import socket
+
+    import aiomqtt
+
+    from fedmq.transport import tolerate_aiomqtt_disconnect_race
+
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    try:
+        if tolerated:
+            tolerate_aiomqtt_disconnect_race(loop)
+        client = aiomqtt.Client("127.0.0.1")
+        sock = socket.socket()
+        client._on_socket_register_write(client._client, None, sock)  # queues add_writer(sock.fileno())
+        sock.close()  # the broker went away first
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):
+                await asyncio.sleep(0)  # the loop runs the queued callback
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert bool(errors) is not tolerated, [r.getMessage() for r in errors]
+        if tolerated:
+            assert any("closed before" in r.getMessage() for r in caplog.records)
+            loop.call_exception_handler({"message": "something else", "exception": RuntimeError("x")})
+            assert any(r.levelno >= logging.ERROR and "something else" in r.getMessage() for r in caplog.records)
+    finally:
+        loop.set_exception_handler(before)
