@@ -47,11 +47,11 @@ from aggregator.rules.fedavg import fedavg_step
 from aggregator.rules.fedbuff import fedbuff_step, staleness_weight
 from aggregator.rules.noise import NoiseCheck
 from aggregator.rules.robust import norm_bound
-from aggregator.staleness import StalenessFn
 from fedmq.codec import detached
 from fedmq.config import AggregatorConfig
 from fedmq.errors import RETRYABLE, RejectReason
 from fedmq.messages import ReceiptMessage, ReceiptStatus, UpdateMessage
+from fedmq.staleness import StalenessFn
 
 Tensors = dict[str, npt.NDArray[Any]]
 _DEFAULTS = AggregatorConfig()

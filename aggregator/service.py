@@ -55,13 +55,13 @@ from aggregator.core import (
 )
 from aggregator.robust import build_aggregate
 from aggregator.rules.noise import NoiseCheck
-from aggregator.staleness import make_staleness_fn
 from aggregator.store import Mode, Restored, StateStore, new_run_id
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
 from fedmq.runtime import Pulse
+from fedmq.staleness import make_staleness_fn
 from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models import create_model
 from models.base import evaluate

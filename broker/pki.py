@@ -209,6 +209,7 @@ def _issue(
     *,
     server: bool,
     days: int,
+    role: str = "agent",
     hostnames: Sequence[str] = (),
     ips: Sequence[str] = (),
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -217,7 +218,16 @@ def _issue(
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                    # The role, so that a device can tell a device's certificate from the
+                    # aggregator's when it checks signed keys (secure aggregation).
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                ]
+            )
+        )
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -275,8 +285,10 @@ def render_acl(reg: Registry) -> str:
     """The ACL: each identity gets exactly its topics; revoked ones get nothing.
 
     Mosquitto denies everything not granted. Agents: read the model and their own receipts,
-    write their own update and status topics. The aggregator: read updates and status, write
-    model, server status, metrics and receipts. The loopback ``ops`` user reads model, metrics
+    write their own update and status topics, and their own secure-aggregation topics (write
+    ``secagg/up/<name>``, read ``secagg/down/<name>``). The aggregator: read updates, status and
+    secure-aggregation messages, write model, server status, metrics, receipts and
+    ``secagg/down/+``. The loopback ``ops`` user reads model, metrics
     and status (monitoring, health checks).
     """
     t = Topics(reg.prefix)
@@ -294,6 +306,8 @@ def render_acl(reg: Registry) -> str:
             ("readwrite", t.server_status),
             ("readwrite", t.metrics),
             ("write", t.receipt("+")),
+            ("read", t.secagg_up_wildcard),
+            ("write", t.secagg_down("+")),
         )
     lines += _acl_block(
         OPS_USER,
@@ -305,7 +319,13 @@ def render_acl(reg: Registry) -> str:
     )
     for name in reg.active("agent"):
         lines += _acl_block(
-            name, ("read", t.model), ("read", t.receipt(name)), ("write", t.update(name)), ("write", t.status(name))
+            name,
+            ("read", t.model),
+            ("read", t.receipt(name)),
+            ("write", t.update(name)),
+            ("write", t.status(name)),
+            ("write", t.secagg_up(name)),
+            ("read", t.secagg_down(name)),
         )
     return "\n".join(lines)
 
@@ -462,7 +482,7 @@ def init(
             kept.append(name)
             continue
         key, cert = _issue(
-            ca_key, ca_cert, name, server=role == "server", days=days, hostnames=reg.hostnames, ips=reg.ips
+            ca_key, ca_cert, name, server=role == "server", days=days, role=role, hostnames=reg.hostnames, ips=reg.ips
         )
         if role == "server":
             _write(root / "broker" / "server.key", _key_pem(key), 0o640, gid)

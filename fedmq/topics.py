@@ -8,6 +8,8 @@ All topics live under a federation prefix (default ``fedmq/default``)::
     {prefix}/server/status        aggregator liveness, retained, QoS 1, with an MQTT Will
     {prefix}/metrics              aggregator metrics, retained, QoS 0
     {prefix}/receipt/{agent_id}   the aggregator's answer to each update, QoS 1, not retained
+    {prefix}/secagg/up/{agent_id}   secure aggregation: a device's protocol messages, QoS 1
+    {prefix}/secagg/down/{agent_id} secure aggregation: the aggregator's messages to one device, QoS 1
 
 See ``docs/protocol.md`` for the payload of each topic.
 """
@@ -88,6 +90,19 @@ class Topics:
     def metrics(self) -> str:
         """Aggregator metrics (retained)."""
         return f"{self.prefix}/metrics"
+
+    def secagg_up(self, agent_id: str) -> str:
+        """Where a device sends its secure-aggregation messages."""
+        return f"{self.prefix}/secagg/up/{agent_id}"
+
+    @property
+    def secagg_up_wildcard(self) -> str:
+        """Subscription that matches every device's secure-aggregation messages."""
+        return f"{self.prefix}/secagg/up/+"
+
+    def secagg_down(self, agent_id: str) -> str:
+        """Where the aggregator sends one device its secure-aggregation messages."""
+        return f"{self.prefix}/secagg/down/{agent_id}"
 
     def agent_of(self, topic: str, kind: str) -> str | None:
         """Return the agent id of ``{prefix}/{kind}/{agent_id}``, or ``None`` if it is not one.

@@ -79,6 +79,8 @@ def test_acl_grants_each_agent_exactly_its_topics(tmp_path: Path) -> None:
         "topic read fedmq/plant/receipt/agent-1",
         "topic write fedmq/plant/update/agent-1",
         "topic write fedmq/plant/status/agent-1",
+        "topic write fedmq/plant/secagg/up/agent-1",
+        "topic read fedmq/plant/secagg/down/agent-1",
     ]
     assert "pattern" not in acl  # no rule that applies to unknown or revoked names
 

@@ -1,0 +1,161 @@
+"""A cohort of client sessions wired to a cohort manager in memory (h11's ``ConnectionPair``, for SecAgg).
+
+Messages go through their wire encoding and the strict decoders both ways, so what the tests
+drive is what the broker would carry. Devices can be made to vanish before they send a given
+kind of message (a dropout at that phase), and a test can rewrite any message in flight.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedmq.secagg import crypto
+from fedmq.secagg.client import ClientSession, Finished, Ignored, NeedInput, Refused, Send
+from fedmq.secagg.messages import CheckIn, CohortMsg, DownMessage, UpMessage, decode_down, decode_up
+from fedmq.secagg.server import Abandoned, CohortManager, Reject, SecAggSettings, SendTo, Unmasked, done_messages
+
+
+@dataclass
+class Fleet:
+    """``n`` devices and one aggregator's cohort manager, in memory."""
+
+    n: int
+    settings: SecAggSettings
+    n_values: int = 51
+    signers: dict[str, crypto.Signer] = field(default_factory=dict)
+    verifier: crypto.Verifier | None = None
+    seed: int = 0
+    now: float = 0.0
+    up_filter: Callable[[str, UpMessage], UpMessage | None] | None = None
+    """Rewrites (or, returning None, swallows) what a device sends."""
+    down_filter: Callable[[str, DownMessage], DownMessage | None] | None = None
+
+    def __post_init__(self) -> None:
+        self.agents = [f"dev-{i:02d}" for i in range(self.n)]
+        self.manager = CohortManager(self.settings, n_values=self.n_values, verifier=self.verifier)
+        self.sessions: dict[str, ClientSession] = {}
+        rng = np.random.default_rng(self.seed)
+        self.inputs = {a: rng.uniform(-0.5, 0.5, self.n_values - 1) for a in self.agents}
+        self.weights = {a: float(rng.uniform(0.2, 1.0)) for a in self.agents}
+        self.dead: set[str] = set()
+        self.die_before: dict[str, str] = {}
+        """agent -> message kind: the device vanishes instead of sending it."""
+        self.tell_offline = True
+        """Report a vanished device offline to the manager (like its MQTT Will), or leave it to timeouts."""
+        self.rejects: list[Reject] = []
+        self.results: list[Unmasked | Abandoned] = []
+        self.client_events: dict[str, list[Any]] = {a: [] for a in self.agents}
+        self._queue: deque[tuple[str, str, bytes]] = deque()
+
+    # --- driving -------------------------------------------------------------------------------
+    def check_in(self, agents: list[str] | None = None) -> None:
+        for a in agents or self.agents:
+            self._to_server(a, self.manager.check_in(a, CheckIn(a), self.now, version=0, run=None))
+        self.pump()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self._to_server("", self.manager.tick(self.now, version=0, run=None))
+        self.pump()
+
+    def run_to_end(self, *, limit: int = 10) -> None:
+        """Tick past round timeouts until every cohort ended."""
+        for _ in range(limit):
+            if not self.manager.cohorts:
+                return
+            self.advance(self.settings.timeout + 0.01)
+        raise AssertionError(f"cohorts still open: {self.manager.in_flight()}")
+
+    def pump(self) -> None:
+        while self._queue:
+            direction, agent, payload = self._queue.popleft()
+            if direction == "down":
+                self._deliver_down(agent, payload)
+            else:
+                self._deliver_up(agent, payload)
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _to_server(self, _sender: str, outs: list[Any]) -> None:
+        for o in outs:
+            if isinstance(o, SendTo):
+                self._queue.append(("down", o.agent, o.message.to_bytes()))
+            elif isinstance(o, Reject):
+                self.rejects.append(o)
+            elif isinstance(o, (Unmasked, Abandoned)):
+                self.results.append(o)
+                if isinstance(o, Unmasked):  # the aggregator applies it, then tells the members
+                    self._to_server("", done_messages(o.cohort, o.members, "applied", 1, None))
+
+    def _deliver_down(self, agent: str, payload: bytes) -> None:
+        if agent in self.dead:
+            return
+        msg = decode_down(payload)
+        if self.down_filter is not None:
+            filtered = self.down_filter(agent, msg)
+            if filtered is None:
+                return
+            msg = filtered
+        if isinstance(msg, CohortMsg):
+            session = ClientSession(
+                agent, msg, now=self.now, signer=self.signers.get(agent), verifier=self.verifier,
+                rng=np.random.default_rng(hash(agent) % 2**32),
+            )  # fmt: skip
+            self.sessions[agent] = session
+            self._from_client(agent, session.start())
+        else:
+            session = self.sessions[agent]
+            self._from_client(agent, session.handle(msg))
+
+    def _from_client(self, agent: str, outs: list[Any]) -> None:
+        for o in outs:
+            self.client_events[agent].append(o)
+            if isinstance(o, Send):
+                kind = o.message.kind
+                if self.die_before.get(agent) == kind:
+                    self.kill(agent)
+                    return
+                msg: UpMessage | None = o.message
+                if self.up_filter is not None:
+                    msg = self.up_filter(agent, o.message)
+                if msg is not None:
+                    self._queue.append(("up", agent, msg.to_bytes()))
+            elif isinstance(o, NeedInput):
+                if self.die_before.get(agent) == "sa_masked":
+                    self.kill(agent)
+                    return
+                values = np.concatenate([self.inputs[agent] * self.weights[agent], [self.weights[agent]]])
+                session = self.sessions[agent]
+                self._from_client(agent, session.provide_input(values, seq=1, base_version=0))
+
+    def _deliver_up(self, agent: str, payload: bytes) -> None:
+        msg = decode_up(payload)
+        self._to_server(agent, self.manager.receive(agent, msg, self.now))
+
+    def kill(self, agent: str) -> None:
+        self.dead.add(agent)
+        if self.tell_offline:
+            self._to_server(agent, self.manager.offline(agent, self.now))
+
+    # --- reading -------------------------------------------------------------------------------
+    def expected(self, contributors: list[str]) -> np.ndarray:
+        """``[sum w x, sum w]`` over ``contributors``, what the aggregator should learn."""
+        return np.sum(
+            [np.concatenate([self.inputs[a] * self.weights[a], [self.weights[a]]]) for a in contributors], axis=0
+        )
+
+    def events(self, agent: str, kind: type) -> list[Any]:
+        return [e for e in self.client_events[agent] if isinstance(e, kind)]
+
+    def refusals(self) -> dict[str, str]:
+        return {a: e.reason for a in self.agents for e in self.events(a, Refused)}
+
+    def finished(self, agent: str) -> list[Finished]:
+        return self.events(agent, Finished)
+
+    def ignored(self, agent: str) -> list[Ignored]:
+        return self.events(agent, Ignored)
