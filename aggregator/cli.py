@@ -67,6 +67,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-agents", "aggregator.max_agents", type=int, help="agents whose state is kept (100000)")
     flag(p, "--shutdown-grace", "aggregator.shutdown_grace", type=float, help="seconds for the goodbye at SIGTERM (5)")
     add_robust_flags(p)
+    flag(
+        p,
+        "--secure-aggregation",
+        "aggregator.secure_aggregation",
+        action="store_const",
+        const=True,
+        help="take only masked updates, in cohorts (SecAgg+): the aggregator learns only sums; agents follow",
+    )
+    flag(p, "--cohort-size", "aggregator.secagg.cohort_size", type=int, help="secure aggregation: K per cohort")
+    flag(p, "--overselect", "aggregator.secagg.overselect", type=float, help="rho: K (1 + rho) devices per cohort")
+    flag(p, "--threshold", "aggregator.secagg.threshold", type=float, help="t as a fraction of the holders (0.6)")
+    flag(p, "--secagg-timeout", "aggregator.secagg.timeout", type=float, help="seconds each round waits (10)")
 
 
 def add_fresh_flag(p: argparse.ArgumentParser) -> None:

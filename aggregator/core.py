@@ -51,6 +51,16 @@ from fedmq.codec import detached
 from fedmq.config import AggregatorConfig
 from fedmq.errors import RETRYABLE, RejectReason
 from fedmq.messages import ReceiptMessage, ReceiptStatus, UpdateMessage
+from fedmq.secagg.messages import CheckIn, DoneMsg, MaskedMsg, UpMessage
+from fedmq.secagg.server import (
+    Abandoned,
+    CohortManager,
+    Contribution,
+    Formed,
+    Reject,
+    SendTo,
+    Unmasked,
+)
 from fedmq.staleness import StalenessFn
 
 Tensors = dict[str, npt.NDArray[Any]]
@@ -106,7 +116,16 @@ class AgentsOffline:
     agents: tuple[str, ...]
 
 
-Effect = LogUpdate | LogEvent | SendReceipt | PublishModel | CheckpointDue | AgentsOffline
+@dataclass(frozen=True)
+class SendSecAgg:
+    """Send a secure-aggregation message to one device; with ``durable``, once the log is on disk."""
+
+    agent: str
+    payload: bytes
+    durable: bool = False
+
+
+Effect = LogUpdate | LogEvent | SendReceipt | PublishModel | CheckpointDue | AgentsOffline | SendSecAgg
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -153,6 +172,10 @@ class Stats:
     """Sync rounds whose rule refused the updates received (e.g. too few for Krum at a timeout)."""
     held_dropped: int = 0
     """Held updates the rule refused when their buffer opened (the gate makes it impossible: counted)."""
+    cohorts_applied: int = 0
+    """Secure-aggregation cohorts whose sum made a FedBuff step."""
+    cohorts_abandoned: int = 0
+    """Secure-aggregation cohorts that ended without a sum (too few devices, or a restart)."""
 
     @property
     def mean_staleness(self) -> float:
@@ -169,6 +192,8 @@ class Stats:
             "max_epsilon": self.max_epsilon,
             "rounds_abandoned": self.rounds_abandoned,
             "held_dropped": self.held_dropped,
+            "cohorts_applied": self.cohorts_applied,
+            "cohorts_abandoned": self.cohorts_abandoned,
         }
 
     @classmethod
@@ -182,6 +207,8 @@ class Stats:
             float(d["max_epsilon"]),
             int(d.get("rounds_abandoned", 0)),
             int(d.get("held_dropped", 0)),
+            int(d.get("cohorts_applied", 0)),
+            int(d.get("cohorts_abandoned", 0)),
         )
 
 
@@ -373,6 +400,15 @@ class FedBuffRule:
         self.buffer.clear()
         return new
 
+    def step_mean(self, weights: Tensors, mean: Tensors) -> Tensors:
+        """One server step with a buffer's mean computed elsewhere (a secure-aggregation cohort's sum)."""
+        new, velocity = fedbuff_step(
+            weights, [mean], [1.0], server_lr=self.server_lr, momentum=self.momentum, velocity=self.velocity
+        )
+        finite_result(new, "the FedBuff step")
+        self.velocity = velocity
+        return new
+
     def held(self, agent_id: str) -> int:
         """How many deltas of ``agent_id`` are in the open buffer."""
         return sum(e.agent_id == agent_id for e in self.buffer)
@@ -502,6 +538,8 @@ class AggregatorCore:
         max_agents: agents remembered (hard and soft state each); least recently active go first.
         buffer_patience: seconds after which an open FedBuff buffer admits one more update per agent.
         checkpoint_every: versions between :class:`CheckpointDue` effects (0: never).
+        secagg: the cohorts of secure aggregation (FedBuff only); with it, plain updates are
+            refused and each cohort's sum makes one FedBuff step.
     """
 
     def __init__(
@@ -524,6 +562,7 @@ class AggregatorCore:
         max_agents: int = _DEFAULTS.max_agents,
         buffer_patience: float = _DEFAULTS.buffer_patience,
         checkpoint_every: int = 0,
+        secagg: CohortManager | None = None,
     ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
@@ -562,6 +601,11 @@ class AggregatorCore:
         self._buffer_opened = 0.0  # soft: when the open buffer got its first delta
         self._deferred: list[Deferred] = []
         """Accepted, held for the next buffer, in order of acceptance (at most one per agent)."""
+        if secagg is not None and not isinstance(rule, FedBuffRule):
+            raise ValueError("secure aggregation runs one cohort per FedBuff buffer: use the fedbuff rule")
+        self.secagg = secagg
+        self._open_cohorts: dict[str, tuple[str, ...]] = {}
+        """Cohorts formed and not yet summed or abandoned (hard state: after a crash they are abandoned)."""
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -613,6 +657,8 @@ class AggregatorCore:
         elif agent_id in self.online:
             self.online.discard(agent_id)
             self._leave_round(agent_id, now, effects)
+        if not online and self.secagg is not None:
+            self._secagg_outputs(self.secagg.offline(agent_id, now), now, effects)
         self._maybe_start_round(now, effects)
         return tuple(effects)
 
@@ -634,6 +680,10 @@ class AggregatorCore:
         if self.selected is not None and self.round_timeout > 0 and now - self._round_started >= self.round_timeout:
             self._close_round(now, "timeout", effects)
         self._maybe_start_round(now, effects)
+        if self.secagg is not None:
+            for agent in silent:
+                self._secagg_outputs(self.secagg.offline(agent, now), now, effects)
+            self._secagg_outputs(self.secagg.tick(now, version=self.version, run=self.run_id), now, effects)
         return tuple(effects)
 
     def adopt_liveness(self, other: AggregatorCore) -> None:
@@ -827,6 +877,11 @@ class AggregatorCore:
                 RejectReason.AGENT_ID_MISMATCH,
                 f"update names agent {u.agent_id!r} but came on the topic of {topic_agent_id!r}",
             )
+        if self.secagg is not None and not self._replaying:
+            return rej(
+                RejectReason.SECURE_AGGREGATION_REQUIRED,
+                "this aggregator takes only masked updates (secure aggregation); the update was not looked at",
+            )
         rec = self._agents.get(u.agent_id)
         if rec is not None:
             if u.seq in rec.receipts:
@@ -937,6 +992,162 @@ class AggregatorCore:
             effects.append(CheckpointDue(self.version))
         return self.version
 
+    # --- secure aggregation ------------------------------------------------------------------
+    def secagg_message(self, agent: str, msg: UpMessage, *, now: float) -> tuple[list[Rejected], tuple[Effect, ...]]:
+        """A device's secure-aggregation message (from the topic of ``agent``): what was refused, and the effects.
+
+        A check-in joins the pool (and may form a cohort); the rest go to the device's cohort. A
+        masked upload is admitted like a plain update first (a duplicate of an applied one gets
+        its receipt again; a base version unknown or too stale is refused) and is then the
+        cohort's. When a cohort's masks come off, its sum makes one FedBuff step.
+        """
+        effects: list[Effect] = []
+        assert self.secagg is not None, "secure aggregation is off"
+        self._touch(agent, now, effects)
+        if isinstance(msg, CheckIn):
+            outs = self.secagg.check_in(agent, msg, now, version=self.version, run=self.run_id)
+        else:
+            outs = self.secagg.receive(agent, msg, now, check=self._admit_masked)
+        if isinstance(msg, MaskedMsg):
+            original = self.receipt_for(agent, msg.seq)
+            if original is not None:
+                receipt = ReceiptMessage(agent, msg.seq, "accepted", original[0], index=original[1])
+                effects.append(SendReceipt(receipt, durable=True))
+        refused = self._secagg_outputs(outs, now, effects)
+        return refused, tuple(effects)
+
+    def _admit_masked(self, agent: str, msg: MaskedMsg) -> Reject | None:
+        rec = self._agents.get(agent)
+        if rec is not None and (msg.seq in rec.receipts or msg.seq < rec.floor):
+            return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} was applied before")
+        if msg.agent_id != agent:
+            return Reject(agent, RejectReason.AGENT_ID_MISMATCH, f"the upload names {msg.agent_id!r}")
+        if msg.base_version > self.version:
+            return Reject(agent, RejectReason.UNKNOWN_BASE_VERSION, f"base version {msg.base_version} > {self.version}")
+        if self.version - msg.base_version > self.max_staleness:
+            staleness = self.version - msg.base_version
+            return Reject(agent, RejectReason.TOO_STALE, f"staleness {staleness} > max {self.max_staleness}")
+        return None
+
+    def _secagg_outputs(self, outs: list[Any], now: float, effects: list[Effect]) -> list[Rejected]:
+        """Carry the cohort manager's outputs into effects and counters; the refusals, for logging."""
+        refused: list[Rejected] = []
+        for o in outs:
+            if isinstance(o, SendTo):
+                effects.append(SendSecAgg(o.agent, o.message.to_bytes()))
+            elif isinstance(o, Reject):
+                (self.stats.retried if o.reason in RETRYABLE else self.stats.rejected)[o.reason.value] += 1
+                refused.append(Rejected(o.agent, None, o.reason, o.detail))
+            elif isinstance(o, Formed):
+                self._open_cohorts[o.cohort] = o.members
+                effects.append(LogEvent({"sa_open": o.cohort, "members": list(o.members)}, now))
+            elif isinstance(o, Abandoned):
+                self._open_cohorts.pop(o.cohort, None)
+                self.stats.cohorts_abandoned += 1
+                effects.append(LogEvent({"sa_close": o.cohort, "reason": o.reason[:200]}, now))
+            elif isinstance(o, Unmasked):
+                self._apply_cohort(o, now, effects)
+        return refused
+
+    def _apply_cohort(self, u: Unmasked, now: float, effects: list[Effect]) -> None:
+        """``mean = sum(w delta) / sum(w)`` into one FedBuff step, logged as that mean; a receipt per contributor."""
+        weight = float(u.values[-1])
+        mean: Tensors = {}
+        offset = 0
+        for k in sorted(self._weights):
+            ref = self._weights[k]
+            mean[k] = (u.values[offset : offset + ref.size] / weight).reshape(ref.shape).astype(ref.dtype)
+            offset += ref.size
+        self._step_cohort(u.cohort, mean, weight, u.contributors, u.members, now, effects)
+
+    def _step_cohort(
+        self,
+        cohort: str,
+        mean: Tensors,
+        weight: float,
+        contributors: tuple[Contribution, ...],
+        members: tuple[str, ...],
+        now: float,
+        effects: list[Effect],
+    ) -> None:
+        assert isinstance(self.rule, FedBuffRule)
+        try:
+            new = self.rule.step_mean(self._weights, mean)
+        except ValueError as exc:  # the sum was checked in range: counted, nothing applied
+            self._open_cohorts.pop(cohort, None)
+            self.stats.cohorts_abandoned += 1
+            effects.append(LogEvent({"sa_close": cohort, "reason": f"the step failed: {exc}"[:200]}, now))
+            if not self._replaying:
+                done = DoneMsg(cohort, "abandoned", self.version, "the sum could not be applied")
+                effects += [SendSecAgg(a, done.to_bytes()) for a in members]
+            return
+        event = {
+            "sa_apply": cohort,
+            "mean": {k: v.tobytes() for k, v in mean.items()},
+            "weight": weight,
+            "contributors": [[c.agent, c.seq, c.base_version, c.epsilon] for c in contributors],
+            "members": list(members),
+        }
+        effects.append(LogEvent(event, now))
+        self._open_cohorts.pop(cohort, None)
+        base = self.version
+        self._advance(new, effects)
+        self.stats.cohorts_applied += 1
+        for c in contributors:
+            self.stats.accepted += 1
+            index = self.stats.accepted
+            self.stats.staleness_sum += base - c.base_version
+            if c.epsilon is not None:
+                self.stats.max_epsilon = max(self.stats.max_epsilon, c.epsilon)
+            rec = self._record(c.agent)
+            rec.last_seq = max(rec.last_seq, c.seq)
+            rec.receipts[c.seq] = (self.version, index)
+            if len(rec.receipts) > RECEIPTS_KEPT:
+                del rec.receipts[min(rec.receipts)]
+            receipt = ReceiptMessage(c.agent, c.seq, "accepted", self.version, index=index)
+            effects.append(SendReceipt(receipt, durable=True))
+        summed = {c.agent for c in contributors}
+        for a in members:
+            done = DoneMsg(cohort, "applied", self.version, included=a in summed)
+            effects.append(SendSecAgg(a, done.to_bytes(), durable=True))
+
+    def _replay_cohort(self, event: Mapping[str, Any], now: float) -> None:
+        if "sa_open" in event:
+            self._open_cohorts[str(event["sa_open"])] = tuple(str(a) for a in event["members"])
+            return
+        if "sa_close" in event:
+            self._open_cohorts.pop(str(event["sa_close"]), None)
+            self.stats.cohorts_abandoned += 1
+            return
+        raw = event["mean"]
+        mean = {
+            k: np.frombuffer(bytes(raw[k]), dtype=ref.dtype).reshape(ref.shape).copy()
+            for k, ref in self._weights.items()
+        }
+        contributors = tuple(
+            Contribution(str(a), int(q), int(b), float(e) if e is not None else None)
+            for a, q, b, e in event["contributors"]
+        )
+        self._step_cohort(
+            str(event["sa_apply"]), mean, float(event["weight"]), contributors, tuple(event.get("members", ())), now, []
+        )
+
+    def abandon_open_cohorts(self, now: float, why: str) -> tuple[Effect, ...]:
+        """After a restart: the cohorts that were in flight are over (their devices are told, and check in again)."""
+        effects: list[Effect] = []
+        for cohort, members in sorted(self._open_cohorts.items()):
+            self.stats.cohorts_abandoned += 1
+            effects.append(LogEvent({"sa_close": cohort, "reason": why}, now))
+            done = DoneMsg(cohort, "abandoned", self.version, why).to_bytes()
+            effects += [SendSecAgg(a, done) for a in members]
+        self._open_cohorts.clear()
+        return tuple(effects)
+
+    @property
+    def open_cohorts(self) -> dict[str, tuple[str, ...]]:
+        """Cohorts formed and not yet summed or abandoned."""
+        return dict(self._open_cohorts)
+
     def checkpoint_written(self, version: int) -> None:
         """The service wrote a checkpoint of ``version``."""
         self._last_checkpoint = version
@@ -964,6 +1175,8 @@ class AggregatorCore:
                 self._waiting.discard(str(event["leave"]))
             elif "close" in event:
                 self._finish_round(effects)
+            elif event.keys() & {"sa_open", "sa_close", "sa_apply"}:
+                self._replay_cohort(event, now)
             else:
                 raise ValueError(f"unknown core event {sorted(event)}")
             return None
@@ -991,6 +1204,7 @@ class AggregatorCore:
             else None,
             "stats": self.stats.to_dict(),
             "history": {str(v): w for v, w in self._history.items() if v != self.version},
+            "cohorts": {c: list(m) for c, m in self._open_cohorts.items()},
         }
 
     def check_state(self) -> None:
@@ -1043,6 +1257,7 @@ class AggregatorCore:
             self._waiting = {str(a) for a in rnd["waiting"]}
             self._round_started = float(rnd["started"])
         self.stats = Stats.from_dict(state["stats"])
+        self._open_cohorts = {str(c): tuple(str(a) for a in m) for c, m in state.get("cohorts", {}).items()}
         if self.rule.needs_history:
             self._history = {int(v): w for v, w in state["history"].items()}
             self._history[self.version] = self._weights

@@ -51,6 +51,7 @@ from aggregator.core import (
     PublishModel,
     Rejected,
     SendReceipt,
+    SendSecAgg,
     make_rule,
 )
 from aggregator.robust import build_aggregate
@@ -58,9 +59,12 @@ from aggregator.rules.noise import NoiseCheck
 from aggregator.store import Mode, Restored, StateStore, new_run_id
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
-from fedmq.errors import ConfigError, DecodeError, RejectReason, StateError
+from fedmq.errors import RETRYABLE, ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
 from fedmq.runtime import Pulse
+from fedmq.secagg.crypto import Verifier
+from fedmq.secagg.messages import MaskedMsg, Params, RevealMsg, decode_up
+from fedmq.secagg.server import CohortManager, SecAggSettings
 from fedmq.staleness import make_staleness_fn
 from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models import create_model
@@ -113,6 +117,11 @@ class Progress:
     """The federation run (new after --fresh or a confirmed rollback)."""
     retried_by_reason: dict[str, int] = field(default_factory=dict)
     """``retry`` answers (rate limit, one update per agent per buffer): flow control, not faults."""
+    secure_aggregation: bool = False
+    cohorts_applied: int = 0
+    cohorts_abandoned: int = 0
+    cohorts_open: dict[str, str] = field(default_factory=dict)
+    """Secure aggregation: each cohort in flight and its protocol round."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map (the metrics payload)."""
@@ -220,6 +229,10 @@ class AggregatorService:
         self._eval_model: Any = None
         self._params = 0
         self._receipts: asyncio.Queue[ReceiptMessage] = asyncio.Queue(maxsize=self.INCOMING_QUEUE)
+        self._secagg_out: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=self.INCOMING_QUEUE)
+        self._unsynced_secagg: list[tuple[str, bytes]] = []  # protocol messages awaiting the group fsync
+        self._secagg_params: Params | None = None
+        self._restart_settled = False
         self._incoming: asyncio.Queue[aiomqtt.Message] | None = None
         self._unsynced: list[ReceiptMessage] = []  # accepted, written, awaiting the group fsync
         self._publish_pending = False
@@ -356,7 +369,39 @@ class AggregatorService:
             max_agents=c.max_agents,
             buffer_patience=c.buffer_patience,
             checkpoint_every=c.checkpoint_every if c.checkpoint_dir else 0,
+            secagg=self._cohort_manager() if c.secure_aggregation else None,
         )
+
+    def _cohort_manager(self) -> CohortManager:
+        """The cohorts of secure aggregation, from ``aggregator.secagg`` (and the CA, with TLS)."""
+        c, sa = self.cfg, self.cfg.secagg
+        params = Params(
+            bits=sa.bits,
+            clip_norm=sa.clip_norm,
+            clip_range=sa.clip_range,
+            staleness=c.staleness.function,
+            staleness_a=c.staleness.a,
+            staleness_b=c.staleness.b,
+            max_staleness=c.max_staleness,
+        )
+        self._secagg_params = params
+        settings = SecAggSettings(
+            cohort_size=sa.cohort_size or c.buffer_size,
+            overselect=sa.overselect,
+            threshold=sa.threshold,
+            degree=sa.degree,
+            min_cohort=sa.min_cohort,
+            timeout=sa.timeout,
+            max_cohorts=sa.max_cohorts,
+            params=params,
+        )
+        verifier = None
+        if self.config.broker.ca_file and self.config.broker.cert_file:
+            try:
+                verifier = Verifier.from_file(self.config.broker.ca_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError("broker.ca_file", f"cannot load the federation CA: {exc}") from None
+        return CohortManager(settings, n_values=self._params + 1, verifier=verifier)
 
     def _restore(self, core: AggregatorCore, restored: Restored) -> AggregatorCore:
         """Load the checkpoint and feed the log back through the core: the state before the crash."""
@@ -478,6 +523,9 @@ class AggregatorService:
         await self.publish_pending_model(client)
         await subscribe(client, self.topics.update_wildcard, qos=1)
         await subscribe(client, self.topics.status_wildcard, qos=1)
+        if self.cfg.secure_aggregation:
+            await subscribe(client, self.topics.secagg_up_wildcard, qos=1)
+            await self.settle_restart()
         self.ready.set()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -485,6 +533,7 @@ class AggregatorService:
                 tg.create_task(self._metrics_loop(client))
                 tg.create_task(self._model_publisher(client))
                 tg.create_task(self._receipt_publisher(client))
+                tg.create_task(self._secagg_publisher(client))
                 # The body itself waits (not a child task): on Python 3.11 a child failing while the
                 # body has already finished leaves the parent task cancelled (fixed in later CPython releases).
                 await self._watch(stop)
@@ -494,8 +543,26 @@ class AggregatorService:
         grace.reschedule(asyncio.get_running_loop().time() + self.cfg.shutdown_grace)
         await self._serialized(self._flush_locked)
         await self.publish_pending(client)
+        while not self._secagg_out.empty():
+            topic, body = self._secagg_out.get_nowait()
+            await publish(client, topic, body, qos=1)
         await publish(client, self.topics.metrics, metrics_to_bytes(self.progress().to_dict()), qos=1, retain=True)
         await publish(client, self.topics.server_status, self._status("stopped"), qos=1, retain=True)
+
+    async def settle_restart(self) -> None:
+        """Once per process: the cohorts the log shows in flight are over; their devices are told.
+
+        Their masked uploads were never logged (nothing of a cohort is applied before its sum), so
+        a cohort cut by a crash is abandoned, not resumed: its devices check in again and mask
+        their updates afresh in a new cohort.
+        """
+        if self._restart_settled:
+            return
+        self._restart_settled = True
+        core = self._core
+        await self._serialized(
+            lambda: self._carry_out(core.abandon_open_cohorts(self.clock(), "the aggregator restarted"), b"")
+        )
 
     async def _watch(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.done.wait())]
@@ -526,6 +593,8 @@ class AggregatorService:
             await self._on_update(agent, payload)
         elif (agent := self.topics.agent_of(topic, "status")) is not None:
             await self._on_status(agent, payload)
+        elif (agent := self.topics.agent_of(topic, "secagg/up")) is not None:
+            await self._on_secagg(agent, payload)
         elif (bad := self.topics.kind_of(topic, "update")) is not None:
             rejected = Rejected(None, None, RejectReason.BAD_TOPIC, f"update topic level {bad[:64]!r} is no agent id")
             self._log_rejection(self._core.reject(rejected), "(invalid id)")
@@ -605,6 +674,25 @@ class AggregatorService:
             return work >= OFF_LOOP_WORK
         return self._params * 4 >= OFF_LOOP_WORK
 
+    async def _on_secagg(self, agent: str, payload: bytes) -> None:
+        """A device's secure-aggregation message: decoded strictly, then the core's."""
+        core = self._core
+        if core.secagg is None or self._failure is not None:
+            return
+        try:
+            msg = decode_up(payload, self._limits)
+        except DecodeError as exc:
+            self._log_rejection(core.reject(Rejected(agent, None, exc.reason, exc.detail)), agent)
+            return
+
+        def decide() -> tuple[list[Rejected], tuple[Effect, ...]]:
+            return core.secagg_message(agent, msg, now=self.clock())
+
+        heavy = isinstance(msg, (MaskedMsg, RevealMsg)) and self._params >= OFF_LOOP_DECODE // 5
+        refused = await self._input(decide, b"", in_thread=heavy, big=False)
+        for r in refused or []:
+            self._log_rejection(r, agent)
+
     async def _on_status(self, agent: str, payload: bytes) -> None:
         online = False
         if payload:
@@ -630,7 +718,12 @@ class AggregatorService:
             if self._failure is not None:
                 await self._probe_storage()
                 return
-            await self._carry_out(self._core.tick(self.clock()), b"")
+            core = self._core
+            if core.secagg is not None and core.secagg.cohorts and self._params >= OFF_LOOP_DECODE // 5:
+                effects = await asyncio.to_thread(core.tick, self.clock())  # a timeout may unmask a cohort
+            else:
+                effects = core.tick(self.clock())
+            await self._carry_out(effects, b"")
 
         await self._serialized(apply)
 
@@ -690,6 +783,12 @@ class AggregatorService:
                         self._unsynced.append(effect.receipt)
                     else:
                         self._send_receipt(effect.receipt)
+                elif isinstance(effect, SendSecAgg):
+                    item = (self.topics.secagg_down(effect.agent), effect.payload)
+                    if effect.durable and store is not None:
+                        self._unsynced_secagg.append(item)
+                    else:
+                        self._queue_secagg(item)
                 elif isinstance(effect, PublishModel):
                     self._publish_pending = True
                 elif isinstance(effect, CheckpointDue):
@@ -707,7 +806,9 @@ class AggregatorService:
         wal = self.store.wal if self.store is not None else None
         if wal is None or self._failure is not None:
             return False
-        if not (self._unsynced or self._publish_pending or self._checkpoint_pending or wal.unsynced):
+        if not (
+            self._unsynced or self._unsynced_secagg or self._publish_pending or self._checkpoint_pending or wal.unsynced
+        ):
             return False
         incoming = self._incoming
         return (
@@ -735,6 +836,9 @@ class AggregatorService:
         receipts, self._unsynced = self._unsynced, []
         for receipt in receipts:
             self._send_receipt(receipt)
+        held, self._unsynced_secagg = self._unsynced_secagg, []
+        for item in held:
+            self._queue_secagg(item)
         if self._publish_pending:
             self._publish_pending = False
             self._mark_model_dirty()
@@ -792,6 +896,7 @@ class AggregatorService:
             len(self._unsynced),
         )
         self._unsynced.clear()
+        self._unsynced_secagg.clear()
         self._publish_pending = self._checkpoint_pending = False
         if store.wal is not None:
             try:
@@ -824,6 +929,8 @@ class AggregatorService:
             failure.next_probe = self.clock() + failure.delay
             return
         core.adopt_liveness(old)  # liveness is soft state: keep what we saw
+        # The cohorts in flight were soft state of the old core: over, and their devices are told.
+        self._apply(core.abandon_open_cohorts(self.clock(), "the aggregator's state folder failed"), b"")
         self.core, self.store, self.run_id = core, store, run
         self._failure = None
         log.warning("the state folder takes writes again: resumed from durable state at version %d", core.version)
@@ -836,6 +943,19 @@ class AggregatorService:
             self._receipts.put_nowait(receipt)
         except asyncio.QueueFull:
             self.rt.dropped_receipts += 1
+
+    def _queue_secagg(self, item: tuple[str, bytes]) -> None:
+        """Queue a protocol message; if the queue is full it is dropped and counted (the device times out)."""
+        try:
+            self._secagg_out.put_nowait(item)
+        except asyncio.QueueFull:
+            self.rt.dropped_receipts += 1
+
+    async def _secagg_publisher(self, client: aiomqtt.Client) -> None:
+        """Publish secure-aggregation messages in order, off the receive loop."""
+        while True:
+            topic, body = await self._secagg_out.get()
+            await publish(client, topic, body, qos=1)
 
     async def _receipt_publisher(self, client: aiomqtt.Client) -> None:
         """Publish receipts in order, off the receive loop (which never waits on a PUBACK)."""
@@ -878,6 +998,7 @@ class AggregatorService:
             selected=core.selected,
             max_staleness=core.max_staleness,
             run=self.run_id,
+            secagg=self._secagg_params,
         )
         self._model_dirty.set()
 
@@ -900,7 +1021,7 @@ class AggregatorService:
         and escaped, and the set of logged keys is bounded, so a peer cannot flood the log.
         Retryable refusals (rate, buffer) are counted, not logged.
         """
-        if rejected.reason in (RejectReason.RATE_LIMITED, RejectReason.AGENT_BUFFERED):
+        if rejected.reason in RETRYABLE:
             return
         key = (sender[:64], rejected.reason.value)
         if key in self.rt.logged or len(self.rt.logged) >= 10_000:
@@ -984,6 +1105,10 @@ class AggregatorService:
             elapsed=self.clock() - self.rt.started if self.rt.started else 0.0,
             storage=storage,
             run=self.run_id,
+            secure_aggregation=core.secagg is not None,
+            cohorts_applied=core.stats.cohorts_applied,
+            cohorts_abandoned=core.stats.cohorts_abandoned,
+            cohorts_open=core.secagg.in_flight() if core.secagg is not None else {},
         )
 
     def summary(self) -> dict[str, Any]:
@@ -1007,6 +1132,9 @@ class AggregatorService:
             "accuracy_history": [[round(e.elapsed, 3), e.version, round(e.accuracy, 4)] for e in self.rt.evals.points],
             "bytes_per_update": round(self._update_bytes / self._update_count) if self._update_count else None,
             "run": self.run_id,
+            "secure_aggregation": p.secure_aggregation,
+            "cohorts_applied": p.cohorts_applied,
+            "cohorts_abandoned": p.cohorts_abandoned,
         }
 
 

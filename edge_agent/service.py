@@ -29,15 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
+import numpy as np
 
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import BudgetExhausted
+from edge_agent.secure import SecureStats, SecureUploads, messages, signing_identity, wants_input
 from edge_agent.trainer import LocalTrainer, TrainingDiverged
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
 from fedmq.runtime import Pulse
+from fedmq.secagg.client import Output
 from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models.base import TrainingCancelled
 
@@ -72,6 +75,8 @@ class AgentStats:
     last_version: int = -1
     epsilon: float | None = None
     state: str = "starting"
+    secure: SecureStats = dataclasses.field(default_factory=SecureStats)
+    """Secure aggregation: cohorts joined, applied, abandoned, refused (see :mod:`edge_agent.secure`)."""
 
 
 class _Finished(Exception):
@@ -159,6 +164,22 @@ class AgentService:
         self._resend_wanted = asyncio.Event()
         self._cancel: threading.Event | None = None
         self._new_model = asyncio.Event()
+        try:
+            signer, verifier = signing_identity(config.broker.cert_file, config.broker.key_file, config.broker.ca_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("broker.cert_file", f"cannot sign secure-aggregation keys with it: {exc}") from None
+        self._secure = SecureUploads(
+            self.agent_id,
+            self.outbox,
+            self._limits,
+            signer=signer,
+            verifier=verifier,
+            rng=np.random.default_rng(self.rng.getrandbits(64)),
+        )
+        self.stats.secure = self._secure.stats
+        self._sa_inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+        self._sa_changed = asyncio.Event()
+        self._warned_plain = False
         self.pulse = Pulse()
         """Notified after every publish, model received, reconnect and state change."""
 
@@ -238,6 +259,7 @@ class AgentService:
         self.stats.state = "online"
         self.pulse.notify()
         await subscribe(client, self.topics.receipt(self.agent_id), qos=1)
+        await subscribe(client, self.topics.secagg_down(self.agent_id), qos=1)
         if self._training is not None:  # a local round from the lost session: let it stage its update
             await asyncio.wait([self._training])
             if not self._training.cancelled() and self._training.exception() is not None:
@@ -252,6 +274,7 @@ class AgentService:
                 tg.create_task(self._train_loop(client, stop))
                 tg.create_task(self._resender(client))
                 tg.create_task(self._heartbeat(client))
+                tg.create_task(self._secagg_loop(client))
                 await self._watch(stop)  # in the body, not a child: see AggregatorService._session
         except* _Finished:
             final = "budget_exhausted" if self.trainer.exhausted is not None else "stopped"
@@ -271,11 +294,18 @@ class AgentService:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         receipts = self.topics.receipt(self.agent_id)
+        secagg = self.topics.secagg_down(self.agent_id)
         async for msg in client.messages:
             if not isinstance(msg.payload, (bytes, bytearray)):
                 continue
             if msg.topic.matches(receipts):
                 self._on_receipt(bytes(msg.payload))
+                continue
+            if msg.topic.matches(secagg):
+                try:
+                    self._sa_inbox.put_nowait(bytes(msg.payload))
+                except asyncio.QueueFull:
+                    self._secure.stats.ignored["overload"] += 1
                 continue
             if not msg.topic.matches(self.topics.model):
                 continue
@@ -363,6 +393,8 @@ class AgentService:
             return
         payload = self.outbox.get(receipt.seq) or b""
         self.outbox.remove(receipt.seq)
+        self._secure.settled(receipt.seq)
+        self._sa_changed.set()
         if self.on_receipt is not None:
             self.on_receipt(receipt, payload)
         self._sent_at.pop(receipt.seq, None)
@@ -396,6 +428,8 @@ class AgentService:
     async def _flush_outbox(self, client: aiomqtt.Client) -> None:
         """Publish every outbox entry not sent in this session, or sent longer ago than the receipt timeout."""
         timeout = self.config.agent.receipt_timeout
+        if self._secure_mode():
+            return  # under secure aggregation updates leave only masked, in a cohort
         async with self._flush_lock:  # the train loop and the resender never send the same seq twice
             for seq, payload in self.outbox.pending():
                 sent = self._sent_at.get(seq)
@@ -409,6 +443,57 @@ class AgentService:
                     self._ever_sent.add(seq)
                     self.stats.updates_published += 1
                 self.pulse.notify()
+
+    def _secure_mode(self) -> bool:
+        return self._latest is not None and self._latest.secagg is not None
+
+    async def _secagg_loop(self, client: aiomqtt.Client) -> None:
+        """Secure aggregation: check in, run the cohort's rounds, mask the update when asked.
+
+        The protocol's decisions are :class:`~edge_agent.secure.SecureUploads`'; this loop only
+        moves its messages, and masks (a few AES-CTR streams the size of the model) in a thread.
+        """
+        topic = self.topics.secagg_up(self.agent_id)
+        interval = self.config.agent.checkin_interval
+        while True:
+            model = self._latest
+            active = (
+                model is not None
+                and model.secagg is not None
+                and self.trainer.exhausted is None
+                and not self._draining.is_set()
+            )
+            if active:
+                assert model is not None
+                checkin = self._secure.check_in(time.monotonic(), model, interval)
+                if checkin is not None:
+                    await publish(client, topic, checkin.to_bytes(), qos=1)
+                if self._secure.waiting_for_input:
+                    picked = self._secure.input_for(model)
+                    if picked is not None:
+                        outs = await asyncio.to_thread(self._secure.provide, *picked)
+                        await self._publish_secagg(client, outs)
+                        self._sa_changed.set()
+                    else:
+                        self._sa_changed.set()  # the train loop makes one
+            wait = 0.2 if self._secure.waiting_for_input else interval
+            try:
+                async with asyncio.timeout(wait):
+                    payload = await self._sa_inbox.get()
+            except TimeoutError:
+                continue
+            outs = self._secure.on_message(payload, time.monotonic())
+            await self._publish_secagg(client, outs)
+            self._sa_changed.set()
+            self.pulse.notify()
+
+    async def _publish_secagg(self, client: aiomqtt.Client, outs: list[Output]) -> None:
+        for msg in messages(outs):
+            await publish(client, self.topics.secagg_up(self.agent_id), msg.to_bytes(), qos=1)
+            if msg.kind == "sa_masked":
+                self.stats.updates_published += 1
+        if wants_input(outs):
+            self._sa_changed.set()
 
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         """Re-publish the retained ``online`` status now and then: proof of life beyond MQTT pings."""
@@ -467,6 +552,24 @@ class AgentService:
             if model is None or self._blocked is not None or not self.trainer.should_train(model):
                 await self._new_model.wait()
                 self._new_model.clear()
+                continue
+            if model.secagg is None and self.config.agent.require_secure_aggregation:
+                if not self._warned_plain:
+                    self._warned_plain = True
+                    log.warning(
+                        "agent %s: the aggregator does not announce secure aggregation and "
+                        "agent.require_secure_aggregation is set: sending nothing",
+                        self.agent_id,
+                    )
+                await self._new_model.wait()
+                self._new_model.clear()
+                continue
+            if model.secagg is not None and not self._secure.needs_update():
+                # One update waits for a cohort: training more now would only make it staler.
+                self._sa_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.agent.checkin_interval):
+                        await self._sa_changed.wait()
                 continue
             self._new_model.clear()
             # A worker thread trains, encodes and stages the update as pending itself; it runs on

@@ -75,6 +75,46 @@ class StalenessConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (``aggregator.secure_aggregation``): cohorts, threshold, quantization."""
+
+    cohort_size: int = 0
+    """K: masked uploads that close a cohort (one FedBuff step). 0: ``aggregator.buffer_size``."""
+    overselect: float = 0.2
+    """rho: a cohort has ``ceil(K (1 + rho))`` devices, so that it completes despite dropouts."""
+    threshold: float = 0.6
+    """t as a fraction of a device's holders (its neighbours and itself); must be more than 0.5."""
+    degree: int = 0
+    """Neighbours per device (0: everyone up to 32 devices, else about 3 log2 n, as in SecAgg+)."""
+    min_cohort: int = 3
+    """Fewest devices that form a cohort once the first has waited ``timeout`` seconds."""
+    timeout: float = 10.0
+    """Seconds each protocol round waits at most for slow or vanished devices."""
+    max_cohorts: int = 4
+    """Cohorts in flight at once; a device is in at most one."""
+    bits: int = 32
+    """Integers mod 2^bits on the wire (4 bytes per value up to 32 bits, else 8)."""
+    clip_norm: float = 1.0
+    """Each device clips its update to this L2 norm before weighting and quantizing."""
+    clip_range: float = 4.0
+    """Each value is clamped to [-clip_range, clip_range] before quantizing (the modular range)."""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid field."""
+        k = "aggregator.secagg."
+        _check(self.cohort_size == 0 or self.cohort_size >= 2, k + "cohort_size", "must be >= 2 (0: buffer_size)")
+        _check(_finite(self.overselect) and 0 <= self.overselect <= 4, k + "overselect", "must be in [0, 4]")
+        _check(0.5 < self.threshold <= 1, k + "threshold", "must be in (0.5, 1]: a strict majority of the holders")
+        _check(self.degree == 0 or (self.degree >= 2 and self.degree % 2 == 0), k + "degree", "must be 0 or even >= 2")
+        _check(self.min_cohort >= 3, k + "min_cohort", "must be >= 3")
+        _check(_finite(self.timeout) and 0 < self.timeout <= 3600, k + "timeout", "must be in (0, 3600] seconds")
+        _check(self.max_cohorts >= 1, k + "max_cohorts", "must be >= 1")
+        _check(16 <= self.bits <= 62, k + "bits", "must be in [16, 62]")
+        _check(_finite(self.clip_norm) and self.clip_norm > 0, k + "clip_norm", "must be > 0")
+        _check(_finite(self.clip_range) and self.clip_range > 0, k + "clip_range", "must be > 0")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """The aggregator service."""
 
@@ -141,6 +181,9 @@ class AggregatorConfig:
     buffer still open after this many seconds admits one more per agent, so it always fills."""
     shutdown_grace: float = 5.0
     """Seconds the final messages and the disconnect may take after SIGTERM (a hung broker)."""
+    secure_aggregation: bool = False
+    """Take only masked updates, in cohorts, and learn only their sums (SecAgg+; docs/security.md)."""
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -187,6 +230,36 @@ class AggregatorConfig:
         _check(_finite(self.shutdown_grace) and self.shutdown_grace > 0, "aggregator.shutdown_grace", "must be > 0 s")
         self.staleness.validate()
         self._validate_robust()
+        self.secagg.validate()
+        if self.secure_aggregation:
+            self._validate_secure()
+
+    def _validate_secure(self) -> None:
+        """Secure aggregation hides every individual update: refuse what would need one."""
+        why = "secure aggregation hides individual updates"
+        _check(
+            self.rule == "fedbuff",
+            "aggregator.rule",
+            f"must be fedbuff with secure aggregation (one cohort per buffer), got {self.rule!r}",
+        )
+        _check(
+            self.robust == "none",
+            "aggregator.robust",
+            f"{self.robust} needs individual updates and {why}: with secure aggregation only client-side "
+            "clipping (aggregator.secagg.clip_norm) and the quantization range bound a device's influence",
+        )
+        _check(
+            self.norm_bound is None,
+            "aggregator.norm_bound",
+            f"bounds each update, and {why}; use aggregator.secagg.clip_norm",
+        )
+        _check(
+            self.dp_noise_multiplier is None,
+            "aggregator.dp_noise_multiplier",
+            f"checks each update's noise, and {why}; leave it unset",
+        )
+        k = self.secagg.cohort_size or self.buffer_size
+        _check(k >= 2, "aggregator.buffer_size", "a cohort needs K >= 2 devices (aggregator.secagg.cohort_size)")
 
     def _validate_robust(self) -> None:
         _check(
@@ -292,6 +365,10 @@ class AgentConfig:
     shutdown_grace: float = 5.0
     """Seconds after SIGTERM before an unfinished local round is abandoned (nothing is released,
     no privacy budget spent) and before a hung broker is given up on."""
+    require_secure_aggregation: bool = False
+    """Send nothing unless the aggregator announces secure aggregation (it then sees only sums)."""
+    checkin_interval: float = 2.0
+    """Secure aggregation: seconds between check-ins while the agent waits for a cohort."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -315,6 +392,7 @@ class AgentConfig:
             "must be >= 0 seconds",
         )
         _check(_finite(self.shutdown_grace) and self.shutdown_grace > 0, "agent.shutdown_grace", "must be > 0 seconds")
+        _check(_finite(self.checkin_interval) and self.checkin_interval > 0, "agent.checkin_interval", "must be > 0 s")
 
 
 @dataclass(frozen=True)

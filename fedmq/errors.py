@@ -76,6 +76,8 @@ class RejectReason(enum.StrEnum):
     """A masked upload whose bytes were already uploaded in another cohort."""
     SECOND_UPLOAD = "second_upload"
     """A second, different masked upload from one device in one cohort."""
+    LATE_UPLOAD = "late_upload"
+    """A masked upload after its cohort had its K: flow control, the update goes to the next cohort."""
 
 
 class PeerError(FedmqError):
@@ -91,7 +93,7 @@ class DecodeError(PeerError):
     """The bytes could not be decoded into a valid message under the schema and limits."""
 
 
-RETRYABLE = frozenset({RejectReason.RATE_LIMITED, RejectReason.AGENT_BUFFERED})
+RETRYABLE = frozenset({RejectReason.RATE_LIMITED, RejectReason.AGENT_BUFFERED, RejectReason.LATE_UPLOAD})
 """Refusals that are not final: the receipt's status is ``retry`` and the agent keeps the update."""
 
 

@@ -21,6 +21,7 @@ from fedmq import SCHEMA_VERSION
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, Tensors, decode_tensors, encode_tensors, pack, unpack
 from fedmq.compression import WireTensor, decode_delta, encode_wire
 from fedmq.errors import DecodeError, RejectReason
+from fedmq.secagg.messages import Params
 from fedmq.topics import is_agent_id
 
 RUN_ID_CHARS = frozenset("0123456789abcdef")
@@ -136,6 +137,8 @@ class ModelMessage:
     max_staleness: int = 20
     created_at: float = 0.0
     run: str | None = None
+    secagg: Params | None = None
+    """Set when the aggregator takes only masked updates (secure aggregation): how to quantize and weight."""
     kind: str = field(default="model", init=False)
 
     def to_bytes(self) -> bytes:
@@ -151,6 +154,7 @@ class ModelMessage:
                 "max_staleness": self.max_staleness,
                 "created_at": self.created_at,
                 "run": self.run,
+                "secagg": self.secagg.to_wire() if self.secagg is not None else None,
                 "tensors": encode_tensors(self.tensors),
             }
         )
@@ -175,6 +179,7 @@ class ModelMessage:
             max_staleness=_int(obj, "max_staleness"),
             created_at=_float(obj, "created_at") or 0.0,
             run=_run_id(obj, "run"),
+            secagg=Params.from_wire(obj["secagg"]) if obj.get("secagg") is not None else None,
         )
 
 

@@ -45,6 +45,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         "e.g. fedavg,fedasync,fedbuff: one table, one plot",
     )
     g.add_argument("--report-accuracy", type=float, default=0.9, help="accuracy for the time-to-accuracy column")
+    g.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecAgg+ cohorts (one per FedBuff buffer): the aggregator learns only sums",
+    )
     g.add_argument("--model", default=a.model, help="softmax, mlp, digits-cnn (torch)")
     g.add_argument("--buffer-size", type=int, default=a.buffer_size, help="FedBuff K")
     g.add_argument("--server-lr", type=float, default=a.server_lr)
@@ -147,6 +152,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             trim_fraction=args.trim_fraction,
             krum_f=args.krum_f if args.krum_f is not None else max(0, (args.buffer_size - 3) // 2),
             krum_m=args.krum_m,
+            secure_aggregation=args.secure_aggregation,
         ),
         attack=args.attack,
         verify_dp=not args.no_verify_dp,

@@ -168,7 +168,8 @@ async def run_federation(
     )
     p = cfg.privacy
     # A top-k update's norm says nothing about its noise: the DP check would refuse every one.
-    verify = cfg.verify_dp and cfg.compression != "topk"
+    # ... and under secure aggregation no individual update is seen to be checked.
+    verify = cfg.verify_dp and cfg.compression != "topk" and not cfg.aggregator.secure_aggregation
     if verify and p.enabled and p.noise_multiplier > 0 and base.aggregator.dp_noise_multiplier is None:
         agg = replace(base.aggregator, dp_noise_multiplier=p.noise_multiplier, dp_clip_norm=p.clip_norm)
         base = replace(base, aggregator=agg)

@@ -159,3 +159,92 @@ class Fleet:
 
     def ignored(self, agent: str) -> list[Ignored]:
         return self.events(agent, Ignored)
+
+
+@dataclass
+class CoreFleet:
+    """Client sessions wired to a whole :class:`~aggregator.core.AggregatorCore` (rule, receipts, log events)."""
+
+    core: Any
+    n: int
+    seed: int = 0
+    now: float = 1000.0
+
+    def __post_init__(self) -> None:
+        self.agents = [f"dev-{i:02d}" for i in range(self.n)]
+        self.sessions: dict[str, ClientSession] = {}
+        self.log: list[Any] = []
+        """Every LogEvent the core asked for, in order (what the write-ahead log would hold)."""
+        self.receipts: list[Any] = []
+        self.rejected: list[Any] = []
+        self.dead: set[str] = set()
+        self.die_before: dict[str, str] = {}
+        self.seq = 0
+        self.fixed_seq: dict[str, int] = {}
+        """agent -> the seq its next upload carries (a re-send of an old one); others count up."""
+        self._queue: deque[tuple[str, bytes]] = deque()
+        rng = np.random.default_rng(self.seed)
+        weights = self.core.weights
+        self.deltas = {
+            a: {k: rng.normal(0, 0.05, v.shape).astype(v.dtype) for k, v in weights.items()} for a in self.agents
+        }
+
+    def effects(self, effects: Any) -> None:
+        from aggregator.core import LogEvent, SendReceipt, SendSecAgg
+
+        for e in effects:
+            if isinstance(e, LogEvent):
+                self.log.append(e.event)
+            elif isinstance(e, SendReceipt):
+                self.receipts.append(e.receipt)
+            elif isinstance(e, SendSecAgg):
+                self._queue.append((e.agent, e.payload))
+
+    def check_in(self, agents: list[str] | None = None) -> None:
+        for a in agents or self.agents:
+            refused, effects = self.core.secagg_message(a, CheckIn(a), now=self.now)
+            self.rejected += refused
+            self.effects(effects)
+        self.pump()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.effects(self.core.tick(self.now))
+        self.pump()
+
+    def pump(self) -> None:
+        from fedmq.secagg.client import weighted_input
+
+        while self._queue:
+            agent, payload = self._queue.popleft()
+            if agent in self.dead:
+                continue
+            msg = decode_down(payload)
+            if isinstance(msg, CohortMsg):
+                self.sessions[agent] = ClientSession(agent, msg, now=self.now, rng=np.random.default_rng(7))
+                outs = self.sessions[agent].start()
+            elif agent in self.sessions:
+                outs = self.sessions[agent].handle(msg)
+            else:
+                continue
+            for o in outs:
+                if isinstance(o, NeedInput):
+                    if self.die_before.get(agent) == "sa_masked":
+                        self.dead.add(agent)
+                        break
+                    self.seq += 1
+                    seq = self.fixed_seq.pop(agent, self.seq)
+                    values = weighted_input(self.deltas[agent], clip_norm=1.0, weight=1.0)
+                    outs2 = self.sessions[agent].provide_input(values, seq=seq, base_version=self.core.version)
+                    self._send(agent, [x for x in outs2 if isinstance(x, Send)])
+                elif isinstance(o, Send):
+                    if self.die_before.get(agent) == o.message.kind:
+                        self.dead.add(agent)
+                        break
+                    self._send(agent, [o])
+
+    def _send(self, agent: str, sends: list[Send]) -> None:
+        for o in sends:
+            refused, effects = self.core.secagg_message(agent, decode_up(o.message.to_bytes()), now=self.now)
+            self.rejected += refused
+            self.effects(effects)

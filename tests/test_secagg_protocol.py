@@ -42,8 +42,8 @@ def test_the_aggregator_learns_the_sum_of_the_first_k() -> None:
     fleet.check_in()
     contributors = check_sum(fleet, only_result(fleet))
     assert len(contributors) == 10  # K closes the cohort; the last two count as dropped (their masks removed)
-    late = [r for r in fleet.rejects if r.reason is RejectReason.WRONG_PHASE]
-    assert len(late) == 2 and not (set(r.reason for r in fleet.rejects) - {RejectReason.WRONG_PHASE})
+    late = [r for r in fleet.rejects if r.reason is RejectReason.LATE_UPLOAD]
+    assert len(late) == 2 and not (set(r.reason for r in fleet.rejects) - {RejectReason.LATE_UPLOAD})
     assert all(fleet.finished(a)[0].status == "applied" for a in fleet.agents)
     assert fleet.manager.applied == 1 and not fleet.manager.cohorts and not fleet.manager.member_of
 

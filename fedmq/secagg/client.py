@@ -83,6 +83,8 @@ class Finished:
     status: str
     version: int
     reason: str | None
+    included: bool = False
+    """Applied with this device's upload in the sum."""
 
 
 @dataclass(frozen=True)
@@ -366,7 +368,7 @@ class _State:
     def handle(self, s: ClientSession, m: DownMessage) -> tuple[_State, list[Output]]:
         if isinstance(m, DoneMsg):
             done: _State = Completed() if m.status == "applied" else Aborted()
-            return done, [Finished(m.cohort, m.status, m.version, m.reason)]
+            return done, [Finished(m.cohort, m.status, m.version, m.reason, m.included is True)]
         return self, [Ignored("wrong_phase", f"{m.kind} in state {self.name}")]
 
     def provide_input(

@@ -435,10 +435,12 @@ class DoneMsg(_Message):
     status: DoneStatus
     version: int
     reason: str | None = None
+    included: bool | None = None
+    """Applied: whether this device's upload is in the sum (then its update is settled)."""
     kind: ClassVar[str] = "sa_done"
 
     def _wire(self) -> dict[str, Any]:
-        return {"status": self.status, "version": self.version, "reason": self.reason}
+        return {"status": self.status, "version": self.version, "reason": self.reason, "included": self.included}
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> DoneMsg:
@@ -448,7 +450,14 @@ class DoneMsg(_Message):
         if status not in ("applied", "abandoned"):
             raise _bad("status must be applied or abandoned")
         reason = obj.get("reason")
-        return cls(cohort, status, _int(obj, "version"), reason[:200] if isinstance(reason, str) else None)
+        included = obj.get("included")
+        return cls(
+            cohort,
+            status,
+            _int(obj, "version"),
+            reason[:200] if isinstance(reason, str) else None,
+            included if isinstance(included, bool) else None,
+        )
 
 
 DownMessage = CohortMsg | RosterMsg | RelayMsg | UnmaskMsg | DoneMsg

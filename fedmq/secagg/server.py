@@ -387,7 +387,7 @@ class CollectingReveals(_Round):
     ) -> tuple[_Round, list[Out]]:
         """Take one device message in this round."""
         if isinstance(msg, MaskedMsg) and agent in c.alive:
-            return self, [Reject(agent, RejectReason.WRONG_PHASE, "a masked upload after the upload round closed")]
+            return self, [Reject(agent, RejectReason.LATE_UPLOAD, "a masked upload after the upload round closed")]
         if not isinstance(msg, RevealMsg):
             return super().receive(c, agent, msg, now, check)
         if agent not in c.inputs:
@@ -562,12 +562,11 @@ class CohortManager:
     def check_in(self, agent: str, msg: CheckIn, now: float, *, version: int, run: str | None) -> list[Out]:
         """``agent`` is ready for a cohort (if it was in one, it has left it)."""
         out: list[Out] = []
-        current = self.member_of.get(agent)
-        if current is not None:
+        current = self.member_of.pop(agent, None)
+        if current is not None:  # it gave its cohort up (restarted, or timed out): the cohort stops waiting
             out += self._settle(self.cohorts[current].offline(agent, now))
-        if agent not in self.member_of:
-            self.pool.pop(agent, None)
-            self.pool[agent] = now
+        self.pool.pop(agent, None)
+        self.pool[agent] = now
         return out + self.form(now, version=version, run=run)
 
     def receive(self, agent: str, msg: UpMessage, now: float, check: Check | None = None) -> list[Out]:

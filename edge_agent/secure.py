@@ -1,0 +1,237 @@
+"""The agent's part in secure aggregation, without I/O: one cohort session at a time.
+
+When the aggregator's model message announces secure aggregation, the agent no longer
+publishes its updates. It keeps them in its outbox, as before, checks in, and when a cohort
+forms, runs the device side of the protocol (:class:`fedmq.secagg.client.ClientSession`):
+its oldest update not yet in a cohort becomes its input, weighted by its own staleness
+(``s(current - base)``, the function the aggregator announced), clipped, quantized and masked.
+The outbox entry stays until the aggregator's receipt says the cohort's sum was applied; if
+the cohort is abandoned or the device refuses it, the entry is free for the next cohort
+(with fresh keys and masks). Signing uses the device's TLS client key; roster signatures are
+checked against the federation CA whenever the device has both (the mutual-TLS deployment).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent.outbox import Outbox
+from fedmq.codec import DecodeLimits
+from fedmq.errors import DecodeError
+from fedmq.messages import ModelMessage, UpdateMessage
+from fedmq.secagg.client import (
+    ClientSession,
+    Finished,
+    Ignored,
+    NeedInput,
+    Output,
+    Refused,
+    Send,
+    weighted_input,
+)
+from fedmq.secagg.crypto import Signer, Verifier
+from fedmq.secagg.messages import CheckIn, CohortMsg, UpMessage, decode_down
+from fedmq.staleness import make_staleness_fn
+
+log = logging.getLogger("fedmq.agent")
+
+
+@dataclass
+class SecureStats:
+    """What the agent did in cohorts."""
+
+    cohorts_joined: int = 0
+    cohorts_applied: int = 0
+    cohorts_abandoned: int = 0
+    masked_uploads: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    """Cohorts this device left because the aggregator's message failed a check, by reason."""
+    ignored: Counter[str] = field(default_factory=Counter)
+    dropped_stale: int = 0
+    """Outbox updates dropped because they were too stale for any cohort to take."""
+
+
+class SecureUploads:
+    """The cohort session of one agent and which outbox entry is in it.
+
+    Args:
+        agent_id: this device.
+        outbox: the agent's outbox (entries are plain encoded updates).
+        limits: decoder limits for the aggregator's messages.
+        signer: the TLS identity that signs this device's keys (``None``: unsigned).
+        verifier: the federation CA that roster signatures must verify against.
+        rng: randomness for stochastic rounding.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        outbox: Outbox,
+        limits: DecodeLimits,
+        *,
+        signer: Signer | None,
+        verifier: Verifier | None,
+        rng: np.random.Generator,
+    ) -> None:
+        self.agent_id = agent_id
+        self.outbox = outbox
+        self.limits = limits
+        self.signer, self.verifier = signer, verifier
+        self.rng = rng
+        self.session: ClientSession | None = None
+        self.assigned: dict[int, str] = {}
+        """Outbox seq -> the cohort its masked upload went to (until the cohort ends)."""
+        self.stats = SecureStats()
+        self.next_checkin = 0.0
+
+    # --- inputs ----------------------------------------------------------------------------
+    def check_in(self, now: float, model: ModelMessage, interval: float) -> CheckIn | None:
+        """A check-in, if the agent is in no cohort and the last one is ``interval`` seconds old."""
+        if self.session is not None and not self.session.expired(now):
+            return None
+        if self.session is not None:
+            self._end("the cohort timed out on this device")
+        if now < self.next_checkin:
+            return None
+        self.next_checkin = now + interval
+        return CheckIn(self.agent_id, model.run)
+
+    def on_message(self, payload: bytes, now: float) -> list[Output]:
+        """A message from the aggregator on this device's ``secagg/down`` topic."""
+        try:
+            msg = decode_down(payload, self.limits)
+        except DecodeError as exc:
+            self.stats.ignored[exc.reason.value] += 1
+            log.warning("agent %s: ignoring a bad secure-aggregation message: %s", self.agent_id, exc)
+            return []
+        if isinstance(msg, CohortMsg):
+            if self.session is not None and not self.session.expired(now):
+                self._end("the aggregator formed a new cohort for this device")
+            self.session = ClientSession(
+                self.agent_id, msg, now=now, signer=self.signer, verifier=self.verifier, rng=self.rng
+            )
+            self.stats.cohorts_joined += 1
+            return self._settle(self.session.start())
+        if self.session is None or msg.cohort != self.session.cohort:
+            self.stats.ignored["wrong_cohort"] += 1
+            return []
+        return self._settle(self.session.handle(msg))
+
+    def input_for(self, model: ModelMessage) -> tuple[np.ndarray, UpdateMessage] | None:
+        """The oldest outbox update not in a cohort, weighted for ``model``'s version; None if there is none.
+
+        An update too stale for the announced ``max_staleness`` is dropped (a cohort would refuse
+        it); one trained on another run was already dropped when the run changed.
+        """
+        params = model.secagg
+        assert params is not None
+        weight_of = make_staleness_fn(params.staleness, params.staleness_a, params.staleness_b)
+        for seq, payload in self.outbox.pending():
+            if seq in self.assigned:
+                continue
+            try:
+                update = UpdateMessage.from_bytes(payload, self.limits)
+            except DecodeError:
+                continue
+            staleness = max(0, model.version - update.base_version)
+            if staleness > params.max_staleness:
+                self.outbox.remove(seq)
+                self.stats.dropped_stale += 1
+                log.info("agent %s: update %d is %d versions stale: dropped", self.agent_id, seq, staleness)
+                continue
+            try:
+                values = weighted_input(update.delta, clip_norm=params.clip_norm, weight=weight_of(staleness))
+            except ValueError as exc:  # our own update is not finite: the trainer's guard failed
+                self.outbox.remove(seq)
+                log.warning("agent %s: update %d cannot be masked (%s): dropped", self.agent_id, seq, exc)
+                continue
+            return values, update
+        return None
+
+    def provide(self, values: np.ndarray, update: UpdateMessage) -> list[Output]:
+        """Mask ``values`` (the update's weighted input) in the current session (blocking: a thread may run it)."""
+        session = self.session
+        if session is None or not session.waiting_for_input:
+            return []
+        outs = session.provide_input(values, seq=update.seq, base_version=update.base_version, epsilon=update.epsilon)
+        if session.input_seq is not None:
+            self.assigned[update.seq] = session.cohort
+            self.stats.masked_uploads += 1
+        return self._settle(outs)
+
+    def settled(self, seq: int) -> None:
+        """The receipt for ``seq`` arrived: it is out of the outbox."""
+        self.assigned.pop(seq, None)
+
+    @property
+    def waiting_for_input(self) -> bool:
+        """A session has its masks ready and waits for an update."""
+        return self.session is not None and self.session.waiting_for_input
+
+    def needs_update(self) -> bool:
+        """Whether training should produce an update: none in the outbox is free for a cohort."""
+        return all(seq in self.assigned for seq, _ in self.outbox.pending())
+
+    # --- results -------------------------------------------------------------------------------
+    def _settle(self, outs: list[Output]) -> list[Output]:
+        for o in outs:
+            if isinstance(o, Finished):
+                if o.status == "applied":
+                    self.stats.cohorts_applied += 1
+                else:
+                    self.stats.cohorts_abandoned += 1
+                    log.info("agent %s: cohort %s abandoned: %s", self.agent_id, o.cohort[:8], o.reason)
+                self._release(o.cohort, applied=o.included)
+                self.session = None
+                self.next_checkin = 0.0
+            elif isinstance(o, Refused):
+                self.stats.refused[o.reason] += 1
+                log.warning("agent %s: left cohort %s: %s (%s)", self.agent_id, o.cohort[:8], o.reason, o.detail)
+                self._release(o.cohort, applied=False)
+                self.session = None
+                self.next_checkin = 0.0
+            elif isinstance(o, Ignored):
+                self.stats.ignored[o.reason] += 1
+        return outs
+
+    def _end(self, why: str) -> None:
+        assert self.session is not None
+        log.info("agent %s: leaving cohort %s: %s", self.agent_id, self.session.cohort[:8], why)
+        self._release(self.session.cohort, applied=False)
+        self.session = None
+
+    def _release(self, cohort: str, *, applied: bool) -> None:
+        """The cohort is over: its update is settled if the sum included it, else free for the next cohort."""
+        for seq in [q for q, c in self.assigned.items() if c == cohort]:
+            del self.assigned[seq]
+            if applied:  # durable at the aggregator, as its receipt (which may come after) says too
+                self.outbox.remove(seq)
+
+
+def messages(outs: list[Output]) -> list[UpMessage]:
+    """What to publish."""
+    return [o.message for o in outs if isinstance(o, Send)]
+
+
+def wants_input(outs: list[Output]) -> bool:
+    """Whether the session asked for the update."""
+    return any(isinstance(o, NeedInput) for o in outs)
+
+
+def signing_identity(
+    cert_file: str | None, key_file: str | None, ca_file: str | None
+) -> tuple[Signer | None, Verifier | None]:
+    """The signer and verifier of the mutual-TLS deployment (both or neither); ValueError if they do not load."""
+    if not (cert_file and key_file):
+        return None, None
+    signer = Signer.from_files(cert_file, key_file)
+    verifier = Verifier.from_file(ca_file) if ca_file else None
+    return signer, verifier
+
+
+__all__: list[Any] = ["SecureStats", "SecureUploads", "messages", "signing_identity", "wants_input"]

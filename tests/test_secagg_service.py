@@ -1,0 +1,217 @@
+"""The aggregator service under secure aggregation, at its seam, with a real state folder.
+
+Devices here are client sessions with an outbox (an update stays until its receipt, or until
+a cohort that summed it says so). The service is fed their frames through ``handle`` and its
+published frames are read off its queues. A crash is the process vanishing between two inputs:
+everything fsync'd stays, nothing else; a new service then opens the same folder. The crash
+points are every round of the protocol, and the moment after a sum was applied and logged but
+before anyone heard of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.service import AggregatorService
+from fedmq.config import AggregatorConfig, Config, SecAggConfig
+from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage
+from fedmq.secagg.client import Aborted, ClientSession, Finished, NeedInput, Send, weighted_input
+from fedmq.secagg.messages import CheckIn, CohortMsg, decode_down
+
+N = 12
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_service(folder: Path, clock: Clock) -> AggregatorService:
+    agg = AggregatorConfig(
+        rule="fedbuff",
+        buffer_size=10,
+        server_lr=1.0,
+        secure_aggregation=True,
+        secagg=SecAggConfig(overselect=0.2, timeout=5.0),
+        checkpoint_dir=str(folder),
+        checkpoint_every=1,
+        rate_limit=0.0,
+    )
+    svc = AggregatorService(Config(prefix="fedmq/sa", aggregator=agg).validate(), clock=clock)
+    svc.startup()
+    return svc
+
+
+class Devices:
+    """Twelve devices with outboxes, talking to whichever service is alive."""
+
+    def __init__(self, svc: AggregatorService, clock: Clock) -> None:
+        self.svc, self.clock = svc, clock
+        self.agents = [f"dev-{i:02d}" for i in range(N)]
+        self.sessions: dict[str, ClientSession] = {}
+        self.outbox: dict[str, dict[int, bytes]] = {a: {} for a in self.agents}
+        self.assigned: dict[str, int] = {}
+        self.seq = {a: 0 for a in self.agents}
+        self.settled: dict[tuple[str, int], list[ReceiptMessage]] = {}
+        self.rng = np.random.default_rng(1)
+
+    def model(self) -> ModelMessage:
+        view = self.svc._model_view
+        assert view is not None
+        return view
+
+    def stage(self, agent: str) -> None:
+        """Train: put a new update in the outbox unless one waits for a cohort."""
+        if any(self.assigned.get(agent) != seq for seq in self.outbox[agent]):
+            return  # one waits for a cohort already
+        self.seq[agent] += 1
+        core = self.svc.core
+        assert core is not None
+        delta = {k: self.rng.normal(0, 0.05, v.shape).astype(v.dtype) for k, v in core.weights.items()}
+        update = UpdateMessage(agent, self.seq[agent], core.version, 8, delta)
+        self.outbox[agent][self.seq[agent]] = update.to_bytes()
+
+    async def check_in(self) -> None:
+        for a in self.agents:
+            self.stage(a)
+            await self.svc.handle(self.svc.topics.secagg_up(a), CheckIn(a).to_bytes())
+
+    async def step(self) -> bool:
+        """Deliver one message the service published; False when there was none."""
+        svc = self.svc
+        if not svc._receipts.empty():
+            receipt = svc._receipts.get_nowait()
+            self.settled.setdefault((receipt.agent_id, receipt.seq), []).append(receipt)
+            self.outbox[receipt.agent_id].pop(receipt.seq, None)
+            return True
+        if svc._secagg_out.empty():
+            return False
+        topic, payload = svc._secagg_out.get_nowait()
+        agent = topic.rsplit("/", 1)[1]
+        msg = decode_down(payload)
+        if isinstance(msg, CohortMsg):
+            self.sessions[agent] = ClientSession(agent, msg, now=self.clock(), rng=np.random.default_rng(3))
+            outs = self.sessions[agent].start()
+        elif agent in self.sessions:
+            outs = self.sessions[agent].handle(msg)
+        else:
+            return True
+        for o in outs:
+            if isinstance(o, NeedInput):
+                seq = min(q for q in self.outbox[agent])
+                update = UpdateMessage.from_bytes(self.outbox[agent][seq])
+                values = weighted_input(update.delta, clip_norm=1.0, weight=1.0)
+                self.assigned[agent] = seq
+                outs += self.sessions[agent].provide_input(values, seq=seq, base_version=update.base_version)
+            elif isinstance(o, Send):
+                await svc.handle(svc.topics.secagg_up(agent), o.message.to_bytes())
+            elif isinstance(o, Finished):
+                seq = self.assigned.pop(agent, None)
+                if o.included and seq is not None:
+                    self.outbox[agent].pop(seq, None)
+        return True
+
+    async def run_until(self, phase: str | None) -> None:
+        """Deliver until the open cohort reaches ``phase`` (None: until nothing is left)."""
+        while True:
+            core = self.svc.core
+            assert core is not None and core.secagg is not None
+            if phase is not None and phase in core.secagg.in_flight().values():
+                return
+            if not await self.step():
+                return
+
+    def expire(self) -> None:
+        """Past every device's deadline: sessions that never heard the end are over."""
+        self.clock.t += 60
+        for a, s in list(self.sessions.items()):
+            if s.expired(self.clock()):
+                del self.sessions[a]
+                self.assigned.pop(a, None)
+
+
+async def crash_and_restart(devices: Devices, folder: Path, clock: Clock) -> AggregatorService:
+    """The process vanishes (nothing more is written or sent); a new one opens the folder."""
+    old = devices.svc
+    assert old.store is not None and old.store.wal is not None
+    assert old.store.wal.unsynced == 0  # what was acknowledged is on disk (each input flushes here)
+    old.store.wal._file.close()
+    svc = make_service(folder, clock)
+    await svc.settle_restart()
+    devices.svc = svc
+    return svc
+
+
+@pytest.mark.parametrize("phase", ["collecting_keys", "collecting_shares", "collecting_inputs", "collecting_reveals"])
+async def test_a_crash_in_any_round_abandons_the_cohort_and_the_next_one_sums(tmp_path: Path, phase: str) -> None:
+    clock = Clock()
+    devices = Devices(make_service(tmp_path, clock), clock)
+    await devices.check_in()
+    await devices.run_until(phase)
+    assert devices.svc.core is not None and devices.svc.core.version == 0
+    svc = await crash_and_restart(devices, tmp_path, clock)
+    core = svc.core
+    assert core is not None and core.version == 0 and core.stats.cohorts_abandoned == 1
+    assert core.open_cohorts == {}
+    await devices.run_until(None)  # the abandonment reaches the devices
+    assert all(type(s.state) is Aborted for s in devices.sessions.values())
+    assert not devices.assigned  # every update is free for the next cohort
+    await devices.check_in()
+    await devices.run_until(None)
+    assert core.version == 1 and core.stats.cohorts_applied == 1 and core.stats.accepted == 10
+    once = [r for r in devices.settled.values() if r]
+    assert len(once) == 10 and all(len(r) == 1 for r in once)
+    # A third process: the sum was logged once and is replayed once.
+    svc3 = await crash_and_restart(devices, tmp_path, clock)
+    assert svc3.core is not None and svc3.core.version == 1 and svc3.core.stats.accepted == 10
+    assert all(np.array_equal(svc3.core.weights[k], v) for k, v in core.weights.items())
+
+
+async def test_a_crash_after_the_sum_is_logged_applies_it_once(tmp_path: Path) -> None:
+    """The last reveal arrives, the sum is applied and fsync'd; the process dies before any receipt goes out."""
+    clock = Clock()
+    devices = Devices(make_service(tmp_path, clock), clock)
+    await devices.check_in()
+    first = devices.svc
+    while first.core is not None and first.core.version == 0:
+        assert await devices.step()
+    weights = {k: v.copy() for k, v in first.core.weights.items()}
+    # Nothing of what the sum made is delivered: the receipts and DoneMsgs die with the process.
+    svc = await crash_and_restart(devices, tmp_path, clock)
+    core = svc.core
+    assert core is not None and core.version == 1 and core.stats.accepted == 10
+    assert all(np.array_equal(core.weights[k], v) for k, v in weights.items())
+    assert not devices.settled and core.stats.cohorts_abandoned == 0
+    # The devices time out and check in with the same updates: those already summed are duplicates.
+    devices.expire()
+    await devices.check_in()
+    await devices.run_until(None)
+    await asyncio.sleep(0)
+    assert core.stats.rejected["duplicate"] == 10
+    assert core.version == 1  # twelve devices, ten repeats: too few new ones for a sum; nothing twice
+    receipts = [r for rs in devices.settled.values() for r in rs]
+    assert len(receipts) == 10 and {r.version for r in receipts} == {1}
+    assert sorted(r.index for r in receipts if r.index is not None) == list(range(1, 11))
+    # With the repeats settled, the next cohort has twelve fresh updates again.
+    devices.expire()
+    await devices.check_in()
+    await devices.run_until(None)
+    assert core.version == 2 and core.stats.accepted == 20, (core.stats.to_dict(), core.secagg.in_flight())
+
+
+async def test_the_model_message_announces_secure_aggregation(tmp_path: Path) -> None:
+    clock = Clock()
+    svc = make_service(tmp_path, clock)
+    svc._mark_model_dirty()
+    view = svc._model_view
+    assert view is not None and view.secagg is not None
+    decoded = ModelMessage.from_bytes(replace(view, created_at=1.0).to_bytes())
+    assert decoded.secagg == view.secagg and decoded.secagg.max_staleness == svc.cfg.max_staleness
