@@ -57,6 +57,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-versions", "aggregator.max_versions", type=int)
     flag(p, "--target-accuracy", "aggregator.target_accuracy", type=float)
     flag(p, "--seed", "aggregator.seed", type=int)
+    flag(p, "--metrics-interval", "aggregator.metrics_interval", type=float, help="seconds between metrics (1)")
     flag(p, "--model-interval", "aggregator.model_interval", type=float, help="min seconds between model publishes")
     flag(p, "--agent-timeout", "aggregator.agent_timeout", type=float, help="silent agents count offline after (60 s)")
     flag(p, "--round-timeout", "aggregator.round_timeout", type=float, help="fedavg: a round closes after (300 s)")

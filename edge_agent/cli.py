@@ -54,6 +54,15 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="send the exact example count, not the power of two below it (outside the DP guarantee)",
     )
+    p.add_argument(
+        "--require-secure-aggregation",
+        dest="cfg:agent.require_secure_aggregation",
+        action="store_const",
+        const=True,
+        default=None,
+        help="send nothing unless the aggregator announces secure aggregation (it then sees only sums)",
+    )
+    flag(p, "--checkin-interval", "agent.checkin_interval", type=float, help="secure aggregation: check-in every (2 s)")
     p.add_argument("--onnx-out", metavar="PATH", help="keep the newest global model here as ONNX, for `fedmq predict`")
     flag(p, "--clip-norm", "privacy.clip_norm", type=float)
     flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)

@@ -49,6 +49,8 @@ class SecureStats:
     cohorts_applied: int = 0
     cohorts_abandoned: int = 0
     masked_uploads: int = 0
+    summed: int = 0
+    """Uploads a cohort's applied sum included (settled by its DoneMsg)."""
     refused: Counter[str] = field(default_factory=Counter)
     """Cohorts this device left because the aggregator's message failed a check, by reason."""
     ignored: Counter[str] = field(default_factory=Counter)
@@ -209,8 +211,9 @@ class SecureUploads:
         """The cohort is over: its update is settled if the sum included it, else free for the next cohort."""
         for seq in [q for q, c in self.assigned.items() if c == cohort]:
             del self.assigned[seq]
-            if applied:  # durable at the aggregator, as its receipt (which may come after) says too
+            if applied and seq in self.outbox:  # durable at the aggregator, as its receipt (maybe later) says too
                 self.outbox.remove(seq)
+                self.stats.summed += 1
 
 
 def messages(outs: list[Output]) -> list[UpMessage]:

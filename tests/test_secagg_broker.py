@@ -1,0 +1,236 @@
+"""Tier 3: secure aggregation over a real Mosquitto on the TLS deployment of ``fedmq broker init``.
+
+The devices are real ``fedmq agent`` processes with their own certificates; they sign their
+keys with them and check each other's against the CA. The tests watch what crosses the broker
+(the aggregator only ever receives masked uploads), kill a device in the middle of a cohort,
+and kill the aggregator process with SIGKILL in the middle of cohorts and restart it on its
+state folder: no (device, update) is ever applied twice, and sums go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.service import AggregatorService
+from broker.launcher import MosquittoBroker, free_port
+from broker.pki import init, load_registry
+from fedmq.config import AggregatorConfig, BrokerConfig, Config, SecAggConfig
+from fedmq.messages import metrics_from_bytes
+from tests.conftest import require_mosquitto
+from tests.helpers import payload, start_aggregator, wait_until
+
+pytestmark = pytest.mark.broker
+PREFIX = "fedmq/sa"
+ROOT = Path(__file__).resolve().parents[1]
+AGENTS = [f"dev-{i}" for i in range(6)]
+
+
+@dataclass
+class Deployment:
+    root: Path
+    broker: MosquittoBroker
+
+    def tls(self, identity: str) -> BrokerConfig:
+        client = self.root / "clients" / identity
+        return BrokerConfig(
+            host="127.0.0.1",
+            port=self.broker.port,
+            tls=True,
+            ca_file=str(client / "ca.crt"),
+            cert_file=str(client / "client.crt"),
+            key_file=str(client / "client.key"),
+        )
+
+    def tls_flags(self, identity: str) -> list[str]:
+        client = self.root / "clients" / identity
+        return [
+            "--broker", f"mqtts://127.0.0.1:{self.broker.port}", "--prefix", PREFIX,
+            "--ca-file", str(client / "ca.crt"), "--cert-file", str(client / "client.crt"),
+            "--key-file", str(client / "client.key"),
+        ]  # fmt: skip
+
+    def agent(self, identity: str) -> subprocess.Popen[bytes]:
+        """A ``fedmq agent`` process of ``identity`` (no local DP: the test is about the masks)."""
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "fedmq.cli", "agent", *self.tls_flags(identity), "--id", identity,
+                "--data", "builtin:digits-train", "--round-interval", "0", "--no-dp", "--checkin-interval", "0.5",
+                "--require-secure-aggregation", "--log-level", "WARNING",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+
+    def ops(self) -> Any:
+        import aiomqtt
+
+        reg = load_registry(self.root)
+        assert reg is not None
+        password = (self.root / "broker" / "ops.password").read_text().strip()
+        return aiomqtt.Client("127.0.0.1", reg.ops_port, username="ops", password=password)
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    require_mosquitto()
+    root = Path(tempfile.mkdtemp(prefix="fedmq-sa-pki-"))
+    root.chmod(0o755)
+    port, ops = free_port(), free_port()
+    init(root, AGENTS, prefix=PREFIX, port=port, ops_port=ops, bind="127.0.0.1")
+    broker = MosquittoBroker(port=port, conf=root / "broker" / "mosquitto.conf", render=False, workdir=root / "run")
+    broker.start()
+    yield Deployment(root, broker)
+    broker.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def secure_config(deployment: Deployment, **agg: Any) -> Config:
+    base = AggregatorConfig(
+        rule="fedbuff",
+        buffer_size=4,
+        server_lr=1.0,
+        metrics_interval=0.2,
+        secure_aggregation=True,
+        secagg=SecAggConfig(overselect=0.25, timeout=3.0),
+        eval_data="builtin:digits-test",
+    )
+    return Config(prefix=PREFIX, broker=deployment.tls("aggregator"), aggregator=replace(base, **agg)).validate()
+
+
+def stop_agents(procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+    stats = []
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        if p.returncode == 0:
+            stats.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return stats
+
+
+async def test_fedmq_agents_sum_over_tls_and_the_aggregator_sees_only_masked_uploads(deployment: Deployment) -> None:
+    cfg = secure_config(deployment)
+    server = AggregatorService(cfg)
+    topics: list[str] = []
+    handle = server.handle
+
+    async def spy(topic: str, body: bytes) -> None:
+        topics.append(topic)
+        await handle(topic, body)
+
+    server.handle = spy  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    await asyncio.wait_for(server.ready.wait(), 30)
+    procs = [deployment.agent(a) for a in AGENTS[:5]]
+    try:
+        core = server.core
+        assert core is not None
+        await wait_until(server.pulse, lambda: core.stats.cohorts_applied >= 4, limit=120)
+    finally:
+        stats = stop_agents(procs)
+        stop.set()
+        summary = await task
+    assert len(stats) == 5  # every agent exited 0 at SIGTERM
+    assert not any(s["secure"]["refused"] for s in stats)  # every roster signature verified
+    assert sum(s["secure"]["summed"] for s in stats) + sum(s["receipts_accepted"] for s in stats) <= core.stats.accepted
+    assert not [t for t in topics if "/update/" in t]  # no plain update ever reached the aggregator
+    assert {t.split("/")[2] for t in topics} >= {"secagg", "status"}
+    assert set(core.stats.rejected) == set()
+    assert summary["cohorts_applied"] >= 4 and summary["final_accuracy"] > 0.5
+
+
+async def test_a_device_killed_mid_cohort_is_a_dropout_and_cohorts_go_on(deployment: Deployment) -> None:
+    server, stop, task = await start_aggregator(secure_config(deployment, buffer_size=3))
+    core = server.core
+    assert core is not None and core.secagg is not None
+    procs = [deployment.agent(a) for a in AGENTS]
+    try:
+        await wait_until(server.pulse, lambda: bool(core.secagg.cohorts) and core.stats.cohorts_applied >= 1, limit=120)  # type: ignore[union-attr]
+        cohort = next(iter(core.secagg.cohorts.values()))  # type: ignore[union-attr]
+        victim = cohort.members[0]
+        procs[AGENTS.index(victim)].kill()  # SIGKILL: its Will says offline
+        applied = core.stats.cohorts_applied
+        await wait_until(server.pulse, lambda: core.stats.cohorts_applied >= applied + 3, limit=120)
+    finally:
+        stop_agents(procs)
+        stop.set()
+        await task
+    assert set(core.stats.rejected) <= {"not_member", "wrong_cohort"}
+
+
+async def test_kill_9_of_the_aggregator_mid_cohort_abandons_cleanly_and_applies_nothing_twice(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """SIGKILL the aggregator process four times while cohorts are in flight, restart it on its folder.
+
+    Each kill lands in the round the metrics show open (the seam tests in test_secagg_service.py
+    crash in each round deterministically); at least two different rounds are hit. Afterwards the
+    state on disk is replayed: as many receipts as accepted updates, each (device, seq) once.
+    """
+    state = tmp_path / "state"
+    cmd = [
+        sys.executable, "-m", "fedmq.cli", "aggregator", *deployment.tls_flags("aggregator"),
+        "--secure-aggregation", "--buffer-size", "4", "--overselect", "0.25", "--secagg-timeout", "3",
+        "--checkpoint-dir", str(state), "--checkpoint-every", "2", "--server-lr", "1.0",
+        "--metrics-interval", "0.05", "--eval-data", "builtin:digits-test", "--log-level", "WARNING",
+    ]  # fmt: skip
+    procs = [deployment.agent(a) for a in AGENTS[:5]]
+    phases: list[str] = []
+    wanted = ["collecting_inputs", "collecting_reveals", "collecting_shares", "collecting_keys"]
+    try:
+        async with deployment.ops() as ops:
+            await ops.subscribe(f"{PREFIX}/metrics", qos=0)
+            for kill, phase in enumerate(wanted):
+                agg = subprocess.Popen([*cmd, *(["--fresh"] if kill == 0 else [])], cwd=ROOT, stdout=subprocess.DEVNULL)
+                try:
+                    loop = asyncio.get_running_loop()
+                    patience = loop.time() + 30  # then any open round will do
+                    async with asyncio.timeout(120):
+                        async for msg in ops.messages:
+                            m = metrics_from_bytes(payload(msg))
+                            open_rounds = set(m.get("cohorts_open", {}).values())
+                            if m.get("cohorts_applied", 0) < kill + 1 or not open_rounds:
+                                continue
+                            if phase in open_rounds or loop.time() > patience:
+                                phases.append(phase if phase in open_rounds else sorted(open_rounds)[0])
+                                break
+                finally:
+                    agg.kill()  # SIGKILL: no checkpoint, no goodbye
+                    agg.wait(30)
+            agg = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
+            try:
+                async with asyncio.timeout(120):  # after the last restart: sums again
+                    async for msg in ops.messages:
+                        m = metrics_from_bytes(payload(msg))
+                        if m.get("cohorts_applied", 0) >= len(wanted) + 2 and m.get("cohorts_abandoned", 0) >= 1:
+                            break
+            finally:
+                agg.send_signal(signal.SIGTERM)
+                out, _ = agg.communicate(timeout=60)
+        assert agg.returncode == 0
+    finally:
+        stats = stop_agents(procs)
+    assert len(phases) == len(wanted) and len(set(phases)) >= 2, phases
+    assert len(stats) == 5 and not any(s["secure"]["refused"] for s in stats)
+    cfg = secure_config(deployment)
+    service = AggregatorService(replace(cfg, aggregator=replace(cfg.aggregator, checkpoint_dir=str(state))))
+    core = service.startup()
+    receipts = sum(len(rec.receipts) for a in AGENTS if (rec := core.agent(a)) is not None)
+    assert receipts == core.stats.accepted > 0
+    assert core.stats.cohorts_abandoned >= len(wanted)  # one per kill at least: each had a cohort open
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["cohorts_applied"] == core.stats.cohorts_applied and core.version == summary["model_versions"]
