@@ -1014,6 +1014,8 @@ class AggregatorCore:
                 receipt = ReceiptMessage(agent, msg.seq, "accepted", original[0], index=original[1])
                 effects.append(SendReceipt(receipt, durable=True))
         refused = self._secagg_outputs(outs, now, effects)
+        if not isinstance(msg, CheckIn):  # a cohort may have ended: its devices are back in the pool
+            refused += self._secagg_outputs(self.secagg.form(now, version=self.version, run=self.run_id), now, effects)
         return refused, tuple(effects)
 
     def _admit_masked(self, agent: str, msg: MaskedMsg) -> Reject | None:
@@ -1106,10 +1108,11 @@ class AggregatorCore:
                 del rec.receipts[min(rec.receipts)]
             receipt = ReceiptMessage(c.agent, c.seq, "accepted", self.version, index=index)
             effects.append(SendReceipt(receipt, durable=True))
-        summed = {c.agent for c in contributors}
+        summed = {c.agent for c in contributors}  # their receipts tell them; the others learn it here
         for a in members:
-            done = DoneMsg(cohort, "applied", self.version, included=a in summed)
-            effects.append(SendSecAgg(a, done.to_bytes(), durable=True))
+            if a not in summed:
+                done = DoneMsg(cohort, "applied", self.version, included=False)
+                effects.append(SendSecAgg(a, done.to_bytes(), durable=True))
 
     def _replay_cohort(self, event: Mapping[str, Any], now: float) -> None:
         if "sa_open" in event:

@@ -391,6 +391,7 @@ class AggregatorService:
             threshold=sa.threshold,
             degree=sa.degree,
             min_cohort=sa.min_cohort,
+            form_wait=sa.form_wait,
             timeout=sa.timeout,
             max_cohorts=sa.max_cohorts,
             params=params,
@@ -518,6 +519,8 @@ class AggregatorService:
                 gave_up = True
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event, grace: asyncio.Timeout) -> None:
+        # A cohort's round sends one message per device at once (see _secagg_publisher): not a backlog.
+        client.pending_calls_threshold = max(client.pending_calls_threshold, 2 * self.SECAGG_IN_FLIGHT)
         await publish(client, self.topics.server_status, self._status("online"), qos=1, retain=True)
         self._mark_model_dirty()
         await self.publish_pending_model(client)
@@ -951,11 +954,22 @@ class AggregatorService:
         except asyncio.QueueFull:
             self.rt.dropped_receipts += 1
 
+    SECAGG_IN_FLIGHT = 64
+    """Protocol messages published at once (a round sends one to each device of a cohort)."""
+
     async def _secagg_publisher(self, client: aiomqtt.Client) -> None:
-        """Publish secure-aggregation messages in order, off the receive loop."""
+        """Publish secure-aggregation messages off the receive loop, many PUBACKs awaited at once.
+
+        The publishes are issued in queue order (a task's first step hands its message to the
+        client), so each device receives its messages in the order the core made them.
+        """
         while True:
-            topic, body = await self._secagg_out.get()
-            await publish(client, topic, body, qos=1)
+            batch = [await self._secagg_out.get()]
+            while not self._secagg_out.empty() and len(batch) < self.SECAGG_IN_FLIGHT:
+                batch.append(self._secagg_out.get_nowait())
+            async with asyncio.TaskGroup() as tg:
+                for topic, body in batch:
+                    tg.create_task(publish(client, topic, body, qos=1))
 
     async def _receipt_publisher(self, client: aiomqtt.Client) -> None:
         """Publish receipts in order, off the receive loop (which never waits on a PUBACK)."""

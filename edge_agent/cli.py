@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> dict[str, object]:
         hook = OnnxExporter(args.onnx_out) if args.onnx_out else None
         stats = await AgentService(config, trainer, on_model=hook).run(stop)
-        return dataclasses.asdict(stats)
+        return stats.to_dict()
 
     print(json.dumps(run_until_signalled(main)))
     return 0

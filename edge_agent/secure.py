@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,10 +91,13 @@ class SecureUploads:
         """Outbox seq -> the cohort its masked upload went to (until the cohort ends)."""
         self.stats = SecureStats()
         self.next_checkin = 0.0
+        self.checkin_interval = 2.0
+        self._now = 0.0
 
     # --- inputs ----------------------------------------------------------------------------
     def check_in(self, now: float, model: ModelMessage, interval: float) -> CheckIn | None:
         """A check-in, if the agent is in no cohort and the last one is ``interval`` seconds old."""
+        self.checkin_interval = interval
         if self.session is not None and not self.session.expired(now):
             return None
         if self.session is not None:
@@ -105,6 +109,7 @@ class SecureUploads:
 
     def on_message(self, payload: bytes, now: float) -> list[Output]:
         """A message from the aggregator on this device's ``secagg/down`` topic."""
+        self._now = now
         try:
             msg = decode_down(payload, self.limits)
         except DecodeError as exc:
@@ -124,7 +129,7 @@ class SecureUploads:
             return []
         return self._settle(self.session.handle(msg))
 
-    def input_for(self, model: ModelMessage) -> tuple[np.ndarray, UpdateMessage] | None:
+    def input_for(self, model: ModelMessage, *, skip: Collection[int] = ()) -> tuple[np.ndarray, UpdateMessage] | None:
         """The oldest outbox update not in a cohort, weighted for ``model``'s version; None if there is none.
 
         An update too stale for the announced ``max_staleness`` is dropped (a cohort would refuse
@@ -134,7 +139,7 @@ class SecureUploads:
         assert params is not None
         weight_of = make_staleness_fn(params.staleness, params.staleness_a, params.staleness_b)
         for seq, payload in self.outbox.pending():
-            if seq in self.assigned:
+            if seq in self.assigned or seq in skip:
                 continue
             try:
                 update = UpdateMessage.from_bytes(payload, self.limits)
@@ -166,9 +171,19 @@ class SecureUploads:
             self.stats.masked_uploads += 1
         return self._settle(outs)
 
-    def settled(self, seq: int) -> None:
-        """The receipt for ``seq`` arrived: it is out of the outbox."""
-        self.assigned.pop(seq, None)
+    def settled(self, seq: int, *, accepted: bool = True) -> None:
+        """The receipt for ``seq`` arrived: it left the outbox; if the current cohort summed it, that cohort is done.
+
+        The aggregator answers a summed upload with its receipt only (no DoneMsg): the device is
+        back in the aggregator's pool and checks in again only after ``checkin_interval``.
+        """
+        cohort = self.assigned.pop(seq, None)
+        session = self.session
+        if accepted and session is not None and cohort == session.cohort and session.input_seq == seq:
+            self.stats.cohorts_applied += 1
+            self.stats.summed += 1
+            self.session = None
+            self.next_checkin = self._now + self.checkin_interval
 
     @property
     def waiting_for_input(self) -> bool:
@@ -190,7 +205,8 @@ class SecureUploads:
                     log.info("agent %s: cohort %s abandoned: %s", self.agent_id, o.cohort[:8], o.reason)
                 self._release(o.cohort, applied=o.included)
                 self.session = None
-                self.next_checkin = 0.0
+                # A device whose upload was summed is back in the aggregator's pool; the others check in.
+                self.next_checkin = self._now + self.checkin_interval if o.included else 0.0
             elif isinstance(o, Refused):
                 self.stats.refused[o.reason] += 1
                 log.warning("agent %s: left cohort %s: %s (%s)", self.agent_id, o.cohort[:8], o.reason, o.detail)

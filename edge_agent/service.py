@@ -48,6 +48,9 @@ UNKNOWN_BASE = ("unknown_base_version", "wrong_run")
 """Refusals that mean the aggregator no longer knows the model an update was trained on."""
 
 log = logging.getLogger("fedmq.agent")
+INLINE_MASK_VALUES = 50_000
+"""Secure aggregation: an update of fewer values is masked on the event loop (under a millisecond
+for each neighbour), a larger one in a worker thread."""
 
 
 @dataclass
@@ -77,6 +80,12 @@ class AgentStats:
     state: str = "starting"
     secure: SecureStats = dataclasses.field(default_factory=SecureStats)
     """Secure aggregation: cohorts joined, applied, abandoned, refused (see :mod:`edge_agent.secure`)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values (the JSON ``fedmq agent`` prints at exit)."""
+        out: dict[str, object] = dict(self.__dict__)
+        out["secure"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.secure.__dict__.items()}
+        return out
 
 
 class _Finished(Exception):
@@ -179,6 +188,7 @@ class AgentService:
         self.stats.secure = self._secure.stats
         self._sa_inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
         self._sa_changed = asyncio.Event()
+        self._held_back: set[int] = set()
         self._warned_plain = False
         self.pulse = Pulse()
         """Notified after every publish, model received, reconnect and state change."""
@@ -393,7 +403,8 @@ class AgentService:
             return
         payload = self.outbox.get(receipt.seq) or b""
         self.outbox.remove(receipt.seq)
-        self._secure.settled(receipt.seq)
+        self._secure._now = time.monotonic()
+        self._secure.settled(receipt.seq, accepted=receipt.status == "accepted")
         self._sa_changed.set()
         if self.on_receipt is not None:
             self.on_receipt(receipt, payload)
@@ -469,23 +480,33 @@ class AgentService:
                 if checkin is not None:
                     await publish(client, topic, checkin.to_bytes(), qos=1)
                 if self._secure.waiting_for_input:
-                    picked = self._secure.input_for(model)
+                    picked = self._secure.input_for(model, skip=self._held_back)
                     if picked is not None:
-                        outs = await asyncio.to_thread(self._secure.provide, *picked)
+                        if picked[0].size >= INLINE_MASK_VALUES:
+                            outs = await asyncio.to_thread(self._secure.provide, *picked)
+                        else:  # a small model: masking takes less than a thread hand-off
+                            outs = self._secure.provide(*picked)
                         await self._publish_secagg(client, outs)
                         self._sa_changed.set()
                     else:
                         self._sa_changed.set()  # the train loop makes one
-            wait = 0.2 if self._secure.waiting_for_input else interval
             try:
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(interval):
                     payload = await self._sa_inbox.get()
             except TimeoutError:
+                continue
+            if not payload:  # an update was staged: see whether the session waits for one
                 continue
             outs = self._secure.on_message(payload, time.monotonic())
             await self._publish_secagg(client, outs)
             self._sa_changed.set()
             self.pulse.notify()
+
+    def _wake_secagg(self) -> None:
+        """Tell the secure-aggregation loop that an update is ready (an empty item in its inbox)."""
+        if self._secure_mode():
+            with contextlib.suppress(asyncio.QueueFull):
+                self._sa_inbox.put_nowait(b"")
 
     async def _publish_secagg(self, client: aiomqtt.Client, outs: list[Output]) -> None:
         for msg in messages(outs):
@@ -600,6 +621,8 @@ class AgentService:
                     self._training = None
             if self.compute_delay is not None:
                 await asyncio.sleep(self.compute_delay())
+            self._held_back.clear()  # the (simulated) round is over: its update may go out
+            self._wake_secagg()
             await self._flush_outbox(client)
             if limit and self.stats.updates_published >= limit:
                 await self._drain_outbox()
@@ -661,6 +684,8 @@ class AgentService:
         update = self.trainer.train(model, cancel=cancel)
         floor = min([seq for seq, _ in self.outbox.pending()] + [update.seq])
         update = dataclasses.replace(update, oldest_pending=floor)  # lets the aggregator forget the rest
+        if self.compute_delay is not None:
+            self._held_back.add(update.seq)  # a simulated slower device: not before its delay is over
         self.outbox.put(update.seq, update.to_bytes())
         self.stats.last_version = model.version
         self.stats.epsilon = update.epsilon

@@ -87,16 +87,20 @@ class SecAggConfig:
     degree: int = 0
     """Neighbours per device (0: everyone up to 32 devices, else about 3 log2 n, as in SecAgg+)."""
     min_cohort: int = 3
-    """Fewest devices that form a cohort once the first has waited ``timeout`` seconds."""
+    """Fewest devices that form a cohort once the first has waited ``form_wait`` seconds."""
+    form_wait: float = 2.0
+    """Seconds a device waits in the pool for a full cohort before a smaller one forms."""
     timeout: float = 10.0
     """Seconds each protocol round waits at most for slow or vanished devices."""
     max_cohorts: int = 4
     """Cohorts in flight at once; a device is in at most one."""
     bits: int = 32
     """Integers mod 2^bits on the wire (4 bytes per value up to 32 bits, else 8)."""
-    clip_norm: float = 1.0
-    """Each device clips its update to this L2 norm before weighting and quantizing."""
-    clip_range: float = 4.0
+    clip_norm: float = 4.0
+    """Each device clips its update to this L2 norm before weighting and quantizing: what bounds a
+    device's influence when nobody sees its update. Set it near the norm of honest updates (a
+    tighter bound slows learning: on digits, 1.0 took 2.5x plain FedBuff's time to 0.90, 4.0 1.5x)."""
+    clip_range: float = 8.0
     """Each value is clamped to [-clip_range, clip_range] before quantizing (the modular range)."""
 
     def validate(self) -> None:
@@ -107,6 +111,7 @@ class SecAggConfig:
         _check(0.5 < self.threshold <= 1, k + "threshold", "must be in (0.5, 1]: a strict majority of the holders")
         _check(self.degree == 0 or (self.degree >= 2 and self.degree % 2 == 0), k + "degree", "must be 0 or even >= 2")
         _check(self.min_cohort >= 3, k + "min_cohort", "must be >= 3")
+        _check(_finite(self.form_wait) and self.form_wait >= 0, k + "form_wait", "must be >= 0 seconds")
         _check(_finite(self.timeout) and 0 < self.timeout <= 3600, k + "timeout", "must be in (0, 3600] seconds")
         _check(self.max_cohorts >= 1, k + "max_cohorts", "must be >= 1")
         _check(16 <= self.bits <= 62, k + "bits", "must be in [16, 62]")

@@ -69,6 +69,9 @@ def format_summary(s: dict[str, Any]) -> str:
         ("max epsilon (per agent)", f"{eps:.2f} at delta={s.get('delta')}" if eps is not None else "DP off"),
         ("wall seconds", s.get("wall_seconds")),
     ]
+    if s.get("secure_aggregation"):
+        cohorts = f"{s.get('cohorts_applied', 0)} summed, {s.get('cohorts_abandoned', 0)} abandoned"
+        rows.insert(2, ("secure aggregation", f"on: the aggregator saw only sums ({cohorts})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

@@ -180,6 +180,8 @@ class CoreFleet:
         self.dead: set[str] = set()
         self.die_before: dict[str, str] = {}
         self.seq = 0
+        self.updates: dict[str, int] = {}
+        """Updates each device has trained and not yet masked."""
         self.fixed_seq: dict[str, int] = {}
         """agent -> the seq its next upload carries (a re-send of an old one); others count up."""
         self._queue: deque[tuple[str, bytes]] = deque()
@@ -201,11 +203,27 @@ class CoreFleet:
                 self._queue.append((e.agent, e.payload))
 
     def check_in(self, agents: list[str] | None = None) -> None:
+        """Every device trains one update: a session waiting for one gets it, the others check in."""
         for a in agents or self.agents:
-            refused, effects = self.core.secagg_message(a, CheckIn(a), now=self.now)
-            self.rejected += refused
-            self.effects(effects)
+            self.updates[a] = self.updates.get(a, 0) + 1
+            session = self.sessions.get(a)
+            if session is not None and session.waiting_for_input and a not in self.dead:
+                self._provide(a)
+            elif session is None or session.expired(self.now) or session.uploaded:
+                refused, effects = self.core.secagg_message(a, CheckIn(a), now=self.now)
+                self.rejected += refused
+                self.effects(effects)
         self.pump()
+
+    def _provide(self, agent: str) -> None:
+        from fedmq.secagg.client import weighted_input
+
+        self.updates[agent] -= 1
+        self.seq += 1
+        seq = self.fixed_seq.pop(agent, self.seq)
+        values = weighted_input(self.deltas[agent], clip_norm=1.0, weight=1.0)
+        outs = self.sessions[agent].provide_input(values, seq=seq, base_version=self.core.version)
+        self._send(agent, [x for x in outs if isinstance(x, Send)])
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -213,8 +231,6 @@ class CoreFleet:
         self.pump()
 
     def pump(self) -> None:
-        from fedmq.secagg.client import weighted_input
-
         while self._queue:
             agent, payload = self._queue.popleft()
             if agent in self.dead:
@@ -232,11 +248,8 @@ class CoreFleet:
                     if self.die_before.get(agent) == "sa_masked":
                         self.dead.add(agent)
                         break
-                    self.seq += 1
-                    seq = self.fixed_seq.pop(agent, self.seq)
-                    values = weighted_input(self.deltas[agent], clip_norm=1.0, weight=1.0)
-                    outs2 = self.sessions[agent].provide_input(values, seq=seq, base_version=self.core.version)
-                    self._send(agent, [x for x in outs2 if isinstance(x, Send)])
+                    if self.updates.get(agent, 0) > 0:  # else it waits until it has trained one
+                        self._provide(agent)
                 elif isinstance(o, Send):
                     if self.die_before.get(agent) == o.message.kind:
                         self.dead.add(agent)

@@ -25,7 +25,8 @@ SMALL = SecAggSettings(cohort_size=10, overselect=0.2, threshold=0.6, timeout=5.
 
 
 def only_result(fleet: Fleet) -> Unmasked | Abandoned:
-    assert len(fleet.results) == 1, fleet.results
+    """The first cohort's outcome (its uploaders are back in the pool, and later ticks may form more)."""
+    assert fleet.results, "no cohort ended"
     return fleet.results[0]
 
 
@@ -149,8 +150,8 @@ def test_cohorts_run_at_once_and_a_device_is_in_one() -> None:
     settings = dataclasses.replace(SMALL, max_cohorts=3)
     fleet = Fleet(36, settings)
     fleet.check_in()
-    assert len(fleet.results) == 3 and all(isinstance(r, Unmasked) for r in fleet.results)
-    members = [set(r.members) for r in fleet.results]
+    assert len(fleet.results) >= 3 and all(isinstance(r, Unmasked) for r in fleet.results)
+    members = [set(r.members) for r in fleet.results[:3]]
     assert not (members[0] & members[1]) and not (members[1] & members[2]) and len(set.union(*members)) == 36
 
 

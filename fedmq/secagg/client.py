@@ -125,6 +125,8 @@ class _Secrets:
     own_key_share: int = 0
     held: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Neighbour -> (share of its seed, share of its mask key), from the relay."""
+    share_keys: dict[str, bytes] = field(default_factory=dict)
+    """Neighbour -> the AES-GCM key agreed with it (one X25519 exchange per pair, not two)."""
 
 
 class ClientSession:
@@ -271,8 +273,11 @@ class ClientSession:
         return ShareKeys(), [Send(SharesMsg(self.cohort, self.agent_id, commit, out))]
 
     def _share_key(self, peer: str, keys: KeysMsg) -> bytes:
+        known = self._s.share_keys.get(peer)
+        if known is not None:
+            return known
         try:
-            return crypto.agree(
+            key = self._s.share_keys[peer] = crypto.agree(
                 self._s.share_key,
                 keys.share_pk,
                 purpose=crypto.SHARE_PURPOSE,
@@ -282,6 +287,7 @@ class ClientSession:
             )
         except crypto.CryptoError as exc:
             raise _Refuse(exc.reason, exc.detail) from None
+        return key
 
     def _receive_shares(self, relay: RelayMsg) -> tuple[_State, list[Output]]:
         for v, blob in relay.shares.items():

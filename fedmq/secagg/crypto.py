@@ -8,7 +8,7 @@
   cohort id, sender and receiver as associated data: the aggregator that relays a share can
   neither read it nor redirect it to another device unnoticed.
 - **Mask expansion**: AES-256-CTR keystream under the *full* 32-byte seed or agreed key,
-  read as little-endian 64-bit words and reduced mod ``2^bits``. Never a non-cryptographic
+  read as little-endian 32-bit words (64-bit above 32 bits) and reduced mod ``2^bits``. Never a non-cryptographic
   generator seeded from a truncated key (Flower issue #7522: a 32-bit seed is brute-forced).
 - **Signatures**: ECDSA P-256 / SHA-256 with the device's TLS client key, over the public
   keys and the cohort id, verified against the federation CA (:func:`verify_advert`).
@@ -126,10 +126,11 @@ def expand_mask(seed: bytes, n: int, bits: int, *, domain: bytes) -> npt.NDArray
         raise ValueError(f"bits must be in [1, 64], got {bits}")
     counter = hashlib.sha256(domain).digest()[:16]
     enc = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
-    stream = enc.update(bytes(8 * n)) + enc.finalize()
-    words = np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+    width = 4 if bits <= 32 else 8  # a 32-bit word per value when it is enough: half the keystream
+    stream = enc.update(bytes(width * n)) + enc.finalize()
+    words = np.frombuffer(stream, dtype="<u4" if width == 4 else "<u8").astype(np.uint64)
     if bits < 64:
-        words = words & np.uint64((1 << bits) - 1)
+        words &= np.uint64((1 << bits) - 1)
     return words
 
 

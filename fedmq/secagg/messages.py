@@ -294,8 +294,8 @@ class Params:
     """How a cohort quantizes and weights (announced with every cohort and in the model message)."""
 
     bits: int = 32
-    clip_norm: float = 1.0
-    clip_range: float = 4.0
+    clip_norm: float = 4.0
+    clip_range: float = 8.0
     staleness: str = "polynomial"
     staleness_a: float = 0.5
     staleness_b: int = 4

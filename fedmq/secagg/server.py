@@ -509,7 +509,10 @@ class SecAggSettings:
     degree: int = 0
     """Neighbours per device (0: all up to 32 devices, else about 3 log2 n)."""
     min_cohort: int = 3
-    """Fewest devices that form a cohort, after ``timeout`` seconds of waiting for more."""
+    """Fewest devices that form a cohort, after ``form_wait`` seconds of waiting for more."""
+    form_wait: float = 2.0
+    """Seconds the oldest device in the pool waits for a full cohort before a smaller one forms
+    (from everyone waiting, at least ``min_cohort``): with few devices, cohorts then overlap."""
     timeout: float = 10.0
     """Seconds each round waits at most."""
     max_cohorts: int = 4
@@ -522,6 +525,8 @@ class SecAggSettings:
         return math.ceil(self.cohort_size * (1 + self.overselect) - 1e-9)
 
 
+RECENT_COHORTS = 1024
+"""Ended cohorts remembered, so that their members' late messages are told apart from strangers'."""
 RECENT_DIGESTS = 100_000
 """Masked uploads remembered (SHA-256 of their bytes) to refuse one replayed into another cohort."""
 
@@ -555,12 +560,16 @@ class CohortManager:
         self.cohorts: dict[str, CohortServer] = {}
         self.member_of: dict[str, str] = {}
         self._digests: OrderedDict[bytes, str] = OrderedDict()
+        self._ended: OrderedDict[str, frozenset[str]] = OrderedDict()
+        """Recently ended cohorts and their members: a member's late message is flow control."""
         self.formed = 0
         self.applied = 0
         self.abandoned = 0
+        self._now = 0.0
 
     def check_in(self, agent: str, msg: CheckIn, now: float, *, version: int, run: str | None) -> list[Out]:
         """``agent`` is ready for a cohort (if it was in one, it has left it)."""
+        self._now = now
         out: list[Out] = []
         current = self.member_of.pop(agent, None)
         if current is not None:  # it gave its cohort up (restarted, or timed out): the cohort stops waiting
@@ -571,8 +580,11 @@ class CohortManager:
 
     def receive(self, agent: str, msg: UpMessage, now: float, check: Check | None = None) -> list[Out]:
         """A device's message for a cohort."""
+        self._now = now
         cohort = self.cohorts.get(msg.cohort)
         if cohort is None:
+            if agent in self._ended.get(msg.cohort, ()):  # its own cohort ended before this arrived
+                return [Reject(agent, RejectReason.LATE_UPLOAD, f"cohort {msg.cohort[:8]} has ended")]
             return [Reject(agent, RejectReason.WRONG_COHORT, f"cohort {msg.cohort[:8]} is not open")]
         if self.member_of.get(agent) != msg.cohort:
             return [Reject(agent, RejectReason.NOT_MEMBER, f"{agent!r} is not in cohort {msg.cohort[:8]}")]
@@ -588,12 +600,14 @@ class CohortManager:
 
     def offline(self, agent: str, now: float) -> list[Out]:
         """``agent`` went offline: out of the pool, and its cohort stops waiting for it."""
+        self._now = now
         self.pool.pop(agent, None)
         current = self.member_of.get(agent)
         return self._settle(self.cohorts[current].offline(agent, now)) if current is not None else []
 
     def tick(self, now: float, *, version: int, run: str | None) -> list[Out]:
         """Time passed: round timeouts, and maybe a new cohort."""
+        self._now = now
         out: list[Out] = []
         for cohort in list(self.cohorts.values()):
             out += self._settle(cohort.tick(now))
@@ -608,7 +622,7 @@ class CohortManager:
         out: list[Out] = []
         while self.pool and len(self.cohorts) < s.max_cohorts:
             oldest = next(iter(self.pool.values()))
-            waited = now - oldest >= s.timeout
+            waited = now - oldest >= s.form_wait
             if len(self.pool) < s.members and not (waited and len(self.pool) >= s.min_cohort):
                 break
             members = tuple(sorted(list(self.pool)[: s.members]))
@@ -624,7 +638,8 @@ class CohortManager:
         degree = min(degree, n - 1)
         t = threshold_for(degree + 1, s.threshold)
         announce = CohortMsg(self.randbytes(16).hex(), tuple(members), degree, t, s.params, version, s.timeout, run)
-        target = min(s.cohort_size, n)
+        # K, or for a smaller cohort all but its share of dropouts (rho / (1 + rho) of it)
+        target = min(s.cohort_size, n - math.floor(n * s.overselect / (1 + s.overselect) + 1e-9))
         cohort = CohortServer(announce, target=max(target, t), n_values=self.n_values, now=now, verifier=self.verifier)
         self.cohorts[cohort.id] = cohort
         for a in members:
@@ -645,6 +660,13 @@ class CohortManager:
             if isinstance(o, (Unmasked, Abandoned)):
                 cohort = self.cohorts.get(o.cohort)
                 self.close(o.cohort)
+                if cohort is not None and isinstance(o, Unmasked):
+                    # The devices that answered its last round are there: they wait for the next
+                    # cohort without a check-in (the others check in when they are ready).
+                    for a in sorted(set(cohort.reveals) - cohort.gone):
+                        if a not in self.member_of:
+                            self.pool.pop(a, None)
+                            self.pool[a] = self._now
                 if isinstance(o, Unmasked):
                     self.applied += 1
                 else:
@@ -658,6 +680,9 @@ class CohortManager:
         cohort = self.cohorts.pop(cohort_id, None)
         if cohort is None:
             return
+        self._ended[cohort_id] = frozenset(cohort.members)
+        while len(self._ended) > RECENT_COHORTS:
+            self._ended.popitem(last=False)
         for a in cohort.members:
             if self.member_of.get(a) == cohort_id:
                 del self.member_of[a]

@@ -13,6 +13,7 @@ is one field element and no chunking is needed. The coefficients come from
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,20 +57,31 @@ def _evaluate(coeffs: Sequence[int], x: int) -> int:
 
 def interpolate(shares: Mapping[int, int], at: int = 0) -> int:
     """The value at ``at`` of the polynomial of degree ``len(shares) - 1`` through ``shares``."""
-    xs = list(shares)
+    xs = tuple(sorted(shares))
     if not xs:
         raise ShareError("no shares")
+    coeffs = lagrange_coefficients(xs, at)
+    return sum(shares[x] * c for x, c in zip(xs, coeffs, strict=True)) % PRIME
+
+
+@functools.lru_cache(maxsize=4096)
+def lagrange_coefficients(xs: tuple[int, ...], at: int = 0) -> tuple[int, ...]:
+    """``l_i(at)`` for the holders ``xs``: the weights that turn their shares into the value at ``at``.
+
+    The same holders usually answer for every secret of a cohort, so the coefficients (one
+    modular inversion per holder) are computed once per set and reused.
+    """
     if len(set(xs)) != len(xs):
         raise ShareError("two shares for one holder")
-    total = 0
+    out = []
     for i in xs:
         num, den = 1, 1
         for j in xs:
             if j != i:
                 num = num * (at - j) % PRIME
                 den = den * (i - j) % PRIME
-        total = (total + shares[i] * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def combine(shares: Mapping[int, int], threshold: int) -> bytes:
