@@ -14,14 +14,13 @@ checked against the federation CA whenever the device has both (the mutual-TLS d
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Collection
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edge_agent.outbox import Outbox
+from edge_agent.service import SecureStats
 from fedmq.codec import DecodeLimits
 from fedmq.errors import DecodeError
 from fedmq.messages import ModelMessage, UpdateMessage
@@ -42,23 +41,6 @@ from fedmq.staleness import make_staleness_fn
 log = logging.getLogger("fedmq.agent")
 
 
-@dataclass
-class SecureStats:
-    """What the agent did in cohorts."""
-
-    cohorts_joined: int = 0
-    cohorts_applied: int = 0
-    cohorts_abandoned: int = 0
-    masked_uploads: int = 0
-    summed: int = 0
-    """Uploads a cohort's applied sum included (settled by its DoneMsg)."""
-    refused: Counter[str] = field(default_factory=Counter)
-    """Cohorts this device left because the aggregator's message failed a check, by reason."""
-    ignored: Counter[str] = field(default_factory=Counter)
-    dropped_stale: int = 0
-    """Outbox updates dropped because they were too stale for any cohort to take."""
-
-
 class SecureUploads:
     """The cohort session of one agent and which outbox entry is in it.
 
@@ -69,6 +51,7 @@ class SecureUploads:
         signer: the TLS identity that signs this device's keys (``None``: unsigned).
         verifier: the federation CA that roster signatures must verify against.
         rng: randomness for stochastic rounding.
+        stats: where to count what happens (the agent's :class:`~edge_agent.service.SecureStats`).
     """
 
     def __init__(
@@ -80,6 +63,7 @@ class SecureUploads:
         signer: Signer | None,
         verifier: Verifier | None,
         rng: np.random.Generator,
+        stats: SecureStats | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.outbox = outbox
@@ -89,7 +73,7 @@ class SecureUploads:
         self.session: ClientSession | None = None
         self.assigned: dict[int, str] = {}
         """Outbox seq -> the cohort its masked upload went to (until the cohort ends)."""
-        self.stats = SecureStats()
+        self.stats = stats if stats is not None else SecureStats()
         self.next_checkin = 0.0
         self.checkin_interval = 2.0
         self._now = 0.0
@@ -253,4 +237,4 @@ def signing_identity(
     return signer, verifier
 
 
-__all__: list[Any] = ["SecureStats", "SecureUploads", "messages", "signing_identity", "wants_input"]
+__all__: list[Any] = ["SecureUploads", "messages", "signing_identity", "wants_input"]

@@ -24,25 +24,29 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiomqtt
 import numpy as np
 
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import BudgetExhausted
-from edge_agent.secure import SecureStats, SecureUploads, messages, signing_identity, wants_input
 from edge_agent.trainer import LocalTrainer, TrainingDiverged
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
 from fedmq.runtime import Pulse
-from fedmq.secagg.client import Output
 from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models.base import TrainingCancelled
+
+if TYPE_CHECKING:  # the cryptography behind secure aggregation loads only when an aggregator asks for it
+    from edge_agent.secure import SecureUploads
+    from fedmq.secagg.client import Output
 
 UNKNOWN_BASE = ("unknown_base_version", "wrong_run")
 """Refusals that mean the aggregator no longer knows the model an update was trained on."""
@@ -51,6 +55,23 @@ log = logging.getLogger("fedmq.agent")
 INLINE_MASK_VALUES = 50_000
 """Secure aggregation: an update of fewer values is masked on the event loop (under a millisecond
 for each neighbour), a larger one in a worker thread."""
+
+
+@dataclass
+class SecureStats:
+    """What the agent did in secure-aggregation cohorts (see :mod:`edge_agent.secure`)."""
+
+    cohorts_joined: int = 0
+    cohorts_applied: int = 0
+    cohorts_abandoned: int = 0
+    masked_uploads: int = 0
+    summed: int = 0
+    """Uploads a cohort's applied sum included."""
+    refused: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Cohorts this device left because the aggregator's message failed a check, by reason."""
+    ignored: Counter[str] = dataclasses.field(default_factory=Counter)
+    dropped_stale: int = 0
+    """Outbox updates dropped because they were too stale for any cohort to take."""
 
 
 @dataclass
@@ -173,19 +194,8 @@ class AgentService:
         self._resend_wanted = asyncio.Event()
         self._cancel: threading.Event | None = None
         self._new_model = asyncio.Event()
-        try:
-            signer, verifier = signing_identity(config.broker.cert_file, config.broker.key_file, config.broker.ca_file)
-        except (OSError, ValueError) as exc:
-            raise ConfigError("broker.cert_file", f"cannot sign secure-aggregation keys with it: {exc}") from None
-        self._secure = SecureUploads(
-            self.agent_id,
-            self.outbox,
-            self._limits,
-            signer=signer,
-            verifier=verifier,
-            rng=np.random.default_rng(self.rng.getrandbits(64)),
-        )
-        self.stats.secure = self._secure.stats
+        self._secure: SecureUploads | None = None
+        """Made when an aggregator first announces secure aggregation (:meth:`_secure_uploads`)."""
         self._sa_inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
         self._sa_changed = asyncio.Event()
         self._held_back: set[int] = set()
@@ -315,7 +325,7 @@ class AgentService:
                 try:
                     self._sa_inbox.put_nowait(bytes(msg.payload))
                 except asyncio.QueueFull:
-                    self._secure.stats.ignored["overload"] += 1
+                    self.stats.secure.ignored["overload"] += 1
                 continue
             if not msg.topic.matches(self.topics.model):
                 continue
@@ -403,8 +413,9 @@ class AgentService:
             return
         payload = self.outbox.get(receipt.seq) or b""
         self.outbox.remove(receipt.seq)
-        self._secure._now = time.monotonic()
-        self._secure.settled(receipt.seq, accepted=receipt.status == "accepted")
+        if self._secure is not None:
+            self._secure._now = time.monotonic()
+            self._secure.settled(receipt.seq, accepted=receipt.status == "accepted")
         self._sa_changed.set()
         if self.on_receipt is not None:
             self.on_receipt(receipt, payload)
@@ -458,6 +469,27 @@ class AgentService:
     def _secure_mode(self) -> bool:
         return self._latest is not None and self._latest.secagg is not None
 
+    def _secure_uploads(self) -> SecureUploads:
+        """The agent's cohort sessions, made once (signing with the TLS key, checking against the CA)."""
+        if self._secure is None:
+            from edge_agent.secure import SecureUploads, signing_identity
+
+            b = self.config.broker
+            try:
+                signer, verifier = signing_identity(b.cert_file, b.key_file, b.ca_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError("broker.cert_file", f"cannot sign secure-aggregation keys with it: {exc}") from None
+            self._secure = SecureUploads(
+                self.agent_id,
+                self.outbox,
+                self._limits,
+                signer=signer,
+                verifier=verifier,
+                rng=np.random.default_rng(self.rng.getrandbits(64)),
+                stats=self.stats.secure,
+            )
+        return self._secure
+
     async def _secagg_loop(self, client: aiomqtt.Client) -> None:
         """Secure aggregation: check in, run the cohort's rounds, mask the update when asked.
 
@@ -474,18 +506,20 @@ class AgentService:
                 and self.trainer.exhausted is None
                 and not self._draining.is_set()
             )
+            secure = self._secure_uploads() if active else self._secure
             if active:
                 assert model is not None
-                checkin = self._secure.check_in(time.monotonic(), model, interval)
+                assert secure is not None
+                checkin = secure.check_in(time.monotonic(), model, interval)
                 if checkin is not None:
                     await publish(client, topic, checkin.to_bytes(), qos=1)
-                if self._secure.waiting_for_input:
-                    picked = self._secure.input_for(model, skip=self._held_back)
+                if secure.waiting_for_input:
+                    picked = secure.input_for(model, skip=self._held_back)
                     if picked is not None:
                         if picked[0].size >= INLINE_MASK_VALUES:
-                            outs = await asyncio.to_thread(self._secure.provide, *picked)
+                            outs = await asyncio.to_thread(secure.provide, *picked)
                         else:  # a small model: masking takes less than a thread hand-off
-                            outs = self._secure.provide(*picked)
+                            outs = secure.provide(*picked)
                         await self._publish_secagg(client, outs)
                         self._sa_changed.set()
                     else:
@@ -495,9 +529,9 @@ class AgentService:
                     payload = await self._sa_inbox.get()
             except TimeoutError:
                 continue
-            if not payload:  # an update was staged: see whether the session waits for one
+            if not payload or secure is None:  # an update was staged: see whether the session waits for one
                 continue
-            outs = self._secure.on_message(payload, time.monotonic())
+            outs = secure.on_message(payload, time.monotonic())
             await self._publish_secagg(client, outs)
             self._sa_changed.set()
             self.pulse.notify()
@@ -509,6 +543,8 @@ class AgentService:
                 self._sa_inbox.put_nowait(b"")
 
     async def _publish_secagg(self, client: aiomqtt.Client, outs: list[Output]) -> None:
+        from edge_agent.secure import messages, wants_input
+
         for msg in messages(outs):
             await publish(client, self.topics.secagg_up(self.agent_id), msg.to_bytes(), qos=1)
             if msg.kind == "sa_masked":
@@ -585,7 +621,7 @@ class AgentService:
                 await self._new_model.wait()
                 self._new_model.clear()
                 continue
-            if model.secagg is not None and not self._secure.needs_update():
+            if model.secagg is not None and not self._secure_uploads().needs_update():
                 # One update waits for a cohort: training more now would only make it staler.
                 self._sa_changed.clear()
                 with contextlib.suppress(TimeoutError):

@@ -48,9 +48,11 @@ def test_imports_point_one_way(package: str, forbidden: set[str]) -> None:
 
 
 def test_agent_runtime_does_not_import_torch_or_the_server_side() -> None:
+    """Nor cryptography (10 MiB): it loads for TLS or when an aggregator announces secure aggregation."""
     code = (
         "import sys, edge_agent.service, edge_agent.cli; "
-        "bad = [m for m in ('torch', 'sklearn', 'aggregator', 'amqtt', 'matplotlib') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'sklearn', 'aggregator', 'amqtt', 'matplotlib', 'cryptography') "
+        "if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -359,7 +359,7 @@ def pair_mask(session: ClientSession, peer: str, n: int) -> U64:
     except crypto.CryptoError as exc:
         raise _Refuse(exc.reason, exc.detail) from None
     mask = crypto.expand_mask(key, n, session.params.bits, domain=PAIR_DOMAIN)
-    return mask if session.agent_id < peer else (np.uint64(0) - mask)
+    return mask if session.agent_id < peer else (mask.dtype.type(0) - mask)
 
 
 # --- states ----------------------------------------------------------------------------------------

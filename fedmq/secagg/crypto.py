@@ -21,6 +21,7 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -114,7 +115,7 @@ def decrypt_share(key: bytes, blob: bytes, *, cohort: str, sender: str, receiver
         raise CryptoError("bad_share", f"the share from {sender!r} does not authenticate") from None
 
 
-def expand_mask(seed: bytes, n: int, bits: int, *, domain: bytes) -> npt.NDArray[np.uint64]:
+def expand_mask(seed: bytes, n: int, bits: int, *, domain: bytes) -> npt.NDArray[np.unsignedinteger[Any]]:
     """``n`` pseudorandom integers in ``[0, 2^bits)`` from a 32-byte seed: AES-256-CTR keystream.
 
     ``domain`` selects an independent stream for the same seed (its SHA-256 is the initial
@@ -128,9 +129,9 @@ def expand_mask(seed: bytes, n: int, bits: int, *, domain: bytes) -> npt.NDArray
     enc = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
     width = 4 if bits <= 32 else 8  # a 32-bit word per value when it is enough: half the keystream
     stream = enc.update(bytes(width * n)) + enc.finalize()
-    words = np.frombuffer(stream, dtype="<u4" if width == 4 else "<u8").astype(np.uint64)
-    if bits < 64:
-        words &= np.uint64((1 << bits) - 1)
+    words = np.frombuffer(stream, dtype="<u4" if width == 4 else "<u8")  # read-only: callers add it
+    if bits < 8 * width:
+        words = words & words.dtype.type((1 << bits) - 1)
     return words
 
 

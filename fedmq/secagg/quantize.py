@@ -7,8 +7,9 @@ The scale leaves room for ``n`` summands: ``n * (scale * r + 1) < 2^(bits - 1)``
 the integers mod ``2^bits``, read as signed, is exactly the sum of the integers, and dividing by
 ``scale`` gives the sum of the clamped values within ``n / scale`` (``dequantize``).
 
-All arithmetic is in ``uint64``: numpy's wrap-around mod ``2^64`` agrees with mod ``2^bits``
-for every ``bits <= 64``, so masks and values can be added freely and reduced once.
+All arithmetic is in unsigned integers of the ring's width (:func:`ring_dtype`: ``uint32`` up to
+32 bits, else ``uint64``): numpy's wrap-around mod ``2^32`` or ``2^64`` agrees with mod
+``2^bits``, so masks and values can be added freely and reduced once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-U64 = npt.NDArray[np.uint64]
+U64 = npt.NDArray[np.unsignedinteger[Any]]
+"""Integers mod ``2^bits`` in the ring's dtype (the name stayed from when it was always 64-bit)."""
+
+
+def ring_dtype(bits: int) -> np.dtype[Any]:
+    """The dtype the ring's arithmetic runs in: 32-bit words up to 32 bits (half the memory), else 64."""
+    return np.dtype(np.uint32) if bits <= 32 else np.dtype(np.uint64)
 
 
 def scale_for(bits: int, clip_range: float, summands: int) -> float:
@@ -38,12 +45,14 @@ def quantize(x: npt.NDArray[Any], *, scale: float, clip_range: float, bits: int,
     v = np.clip(np.asarray(x, dtype=np.float64), -clip_range, clip_range) * scale
     low = np.floor(v)
     ints = (low + (rng.random(v.shape) < (v - low))).astype(np.int64)
-    return reduce(ints.view(np.uint64), bits)
+    return reduce(ints.view(np.uint64), bits).astype(ring_dtype(bits))
 
 
 def reduce(v: U64, bits: int) -> U64:
     """``v mod 2^bits``."""
-    return v if bits == 64 else v & np.uint64((1 << bits) - 1)
+    if bits == 8 * v.dtype.itemsize:
+        return v
+    return v & v.dtype.type((1 << bits) - 1)
 
 
 def dequantize(v: U64, *, scale: float, bits: int) -> npt.NDArray[np.float64]:

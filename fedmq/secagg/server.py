@@ -53,7 +53,7 @@ from fedmq.secagg.messages import (
     UnmaskMsg,
     UpMessage,
 )
-from fedmq.secagg.quantize import U64, dequantize, reduce, scale_for, wire_dtype
+from fedmq.secagg.quantize import U64, dequantize, reduce, ring_dtype, scale_for, wire_dtype
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ class CollectingInputs(_Round):
             return self, [Reject(agent, RejectReason.MODEL_MISMATCH, what)]
         if check is not None and (refused := check(agent, msg)) is not None:
             return self, [refused]
-        values = np.frombuffer(msg.data, dtype=c.width).astype(np.uint64)
+        values = np.frombuffer(msg.data, dtype=c.width)  # a read-only view: only ever summed
         c.inputs[agent] = (msg, values)
         c.digests.add(digest)
         return self, []
@@ -447,7 +447,7 @@ def unmask(c: CohortServer) -> tuple[U64, list[str]]:
         _Drop: a secret with fewer than ``t`` valid shares.
     """
     bits, n = c.params.bits, c.n_values
-    total = np.zeros(n, dtype=np.uint64)
+    total = np.zeros(n, dtype=ring_dtype(bits))
     for _, values in c.inputs.values():
         total += values
     bad: set[str] = set()
@@ -462,7 +462,7 @@ def unmask(c: CohortServer) -> tuple[U64, list[str]]:
         for w in sorted(c.graph.neighbours[v] & set(c.inputs)):
             s = crypto.agree(key, c.keys[w].mask_pk, purpose=crypto.MASK_PURPOSE, cohort=c.id, me=v, peer=w)
             mask = crypto.expand_mask(s, n, bits, domain=PAIR_DOMAIN)
-            total -= mask if w < v else (np.uint64(0) - mask)  # what w added for v
+            total -= mask if w < v else (mask.dtype.type(0) - mask)  # what w added for v
     return reduce(total, bits), sorted(bad)
 
 
