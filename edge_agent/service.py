@@ -613,6 +613,7 @@ class AgentService:
             if model.secagg is None and self.config.agent.require_secure_aggregation:
                 if not self._warned_plain:
                     self._warned_plain = True
+                    self.pulse.notify()
                     log.warning(
                         "agent %s: the aggregator does not announce secure aggregation and "
                         "agent.require_secure_aggregation is set: sending nothing",

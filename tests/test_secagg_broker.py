@@ -235,3 +235,35 @@ async def test_kill_9_of_the_aggregator_mid_cohort_abandons_cleanly_and_applies_
     assert core.stats.cohorts_abandoned >= len(wanted)  # one per kill at least: each had a cohort open
     summary = json.loads(out.decode().strip().splitlines()[-1])
     assert summary["cohorts_applied"] == core.stats.cohorts_applied and core.version == summary["model_versions"]
+
+
+async def test_an_agent_that_requires_secure_aggregation_sends_nothing_to_a_plain_aggregator(
+    deployment: Deployment,
+) -> None:
+    import numpy as np
+
+    from edge_agent.service import AgentService
+    from edge_agent.trainer import LocalTrainer
+    from fedmq.config import AgentConfig, PrivacyConfig
+    from models.datasets import digits
+
+    plain = replace(
+        secure_config(deployment), aggregator=replace(secure_config(deployment).aggregator, secure_aggregation=False)
+    )
+    server, stop, task = await start_aggregator(plain)
+    acfg = AgentConfig(agent_id="dev-5", round_interval=0.0, require_secure_aggregation=True)
+    train, _ = digits()
+    cfg = replace(plain, broker=deployment.tls("dev-5"), agent=acfg)
+    trainer = LocalTrainer(acfg, PrivacyConfig(enabled=False), train, rng=np.random.default_rng(0))
+    agent = AgentService(cfg, trainer)
+    agent_stop = asyncio.Event()
+    run = asyncio.create_task(agent.run(agent_stop))
+    try:
+        await wait_until(agent.pulse, lambda: agent.stats.models_received >= 1 and agent._warned_plain, limit=60)
+        assert agent.stats.updates_published == 0 and len(agent.outbox) == 0  # nothing trained, nothing sent
+    finally:
+        agent_stop.set()
+        await run
+        stop.set()
+        await task
+    assert server.core is not None and server.core.stats.accepted == 0
