@@ -115,7 +115,7 @@ def secagg_cohort(k: int, params: int, seed: int = 0) -> Cost:
         t0 = time.process_time()
         msg = decode_down(payload)
         if isinstance(msg, CohortMsg):
-            sessions[agent] = ClientSession(agent, msg, now=0.0, rng=np.random.default_rng(1))
+            sessions[agent] = ClientSession(agent, msg, now=0.0)
             outs = sessions[agent].start()
         else:
             outs = sessions[agent].handle(msg)

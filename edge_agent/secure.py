@@ -50,7 +50,6 @@ class SecureUploads:
         limits: decoder limits for the aggregator's messages.
         signer: the TLS identity that signs this device's keys (``None``: unsigned).
         verifier: the federation CA that roster signatures must verify against.
-        rng: randomness for stochastic rounding.
         stats: where to count what happens (the agent's :class:`~edge_agent.service.SecureStats`).
     """
 
@@ -62,14 +61,12 @@ class SecureUploads:
         *,
         signer: Signer | None,
         verifier: Verifier | None,
-        rng: np.random.Generator,
         stats: SecureStats | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.outbox = outbox
         self.limits = limits
         self.signer, self.verifier = signer, verifier
-        self.rng = rng
         self.session: ClientSession | None = None
         self.assigned: dict[int, str] = {}
         """Outbox seq -> the cohort its masked upload went to (until the cohort ends)."""
@@ -103,9 +100,7 @@ class SecureUploads:
         if isinstance(msg, CohortMsg):
             if self.session is not None and not self.session.expired(now):
                 self._end("the aggregator formed a new cohort for this device")
-            self.session = ClientSession(
-                self.agent_id, msg, now=now, signer=self.signer, verifier=self.verifier, rng=self.rng
-            )
+            self.session = ClientSession(self.agent_id, msg, now=now, signer=self.signer, verifier=self.verifier)
             self.stats.cohorts_joined += 1
             return self._settle(self.session.start())
         if self.session is None or msg.cohort != self.session.cohort:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiomqtt
-import numpy as np
 
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import BudgetExhausted
@@ -485,7 +484,6 @@ class AgentService:
                 self._limits,
                 signer=signer,
                 verifier=verifier,
-                rng=np.random.default_rng(self.rng.getrandbits(64)),
                 stats=self.stats.secure,
             )
         return self._secure

@@ -103,7 +103,6 @@ class Fleet:
         if isinstance(msg, CohortMsg):
             session = ClientSession(
                 agent, msg, now=self.now, signer=self.signers.get(agent), verifier=self.verifier,
-                rng=np.random.default_rng(hash(agent) % 2**32),
             )  # fmt: skip
             self.sessions[agent] = session
             self._from_client(agent, session.start())
@@ -237,7 +236,7 @@ class CoreFleet:
                 continue
             msg = decode_down(payload)
             if isinstance(msg, CohortMsg):
-                self.sessions[agent] = ClientSession(agent, msg, now=self.now, rng=np.random.default_rng(7))
+                self.sessions[agent] = ClientSession(agent, msg, now=self.now)
                 outs = self.sessions[agent].start()
             elif agent in self.sessions:
                 outs = self.sessions[agent].handle(msg)

@@ -124,19 +124,28 @@ def test_quantized_sums_are_within_the_bound(summands: int, clip: float, seed: i
     bits = 32
     scale = scale_for(bits, clip, summands)
     xs = [rng.uniform(-clip, clip, 200) for _ in range(summands)]
-    total = sum((quantize(x, scale=scale, clip_range=clip, bits=bits, rng=rng) for x in xs), np.zeros(200, np.uint64))
+    total = sum((quantize(x, scale=scale, clip_range=clip, bits=bits) for x in xs), np.zeros(200, np.uint64))
     got = dequantize(reduce(total, bits), scale=scale, bits=bits)
     assert np.abs(got - np.sum(xs, axis=0)).max() <= summands / scale
     extreme = [np.full(3, clip)] * summands  # the largest sum still fits the signed range
-    q = sum((quantize(x, scale=scale, clip_range=clip, bits=bits, rng=rng) for x in extreme), np.zeros(3, np.uint64))
+    q = sum((quantize(x, scale=scale, clip_range=clip, bits=bits) for x in extreme), np.zeros(3, np.uint64))
     assert np.allclose(dequantize(reduce(q, bits), scale=scale, bits=bits), summands * clip, atol=summands / scale)
 
 
+def test_the_rounding_draws_cryptographic_uniforms() -> None:
+    u = crypto.uniform(100_000)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+    assert not np.array_equal(u[:100], crypto.uniform(100))  # a fresh key every time
+    half = np.full(10, 0.5)
+    assert np.array_equal(
+        quantize(half, scale=1.0, clip_range=1.0, bits=32, uniform=lambda n: np.zeros(n)), np.ones(10)
+    )
+
+
 def test_stochastic_rounding_is_unbiased() -> None:
-    rng = np.random.default_rng(1)
     scale = 4.0  # coarse on purpose
     x = np.full(200_000, 0.1)
-    q = dequantize(quantize(x, scale=scale, clip_range=1.0, bits=32, rng=rng), scale=scale, bits=32)
+    q = dequantize(quantize(x, scale=scale, clip_range=1.0, bits=32), scale=scale, bits=32)
     assert abs(q.mean() - 0.1) < 0.003 and set(np.unique(q)) == {0.0, 0.25}
 
 

@@ -98,7 +98,7 @@ class Devices:
         agent = topic.rsplit("/", 1)[1]
         msg = decode_down(payload)
         if isinstance(msg, CohortMsg):
-            self.sessions[agent] = ClientSession(agent, msg, now=self.clock(), rng=np.random.default_rng(3))
+            self.sessions[agent] = ClientSession(agent, msg, now=self.clock())
             outs = self.sessions[agent].start()
         elif agent in self.sessions:
             outs = self.sessions[agent].handle(msg)

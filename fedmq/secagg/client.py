@@ -139,7 +139,8 @@ class ClientSession:
         signer: the device's TLS identity, to sign its keys (``None``: unsigned keys).
         verifier: the federation CA, to check the roster (``None``: signatures are not checked,
             and the aggregator could substitute keys; the TLS deployment always has one).
-        rng: randomness for stochastic rounding (the masks come from the OS CSPRNG).
+        uniform: randomness for stochastic rounding (default: an AES-CTR stream under a fresh
+            OS-random key, like every other random value of the protocol).
         noise: a hook for distributed DP noise on the integers (:data:`NoiseHook`).
     """
 
@@ -151,7 +152,7 @@ class ClientSession:
         now: float,
         signer: crypto.Signer | None = None,
         verifier: crypto.Verifier | None = None,
-        rng: np.random.Generator | None = None,
+        uniform: crypto.Uniform = crypto.uniform,
         noise: NoiseHook | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -160,7 +161,7 @@ class ClientSession:
         self.cohort = cohort.cohort
         self.params = cohort.params
         self.signer, self.verifier = signer, verifier
-        self.rng = rng or np.random.default_rng()
+        self.uniform = uniform
         self.noise = noise
         self.randbytes = randbytes
         self.deadline = now + 5 * cohort.timeout
@@ -314,7 +315,7 @@ class ClientSession:
     ) -> tuple[_State, list[Output]]:
         p = self.params
         scale = scale_for(p.bits, p.clip_range, len(self.announce.members))
-        ints = quantize(values, scale=scale, clip_range=p.clip_range, bits=p.bits, rng=self.rng)
+        ints = quantize(values, scale=scale, clip_range=p.clip_range, bits=p.bits, uniform=self.uniform)
         if self.noise is not None:
             ints = reduce(self.noise(ints, scale), p.bits)
         masked = ints + crypto.expand_mask(self._s.seed, ints.size, p.bits, domain=SELF_DOMAIN)

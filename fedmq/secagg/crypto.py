@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,21 @@ def expand_mask(seed: bytes, n: int, bits: int, *, domain: bytes) -> npt.NDArray
     if bits < 8 * width:
         words = words & words.dtype.type((1 << bits) - 1)
     return words
+
+
+Uniform = Callable[[int], npt.NDArray[np.float64]]
+"""``n`` independent uniform draws in ``[0, 1)`` (what stochastic rounding needs)."""
+
+
+def uniform(n: int) -> npt.NDArray[np.float64]:
+    """``n`` uniforms in ``[0, 1)`` with 53 random bits each, from AES-256-CTR under a fresh OS-random key.
+
+    The rounding of a masked update is randomness of the protocol like the masks, so it comes
+    from a cryptographic stream too, not from a seedable statistical generator.
+    """
+    enc = Cipher(algorithms.AES(os.urandom(KEY_BYTES)), modes.CTR(bytes(16))).encryptor()
+    words = np.frombuffer(enc.update(bytes(8 * n)) + enc.finalize(), dtype="<u8")
+    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def seed_commitment(seed: bytes, cohort: str, agent: str) -> bytes:

@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.secagg.crypto import Uniform
+from fedmq.secagg.crypto import uniform as random_uniform
+
 U64 = npt.NDArray[np.unsignedinteger[Any]]
 """Integers mod ``2^bits`` in the ring's dtype (the name stayed from when it was always 64-bit)."""
 
@@ -40,11 +43,16 @@ def scale_for(bits: int, clip_range: float, summands: int) -> float:
     return float(2 ** np.floor(np.log2(room / clip_range)))
 
 
-def quantize(x: npt.NDArray[Any], *, scale: float, clip_range: float, bits: int, rng: np.random.Generator) -> U64:
-    """Encode ``x`` (clamped to ``[-clip_range, clip_range]``) as integers mod ``2^bits``, stochastic rounding."""
-    v = np.clip(np.asarray(x, dtype=np.float64), -clip_range, clip_range) * scale
+def quantize(
+    x: npt.NDArray[Any], *, scale: float, clip_range: float, bits: int, uniform: Uniform = random_uniform
+) -> U64:
+    """Encode ``x`` (clamped to ``[-clip_range, clip_range]``) as integers mod ``2^bits``, stochastic rounding.
+
+    ``uniform`` draws the rounding's randomness (a cryptographic stream by default; injectable).
+    """
+    v = np.clip(np.asarray(x, dtype=np.float64).ravel(), -clip_range, clip_range) * scale
     low = np.floor(v)
-    ints = (low + (rng.random(v.shape) < (v - low))).astype(np.int64)
+    ints = (low + (uniform(v.size) < (v - low))).astype(np.int64)
     return reduce(ints.view(np.uint64), bits).astype(ring_dtype(bits))
 
 
