@@ -84,6 +84,10 @@ page cache took 3.6 ms here)."""
 OFF_LOOP_WORK = 4_000_000
 """A step that touches about this many numbers (parameters x K, x K again for Krum's distances)
 runs in a worker thread; below it a thread hand-off costs more than the step (a GIL switch)."""
+OFF_LOOP_UNMASK = 100_000
+"""Secure aggregation: with a model of at least this many values, a masked upload or reveal (which
+may close a cohort and unmask it: one AES-CTR stream of the model's size per mask) is handled
+in a worker thread, and so is a tick while cohorts are open (a timeout may unmask one)."""
 HISTORY_POINTS = 2048
 """Evaluation points kept for the summary (older ones are thinned out, the first and last stay)."""
 
@@ -691,7 +695,7 @@ class AggregatorService:
         def decide() -> tuple[list[Rejected], tuple[Effect, ...]]:
             return core.secagg_message(agent, msg, now=self.clock())
 
-        heavy = isinstance(msg, (MaskedMsg, RevealMsg)) and self._params >= OFF_LOOP_DECODE // 5
+        heavy = isinstance(msg, (MaskedMsg, RevealMsg)) and self._params >= OFF_LOOP_UNMASK
         refused = await self._input(decide, b"", in_thread=heavy, big=False)
         for r in refused or []:
             self._log_rejection(r, agent)
@@ -722,7 +726,7 @@ class AggregatorService:
                 await self._probe_storage()
                 return
             core = self._core
-            if core.secagg is not None and core.secagg.cohorts and self._params >= OFF_LOOP_DECODE // 5:
+            if core.secagg is not None and core.secagg.cohorts and self._params >= OFF_LOOP_UNMASK:
                 effects = await asyncio.to_thread(core.tick, self.clock())  # a timeout may unmask a cohort
             else:
                 effects = core.tick(self.clock())

@@ -51,6 +51,7 @@ class SecureUploads:
         signer: the TLS identity that signs this device's keys (``None``: unsigned).
         verifier: the federation CA that roster signatures must verify against.
         stats: where to count what happens (the agent's :class:`~edge_agent.service.SecureStats`).
+        checkin_interval: seconds between check-ins while in no cohort (``agent.checkin_interval``).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class SecureUploads:
         signer: Signer | None,
         verifier: Verifier | None,
         stats: SecureStats | None = None,
+        checkin_interval: float = 2.0,
     ) -> None:
         self.agent_id = agent_id
         self.outbox = outbox
@@ -72,25 +74,22 @@ class SecureUploads:
         """Outbox seq -> the cohort its masked upload went to (until the cohort ends)."""
         self.stats = stats if stats is not None else SecureStats()
         self.next_checkin = 0.0
-        self.checkin_interval = 2.0
-        self._now = 0.0
+        self.checkin_interval = checkin_interval
 
     # --- inputs ----------------------------------------------------------------------------
-    def check_in(self, now: float, model: ModelMessage, interval: float) -> CheckIn | None:
-        """A check-in, if the agent is in no cohort and the last one is ``interval`` seconds old."""
-        self.checkin_interval = interval
+    def check_in(self, now: float, model: ModelMessage) -> CheckIn | None:
+        """A check-in, if the agent is in no cohort and the last one is ``checkin_interval`` seconds old."""
         if self.session is not None and not self.session.expired(now):
             return None
         if self.session is not None:
             self._end("the cohort timed out on this device")
         if now < self.next_checkin:
             return None
-        self.next_checkin = now + interval
+        self.next_checkin = now + self.checkin_interval
         return CheckIn(self.agent_id, model.run)
 
     def on_message(self, payload: bytes, now: float) -> list[Output]:
         """A message from the aggregator on this device's ``secagg/down`` topic."""
-        self._now = now
         try:
             msg = decode_down(payload, self.limits)
         except DecodeError as exc:
@@ -102,11 +101,11 @@ class SecureUploads:
                 self._end("the aggregator formed a new cohort for this device")
             self.session = ClientSession(self.agent_id, msg, now=now, signer=self.signer, verifier=self.verifier)
             self.stats.cohorts_joined += 1
-            return self._settle(self.session.start())
+            return self._settle(self.session.start(), now)
         if self.session is None or msg.cohort != self.session.cohort:
             self.stats.ignored["wrong_cohort"] += 1
             return []
-        return self._settle(self.session.handle(msg))
+        return self._settle(self.session.handle(msg), now)
 
     def input_for(self, model: ModelMessage, *, skip: Collection[int] = ()) -> tuple[np.ndarray, UpdateMessage] | None:
         """The oldest outbox update not in a cohort, weighted for ``model``'s version; None if there is none.
@@ -139,7 +138,7 @@ class SecureUploads:
             return values, update
         return None
 
-    def provide(self, values: np.ndarray, update: UpdateMessage) -> list[Output]:
+    def provide(self, values: np.ndarray, update: UpdateMessage, now: float) -> list[Output]:
         """Mask ``values`` (the update's weighted input) in the current session (blocking: a thread may run it)."""
         session = self.session
         if session is None or not session.waiting_for_input:
@@ -148,9 +147,9 @@ class SecureUploads:
         if session.input_seq is not None:
             self.assigned[update.seq] = session.cohort
             self.stats.masked_uploads += 1
-        return self._settle(outs)
+        return self._settle(outs, now)
 
-    def settled(self, seq: int, *, accepted: bool = True) -> None:
+    def settled(self, seq: int, now: float, *, accepted: bool = True) -> None:
         """The receipt for ``seq`` arrived: it left the outbox; if the current cohort summed it, that cohort is done.
 
         The aggregator answers a summed upload with its receipt only (no DoneMsg): the device is
@@ -162,7 +161,7 @@ class SecureUploads:
             self.stats.cohorts_applied += 1
             self.stats.summed += 1
             self.session = None
-            self.next_checkin = self._now + self.checkin_interval
+            self.next_checkin = now + self.checkin_interval
 
     @property
     def waiting_for_input(self) -> bool:
@@ -174,7 +173,7 @@ class SecureUploads:
         return all(seq in self.assigned for seq, _ in self.outbox.pending())
 
     # --- results -------------------------------------------------------------------------------
-    def _settle(self, outs: list[Output]) -> list[Output]:
+    def _settle(self, outs: list[Output], now: float) -> list[Output]:
         for o in outs:
             if isinstance(o, Finished):
                 if o.status == "applied":
@@ -185,7 +184,7 @@ class SecureUploads:
                 self._release(o.cohort, applied=o.included)
                 self.session = None
                 # A device whose upload was summed is back in the aggregator's pool; the others check in.
-                self.next_checkin = self._now + self.checkin_interval if o.included else 0.0
+                self.next_checkin = now + self.checkin_interval if o.included else 0.0
             elif isinstance(o, Refused):
                 self.stats.refused[o.reason] += 1
                 log.warning("agent %s: left cohort %s: %s (%s)", self.agent_id, o.cohort[:8], o.reason, o.detail)

@@ -413,8 +413,7 @@ class AgentService:
         payload = self.outbox.get(receipt.seq) or b""
         self.outbox.remove(receipt.seq)
         if self._secure is not None:
-            self._secure._now = time.monotonic()
-            self._secure.settled(receipt.seq, accepted=receipt.status == "accepted")
+            self._secure.settled(receipt.seq, time.monotonic(), accepted=receipt.status == "accepted")
         self._sa_changed.set()
         if self.on_receipt is not None:
             self.on_receipt(receipt, payload)
@@ -485,6 +484,7 @@ class AgentService:
                 signer=signer,
                 verifier=verifier,
                 stats=self.stats.secure,
+                checkin_interval=self.config.agent.checkin_interval,
             )
         return self._secure
 
@@ -508,16 +508,16 @@ class AgentService:
             if active:
                 assert model is not None
                 assert secure is not None
-                checkin = secure.check_in(time.monotonic(), model, interval)
+                checkin = secure.check_in(time.monotonic(), model)
                 if checkin is not None:
                     await publish(client, topic, checkin.to_bytes(), qos=1)
                 if secure.waiting_for_input:
                     picked = secure.input_for(model, skip=self._held_back)
                     if picked is not None:
                         if picked[0].size >= INLINE_MASK_VALUES:
-                            outs = await asyncio.to_thread(secure.provide, *picked)
+                            outs = await asyncio.to_thread(secure.provide, *picked, time.monotonic())
                         else:  # a small model: masking takes less than a thread hand-off
-                            outs = secure.provide(*picked)
+                            outs = secure.provide(*picked, time.monotonic())
                         await self._publish_secagg(client, outs)
                         self._sa_changed.set()
                     else:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from aggregator.service import AggregatorService
+from broker.launcher import MosquittoBroker, free_port
+from broker.pki import init
 from fedmq.config import Config
 from fedmq.runtime import Pulse
 
@@ -45,3 +51,26 @@ async def start_aggregator(cfg: Config) -> tuple[AggregatorService, asyncio.Even
     task = asyncio.create_task(server.run(stop))
     await asyncio.wait_for(server.ready.wait(), 20)
     return server, stop, task
+
+
+@contextlib.contextmanager
+def tls_deployment(agents: Sequence[str], prefix: str) -> Iterator[tuple[Path, MosquittoBroker]]:
+    """A ``fedmq broker init`` deployment for ``agents`` and a Mosquitto serving it on free loopback ports.
+
+    Mosquitto started as root reads its files as user mosquitto: the folder must be reachable
+    (pytest's tmp_path is 0700). The secrets inside stay 0640, group mosquitto.
+    """
+    from tests.conftest import require_mosquitto
+
+    require_mosquitto()
+    root = Path(tempfile.mkdtemp(prefix="fedmq-pki-"))
+    root.chmod(0o755)
+    port, ops = free_port(), free_port()
+    init(root, list(agents), prefix=prefix, port=port, ops_port=ops, bind="127.0.0.1")
+    broker = MosquittoBroker(port=port, conf=root / "broker" / "mosquitto.conf", render=False, workdir=root / "run")
+    broker.start()
+    try:
+        yield root, broker
+    finally:
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,12 +22,11 @@ from typing import Any
 import pytest
 
 from aggregator.service import AggregatorService
-from broker.launcher import MosquittoBroker, free_port
-from broker.pki import init, load_registry
+from broker.launcher import MosquittoBroker
+from broker.pki import load_registry
 from fedmq.config import AggregatorConfig, BrokerConfig, Config, SecAggConfig
 from fedmq.messages import metrics_from_bytes
-from tests.conftest import require_mosquitto
-from tests.helpers import payload, start_aggregator, wait_until
+from tests.helpers import payload, start_aggregator, tls_deployment, wait_until
 
 pytestmark = pytest.mark.broker
 PREFIX = "fedmq/sa"
@@ -84,16 +81,8 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[Deployment]:
-    require_mosquitto()
-    root = Path(tempfile.mkdtemp(prefix="fedmq-sa-pki-"))
-    root.chmod(0o755)
-    port, ops = free_port(), free_port()
-    init(root, AGENTS, prefix=PREFIX, port=port, ops_port=ops, bind="127.0.0.1")
-    broker = MosquittoBroker(port=port, conf=root / "broker" / "mosquitto.conf", render=False, workdir=root / "run")
-    broker.start()
-    yield Deployment(root, broker)
-    broker.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with tls_deployment(AGENTS, PREFIX) as (root, broker):
+        yield Deployment(root, broker)
 
 
 def secure_config(deployment: Deployment, **agg: Any) -> Config:
@@ -103,7 +92,7 @@ def secure_config(deployment: Deployment, **agg: Any) -> Config:
         server_lr=1.0,
         metrics_interval=0.2,
         secure_aggregation=True,
-        secagg=SecAggConfig(overselect=0.25, timeout=3.0),
+        secagg=SecAggConfig(overselect=0.25, timeout=10.0),  # rounds end when all answered: no wait
         eval_data="builtin:digits-test",
     )
     return Config(prefix=PREFIX, broker=deployment.tls("aggregator"), aggregator=replace(base, **agg)).validate()

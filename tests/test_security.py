@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,8 +31,7 @@ from fedmq.errors import ConfigError
 from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage
 from fedmq.transport import client_kwargs
 from models.datasets import digits
-from tests.conftest import require_mosquitto
-from tests.helpers import payload, start_aggregator, wait_until
+from tests.helpers import payload, start_aggregator, tls_deployment, wait_until
 
 pytestmark = pytest.mark.broker
 PREFIX = "fedmq/secure"
@@ -77,18 +74,8 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[Deployment]:
-    require_mosquitto()
-    # Mosquitto started as root reads its files as user mosquitto: the folder must be reachable
-    # (pytest's tmp_path is 0700). The secrets inside stay 0640, group mosquitto.
-    root = Path(tempfile.mkdtemp(prefix="fedmq-pki-"))
-    root.chmod(0o755)
-    port, ops = free_port(), free_port()
-    init(root, AGENTS, prefix=PREFIX, port=port, ops_port=ops, bind="127.0.0.1")
-    broker = MosquittoBroker(port=port, conf=root / "broker" / "mosquitto.conf", render=False, workdir=root / "run")
-    broker.start()
-    yield Deployment(root, broker)
-    broker.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with tls_deployment(AGENTS, PREFIX) as (root, broker):
+        yield Deployment(root, broker)
 
 
 async def refused(client: aiomqtt.Client) -> str:

@@ -117,7 +117,7 @@ class _Message:
 
 # --- device -> aggregator -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class CheckIn:
+class CheckIn(_Message):
     """A device is ready for a cohort (sent while it is in none, repeated every few seconds)."""
 
     agent_id: str
@@ -126,17 +126,8 @@ class CheckIn:
     kind: ClassVar[str] = "sa_checkin"
     FIELDS: ClassVar[frozenset[str]] = frozenset({"schema", "kind", "cohort", "agent_id", "run"})
 
-    def to_bytes(self) -> bytes:
-        """Encode."""
-        return pack(
-            {
-                "schema": SCHEMA_VERSION,
-                "kind": self.kind,
-                "cohort": self.cohort,
-                "agent_id": self.agent_id,
-                "run": self.run,
-            }
-        )
+    def _wire(self) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "run": self.run}
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> CheckIn:

@@ -565,22 +565,19 @@ class CohortManager:
         self.formed = 0
         self.applied = 0
         self.abandoned = 0
-        self._now = 0.0
 
     def check_in(self, agent: str, msg: CheckIn, now: float, *, version: int, run: str | None) -> list[Out]:
         """``agent`` is ready for a cohort (if it was in one, it has left it)."""
-        self._now = now
         out: list[Out] = []
         current = self.member_of.pop(agent, None)
         if current is not None:  # it gave its cohort up (restarted, or timed out): the cohort stops waiting
-            out += self._settle(self.cohorts[current].offline(agent, now))
+            out += self._settle(self.cohorts[current].offline(agent, now), now)
         self.pool.pop(agent, None)
         self.pool[agent] = now
         return out + self.form(now, version=version, run=run)
 
     def receive(self, agent: str, msg: UpMessage, now: float, check: Check | None = None) -> list[Out]:
         """A device's message for a cohort."""
-        self._now = now
         cohort = self.cohorts.get(msg.cohort)
         if cohort is None:
             if agent in self._ended.get(msg.cohort, ()):  # its own cohort ended before this arrived
@@ -596,21 +593,19 @@ class CohortManager:
             self._digests[digest] = msg.cohort
             while len(self._digests) > RECENT_DIGESTS:
                 self._digests.popitem(last=False)
-        return self._settle(cohort.receive(agent, msg, now, check))
+        return self._settle(cohort.receive(agent, msg, now, check), now)
 
     def offline(self, agent: str, now: float) -> list[Out]:
         """``agent`` went offline: out of the pool, and its cohort stops waiting for it."""
-        self._now = now
         self.pool.pop(agent, None)
         current = self.member_of.get(agent)
-        return self._settle(self.cohorts[current].offline(agent, now)) if current is not None else []
+        return self._settle(self.cohorts[current].offline(agent, now), now) if current is not None else []
 
     def tick(self, now: float, *, version: int, run: str | None) -> list[Out]:
         """Time passed: round timeouts, and maybe a new cohort."""
-        self._now = now
         out: list[Out] = []
         for cohort in list(self.cohorts.values()):
-            out += self._settle(cohort.tick(now))
+            out += self._settle(cohort.tick(now), now)
         stale = now - 3 * self.settings.timeout  # devices in the pool check in again every few seconds
         while self.pool and next(iter(self.pool.values())) < stale:
             self.pool.popitem(last=False)
@@ -648,7 +643,7 @@ class CohortManager:
         self.formed += 1
         return [Formed(cohort.id, cohort.members), *(SendTo(a, announce) for a in members)]
 
-    def _settle(self, out: list[Out]) -> list[Out]:
+    def _settle(self, out: list[Out], now: float) -> list[Out]:
         """After a cohort's step: forget it once it ended, and free its devices.
 
         The devices of an abandoned cohort are told so here (they check in again); those of a
@@ -666,7 +661,7 @@ class CohortManager:
                     for a in sorted(set(cohort.reveals) - cohort.gone):
                         if a not in self.member_of:
                             self.pool.pop(a, None)
-                            self.pool[a] = self._now
+                            self.pool[a] = now
                 if isinstance(o, Unmasked):
                     self.applied += 1
                 else:
