@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import shutil
@@ -218,7 +219,17 @@ class AggregatorService:
         self.on_progress = on_progress
         self.clock = clock
         self.fresh = fresh
-        self.spec = ModelSpec(self.cfg.model, self.cfg.num_features, self.cfg.num_classes, self.cfg.hidden)
+        input_range = None
+        if self.cfg.input_min is not None and self.cfg.input_max is not None:
+            input_range = (self.cfg.input_min, self.cfg.input_max)
+        self.spec = ModelSpec(
+            self.cfg.model,
+            self.cfg.num_features,
+            self.cfg.num_classes,
+            self.cfg.hidden,
+            labels=self.cfg.label_names,
+            input_range=input_range,
+        )
         self.core: AggregatorCore | None = None
         self.store: StateStore | None = None
         self.run_id: str | None = None
@@ -465,6 +476,10 @@ class AggregatorService:
                 "aggregator.eval_data",
                 f"labels {int(y.min())}..{int(y.max())} do not fit the model's {self.spec.num_classes} classes",
             )
+        if self.spec.input_range is None and len(y):
+            lo, hi = float(self.eval_data.x.min()), float(self.eval_data.x.max())
+            if lo < hi:  # announce what the model is evaluated on, so agents can check their scaling
+                self.spec = dataclasses.replace(self.spec, input_range=(lo, hi))
 
     async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
         """Serve until ``stop`` is set, ``max_versions`` or ``target_accuracy`` is reached; return the summary."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from broker.launcher import start_broker
 from fedmq.config import PrivacyConfig
-from simulator.harness import SimConfig, run_federation, split_digits
+from simulator.harness import SimConfig, run_federation, split_task
 
 RULES = ("none", "norm_bound", "median", "trimmed_mean", "krum")
 ATTACKS = ("sign_flip", "scale", "gaussian", "label_flip", "alie", "window", "inflate", "fast")
@@ -59,7 +59,7 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
     if args.rate_limit is not None:
         agg = replace(agg, rate_limit=args.rate_limit)
     base = replace(base, aggregator=agg).validate()
-    shards, test = split_digits(base)
+    shards, test = split_task(base)
     broker = await asyncio.to_thread(start_broker, "mosquitto")
     results: dict[str, dict[str, dict[str, float]]] = {}
     n = 0

@@ -32,10 +32,18 @@ Tensors = dict[str, npt.NDArray[Any]]
 
 
 def l2_norm(tensors: Mapping[str, npt.NDArray[Any]]) -> float:
-    """Global L2 norm over all tensors (accumulated in float64 for accuracy)."""
-    return math.sqrt(
-        sum(float(np.dot(t.reshape(-1).astype(np.float64), t.reshape(-1).astype(np.float64))) for t in tensors.values())
-    )
+    """Global L2 norm over all tensors (accumulated in float64 for accuracy).
+
+    Summed with numpy's pairwise sum, not BLAS ``dot``. Agents train in worker threads, and
+    concurrent OpenBLAS calls on vectors this long contend for its lock: with 100 simulated
+    agents of the 26K-parameter speech model, ``dot`` was 12 times slower than serial and stalled
+    the federation.
+    """
+    total = 0.0
+    for t in tensors.values():
+        flat = t.reshape(-1).astype(np.float64)
+        total += float(np.sum(flat * flat))
+    return math.sqrt(total)
 
 
 def clip_l2(tensors: Mapping[str, npt.NDArray[Any]], bound: float) -> tuple[Tensors, float]:

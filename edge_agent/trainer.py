@@ -8,6 +8,7 @@ number and accountant history) lives in one small state file.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -24,9 +25,10 @@ from fedmq.messages import ModelMessage, ModelSpec, UpdateMessage, report_exampl
 from fedmq.state import read_state, write_state
 from models import create_model
 from models.base import TrainingCancelled
-from models.datasets import Dataset
+from models.datasets import Dataset, range_mismatch
 
 STATE_KIND = "agent-state"
+log = logging.getLogger("fedmq.agent")
 
 
 class TrainingDiverged(Exception):
@@ -82,6 +84,8 @@ class LocalTrainer:
         self.exhausted: BudgetExhausted | None = None
         self._model: Any = None
         self._spec: ModelSpec | None = None
+        self.range_warning: str | None = None
+        """Set when the local data does not match the model's announced input range (logged once)."""
         self._load_state()
 
     @property
@@ -177,6 +181,10 @@ class LocalTrainer:
             self._model = create_model(
                 spec.name, num_features=spec.num_features, num_classes=spec.num_classes, hidden=spec.hidden
             )
+            if spec.input_range is not None and (self._spec is None or spec.input_range != self._spec.input_range):
+                self.range_warning = range_mismatch(self.data.x, spec.input_range)
+                if self.range_warning is not None:
+                    log.warning("agent %s: %s", self.agent.agent_id, self.range_warning)
             self._spec = spec
         return self._model
 

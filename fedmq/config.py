@@ -126,6 +126,12 @@ class AggregatorConfig:
     rule: str = "fedbuff"
     model: str = "softmax"
     hidden: int = 64
+    labels: str = ""
+    """Class names, comma-separated ("yes,no,up,..."): announced with the model, kept in ONNX exports."""
+    input_min: float | None = None
+    input_max: float | None = None
+    """The range the model's inputs are scaled to, announced so that agents can check their data.
+    Unset: the evaluation data's minimum and maximum, when there is evaluation data."""
     num_features: int = 64
     num_classes: int = 10
     buffer_size: int = 10
@@ -190,6 +196,11 @@ class AggregatorConfig:
     """Take only masked updates, in cohorts, and learn only their sums (SecAgg+; docs/security.md)."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """:attr:`labels` split at commas."""
+        return tuple(n.strip() for n in self.labels.split(",")) if self.labels.strip() else ()
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
         _check(
@@ -210,6 +221,26 @@ class AggregatorConfig:
             self.num_features >= 1 and self.num_classes >= 2,
             "aggregator.num_classes",
             "need num_features >= 1 and num_classes >= 2",
+        )
+        names = self.label_names
+        _check(
+            len(names) <= self.num_classes and all(0 < len(n) <= 64 for n in names),
+            "aggregator.labels",
+            f"{len(names)} comma-separated names of 1-64 characters for {self.num_classes} classes",
+        )
+        _check(
+            (self.input_min is None) == (self.input_max is None)
+            and (
+                self.input_min is None
+                or (
+                    self.input_max is not None
+                    and _finite(self.input_min)
+                    and _finite(self.input_max)
+                    and self.input_min < self.input_max
+                )
+            ),
+            "aggregator.input_min",
+            "set both input_min and input_max, finite, with input_min < input_max",
         )
         _check(
             self.target_accuracy is None or 0 < self.target_accuracy <= 1,

@@ -86,34 +86,73 @@ def _agent_id(obj: dict[str, Any], *, server_ok: bool = False) -> str:
     return v
 
 
+MAX_LABELS = 1024
+MAX_LABEL_CHARS = 64
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What an agent needs to build the model locally: registry name and dimensions."""
+    """What an agent needs to build the model locally: registry name and dimensions.
+
+    ``labels`` names the classes (empty: unnamed), so that a device can print "stop" rather than 8.
+    ``input_range`` is the ``(low, high)`` the model's inputs are scaled to. An agent whose data
+    lies far outside it warns that it has not normalised its data as the model expects.
+    """
 
     name: str
     num_features: int
     num_classes: int
     hidden: int = 64
+    labels: tuple[str, ...] = ()
+    input_range: tuple[float, float] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """Plain map for the ``model`` field."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "num_features": self.num_features,
             "num_classes": self.num_classes,
             "hidden": self.hidden,
         }
+        if self.labels:
+            out["labels"] = list(self.labels)
+        if self.input_range is not None:
+            out["input_range"] = list(self.input_range)
+        return out
 
     @classmethod
     def from_wire(cls, obj: Any) -> ModelSpec:
         """Validate an untrusted ``model`` field."""
         if not isinstance(obj, dict):
             raise DecodeError(RejectReason.BAD_FIELD, "model must be a map")
+        num_classes = _int(obj, "num_classes", minimum=2)
+        labels = obj.get("labels") or []
+        if not (
+            isinstance(labels, list)
+            and len(labels) <= min(num_classes, MAX_LABELS)
+            and all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels)
+        ):
+            raise DecodeError(
+                RejectReason.BAD_FIELD, f"model.labels must be at most num_classes strings of 1-{MAX_LABEL_CHARS} chars"
+            )
+        rng = obj.get("input_range")
+        input_range: tuple[float, float] | None = None
+        if rng is not None:
+            if not (
+                isinstance(rng, list)
+                and len(rng) == 2
+                and all(type(v) in (int, float) and math.isfinite(v) for v in rng)
+                and rng[0] < rng[1]
+            ):
+                raise DecodeError(RejectReason.BAD_FIELD, "model.input_range must be [low, high] with low < high")
+            input_range = (float(rng[0]), float(rng[1]))
         return cls(
             _str(obj, "name"),
             _int(obj, "num_features", minimum=1),
-            _int(obj, "num_classes", minimum=2),
+            num_classes,
             _int(obj, "hidden", minimum=1),
+            tuple(labels),
+            input_range,
         )
 
 

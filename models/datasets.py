@@ -69,14 +69,23 @@ def dirichlet_split(
     """Split indices non-IID: each class is divided among ``parts`` with Dirichlet(alpha) shares.
 
     Smaller ``alpha`` is more skewed (Hsu, Qi, Brown 2019, arXiv:1909.06335). The draw is
-    repeated until every part has at least ``min_size`` examples.
+    repeated until every part has at least ``min_size`` examples. When ``max_tries`` draws all
+    leave a part short, as at many parts and small alpha, the last draw is repaired: a short part
+    takes examples from the largest part until it has ``min_size``. That only moves examples from
+    the largest parts, so the skew of the others is kept.
+
+    Raises:
+        ValueError: ``parts < 1``, ``alpha <= 0``, or fewer than ``parts * min_size`` examples.
     """
-    if parts < 1 or alpha <= 0:
-        raise ValueError("need parts >= 1 and alpha > 0")
+    if parts < 1 or alpha <= 0 or min_size < 0:
+        raise ValueError("need parts >= 1, alpha > 0 and min_size >= 0")
     if len(y) < parts * min_size:
-        raise ValueError(f"{len(y)} examples cannot give {parts} parts of {min_size}")
-    for _ in range(max_tries):
-        buckets: list[list[int]] = [[] for _ in range(parts)]
+        raise ValueError(
+            f"{len(y)} examples cannot give {parts} parts of {min_size}: use fewer devices or a larger data set"
+        )
+    buckets: list[list[int]] = []
+    for _ in range(max(1, max_tries)):
+        buckets = [[] for _ in range(parts)]
         for c in np.unique(y):
             idx = rng.permutation(np.flatnonzero(y == c))
             shares = rng.dirichlet(np.full(parts, alpha))
@@ -84,8 +93,33 @@ def dirichlet_split(
             for b, chunk in zip(buckets, np.split(idx, cuts), strict=True):
                 b.extend(chunk.tolist())
         if min(len(b) for b in buckets) >= min_size:
-            return [np.array(sorted(b), dtype=np.intp) for b in buckets]
-    raise ValueError(f"no Dirichlet({alpha}) split into {parts} parts of >= {min_size} in {max_tries} tries")
+            break
+    else:
+        for b in sorted(buckets, key=len):
+            while len(b) < min_size:
+                donor = max(buckets, key=len)
+                b.append(donor.pop(int(rng.integers(len(donor)))))
+    return [np.array(sorted(b), dtype=np.intp) for b in buckets]
+
+
+def range_mismatch(x: npt.NDArray[np.float32], expected: tuple[float, float]) -> str | None:
+    """Say how local features ``x`` fail to match the range a model expects, or ``None`` when they fit.
+
+    Data is flagged when it reaches more than half the expected width beyond either end (raw
+    0-16 digits pixels against [0, 1]), or when it spans under a twentieth of that width (data
+    divided twice). Both make SGD crawl without any error.
+    """
+    if x.size == 0:
+        return None
+    lo, hi = expected
+    width = hi - lo
+    dmin, dmax = float(np.min(x)), float(np.max(x))
+    where = f"the local data lies in [{dmin:.4g}, {dmax:.4g}] but the model expects inputs in [{lo:.4g}, {hi:.4g}]"
+    if dmin < lo - 0.5 * width or dmax > hi + 0.5 * width:
+        return f"{where}: scale it as the model's recipe says (docs/protocol.md, 'Input normalisation')"
+    if dmax - dmin < 0.05 * width:
+        return f"{where}: it uses under 5% of that range; was it scaled twice? (docs/protocol.md)"
+    return None
 
 
 def load_source(spec: str) -> Dataset:

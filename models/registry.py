@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from models.base import Model
 
-MODEL_NAMES = ("softmax", "mlp", "digits-cnn", "med-cnn")
-"""``softmax`` and ``mlp`` are numpy (default); ``digits-cnn`` (8x8) and ``med-cnn`` (28x28) need torch."""
+MODEL_NAMES = ("softmax", "mlp", "digits-cnn", "med-cnn", "speech-cnn")
+"""``softmax`` and ``mlp`` are numpy (default); ``digits-cnn`` (8x8), ``med-cnn`` (28x28) and
+``speech-cnn`` (14x14 log-mel) need torch. ``docs/protocol.md`` defines each one's tensors."""
 
-TORCH_MODELS = {"digits-cnn": (1, 8, 8), "med-cnn": (1, 28, 28)}
+TORCH_MODELS = {"digits-cnn": (1, 8, 8), "med-cnn": (1, 28, 28), "speech-cnn": (1, 14, 14)}
 
 
 def create_model(name: str, *, num_features: int, num_classes: int, hidden: int = 64, seed: int = 0) -> Model:
@@ -35,6 +36,6 @@ def create_model(name: str, *, num_features: int, num_classes: int, hidden: int 
             from models import torch_backend
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ImportError(f"model {name!r} needs torch: pip install 'fedmq[torch]'") from exc
-        module = torch_backend.digits_cnn(num_classes) if name == "digits-cnn" else torch_backend.med_cnn(num_classes)
+        module = torch_backend.MODULES[name](num_classes)
         return torch_backend.TorchModel(name, module, shape, seed=seed)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")

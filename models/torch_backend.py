@@ -1,4 +1,4 @@
-"""Optional PyTorch backend: CNNs for 8x8 digits and 28x28x1 medical images.
+"""Optional PyTorch backend: CNNs for 8x8 digits, 28x28x1 medical images and 14x14 log-mel speech.
 
 Import this module only when a torch model is asked for; the agent never needs it.
 Weights cross the boundary as float32 numpy arrays named after the ``state_dict`` keys.
@@ -47,6 +47,26 @@ def med_cnn(num_classes: int = 10) -> nn.Module:
         nn.ReLU(),
         nn.Linear(64, num_classes),
     )
+
+
+def speech_cnn(num_classes: int = 10) -> nn.Module:
+    """Keyword spotting on 14x14 log-mel maps: conv 32 3x3 (padding 1), max-pool 2, dense 128, dense classes."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+MODULES: dict[str, Callable[[int], nn.Module]] = {
+    "digits-cnn": digits_cnn,
+    "med-cnn": med_cnn,
+    "speech-cnn": speech_cnn,
+}
 
 
 class TorchModel:

@@ -55,7 +55,7 @@ from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
 from fedmq.errors import ConfigError
 from fedmq.messages import ReceiptMessage, StatusMessage, UpdateMessage
-from simulator.harness import SimConfig, split_digits
+from simulator.harness import SimConfig, split_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def _says_online(data: bytes) -> bool:
 
 def _agents(cfg: ChaosConfig, base: Config, observer: _Observer) -> list[AgentService]:
     sim = SimConfig(agents=cfg.agents, seed=cfg.seed)
-    shards, _ = split_digits(sim)
+    shards, _ = split_task(sim)
     out = []
     for i, shard in enumerate(shards):
         acfg = AgentConfig(

@@ -1,10 +1,14 @@
-"""``fedmq demo``: the one-command tour. A broker, the aggregator and 20 agents on digits.
+"""``fedmq demo``: the one-command tour. A broker, the aggregator and a federation of devices.
 
-Defaults (see :class:`simulator.harness.SimConfig`): FedBuff with K=20 and server learning
-rate 0.5, polynomial staleness weighting, Dirichlet(0.5) non-IID split, every agent clipping
-to L2 norm 1 and adding Gaussian noise with multiplier 0.5, log-normal device speeds with a
-slow tenth, 30 seconds. ``--secure-aggregation`` runs the same federation with SecAgg+ cohorts
-instead (local DP off).
+``--task`` picks the example (:mod:`models.tasks`): ``digits`` (default, 20 devices),
+``speech`` (100 smart-speaker households learning keywords from espeak-ng voices, scored on
+held-out voices), ``hospitals`` (5 hospitals learning breast-cancer diagnosis) or
+``hospitals-imaging`` (5 hospitals, synthetic cell images, the med-cnn with ``--torch``).
+
+Defaults (see :class:`simulator.harness.SimConfig`): FedBuff with K=10 and server learning
+rate 0.5, polynomial staleness weighting, every device clipping to L2 norm 1 and adding
+Gaussian noise with multiplier 0.5, log-normal device speeds with a slow tenth, 30 seconds.
+``--secure-aggregation`` runs the same federation with SecAgg+ cohorts instead (local DP off).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import argparse
 from dataclasses import replace
 
 from simulator.cli_simulate import add_run_args, execute
-from simulator.harness import SimConfig
+from simulator.harness import SimConfig, for_task
+
+HOSPITAL_BUFFER = 3
+"""FedBuff K for five hospitals: a global step after any three of them report."""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -24,30 +31,65 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="SecAgg+ cohorts: the aggregator learns only sums of updates (local DP off; see docs/security.md)",
     )
+    p.add_argument(
+        "--torch",
+        action="store_true",
+        help="train the task's torch CNN (speech-cnn, med-cnn, digits-cnn) instead of its numpy model",
+    )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the demo."""
-    cfg = SimConfig(agents=args.agents, duration=args.duration, broker=args.broker, seed=args.seed)
+def demo_config(args: argparse.Namespace) -> SimConfig:
+    """The demo's configuration for ``args.task``."""
+    cfg = SimConfig(task=args.task, duration=args.duration, broker=args.broker, seed=args.seed)
+    cfg = for_task(cfg, torch=args.torch)
+    if args.agents is not None:
+        cfg = replace(cfg, agents=args.agents)
+    else:
+        from models.tasks import get_task
+
+        cfg = replace(cfg, agents=get_task(args.task).default_devices)
+    if args.task.startswith("hospitals"):
+        # Five long-lived sites, not a crowd: a step after any three, and the privacy that fits a
+        # handful of institutions is secure aggregation of their updates (noise from five would drown them).
+        cfg = replace(
+            cfg,
+            aggregator=replace(cfg.aggregator, buffer_size=min(HOSPITAL_BUFFER, cfg.agents)),
+            privacy=replace(cfg.privacy, enabled=False),
+        )
     if args.secure_aggregation:
         cfg = replace(
             cfg,
             aggregator=replace(cfg.aggregator, secure_aggregation=True),
             privacy=replace(cfg.privacy, enabled=False),
         )
-        execute(cfg, args, f"fedmq demo: FedBuff with secure aggregation, {cfg.agents} agents, digits")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo."""
+    cfg = demo_config(args)
+    what = f"{cfg.agents} devices, task {cfg.task}, model {cfg.aggregator.model}"
+    if args.secure_aggregation:
+        execute(cfg, args, f"fedmq demo: FedBuff with secure aggregation, {what}")
         print(
             "\n  Privacy: the aggregator learned each cohort's sum and no device's update (SecAgg+, "
             "docs/security.md).\n  No DP noise was added, so the sums themselves are not differentially "
             "private: distributed DP is the next step."
         )
         return 0
-    s = execute(cfg, args, f"fedmq demo: FedBuff, {cfg.agents} agents, digits, local DP")
+    if not cfg.privacy.enabled:
+        execute(cfg, args, f"fedmq demo: FedBuff, {what}, DP off")
+        print(
+            "\n  Privacy: off in this run. For hospitals, run it with --secure-aggregation so that no site's update "
+            "is seen,\n  and see docs/hospitals.md for a deployment with an epsilon budget per site."
+        )
+        return 0
+    s = execute(cfg, args, f"fedmq demo: FedBuff, {what}, local DP")
     eps = s.get("max_epsilon")
     if eps is not None:
         print(
-            f"\n  Privacy: each agent's updates are ({eps:.0f}, {s['delta']})-DP (RDP accountant, add/remove "
-            "of one device). With 20 devices that each release hundreds of\n  updates, noise that still lets "
+            f"\n  Privacy: each device's updates are ({eps:.0f}, {s['delta']})-DP (RDP accountant, add/remove "
+            "of one device). With devices that each release hundreds of\n  updates, noise that still lets "
             "the model learn gives a large epsilon; see README 'Privacy' for settings that reach single digits."
         )
     return 0

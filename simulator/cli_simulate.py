@@ -13,6 +13,8 @@ from typing import Any
 from fedmq.compression import METHODS
 from fedmq.config import PrivacyConfig, StalenessConfig
 from fedmq.runtime import run_until_signalled, setup_logging
+from models.registry import MODEL_NAMES
+from models.tasks import TASKS, Task, get_task
 from simulator.attacks import ATTACKS
 from simulator.harness import SimConfig, Stragglers, run_simulation
 from simulator.report import ProgressBar, format_comparison, format_summary, plot_accuracy
@@ -21,7 +23,14 @@ from simulator.report import ProgressBar, format_comparison, format_summary, plo
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``simulate`` and ``demo``."""
     d = SimConfig()
-    p.add_argument("--agents", type=int, default=d.agents)
+    p.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=d.task,
+        help="the example: digits (default), speech (espeak-ng keywords), hospitals (breast cancer), "
+        "hospitals-imaging (synthetic cells); see models/tasks.py",
+    )
+    p.add_argument("--agents", type=int, default=None, help="devices (default: the task's, 20 for digits)")
     p.add_argument("--duration", type=float, default=d.duration, help="wall-clock seconds (default %(default)s)")
     p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -50,7 +59,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="SecAgg+ cohorts (one per FedBuff buffer): the aggregator learns only sums",
     )
-    g.add_argument("--model", default=a.model, help="softmax, mlp, digits-cnn (torch)")
+    g.add_argument("--model", default=None, help=f"{', '.join(MODEL_NAMES)} (the CNNs need torch; default: the task's)")
     g.add_argument("--buffer-size", type=int, default=a.buffer_size, help="FedBuff K")
     g.add_argument("--server-lr", type=float, default=a.server_lr)
     g.add_argument("--server-momentum", type=float, default=a.server_momentum)
@@ -96,9 +105,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="with DP: attackers add the agreed noise and keep their signal inside the aggregator's norm check",
     )
     g = p.add_argument_group("agents")
-    g.add_argument("--epochs", type=int, default=d.local_epochs)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--epochs", type=int, default=None, help=f"local epochs (default: the task's, {d.local_epochs})")
+    g.add_argument("--lr", type=float, default=None, help=f"local learning rate (default: the task's, {d.lr})")
+    g.add_argument("--batch-size", type=int, default=None, help=f"default: the task's, {d.batch_size}")
     g.add_argument("--compression", choices=METHODS, default=d.compression)
     g.add_argument("--topk-fraction", type=float, default=d.topk_fraction, help="topk: share of entries sent")
     g.add_argument("--dirichlet-alpha", type=float, default=d.alpha, help="non-IID skew (smaller: more skewed)")
@@ -120,23 +129,40 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slow-factor", type=float, default=s.slow_factor)
 
 
+def task_defaults(args: argparse.Namespace) -> tuple[Task, dict[str, Any]]:
+    """The task, and the settings a flag left unset takes from the task's recipe (else SimConfig's)."""
+    task = get_task(args.task)
+    d = SimConfig()
+    recipe = task.recipe
+    given = {"agents": args.agents, "local_epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    out = {k: v if v is not None else recipe.get(k, getattr(d, k)) for k, v in given.items()}
+    if args.agents is None:
+        out["agents"] = task.default_devices
+    return task, out
+
+
 def sim_config(args: argparse.Namespace) -> SimConfig:
     """Build the run's configuration from the flags."""
     d = SimConfig()
+    task, t = task_defaults(args)
+    args.agents = t["agents"]
     return SimConfig(
-        agents=args.agents,
+        agents=t["agents"],
+        task=task.name,
         alpha=args.dirichlet_alpha,
         duration=args.duration,
         broker=args.broker,
         seed=args.seed,
-        local_epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        local_epochs=t["local_epochs"],
+        batch_size=t["batch_size"],
+        lr=t["lr"],
         stragglers=Stragglers(args.straggler_median, args.straggler_sigma, args.slow_fraction, args.slow_factor),
         aggregator=replace(
             d.aggregator,
             rule=args.rule,
-            model=args.model,
+            model=args.model or task.model,
+            hidden=task.hidden,
+            labels=",".join(task.labels),
             buffer_size=args.buffer_size,
             server_lr=args.server_lr,
             server_momentum=args.server_momentum,
@@ -203,7 +229,8 @@ def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, A
 def run(args: argparse.Namespace) -> int:
     """Entry point: one run, or several rules compared on the same split, stragglers and seed."""
     if not args.compare:
-        execute(sim_config(args), args, f"fedmq simulate: {args.rule}, {args.agents} agents")
+        cfg = sim_config(args)
+        execute(cfg, args, f"fedmq simulate: {args.rule}, {cfg.agents} agents, task {cfg.task}")
         return 0
     rules = [r.strip() for r in args.compare.split(",") if r.strip()]
     bad = [r for r in rules if r not in ("fedasync", "fedbuff", "fedavg")]

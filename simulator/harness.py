@@ -25,7 +25,8 @@ from broker.launcher import start_broker
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig, StalenessConfig
-from models.datasets import Dataset, digits, dirichlet_split
+from models.datasets import Dataset
+from models.tasks import get_task
 from simulator.attacks import ATTACKS, plan_attack
 
 log = logging.getLogger("fedmq.simulate")
@@ -69,8 +70,9 @@ class SimConfig:
     """One simulated run. ``aggregator`` and ``privacy`` are the same sections a deployment uses."""
 
     agents: int = 20
+    task: str = "digits"
+    """The example's data (:mod:`models.tasks`): digits, speech, hospitals, hospitals-imaging."""
     alpha: float = 0.5
-    test_fraction: float = 0.2
     duration: float = 30.0
     broker: str = "auto"
     seed: int = 0
@@ -111,6 +113,9 @@ class SimConfig:
         """Raise ValueError / ConfigError on the first invalid field."""
         if self.agents < 1:
             raise ValueError("agents must be >= 1")
+        task = get_task(self.task)
+        if task.max_devices is not None and self.agents > task.max_devices:
+            raise ValueError(f"--agents: task {self.task!r} has {task.max_devices} devices, got {self.agents}")
         if self.duration <= 0:
             raise ValueError("duration must be > 0")
         self.stragglers.validate()
@@ -131,17 +136,21 @@ class SimConfig:
         return self
 
 
-def split_digits(cfg: SimConfig) -> tuple[list[Dataset], Dataset]:
-    """Digits, a held-out test split, and a Dirichlet(alpha) non-IID split of the rest over agents."""
-    train, test = digits(test_fraction=cfg.test_fraction, seed=cfg.seed)
-    parts = dirichlet_split(
-        train.y,
-        cfg.agents,
-        cfg.alpha,
-        np.random.default_rng(cfg.seed),
-        min_size=max(1, min(10, len(train) // cfg.agents)),
+def split_task(cfg: SimConfig) -> tuple[list[Dataset], Dataset]:
+    """The task's per-device training sets (one per agent) and its held-out test set."""
+    return get_task(cfg.task).load(cfg.agents, cfg.seed, cfg.alpha)
+
+
+def for_task(cfg: SimConfig, *, torch: bool = False) -> SimConfig:
+    """``cfg`` with the task's model, labels and training recipe (the demo's settings for it)."""
+    task = get_task(cfg.task)
+    model = task.torch_model if torch and task.torch_model else task.model
+    out = replace(
+        cfg,
+        aggregator=replace(cfg.aggregator, model=model, hidden=task.hidden, labels=",".join(task.labels)),
+        **task.recipe,
     )
-    return [train.subset(p) for p in parts], test
+    return out
 
 
 async def run_federation(
@@ -162,7 +171,7 @@ async def run_federation(
         aggregator=replace(
             cfg.aggregator,
             num_features=test.x.shape[1],
-            num_classes=int(max(test.y.max(), *(s.y.max() for s in shards))) + 1,
+            num_classes=max(int(max(test.y.max(), *(s.y.max() for s in shards))) + 1, len(cfg.aggregator.label_names)),
         ),
         privacy=cfg.privacy,
     )
@@ -231,6 +240,13 @@ async def run_federation(
         summary = await server
         agent_stop.set()
     summary["agents"] = len(agents)
+    task = get_task(cfg.task)
+    summary["task"] = task.name
+    summary["model"] = base.aggregator.model
+    summary["test_set"] = task.test_description
+    summary["task_target_accuracy"] = task.target_accuracy
+    summary["training_examples"] = sum(len(s) for s in shards)
+    summary["range_warnings"] = sum(a.trainer.range_warning is not None for a in agents)
     summary["attack"] = cfg.attack
     summary["malicious_agents"] = len(plan.malicious)
     summary["updates_published"] = sum(a.stats.updates_published for a in agents)
@@ -252,7 +268,7 @@ async def run_simulation(
 ) -> dict[str, Any]:
     """Start a broker (Mosquitto if available, else embedded), run the federation, stop the broker."""
     cfg.validate()
-    shards, test = split_digits(cfg)
+    shards, test = await asyncio.to_thread(split_task, cfg)
     broker = await asyncio.to_thread(start_broker, cfg.broker)
     try:
         summary = await run_federation(

@@ -59,9 +59,11 @@ def format_summary(s: dict[str, Any]) -> str:
         ("broker", s.get("broker", "-")),
         ("rule", s.get("rule", "-")),
         ("robust aggregation", f"{s.get('robust', 'none')} {s.get('robust_counters') or ''}".strip()),
-        ("agents", s.get("agents", "-")),
+        ("task", f"{s.get('task', 'digits')} (model {s.get('model', '-')})"),
+        ("agents", f"{s.get('agents', '-')} ({s.get('training_examples', '-')} training examples)"),
         ("attack", f"{s.get('attack')} by {s.get('malicious_agents')} agents" if s.get("malicious_agents") else "none"),
-        ("final test accuracy", f"{acc:.4f}" if acc is not None else "-"),
+        ("final test accuracy", f"{acc:.4f} on {s.get('test_set', 'held-out split')}" if acc is not None else "-"),
+        ("time to target", _tta_cell(s)),
         ("model versions", s.get("model_versions")),
         ("updates accepted", s.get("updates_accepted")),
         ("updates rejected", f"{s.get('updates_rejected')} {s.get('rejected_by_reason') or ''}".strip()),
@@ -74,6 +76,14 @@ def format_summary(s: dict[str, Any]) -> str:
         rows.insert(2, ("secure aggregation", f"on: the aggregator saw only sums ({cohorts})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _tta_cell(s: dict[str, Any]) -> str:
+    target = s.get("task_target_accuracy")
+    if target is None:
+        return "-"
+    t = time_to_accuracy(s, float(target))
+    return f"{t:.1f} s to {target:.2f}" if t is not None else f"{target:.2f} not reached"
 
 
 def time_to_accuracy(summary: dict[str, Any], threshold: float) -> float | None:

@@ -24,7 +24,7 @@ from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
 from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage, metrics_from_bytes
 from models.datasets import digits
-from simulator.harness import SimConfig, Stragglers, run_federation, split_digits
+from simulator.harness import SimConfig, Stragglers, run_federation, split_task
 from tests.helpers import payload, start_aggregator, wait_for_message, wait_until
 from tests.test_models import HAS_ONNX
 
@@ -181,7 +181,7 @@ async def test_small_federation_learns_well_above_chance(mosquitto: MosquittoBro
         stragglers=Stragglers(median=0.02),
         aggregator=replace(SimConfig().aggregator, rule=rule, buffer_size=3, target_accuracy=0.8, alpha=0.5),
     )
-    shards, test = split_digits(cfg)
+    shards, test = split_task(cfg)
     s = await run_federation(cfg, mosquitto.host, mosquitto.port, shards=shards, test=test)
     assert s["final_accuracy"] > 0.5, s  # chance is 0.1
     assert s["updates_accepted"] > 0 and s["model_versions"] >= 1
@@ -317,7 +317,7 @@ async def test_embedded_broker_runs_a_federation_without_mosquitto(prefix: str) 
             stragglers=Stragglers(median=0.02),
             aggregator=replace(SimConfig().aggregator, buffer_size=4, target_accuracy=0.7),
         )
-        shards, test = split_digits(cfg)
+        shards, test = split_task(cfg)
         s = await run_federation(cfg, broker.host, broker.port, shards=shards, test=test)
     finally:
         await asyncio.to_thread(broker.stop)
@@ -414,7 +414,7 @@ async def test_agent_restarted_with_a_full_outbox_delivers_it(
 async def test_simulation_stops_early_and_cleanly_on_request(mosquitto: MosquittoBroker, prefix: str) -> None:
     stop = asyncio.Event()
     cfg = SimConfig(agents=3, duration=600, prefix=prefix, stragglers=Stragglers(median=0.02))
-    shards, test = split_digits(cfg)
+    shards, test = split_task(cfg)
 
     def on_progress(p: object) -> None:
         if getattr(p, "accepted", 0) >= 3:
@@ -441,7 +441,7 @@ async def test_a_robust_rule_beats_plain_fedbuff_under_a_model_replacement_attac
         malicious_fraction=0.25,
         aggregator=replace(SimConfig().aggregator, buffer_size=7, krum_f=2, krum_m=3, target_accuracy=0.85),
     )
-    shards, test = split_digits(base)
+    shards, test = split_task(base)
     results = {}
     for robust in ("none", "krum"):
         cfg = replace(base, prefix=f"{prefix}-{robust}", aggregator=replace(base.aggregator, robust=robust)).validate()

@@ -483,6 +483,7 @@ def weighted_input(delta: dict[str, npt.NDArray[Any]], *, clip_norm: float, weig
     flat = flatten(delta)
     if not np.isfinite(flat).all():
         raise ValueError("the update is not finite")
-    norm = float(np.linalg.norm(flat))
+    wide = flat.astype(np.float64)
+    norm = float(np.sqrt(np.sum(wide * wide)))  # not BLAS: agents run this in worker threads (see l2_norm)
     factor = weight * (min(1.0, clip_norm / norm) if norm > 0 else 1.0)
     return np.concatenate([flat * factor, [weight]])
