@@ -39,6 +39,7 @@ class OnnxExporter:
             num_classes=spec.num_classes,
             hidden=spec.hidden,
             version=model.version,
+            labels=spec.labels,
         )
         os.replace(tmp, self.path)
         self.version = model.version

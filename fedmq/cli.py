@@ -17,13 +17,14 @@ from fedmq import __version__
 from fedmq.errors import ConfigError, StateError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("simulator.cli_demo", "broker + aggregator + 20 agents on the digits data, with a live progress bar"),
+    "demo": ("simulator.cli_demo", "broker + aggregator + devices on an example task, with a live progress bar"),
     "simulate": ("simulator.cli_simulate", "N simulated agents in one process: compare rules, DP, stragglers"),
     "broker": ("broker.cli", "run Mosquitto (or the embedded broker) with the project's configuration"),
     "aggregator": ("aggregator.cli", "run the aggregator service"),
     "recover": ("aggregator.cli_recover", "inspect an aggregator's state folder and choose what to keep after damage"),
     "agent": ("edge_agent.cli", "run one edge agent against a broker and a local data source"),
-    "predict": ("edge_agent.cli_predict", "predict with an exported ONNX global model (no torch needed)"),
+    "predict": ("edge_agent.cli_predict", "predict with an exported ONNX global model (no torch needed), or a WAV"),
+    "data": ("models.cli_data", "write per-device data folders from a task or your own data; speak a keyword"),
 }
 
 

@@ -106,7 +106,7 @@ def range_mismatch(x: npt.NDArray[np.float32], expected: tuple[float, float]) ->
     """Say how local features ``x`` fail to match the range a model expects, or ``None`` when they fit.
 
     Data is flagged when it reaches more than half the expected width beyond either end (raw
-    0-16 digits pixels against [0, 1]), or when it spans under a twentieth of that width (data
+    0-16 digits pixels against [0, 1]), or when it spans under a tenth of that width (data
     divided twice). Both make SGD crawl without any error.
     """
     if x.size == 0:
@@ -117,8 +117,8 @@ def range_mismatch(x: npt.NDArray[np.float32], expected: tuple[float, float]) ->
     where = f"the local data lies in [{dmin:.4g}, {dmax:.4g}] but the model expects inputs in [{lo:.4g}, {hi:.4g}]"
     if dmin < lo - 0.5 * width or dmax > hi + 0.5 * width:
         return f"{where}: scale it as the model's recipe says (docs/protocol.md, 'Input normalisation')"
-    if dmax - dmin < 0.05 * width:
-        return f"{where}: it uses under 5% of that range; was it scaled twice? (docs/protocol.md)"
+    if dmax - dmin < 0.1 * width:
+        return f"{where}: it uses under a tenth of that range; was it scaled twice? (docs/protocol.md)"
     return None
 
 

@@ -8,6 +8,7 @@ so an agent can serve predictions of the newest global model on a device without
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,13 @@ def export_onnx(
     num_classes: int,
     hidden: int = 64,
     version: int | None = None,
+    labels: tuple[str, ...] = (),
 ) -> Path:
     """Write global-model ``weights`` of ``model_name`` to one self-contained ONNX file.
 
     The graph takes ``input`` of shape ``(batch, num_features)`` float32 and returns
-    ``probabilities``. ``version`` is stored in the model's metadata.
+    ``probabilities``. ``version``, the model's name and the class ``labels`` (a JSON list)
+    are stored in the model's metadata.
     """
     import onnx
 
@@ -98,8 +101,12 @@ def export_onnx(
         proto = onnx.load(str(path))
     else:
         proto = _numpy_graph(model_name, weights)
+    props = {"fedmq.model": model_name}
     if version is not None:
-        onnx.helper.set_model_props(proto, {"fedmq.version": str(version), "fedmq.model": model_name})
+        props["fedmq.version"] = str(version)
+    if labels:
+        props["fedmq.labels"] = json.dumps(list(labels))
+    onnx.helper.set_model_props(proto, props)
     onnx.save(proto, str(path))
     return path
 
@@ -116,6 +123,10 @@ class OnnxPredictor:
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.version = int(meta["fedmq.version"]) if "fedmq.version" in meta else None
+        self.model_name = meta.get("fedmq.model")
+        labels = json.loads(meta["fedmq.labels"]) if "fedmq.labels" in meta else []
+        self.labels: tuple[str, ...] = tuple(str(x) for x in labels) if isinstance(labels, list) else ()
+        self.num_features = int(self.session.get_inputs()[0].shape[1])
 
     def predict_proba(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Class probabilities for a batch of flattened inputs."""

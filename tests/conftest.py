@@ -74,3 +74,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped and exitstatus == 0:
         reporter.write_line(f"FEDMQ_REQUIRE_ALL=1: {len(skipped)} test(s) skipped; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def speech_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """espeak-ng present (skipped otherwise, which FEDMQ_REQUIRE_ALL=1 turns into a failure) and a
+    fresh feature cache for this session, so that no earlier build's cached households are reused."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    old = os.environ.get("FEDMQ_CACHE")
+    path = str(tmp_path_factory.mktemp("fedmq-cache"))
+    os.environ["FEDMQ_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("FEDMQ_CACHE", None)
+    else:
+        os.environ["FEDMQ_CACHE"] = old
