@@ -1,6 +1,8 @@
 # fedmq image for the aggregator, the agents and `fedmq broker init` (compose.yaml).
 # numpy backend only: no torch. The fixed uid 10001 owns the generated keys (compose `pki`).
 FROM python:3.11-slim
+# espeak-ng synthesises the speech example's households (`fedmq data split speech`).
+RUN apt-get update && apt-get install -y --no-install-recommends espeak-ng && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fedmq ./fedmq

@@ -39,9 +39,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_common(p)
     add_fresh_flag(p)
     flag(p, "--rule", "aggregator.rule", choices=["fedasync", "fedbuff", "fedavg"])
-    flag(p, "--model", "aggregator.model", help="softmax, mlp, digits-cnn, med-cnn")
+    flag(p, "--model", "aggregator.model", help="softmax, mlp, digits-cnn, med-cnn, speech-cnn (docs/protocol.md)")
     flag(p, "--num-features", "aggregator.num_features", type=int)
     flag(p, "--num-classes", "aggregator.num_classes", type=int)
+    flag(p, "--hidden", "aggregator.hidden", type=int, help="mlp: hidden units (64)")
+    flag(p, "--labels", "aggregator.labels", help="class names, comma-separated: announced, kept in ONNX exports")
+    flag(
+        p,
+        "--input-min",
+        "aggregator.input_min",
+        type=float,
+        help="inputs are scaled to [min, max] (default: eval data)",
+    )
+    flag(p, "--input-max", "aggregator.input_max", type=float)
     flag(p, "--buffer-size", "aggregator.buffer_size", type=int, help="FedBuff K")
     flag(p, "--server-lr", "aggregator.server_lr", type=float)
     flag(p, "--server-momentum", "aggregator.server_momentum", type=float)

@@ -367,6 +367,11 @@ class PrivacyConfig:
             "privacy.noise_multiplier",
             "an epsilon budget needs noise_multiplier > 0",
         )
+        _check(
+            self.enabled or self.epsilon_budget is None,
+            "privacy.epsilon_budget",
+            "is set but privacy is off (--no-dp): nothing would be accounted against it",
+        )
 
 
 @dataclass(frozen=True)

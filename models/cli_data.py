@@ -7,6 +7,9 @@ records the model, labels, input range and the normalisation applied. A SOURCE i
 ``.npz`` or folder of raw features. ``--normalize`` scales it the same way for every device,
 with constants written into the manifest, so that data collected later can be scaled to match.
 
+``fedmq data normalize RAW --manifest DIR/manifest.json --out data.npz`` scales a site's raw
+export with the federation's constants (never the site's own statistics).
+
 ``fedmq data say WORD --out FILE.wav`` synthesises a keyword with espeak-ng, to try
 ``fedmq predict MODEL.onnx FILE.wav``.
 """
@@ -24,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.errors import ConfigError
-from models.datasets import Dataset, dirichlet_split, load_source, save_npz
+from models.datasets import Dataset, dirichlet_split, load_source, range_mismatch, save_npz
 from models.tasks import TASKS, get_task
 
 NORMALIZERS = ("none", "minmax", "zscore")
@@ -89,6 +92,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sources: none, minmax, zscore or scale:C (default none; tasks are already normalised)",
     )
+    n = sub.add_parser("normalize", help="scale a raw data file with the constants of a manifest (a new site's data)")
+    n.add_argument("source", help="raw .npz or folder with x and y, in the features' documented order")
+    n.add_argument("--manifest", required=True, help="the federation's manifest.json (from fedmq data split)")
+    n.add_argument("--out", required=True, help="the .npz to write (what fedmq agent --data reads)")
     w = sub.add_parser("say", help="speak a keyword into a 16 kHz WAV with espeak-ng (needs espeak-ng)")
     w.add_argument("word")
     w.add_argument("--out", required=True, help="the WAV file to write")
@@ -101,7 +108,34 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch to the action."""
     if args.data_command == "say":
         return _say(args)
+    if args.data_command == "normalize":
+        return _normalize(args)
     return _split(args)
+
+
+def _normalize(args: argparse.Namespace) -> int:
+    try:
+        manifest = json.loads(Path(args.manifest).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--manifest", f"{args.manifest}: {exc}") from None
+    spec = manifest.get("normalization")
+    if not isinstance(spec, dict) or not {"method", "offset", "scale"} <= spec.keys():
+        raise ConfigError("--manifest", f"{args.manifest} records no normalisation constants (a generated task's data)")
+    try:
+        data = load_source(args.source)
+    except (ValueError, OSError, ImportError, AttributeError) as exc:
+        raise ConfigError("source", str(exc)) from None
+    norm = Normalizer(str(spec["method"]), np.asarray(spec["offset"], float), np.asarray(spec["scale"], float))
+    if data.x.shape[1] != len(norm.offset):
+        raise ConfigError("source", f"{data.x.shape[1]} features, the manifest's constants are for {len(norm.offset)}")
+    x = norm.apply(data.x)
+    save_npz(args.out, Dataset(x, data.y))
+    lo, hi = manifest.get("input_range") or [0.0, 1.0]
+    problem = range_mismatch(x, (float(lo), float(hi)))
+    if problem is not None:
+        print(f"fedmq data normalize: warning: {problem}", file=sys.stderr)
+    print(json.dumps({"out": args.out, "examples": len(data), "range": [float(x.min()), float(x.max())]}))
+    return 0
 
 
 def _say(args: argparse.Namespace) -> int:
@@ -146,7 +180,7 @@ def _split(args: argparse.Namespace) -> int:
             "hidden": task.hidden,
             "labels": list(task.labels),
             "input_range": list(task.input_range),
-            "normalization": "built into the task (docs/protocol.md, 'Input normalisation')",
+            "normalization": _task_normalization(task.name),
             "test_set": task.test_description,
         }
     else:
@@ -171,6 +205,18 @@ def _split(args: argparse.Namespace) -> int:
         json.dumps({"out": str(out), "devices": len(devices), "examples": sum(d["examples"] for d in devices.values())})
     )
     return 0
+
+
+def _task_normalization(task: str) -> Any:
+    """The constants a new site applies to its raw data, where the task has any."""
+    if task == "hospitals":
+        from models.medical import breast_cancer_ranges
+
+        lo, hi = breast_cancer_ranges()
+        return Normalizer("minmax (published WDBC ranges)", lo, hi - lo).to_json()
+    if task == "digits":
+        return Normalizer("scale:16", np.zeros(64), np.full(64, 16.0)).to_json()
+    return "built into the task's features (docs/protocol.md, 'Input normalisation')"
 
 
 def _device_names(task: str, n: int) -> list[str]:

@@ -45,6 +45,12 @@ class Task:
     """``make(devices, seed, alpha)``: per-device training sets and the test set."""
     recipe: dict[str, Any] = field(default_factory=dict)
     """Training settings the demo uses (SimConfig field names)."""
+    buffer_size: int | None = None
+    """FedBuff K the demo uses (None: the simulator's default, 10)."""
+    local_dp: bool = True
+    """Whether the demo adds local DP noise on each device. Off where a model is too large for
+    per-device noise to leave any signal, or the devices too few for device-level DP to mean
+    much: those examples are protected with secure aggregation (``--secure-aggregation``)."""
     test_description: str = "held-out split"
 
     @property
@@ -120,6 +126,7 @@ TASKS: dict[str, Task] = {
         max_devices=None,
         target_accuracy=0.6,
         recipe={"lr": 0.2, "local_epochs": 2, "batch_size": 16},
+        local_dp=False,
         make=_speech,
         test_description="held-out voices (1,200 utterances by 40 speakers no household has)",
     ),
@@ -135,6 +142,8 @@ TASKS: dict[str, Task] = {
         max_devices=5,
         target_accuracy=0.93,
         recipe={"lr": 0.1, "local_epochs": 2, "batch_size": 16},
+        buffer_size=3,
+        local_dp=False,
         make=_hospitals,
         test_description="stratified held-out fifth of the cases",
     ),
@@ -150,6 +159,8 @@ TASKS: dict[str, Task] = {
         max_devices=5,
         target_accuracy=0.6,
         recipe={"lr": 0.1, "local_epochs": 1, "batch_size": 32},
+        buffer_size=3,
+        local_dp=False,
         make=_cells,
         test_description="800 images from a reference scanner, balanced classes",
     ),

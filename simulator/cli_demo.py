@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from models.tasks import get_task
 from simulator.cli_simulate import add_run_args, execute
 from simulator.harness import SimConfig, for_task
-
-HOSPITAL_BUFFER = 3
-"""FedBuff K for five hospitals: a global step after any three of them report."""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -40,22 +38,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def demo_config(args: argparse.Namespace) -> SimConfig:
     """The demo's configuration for ``args.task``."""
-    cfg = SimConfig(task=args.task, duration=args.duration, broker=args.broker, seed=args.seed)
+    agents = args.agents if args.agents is not None else get_task(args.task).default_devices
+    cfg = SimConfig(task=args.task, agents=agents, duration=args.duration, broker=args.broker, seed=args.seed)
     cfg = for_task(cfg, torch=args.torch)
-    if args.agents is not None:
-        cfg = replace(cfg, agents=args.agents)
-    else:
-        from models.tasks import get_task
-
-        cfg = replace(cfg, agents=get_task(args.task).default_devices)
-    if args.task.startswith("hospitals"):
-        # Five long-lived sites, not a crowd: a step after any three, and the privacy that fits a
-        # handful of institutions is secure aggregation of their updates (noise from five would drown them).
-        cfg = replace(
-            cfg,
-            aggregator=replace(cfg.aggregator, buffer_size=min(HOSPITAL_BUFFER, cfg.agents)),
-            privacy=replace(cfg.privacy, enabled=False),
-        )
     if args.secure_aggregation:
         cfg = replace(
             cfg,
@@ -80,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.privacy.enabled:
         execute(cfg, args, f"fedmq demo: FedBuff, {what}, DP off")
         print(
-            "\n  Privacy: off in this run. For hospitals, run it with --secure-aggregation so that no site's update "
-            "is seen,\n  and see docs/hospitals.md for a deployment with an epsilon budget per site."
+            "\n  Privacy: no local DP noise in this example (docs/examples.md says why). Run it with "
+            "--secure-aggregation\n  so that the aggregator sees no device's update, only sums; "
+            "docs/hospitals.md walks through a deployment."
         )
         return 0
     s = execute(cfg, args, f"fedmq demo: FedBuff, {what}, local DP")

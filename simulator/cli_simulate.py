@@ -60,7 +60,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="SecAgg+ cohorts (one per FedBuff buffer): the aggregator learns only sums",
     )
     g.add_argument("--model", default=None, help=f"{', '.join(MODEL_NAMES)} (the CNNs need torch; default: the task's)")
-    g.add_argument("--buffer-size", type=int, default=a.buffer_size, help="FedBuff K")
+    g.add_argument("--buffer-size", type=int, default=None, help=f"FedBuff K (default: the task's, {a.buffer_size})")
     g.add_argument("--server-lr", type=float, default=a.server_lr)
     g.add_argument("--server-momentum", type=float, default=a.server_momentum)
     g.add_argument("--mix-alpha", type=float, default=a.alpha, help="FedAsync alpha")
@@ -138,6 +138,8 @@ def task_defaults(args: argparse.Namespace) -> tuple[Task, dict[str, Any]]:
     out = {k: v if v is not None else recipe.get(k, getattr(d, k)) for k, v in given.items()}
     if args.agents is None:
         out["agents"] = task.default_devices
+    k = args.buffer_size if args.buffer_size is not None else (task.buffer_size or d.aggregator.buffer_size)
+    out["buffer_size"] = k
     return task, out
 
 
@@ -163,7 +165,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             model=args.model or task.model,
             hidden=task.hidden,
             labels=",".join(task.labels),
-            buffer_size=args.buffer_size,
+            buffer_size=t["buffer_size"],
             server_lr=args.server_lr,
             server_momentum=args.server_momentum,
             alpha=args.mix_alpha,
@@ -176,7 +178,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             robust=args.robust,
             norm_bound=args.norm_bound,
             trim_fraction=args.trim_fraction,
-            krum_f=args.krum_f if args.krum_f is not None else max(0, (args.buffer_size - 3) // 2),
+            krum_f=args.krum_f if args.krum_f is not None else max(0, (t["buffer_size"] - 3) // 2),
             krum_m=args.krum_m,
             secure_aggregation=args.secure_aggregation,
         ),

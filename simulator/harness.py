@@ -142,15 +142,21 @@ def split_task(cfg: SimConfig) -> tuple[list[Dataset], Dataset]:
 
 
 def for_task(cfg: SimConfig, *, torch: bool = False) -> SimConfig:
-    """``cfg`` with the task's model, labels and training recipe (the demo's settings for it)."""
+    """``cfg`` with the task's model, labels and training recipe (the demo's settings for it).
+
+    Set ``cfg.agents`` first: FedBuff's K is capped at the number of devices.
+    """
     task = get_task(cfg.task)
     model = task.torch_model if torch and task.torch_model else task.model
-    out = replace(
+    agg = replace(cfg.aggregator, model=model, hidden=task.hidden, labels=",".join(task.labels))
+    if task.buffer_size is not None:
+        agg = replace(agg, buffer_size=min(task.buffer_size, cfg.agents))
+    return replace(
         cfg,
-        aggregator=replace(cfg.aggregator, model=model, hidden=task.hidden, labels=",".join(task.labels)),
+        aggregator=agg,
+        privacy=replace(cfg.privacy, enabled=cfg.privacy.enabled and task.local_dp),
         **task.recipe,
     )
-    return out
 
 
 async def run_federation(

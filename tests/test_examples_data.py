@@ -228,3 +228,52 @@ def test_config_validates_labels_and_input_range() -> None:
         AggregatorConfig(input_min=0.0).validate()
     with pytest.raises(ConfigError, match=r"aggregator\.input_min"):
         AggregatorConfig(input_min=1.0, input_max=0.0).validate()
+
+
+# --- docs/protocol.md "Models" is enough to run a model without torch ---------------------
+
+
+def _conv3x3(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
+    """Cross-correlation as the doc says: weights (out, in, 3, 3), stride 1."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    _, _, h, wd = x.shape
+    patches = np.stack([x[:, :, i : i + h - 2, j : j + wd - 2] for i in range(3) for j in range(3)], axis=-1)
+    return np.einsum("ncxyk,ock->noxy", patches, w.reshape(w.shape[0], w.shape[1], 9)) + b[None, :, None, None]
+
+
+def _pool2(x: np.ndarray) -> np.ndarray:
+    n, c, h, w = x.shape
+    x = x[:, :, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
+def _doc_forward(name: str, t: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    relu = lambda z: np.maximum(z, 0)  # noqa: E731
+    dense = lambda z, k: z @ t[f"{k}.weight"].T + t[f"{k}.bias"]  # noqa: E731
+    if name == "speech-cnn":
+        h = _pool2(relu(_conv3x3(x.reshape(-1, 1, 14, 14), t["0.weight"], t["0.bias"], 1)))
+        logits = dense(relu(dense(h.reshape(len(x), -1), 4)), 6)
+    else:  # med-cnn
+        h = _pool2(relu(_conv3x3(x.reshape(-1, 1, 28, 28), t["0.weight"], t["0.bias"], 0)))
+        h = _pool2(relu(_conv3x3(h, t["3.weight"], t["3.bias"], 0)))
+        logits = dense(relu(dense(h.reshape(len(x), -1), 7)), 9)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(("name", "features", "classes"), [("speech-cnn", 196, 10), ("med-cnn", 784, 4)])
+def test_the_documented_forward_pass_reproduces_the_torch_models(name: str, features: int, classes: int) -> None:
+    pytest.importorskip("torch")
+    from models import create_model
+
+    m = create_model(name, num_features=features, num_classes=classes, seed=3)
+    x = np.random.default_rng(0).random((16, features)).astype(np.float32)
+    got = _doc_forward(name, {k: v.astype(np.float64) for k, v in m.get_weights().items()}, x.astype(np.float64))
+    assert np.allclose(got, m.predict_proba(x), atol=1e-5)
+
+
+def test_an_epsilon_budget_without_dp_is_refused_naming_the_key() -> None:
+    from fedmq.config import PrivacyConfig
+
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon_budget.*privacy is off"):
+        PrivacyConfig(enabled=False, epsilon_budget=8).validate()

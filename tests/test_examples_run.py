@@ -272,3 +272,29 @@ def test_demo_hospitals_command(tmp_path: Path) -> None:
     s = json.loads(out.read_text())
     assert s["task"] == "hospitals" and s["agents"] == 5 and s["final_accuracy"] > 0.85
     assert "breast" not in done.stderr and "time to target" in done.stdout
+
+
+def test_data_normalize_scales_a_new_sites_raw_export_like_the_federation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    from models.medical import normalize_breast_cancer
+
+    assert fedmq_main(["data", "split", "hospitals", "--out", str(tmp_path / "fed")]) == 0
+    bunch = load_breast_cancer()
+    save_npz(tmp_path / "raw.npz", Dataset(bunch.data[:40].astype(np.float32), bunch.target[:40]))
+    manifest = str(tmp_path / "fed" / "manifest.json")
+    out = tmp_path / "site.npz"
+    capsys.readouterr()
+    assert fedmq_main(["data", "normalize", str(tmp_path / "raw.npz"), "--manifest", manifest, "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    got = load_source(str(out))
+    assert np.allclose(got.x, normalize_breast_cancer(bunch.data[:40]), atol=1e-6)
+    # Already-normalised data normalised again is flagged, and a wrong width is refused.
+    assert fedmq_main(["data", "normalize", str(out), "--manifest", manifest, "--out", str(tmp_path / "b.npz")]) == 0
+    assert "warning: the local data lies in" in capsys.readouterr().err
+    train, _ = digits()
+    save_npz(tmp_path / "d.npz", train)
+    assert fedmq_main(["data", "normalize", str(tmp_path / "d.npz"), "--manifest", manifest, "--out", "x.npz"]) == 2
+    assert "64 features" in capsys.readouterr().err
