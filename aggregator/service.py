@@ -1052,7 +1052,9 @@ class AggregatorService:
         ``sender`` is the agent the topic names: the identity the broker authenticated (with the
         generated ACL), not whatever the payload claims. Both it and the detail are clipped
         and escaped, and the set of logged keys is bounded, so a peer cannot flood the log.
-        Retryable refusals (rate, buffer) are counted, not logged.
+        Retryable refusals (rate, buffer) are counted, not logged. ``too_stale`` is what a slow
+        honest device meets under asynchrony, so it goes to INFO: with a hundred devices, a
+        WARNING each buried the log.
         """
         if rejected.reason in RETRYABLE:
             return
@@ -1060,7 +1062,8 @@ class AggregatorService:
         if key in self.rt.logged or len(self.rt.logged) >= 10_000:
             return
         self.rt.logged.add(key)
-        log.warning(
+        log.log(
+            logging.INFO if rejected.reason is RejectReason.TOO_STALE else logging.WARNING,
             "rejected an update from %r: %s (%s); further ones are counted, not logged",
             key[0],
             rejected.reason.value,

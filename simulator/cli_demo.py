@@ -42,9 +42,10 @@ def demo_config(args: argparse.Namespace) -> SimConfig:
     cfg = SimConfig(task=args.task, agents=agents, duration=args.duration, broker=args.broker, seed=args.seed)
     cfg = for_task(cfg, torch=args.torch)
     if args.secure_aggregation:
+        extra = get_task(args.task).secure_aggregator
         cfg = replace(
             cfg,
-            aggregator=replace(cfg.aggregator, secure_aggregation=True),
+            aggregator=replace(cfg.aggregator, secure_aggregation=True, **extra),
             privacy=replace(cfg.privacy, enabled=False),
         )
     return cfg

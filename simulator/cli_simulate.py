@@ -138,8 +138,8 @@ def task_defaults(args: argparse.Namespace) -> tuple[Task, dict[str, Any]]:
     out = {k: v if v is not None else recipe.get(k, getattr(d, k)) for k, v in given.items()}
     if args.agents is None:
         out["agents"] = task.default_devices
-    k = args.buffer_size if args.buffer_size is not None else (task.buffer_size or d.aggregator.buffer_size)
-    out["buffer_size"] = k
+    k = args.buffer_size
+    out["buffer_size"] = k if k is not None else task.aggregator.get("buffer_size", d.aggregator.buffer_size)
     return task, out
 
 
@@ -201,7 +201,9 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
 def _max_staleness(args: argparse.Namespace, rule: str) -> int:
     if args.max_staleness is not None:
         return int(args.max_staleness)
-    return 3 * int(args.agents) if rule == "fedasync" else SimConfig().aggregator.max_staleness
+    if rule == "fedasync":
+        return 3 * int(args.agents)
+    return int(get_task(args.task).aggregator.get("max_staleness", SimConfig().aggregator.max_staleness))
 
 
 def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, Any]:

@@ -298,3 +298,25 @@ def test_data_normalize_scales_a_new_sites_raw_export_like_the_federation(
     save_npz(tmp_path / "d.npz", train)
     assert fedmq_main(["data", "normalize", str(tmp_path / "d.npz"), "--manifest", manifest, "--out", "x.npz"]) == 2
     assert "64 features" in capsys.readouterr().err
+
+
+def test_demo_settings_per_task() -> None:
+    import argparse
+
+    from simulator.cli_demo import demo_config
+
+    def cfg(task: str, **kw: object) -> SimConfig:
+        base = {"task": task, "agents": None, "duration": 30.0, "broker": "auto", "seed": 0, "torch": False}
+        return demo_config(argparse.Namespace(**{**base, "secure_aggregation": False, **kw}))
+
+    digits_cfg, speech_cfg, hospitals_cfg = cfg("digits"), cfg("speech"), cfg("hospitals")
+    assert digits_cfg.agents == 20 and digits_cfg.privacy.enabled and digits_cfg.aggregator.model == "softmax"
+    assert speech_cfg.agents == 100 and not speech_cfg.privacy.enabled and speech_cfg.lr == 0.2
+    assert speech_cfg.aggregator.max_staleness == 10 and speech_cfg.aggregator.label_names[8] == "stop"
+    assert cfg("speech", secure_aggregation=True).aggregator.max_staleness == 5
+    assert hospitals_cfg.agents == 5 and hospitals_cfg.aggregator.buffer_size == 3
+    assert cfg("hospitals", agents=2).aggregator.buffer_size == 2  # K never above the devices
+    assert cfg("hospitals-imaging", torch=True).aggregator.model == "med-cnn"
+    assert cfg("speech", torch=True).aggregator.model == "speech-cnn"
+    with pytest.raises(ValueError, match="has 5 devices"):
+        cfg("hospitals", agents=6).validate()
