@@ -203,7 +203,9 @@ def _max_staleness(args: argparse.Namespace, rule: str) -> int:
         return int(args.max_staleness)
     if rule == "fedasync":
         return 3 * int(args.agents)
-    return int(get_task(args.task).aggregator.get("max_staleness", SimConfig().aggregator.max_staleness))
+    task = get_task(args.task)
+    over = {**task.aggregator, **(task.torch_aggregator if args.model and args.model == task.torch_model else {})}
+    return int(over.get("max_staleness", SimConfig().aggregator.max_staleness))
 
 
 def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, Any]:

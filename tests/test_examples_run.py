@@ -318,5 +318,6 @@ def test_demo_settings_per_task() -> None:
     assert cfg("hospitals", agents=2).aggregator.buffer_size == 2  # K never above the devices
     assert cfg("hospitals-imaging", torch=True).aggregator.model == "med-cnn"
     assert cfg("speech", torch=True).aggregator.model == "speech-cnn"
+    assert cfg("speech", torch=True).aggregator.max_staleness == 20
     with pytest.raises(ValueError, match="has 5 devices"):
         cfg("hospitals", agents=6).validate()
