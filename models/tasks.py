@@ -138,7 +138,7 @@ TASKS: dict[str, Task] = {
         # 0.53 after 30 s at max_staleness 5, 0.20 at 10 (docs/examples.md).
         secure_aggregator={"max_staleness": 5},
         # 100 speech-cnn agents train slower in one process (torch from 6 worker threads), so
-        # their updates are older: 0.61 after 71 s at max_staleness 20, 0.12 at 10.
+        # their updates are older: 0.61 after 71 s at max_staleness 20, 0.12 at 10 (before He init).
         torch_aggregator={"max_staleness": 20},
         local_dp=False,
         make=_speech,
