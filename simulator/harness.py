@@ -25,7 +25,9 @@ from broker.launcher import start_broker
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig, StalenessConfig
+from fedmq.errors import ConfigError
 from models.datasets import Dataset
+from models.speech import SpeechUnavailable
 from models.tasks import get_task
 from simulator.attacks import ATTACKS, plan_attack
 
@@ -274,7 +276,12 @@ async def run_simulation(
 ) -> dict[str, Any]:
     """Start a broker (Mosquitto if available, else embedded), run the federation, stop the broker."""
     cfg.validate()
-    shards, test = await asyncio.to_thread(split_task, cfg)
+    try:
+        shards, test = await asyncio.to_thread(split_task, cfg)
+    except ValueError as exc:  # more devices than the data set can give
+        raise ConfigError("--agents", f"task {cfg.task!r}: {exc}") from None
+    except SpeechUnavailable as exc:
+        raise ConfigError("espeak-ng", str(exc)) from None
     broker = await asyncio.to_thread(start_broker, cfg.broker)
     try:
         summary = await run_federation(

@@ -38,3 +38,12 @@ def test_dirichlet_split_is_a_partition_with_the_minimum(n: int, parts: int, alp
 def test_dirichlet_split_names_what_is_impossible() -> None:
     with pytest.raises(ValueError, match="cannot give 100 parts of 10"):
         dirichlet_split(np.zeros(999, dtype=np.int64), 100, 0.5, np.random.default_rng(0), min_size=10)
+
+
+def test_simulate_names_an_impossible_split_instead_of_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmq.cli import main
+
+    assert main(["simulate", "--agents", "2000", "--duration", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--agents" in err and "1437 training images, too few for 2000 devices" in err
+    assert "Traceback" not in err
