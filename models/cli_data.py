@@ -140,15 +140,20 @@ def _normalize(args: argparse.Namespace) -> int:
 
 def _say(args: argparse.Namespace) -> int:
     from models.audio import SAMPLE_RATE, wav_bytes
-    from models.speech import Speaker, SpeechUnavailable, synthesize
+    from models.speech import Speaker, SpeechUnavailable, SynthesisFailed, synthesize
 
     accent, _, variant = args.voice.partition("+")
     try:
         audio = synthesize(args.word, Speaker(accent, variant or "m1", args.pitch, args.speed))
     except SpeechUnavailable as exc:
         raise ConfigError("espeak-ng", str(exc)) from None
+    except SynthesisFailed as exc:
+        raise ConfigError("--voice", str(exc)) from None
     pad = np.zeros(SAMPLE_RATE // 4, dtype=np.float32)
-    Path(args.out).write_bytes(wav_bytes(np.concatenate([pad, 0.8 * audio, pad])))
+    try:
+        Path(args.out).write_bytes(wav_bytes(np.concatenate([pad, 0.8 * audio, pad])))
+    except OSError as exc:
+        raise ConfigError("--out", f"{args.out}: {exc.strerror or exc}") from None
     print(json.dumps({"wav": args.out, "word": args.word, "voice": args.voice, "seconds": len(audio) / SAMPLE_RATE}))
     return 0
 
@@ -165,8 +170,12 @@ def _split(args: argparse.Namespace) -> int:
         if args.normalize not in (None, "none"):
             raise ConfigError("--normalize", f"task {args.source!r} is already normalised; use it on your own data")
         task = get_task(args.source)
+        from models.speech import SynthesisFailed
+
         try:
             shards, test = task.load(args.devices, args.seed, args.alpha)
+        except SynthesisFailed as exc:  # this espeak-ng build lacks a voice the generator uses
+            raise ConfigError("espeak-ng", str(exc)) from None
         except ValueError as exc:
             raise ConfigError("--devices", str(exc)) from None
         except RuntimeError as exc:  # espeak-ng missing or failing

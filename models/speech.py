@@ -61,6 +61,10 @@ class SpeechUnavailable(RuntimeError):
     """espeak-ng is not installed: ``apt-get install espeak-ng`` (Debian, Raspberry Pi OS)."""
 
 
+class SynthesisFailed(ValueError):
+    """espeak-ng refused a word or voice (its own message is kept): a caller's bad argument."""
+
+
 @dataclass(frozen=True)
 class Speaker:
     """One espeak-ng voice: ``espeak-ng -v {accent}+{variant} -p {pitch} -s {speed}``."""
@@ -110,12 +114,16 @@ def espeak_binary() -> str:
 
 def synthesize(word: str, speaker: Speaker) -> Audio:
     """One clean token of ``word`` in ``speaker``'s voice at 16 kHz, leading and trailing silence trimmed."""
-    out = subprocess.run(
+    done = subprocess.run(
         [espeak_binary(), "-v", speaker.voice, "-p", str(speaker.pitch), "-s", str(speaker.speed), "--stdout", word],
         capture_output=True,
-        check=True,
+        check=False,
         timeout=60,
-    ).stdout
+    )
+    if done.returncode != 0 or not done.stdout:
+        why = done.stderr.decode(errors="replace").strip()[:300] or f"exit status {done.returncode}"
+        raise SynthesisFailed(f"espeak-ng could not say {word!r} in voice {speaker.voice!r}: {why}")
+    out = done.stdout
     # espeak-ng streams its WAV to stdout, so the header's length fields are placeholders.
     audio, rate = read_wav(_fix_streamed_wav(out))
     audio = resample(audio, rate, SAMPLE_RATE)

@@ -27,7 +27,7 @@ from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig, StalenessConfig
 from fedmq.errors import ConfigError
 from models.datasets import Dataset
-from models.speech import SpeechUnavailable
+from models.speech import SpeechUnavailable, SynthesisFailed
 from models.tasks import get_task
 from simulator.attacks import ATTACKS, plan_attack
 
@@ -278,6 +278,8 @@ async def run_simulation(
     cfg.validate()
     try:
         shards, test = await asyncio.to_thread(split_task, cfg)
+    except SynthesisFailed as exc:  # this espeak-ng build lacks a voice the generator uses
+        raise ConfigError("espeak-ng", str(exc)) from None
     except ValueError as exc:  # more devices than the data set can give
         raise ConfigError("--agents", f"task {cfg.task!r}: {exc}") from None
     except SpeechUnavailable as exc:

@@ -321,3 +321,13 @@ def test_demo_settings_per_task() -> None:
     assert cfg("speech", torch=True).aggregator.max_staleness == 20
     with pytest.raises(ValueError, match="has 5 devices"):
         cfg("hospitals", agents=6).validate()
+
+
+def test_data_say_names_an_unknown_voice(tmp_path: Path, capsys: pytest.CaptureFixture[str], speech_cache: str) -> None:
+    out = tmp_path / "x.wav"
+    assert fedmq_main(["data", "say", "yes", "--voice", "nosuch+zz", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--voice" in err and "does not exist" in err and "Traceback" not in err
+    assert not out.exists()
+    assert fedmq_main(["data", "say", "yes", "--out", str(tmp_path / "missing" / "x.wav")]) == 2
+    assert "--out" in capsys.readouterr().err
