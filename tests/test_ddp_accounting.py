@@ -116,3 +116,41 @@ def test_epsilon_validates_delta() -> None:
     p = DdgParams(clip=1.0, gamma=1e-3, local_stddev=0.3, survivors=10, dim=100)
     with pytest.raises(ValueError, match="delta"):
         epsilon(rdp(p), 0.0)
+
+
+def gaussian_multiplier(target: float, releases: int, delta: float) -> float:
+    import dp_accounting
+    from dp_accounting import rdp as rdp_lib
+
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: rdp_lib.RdpAccountant(orders=[float(a) for a in ORDERS]),
+            lambda z: dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), releases),
+            target,
+            delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(0.1, 100.0),
+        )
+    )
+
+
+@pytest.mark.parametrize(("target", "releases"), [(8.0, 50), (2.0, 10), (8.0, 1)])
+def test_calibration_meets_the_target_tightly_and_nears_the_gaussian_at_32_bits(target: float, releases: int) -> None:
+    from fedmq.secagg.ddp import calibrate, step_for
+
+    c = calibrate(target, 1e-5, releases=releases, survivors=60, summands=100, dim=26_506, clip=1.0)
+    assert 0.99 * target <= c.epsilon <= target
+    z_gauss = gaussian_multiplier(target, releases, 1e-5)
+    assert z_gauss <= c.noise_multiplier <= 1.05 * z_gauss  # discreteness costs under 5 % of noise here
+    p = c.params
+    assert p.gamma == pytest.approx(step_for(32, 1.0, 100, p.local_stddev))
+    # The sum of 100 clipped updates plus 4 standard deviations of noise fits the signed ring.
+    assert (100 * 1.0 + 4 * 10 * p.local_stddev) / p.gamma <= 2**31 - 1 + 1e-6
+
+
+def test_calibration_says_when_the_bits_cannot_reach_the_target() -> None:
+    from fedmq.secagg.ddp import calibrate
+
+    with pytest.raises(ValueError, match="use more bits"):
+        calibrate(8.0, 1e-5, releases=50, survivors=60, summands=100, dim=26_506, clip=1.0, bits=8)
+    with pytest.raises(ValueError, match="summands >= survivors"):
+        calibrate(8.0, 1e-5, releases=5, survivors=60, summands=10, dim=100, clip=1.0)

@@ -24,7 +24,13 @@ asynchronous participation is not Poisson sampling. The RDP curve is converted t
 our code, checked in ``tests/test_ddp_accounting.py`` against dp-accounting's Gaussian in the
 limit where the two must agree.
 
-This module is the accounting half of issue 14. The noise itself is not added anywhere yet.
+:func:`calibrate` chooses the local noise for a target epsilon. It is the documented
+calibration: the quantization step follows the noise so that a cohort's sum fits the ring
+(:func:`step_for`), and the noise is the smallest that keeps ``releases`` releases within the
+target. At 32 bits that is within 5 % of the continuous Gaussian's noise in the tested settings.
+
+This module is the accounting half of issue 14. The mechanism is :mod:`fedmq.secagg.ddg_noise`,
+and nothing adds the noise yet.
 """
 
 from __future__ import annotations
@@ -183,3 +189,86 @@ class DdgLedger:
                 raise ValueError(f"count must be an int, got {count!r}")
             ledger.record(DdgParams(**fields), count)
         return ledger
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Parameters chosen by :func:`calibrate`, and what they give."""
+
+    params: DdgParams
+    bits: int
+    releases: int
+    epsilon: float
+    delta: float
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Central noise over the clip: what a Gaussian mechanism of the same noise would be called."""
+        return self.params.central_stddev / self.params.clip
+
+
+def step_for(bits: int, clip: float, summands: int, local_stddev: float, k_stddevs: float = 4.0) -> float:
+    """The quantization step at which a sum of ``summands`` updates and their noise fits ``bits``.
+
+    A coordinate of one clipped update is at most ``clip`` (no rotation spreads it), so the sum
+    is at most ``summands * clip`` plus noise of standard deviation ``sqrt(summands) * local_stddev``,
+    which ``k_stddevs`` covers. The step makes that range the signed ring ``2^(bits-1) - 1``, so
+    a sum never wraps unless its noise exceeds ``k_stddevs`` standard deviations.
+    """
+    if not 8 <= bits <= 62 or summands < 1 or not (clip > 0 and local_stddev > 0 and k_stddevs > 0):
+        raise ValueError(f"need 8 <= bits <= 62, summands >= 1 and positive scales, got {bits}, {summands}")
+    return float((summands * clip + k_stddevs * math.sqrt(summands) * local_stddev) / (2 ** (bits - 1) - 1))
+
+
+def calibrate(
+    target_epsilon: float,
+    delta: float,
+    *,
+    releases: int,
+    survivors: int,
+    summands: int,
+    dim: int,
+    clip: float,
+    bits: int = 32,
+    beta: float = math.exp(-0.5),
+    k_stddevs: float = 4.0,
+) -> Calibration:
+    """The smallest local noise whose ``releases`` releases stay within ``target_epsilon`` at ``delta``.
+
+    The documented calibration. The quantization step follows the noise (:func:`step_for`).
+    The noise is found by bisection on its logarithm, because epsilon falls as the noise grows.
+    ``survivors`` is the threshold t, the fewest devices whose noise is sure to be in a sum.
+    ``summands`` is the most updates a sum can hold (the cohort), and it sets the step.
+
+    Raises:
+        ValueError: bad arguments, or no noise reaches the target at these bits. Coarse steps
+            make the rounding's sensitivity dominate, which no amount of noise overcomes.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0) or releases < 1 or summands < survivors:
+        raise ValueError(
+            f"need target_epsilon > 0, releases >= 1 and summands >= survivors, "
+            f"got {target_epsilon}, {releases}, {summands} < {survivors}"
+        )
+
+    def at(local: float) -> tuple[DdgParams, float]:
+        p = DdgParams(clip, step_for(bits, clip, summands, local, k_stddevs), local, survivors, dim, beta)
+        return p, epsilon(releases * rdp(p), delta)
+
+    lo, hi = 1e-4 * clip, 1e4 * clip
+    p_hi, eps_hi = at(hi)
+    if eps_hi > target_epsilon:
+        raise ValueError(
+            f"no noise gives epsilon {target_epsilon} in {releases} releases at {bits} bits and d = {dim}: "
+            f"the best is {eps_hi:.3g} (rounding dominates; use more bits)"
+        )
+    best = (p_hi, eps_hi)
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        p, eps = at(mid)
+        if eps <= target_epsilon:
+            hi, best = mid, (p, eps)
+        else:
+            lo = mid
+        if hi / lo < 1.001:
+            break
+    return Calibration(best[0], bits, releases, best[1], delta)
