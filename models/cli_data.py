@@ -30,9 +30,6 @@ from fedmq.errors import ConfigError
 from models.datasets import Dataset, dirichlet_split, load_source, range_mismatch, save_npz
 from models.tasks import TASKS, get_task
 
-NORMALIZERS = ("none", "minmax", "zscore")
-"""``--normalize``: also ``scale:C`` (divide by C, e.g. ``scale:16`` for raw digits pixels)."""
-
 
 @dataclass(frozen=True)
 class Normalizer:

@@ -58,6 +58,15 @@ class Task:
     much: those examples are protected with secure aggregation (``--secure-aggregation``)."""
     test_description: str = "held-out split"
 
+    def aggregator_settings(self, model: str, *, secure: bool = False) -> dict[str, Any]:
+        """The AggregatorConfig fields this task sets for ``model``, under secure aggregation or not."""
+        out = dict(self.aggregator)
+        if model == self.torch_model:
+            out.update(self.torch_aggregator)
+        if secure:
+            out.update(self.secure_aggregator)
+        return out
+
     @property
     def num_classes(self) -> int:
         """Number of output classes."""

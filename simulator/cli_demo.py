@@ -42,7 +42,7 @@ def demo_config(args: argparse.Namespace) -> SimConfig:
     cfg = SimConfig(task=args.task, agents=agents, duration=args.duration, broker=args.broker, seed=args.seed)
     cfg = for_task(cfg, torch=args.torch)
     if args.secure_aggregation:
-        extra = get_task(args.task).secure_aggregator
+        extra = get_task(args.task).aggregator_settings(cfg.aggregator.model, secure=True)
         cfg = replace(
             cfg,
             aggregator=replace(cfg.aggregator, secure_aggregation=True, **extra),

@@ -139,7 +139,8 @@ def task_defaults(args: argparse.Namespace) -> tuple[Task, dict[str, Any]]:
     if args.agents is None:
         out["agents"] = task.default_devices
     k = args.buffer_size
-    out["buffer_size"] = k if k is not None else task.aggregator.get("buffer_size", d.aggregator.buffer_size)
+    settings = task.aggregator_settings(args.model or task.model)
+    out["buffer_size"] = k if k is not None else settings.get("buffer_size", d.aggregator.buffer_size)
     return task, out
 
 
@@ -204,7 +205,7 @@ def _max_staleness(args: argparse.Namespace, rule: str) -> int:
     if rule == "fedasync":
         return 3 * int(args.agents)
     task = get_task(args.task)
-    over = {**task.aggregator, **(task.torch_aggregator if args.model and args.model == task.torch_model else {})}
+    over = task.aggregator_settings(args.model or task.model)
     return int(over.get("max_staleness", SimConfig().aggregator.max_staleness))
 
 

@@ -150,7 +150,7 @@ def for_task(cfg: SimConfig, *, torch: bool = False) -> SimConfig:
     """
     task = get_task(cfg.task)
     model = task.torch_model if torch and task.torch_model else task.model
-    overrides = {**task.aggregator, **(task.torch_aggregator if model == task.torch_model else {})}
+    overrides = task.aggregator_settings(model)
     agg = replace(cfg.aggregator, model=model, hidden=task.hidden, labels=",".join(task.labels), **overrides)
     agg = replace(agg, buffer_size=min(agg.buffer_size, cfg.agents))
     return replace(

@@ -189,3 +189,14 @@ def test_the_threshold_is_a_strict_majority() -> None:
         assert 2 * t > holders and t <= max(holders, 2)
     with pytest.raises(ValueError, match=r"\(0.5, 1\]"):
         threshold_for(10, 0.5)
+
+
+def test_a_uniform_stream_replays_one_aes_ctr_keystream_and_needs_a_full_key() -> None:
+    key = bytes(range(32))
+    a, b = crypto.UniformStream(key), crypto.UniformStream(key)
+    first = np.concatenate([a(100), a(156)])
+    assert np.array_equal(first, b(256))  # it continues the stream: two calls equal one call
+    assert first.min() >= 0 and first.max() < 1 and abs(float(first.mean()) - 0.5) < 0.1
+    assert not np.array_equal(first, crypto.UniformStream(bytes(32))(256))
+    with pytest.raises(ValueError, match="32-byte key"):
+        crypto.UniformStream(key[:16])

@@ -140,6 +140,12 @@ Uniform = Callable[[int], npt.NDArray[np.float64]]
 """``n`` independent uniform draws in ``[0, 1)`` (what stochastic rounding needs)."""
 
 
+def _to_unit(stream: bytes) -> npt.NDArray[np.float64]:
+    """Keystream bytes as uniforms in ``[0, 1)``, 53 bits from each 64-bit word."""
+    words = np.frombuffer(stream, dtype="<u8")
+    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def uniform(n: int) -> npt.NDArray[np.float64]:
     """``n`` uniforms in ``[0, 1)`` with 53 random bits each, from AES-256-CTR under a fresh OS-random key.
 
@@ -147,8 +153,24 @@ def uniform(n: int) -> npt.NDArray[np.float64]:
     from a cryptographic stream too, not from a seedable statistical generator.
     """
     enc = Cipher(algorithms.AES(os.urandom(KEY_BYTES)), modes.CTR(bytes(16))).encryptor()
-    words = np.frombuffer(enc.update(bytes(8 * n)) + enc.finalize(), dtype="<u8")
-    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return _to_unit(enc.update(bytes(8 * n)) + enc.finalize())
+
+
+class UniformStream:
+    """A :data:`Uniform` that continues one AES-256-CTR keystream under a given full 32-byte key.
+
+    The same key gives the same draws: tests use it to replay protocol randomness (rounding,
+    DP noise) without falling back to a statistical generator. Devices use :func:`uniform`.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"need a {KEY_BYTES}-byte key, got {len(key)} bytes")
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+    def __call__(self, n: int) -> npt.NDArray[np.float64]:
+        """The next ``n`` uniforms of the stream."""
+        return _to_unit(self._enc.update(bytes(8 * n)))
 
 
 def seed_commitment(seed: bytes, cohort: str, agent: str) -> bytes:

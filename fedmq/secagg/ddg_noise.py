@@ -19,23 +19,16 @@ Not yet wired into the secure-aggregation client (issue 14).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.secagg.crypto import Uniform
+from fedmq.secagg.crypto import uniform as crypto_uniform
 from fedmq.secagg.ddp import rounded_l2_bound
 
-Uniform = Callable[[int], npt.NDArray[np.float64]]
 
-
-def _default_uniform(n: int) -> npt.NDArray[np.float64]:
-    from fedmq.secagg.crypto import uniform
-
-    return uniform(n)
-
-
-def discrete_laplace(t: float, size: int, uniform: Uniform = _default_uniform) -> npt.NDArray[np.int64]:
+def discrete_laplace(t: float, size: int, uniform: Uniform = crypto_uniform) -> npt.NDArray[np.int64]:
     """``size`` draws with ``P(x) proportional to exp(-|x| / t)`` on the integers (``t > 0``).
 
     The difference of two geometric variables of ratio ``exp(-1/t)``, each by inversion.
@@ -47,7 +40,7 @@ def discrete_laplace(t: float, size: int, uniform: Uniform = _default_uniform) -
     return g[:size] - g[size:]
 
 
-def discrete_gaussian(sigma: float, size: int, uniform: Uniform = _default_uniform) -> npt.NDArray[np.int64]:
+def discrete_gaussian(sigma: float, size: int, uniform: Uniform = crypto_uniform) -> npt.NDArray[np.int64]:
     """``size`` draws with ``P(x) proportional to exp(-x^2 / (2 sigma^2))`` on the integers (``sigma > 0``)."""
     if not (math.isfinite(sigma) and sigma > 0) or size < 0:
         raise ValueError(f"need sigma > 0 and size >= 0, got {sigma}, {size}")
@@ -71,7 +64,7 @@ def conditional_round(
     x: npt.NDArray[np.float64],
     clip_scaled: float,
     beta: float,
-    uniform: Uniform = _default_uniform,
+    uniform: Uniform = crypto_uniform,
     max_tries: int = 100,
 ) -> npt.NDArray[np.int64]:
     """Randomized rounding of ``x`` (already scaled by ``1 / gamma``) to integers, within the charged bound.

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.secagg.crypto import Uniform
-from fedmq.secagg.crypto import uniform as random_uniform
+from fedmq.secagg.crypto import uniform as crypto_uniform
 
 U64 = npt.NDArray[np.unsignedinteger[Any]]
 """Integers mod ``2^bits`` in the ring's dtype (the name stayed from when it was always 64-bit)."""
@@ -44,7 +44,7 @@ def scale_for(bits: int, clip_range: float, summands: int) -> float:
 
 
 def quantize(
-    x: npt.NDArray[Any], *, scale: float, clip_range: float, bits: int, uniform: Uniform = random_uniform
+    x: npt.NDArray[Any], *, scale: float, clip_range: float, bits: int, uniform: Uniform = crypto_uniform
 ) -> U64:
     """Encode ``x`` (clamped to ``[-clip_range, clip_range]``) as integers mod ``2^bits``, stochastic rounding.
 
