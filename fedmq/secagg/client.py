@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedmq.secagg import crypto, shamir
+from fedmq.secagg import crypto, ddg_noise, ddp, shamir
 from fedmq.secagg.graph import Graph, build_graph
 from fedmq.secagg.messages import (
     CohortMsg,
@@ -52,12 +52,6 @@ from fedmq.secagg.quantize import U64, quantize, reduce, scale_for, wire_dtype
 
 SELF_DOMAIN = b"fedmq-secagg-self-mask-v1"
 PAIR_DOMAIN = b"fedmq-secagg-pair-mask-v1"
-
-NoiseHook = Callable[[U64, float], U64]
-"""Adds a device's share of distributed DP noise to its quantized integers (``ints, scale -> ints``).
-
-The distributed discrete Gaussian and Skellam mechanisms add integer noise after the scaling
-and rounding, so the hook runs on the integers, before the masks."""
 
 
 # --- outputs ---------------------------------------------------------------------------------------
@@ -141,7 +135,6 @@ class ClientSession:
             and the aggregator could substitute keys; the TLS deployment always has one).
         uniform: randomness for stochastic rounding (default: an AES-CTR stream under a fresh
             OS-random key, like every other random value of the protocol).
-        noise: a hook for distributed DP noise on the integers (:data:`NoiseHook`).
     """
 
     def __init__(
@@ -153,7 +146,6 @@ class ClientSession:
         signer: crypto.Signer | None = None,
         verifier: crypto.Verifier | None = None,
         uniform: crypto.Uniform = crypto.uniform,
-        noise: NoiseHook | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.agent_id = agent_id
@@ -162,7 +154,6 @@ class ClientSession:
         self.params = cohort.params
         self.signer, self.verifier = signer, verifier
         self.uniform = uniform
-        self.noise = noise
         self.randbytes = randbytes
         self.deadline = now + 5 * cohort.timeout
         self.graph: Graph | None = None
@@ -170,6 +161,8 @@ class ClientSession:
         self.refused: Refused | None = None
         self.input_seq: int | None = None
         """The seq of the update this session masked (once :meth:`provide_input` ran)."""
+        self.release: ddp.DdgParams | None = None
+        """Under distributed DP, the release the masked upload is (what the device's ledger charges)."""
         self._s = _Secrets(crypto.new_key(), crypto.new_key())
 
     # --- inputs ----------------------------------------------------------------------------
@@ -310,14 +303,32 @@ class ClientSession:
             raise _Refuse("too_few", f"shares from {len(self._s.held)} neighbours, the threshold needs more")
         return MaskedInput(), [NeedInput(self.cohort)]
 
+    def release_for(self, n_values: int) -> ddp.DdgParams | None:
+        """The distributed-DP release an input of ``n_values`` would be in this cohort (``None``: no DP)."""
+        p = self.params
+        if not p.distributed_dp:
+            return None
+        return ddp.cohort_params(
+            stddev=p.dp_stddev,
+            survivors=max(p.dp_survivors, self.announce.threshold),
+            clip_norm=p.clip_norm,
+            beta=p.dp_beta,
+            bits=p.bits,
+            members=len(self.announce.members),
+            dim=n_values,
+        )
+
     def _mask(
         self, values: npt.NDArray[np.float64], seq: int, base_version: int, epsilon: float | None
     ) -> tuple[_State, list[Output]]:
         p = self.params
-        scale = scale_for(p.bits, p.clip_range, len(self.announce.members))
-        ints = quantize(values, scale=scale, clip_range=p.clip_range, bits=p.bits, uniform=self.uniform)
-        if self.noise is not None:
-            ints = reduce(self.noise(ints, scale), p.bits)
+        release = self.release_for(values.size)
+        if release is not None:  # scale, round within the charged bound, add this device's share of the noise
+            ints = ddg_noise.encode(values, release, p.bits, self.uniform)
+        else:
+            scale = scale_for(p.bits, p.clip_range, len(self.announce.members))
+            ints = quantize(values, scale=scale, clip_range=p.clip_range, bits=p.bits, uniform=self.uniform)
+        self.release = release
         masked = ints + crypto.expand_mask(self._s.seed, ints.size, p.bits, domain=SELF_DOMAIN)
         for v in self._s.held:  # the neighbours that shared: exactly the ones the aggregator can unmask
             masked += pair_mask(self, v, ints.size)
@@ -333,6 +344,11 @@ class ClientSession:
             raise _Refuse("bad_unmask", "the request calls this device dropped, but it uploaded")
         if len(survivors) < self.announce.threshold:
             raise _Refuse("bad_unmask", f"{len(survivors)} uploads, fewer than the threshold {self.announce.threshold}")
+        if self.params.distributed_dp and len(survivors) < self.params.dp_survivors:
+            raise _Refuse(
+                "too_little_noise",
+                f"{len(survivors)} uploads, but the noise is calibrated to at least {self.params.dp_survivors}",
+            )
         if (survivors | dropped) - set(self.announce.members):
             raise _Refuse("bad_unmask", "the request names devices outside the cohort")
         seeds = {self.agent_id: shamir.share_to_bytes(self._s.own_seed_share)}

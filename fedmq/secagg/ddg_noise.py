@@ -13,7 +13,9 @@ arXiv:2004.00010, Algorithm 3): discrete Laplace proposals, accepted with probab
 TFF's implementation, not in the paper's exact rational arithmetic. The pmf is checked against
 ``exp(-x^2 / 2 sigma^2)`` in ``tests/test_ddg_noise.py``.
 
-Not yet wired into the secure-aggregation client (issue 14).
+:func:`encode` is the whole device side (scale, round, noise, reduce into the ring) and
+:func:`decode` the aggregator's reading of an unmasked sum; the secure-aggregation client calls
+them when the cohort announces distributed DP (:attr:`fedmq.secagg.messages.Params.dp_stddev`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy.typing as npt
 
 from fedmq.secagg.crypto import Uniform
 from fedmq.secagg.crypto import uniform as crypto_uniform
-from fedmq.secagg.ddp import rounded_l2_bound
+from fedmq.secagg.ddp import DdgParams, rounded_l2_bound
+from fedmq.secagg.quantize import U64, dequantize, reduce, ring_dtype
 
 
 def discrete_laplace(t: float, size: int, uniform: Uniform = crypto_uniform) -> npt.NDArray[np.int64]:
@@ -92,3 +95,26 @@ def conditional_round(
         if float(np.sqrt(np.sum(r * r))) <= bound:
             return r.astype(np.int64)
     raise RoundingFailed(f"no rounding within the L2 bound {bound:.6g} in {max_tries} tries")
+
+
+def encode(values: npt.NDArray[np.float64], p: DdgParams, bits: int, uniform: Uniform = crypto_uniform) -> U64:
+    """A device's share of one release: ``round(values / gamma) + DG(sigma^2)`` as integers mod ``2^bits``.
+
+    ``values`` must already be clipped to ``p.clip`` (the masked input of
+    :func:`fedmq.secagg.client.weighted_input`). The result is what the device masks.
+
+    Raises:
+        ValueError: the values are not finite or exceed the clip, or ``dim`` does not match.
+        RoundingFailed: no rounding met the charged bound (the update is not released).
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size != p.dim:
+        raise ValueError(f"the input has {x.size} values, the release was calibrated for {p.dim}")
+    ints = conditional_round(x / p.gamma, p.clip / p.gamma, p.beta, uniform)
+    ints += discrete_gaussian(p.sigma, ints.size, uniform)
+    return reduce(ints.view(np.uint64), bits).astype(ring_dtype(bits))
+
+
+def decode(total: U64, p: DdgParams, bits: int) -> npt.NDArray[np.float64]:
+    """An unmasked sum of :func:`encode` outputs, read as signed and scaled back to update units."""
+    return dequantize(total, scale=1.0 / p.gamma, bits=bits)

@@ -29,8 +29,9 @@ calibration: the quantization step follows the noise so that a cohort's sum fits
 (:func:`step_for`), and the noise is the smallest that keeps ``releases`` releases within the
 target. At 32 bits that is within 5 % of the continuous Gaussian's noise in the tested settings.
 
-This module is the accounting half of issue 14. The mechanism is :mod:`fedmq.secagg.ddg_noise`,
-and nothing adds the noise yet.
+The mechanism is :mod:`fedmq.secagg.ddg_noise`. :func:`cohort_params` is where both ends derive
+one cohort's parameters from what the aggregator announced, so that the device noises, the
+aggregator decodes and both ledgers charge the same release.
 """
 
 from __future__ import annotations
@@ -272,3 +273,30 @@ def calibrate(
         if hi / lo < 1.001:
             break
     return Calibration(best[0], bits, releases, best[1], delta)
+
+
+def input_clip(clip_norm: float) -> float:
+    """The L2 bound of a device's masked input ``[w * clip(delta), w]`` (``w <= 1``): ``sqrt(C^2 + 1)``.
+
+    The appended staleness weight is noised and released with the update, so the sensitivity the
+    accounting charges for includes it.
+    """
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be finite and > 0, got {clip_norm}")
+    return math.sqrt(clip_norm * clip_norm + 1.0)
+
+
+def cohort_params(
+    *, stddev: float, survivors: int, clip_norm: float, beta: float, bits: int, members: int, dim: int
+) -> DdgParams:
+    """One cohort's release, as both ends compute it from the announcement.
+
+    Each device adds ``stddev / sqrt(survivors)``, so any ``survivors`` uploads carry ``stddev``;
+    the quantization step fits a sum of all ``members`` (:func:`step_for`); ``dim`` counts the
+    appended weight.
+    """
+    if survivors < 2 or members < survivors:
+        raise ValueError(f"need 2 <= survivors <= members, got {survivors}, {members}")
+    clip = input_clip(clip_norm)
+    local = stddev / math.sqrt(survivors)
+    return DdgParams(clip, step_for(bits, clip, members, local), local, survivors, dim, beta)

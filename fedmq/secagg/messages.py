@@ -291,6 +291,20 @@ class Params:
     staleness_a: float = 0.5
     staleness_b: int = 4
     max_staleness: int = 20
+    dp_stddev: float = 0.0
+    """Distributed DP (Kairouz, Liu, Steinke 2021): the standard deviation, in update units, of the
+    discrete Gaussian noise that every released sum carries at least. 0: no distributed noise.
+    Each device adds ``dp_stddev / sqrt(dp_survivors)`` (:func:`fedmq.secagg.ddp.cohort_params`)."""
+    dp_survivors: int = 0
+    """The fewest masked uploads a noised sum may hold (the ``t`` the noise is calibrated to). A device
+    refuses to reveal its shares for a smaller sum, so no sum ever carries less than ``dp_stddev``."""
+    dp_beta: float = 0.6065306597126334
+    """Conditional randomized rounding's ``beta`` (``exp(-1/2)``, the paper's choice)."""
+
+    @property
+    def distributed_dp(self) -> bool:
+        """Whether devices add distributed discrete Gaussian noise before masking."""
+        return self.dp_stddev > 0
 
     def to_wire(self) -> dict[str, Any]:
         """Plain map."""
@@ -312,9 +326,15 @@ class Params:
             _float(obj, "staleness_a") or 0.0,
             _int(obj, "staleness_b", 0, 1 << 20),
             _int(obj, "max_staleness", 0, 1 << 20),
+            # distributed DP: absent from an aggregator without it (read leniently: no schema bump)
+            _float(obj, "dp_stddev", optional=True) or 0.0,
+            _int(obj, "dp_survivors", 0, MAX_COHORT) if "dp_survivors" in obj else 0,
+            beta if (beta := _float(obj, "dp_beta", optional=True)) is not None else cls.dp_beta,
         )
         if not (p.clip_norm > 0 and p.clip_range > 0 and p.staleness_a >= 0):
             raise _bad("clip_norm and clip_range must be > 0, staleness_a >= 0")
+        if p.dp_stddev < 0 or not 0 < p.dp_beta < 1 or (p.distributed_dp and p.dp_survivors < 2):
+            raise _bad("distributed DP needs dp_stddev >= 0, 0 < dp_beta < 1 and dp_survivors >= 2")
         return p
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedmq.errors import RejectReason
-from fedmq.secagg import crypto, shamir
+from fedmq.secagg import crypto, ddp, shamir
 from fedmq.secagg.client import PAIR_DOMAIN, SELF_DOMAIN
 from fedmq.secagg.graph import Graph, auto_degree, build_graph, threshold_for
 from fedmq.secagg.messages import (
@@ -101,6 +101,8 @@ class Unmasked:
     contributors: tuple[Contribution, ...]
     members: tuple[str, ...]
     bad_holders: tuple[str, ...] = ()
+    release: ddp.DdgParams | None = None
+    """Under distributed DP, the release this sum is for each contributor (their ledgers charge it)."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,23 @@ class CohortServer:
         self.target = target
         self.n_values = n_values
         self.verifier = verifier
-        self.scale = scale_for(self.params.bits, self.params.clip_range, len(self.members))
+        self.release: ddp.DdgParams | None = None
+        """Under distributed DP, the release every sum of this cohort is (what the ledgers charge)."""
+        if self.params.distributed_dp:
+            self.release = ddp.cohort_params(
+                stddev=self.params.dp_stddev,
+                survivors=max(self.params.dp_survivors, self.t),
+                clip_norm=self.params.clip_norm,
+                beta=self.params.dp_beta,
+                bits=self.params.bits,
+                members=len(self.members),
+                dim=n_values,
+            )
+            self.scale = 1.0 / self.release.gamma
+        else:
+            self.scale = scale_for(self.params.bits, self.params.clip_range, len(self.members))
+        self.min_uploads = max(self.t, self.params.dp_survivors if self.params.distributed_dp else 0)
+        """The fewest uploads a sum may hold: the threshold, and the noise's calibration under distributed DP."""
         self.width = wire_dtype(self.params.bits)
         self.state: _Round = CollectingKeys()
         self.deadline = now + announce.timeout
@@ -366,8 +384,8 @@ class CollectingInputs(_Round):
     def close(self, c: CohortServer) -> tuple[_Round, list[Out]]:
         """End the round: the next state and what to send."""
         uploaded = set(c.inputs)
-        if len(uploaded) < c.t:
-            raise _Drop(f"{len(uploaded)} masked uploads, the threshold is {c.t}")
+        if len(uploaded) < c.min_uploads:
+            raise _Drop(f"{len(uploaded)} masked uploads, a sum needs {c.min_uploads} (threshold {c.t})")
         weak = [a for a in c.alive if len(c.graph.holders(a) & uploaded) < c.t]
         if weak:
             raise _Drop(f"the secrets of {sorted(weak)[:4]} have fewer than {c.t} holders among the uploaders")
@@ -417,7 +435,9 @@ class CollectingReveals(_Round):
         weight = float(dequantize(total[-1:], scale=c.scale, bits=c.params.bits)[0])
         values = dequantize(total, scale=c.scale, bits=c.params.bits)
         n = len(c.inputs)
-        if not (0 < weight <= n * (1 + 1e-6) + n / c.scale):
+        # Under distributed DP the weights' sum carries noise too: allow 8 of its standard deviations.
+        slack = 8 * math.sqrt(n) * c.release.local_stddev if c.release is not None else 0.0
+        if not (-slack < weight <= n * (1 + 1e-6) + n / c.scale + slack):
             raise _Drop(f"the weights sum to {weight:.4g}, impossible for {n} uploads (a device sent garbage)")
         contributors = tuple(
             Contribution(a, m.seq, m.base_version, m.epsilon) for a, (m, _) in sorted(c.inputs.items())
@@ -425,7 +445,7 @@ class CollectingReveals(_Round):
         rejects: list[Out] = [
             Reject(h, RejectReason.BAD_SHARE, "a revealed share is not on its polynomial") for h in bad
         ]
-        return Finished(), [*rejects, Unmasked(c.id, values, contributors, c.members, tuple(bad))]
+        return Finished(), [*rejects, Unmasked(c.id, values, contributors, c.members, tuple(bad), c.release)]
 
 
 class Finished(_Round):
@@ -518,6 +538,11 @@ class SecAggSettings:
     max_cohorts: int = 4
     """Cohorts in flight at once (FedBuff's concurrency)."""
     params: Params = field(default_factory=Params)
+
+    @property
+    def smallest(self) -> int:
+        """The fewest devices a cohort forms with: ``min_cohort``, and under distributed DP enough to sum."""
+        return max(self.min_cohort, self.params.dp_survivors if self.params.distributed_dp else 0)
 
     @property
     def members(self) -> int:
@@ -618,7 +643,7 @@ class CohortManager:
         while self.pool and len(self.cohorts) < s.max_cohorts:
             oldest = next(iter(self.pool.values()))
             waited = now - oldest >= s.form_wait
-            if len(self.pool) < s.members and not (waited and len(self.pool) >= s.min_cohort):
+            if len(self.pool) < s.members and not (waited and len(self.pool) >= s.smallest):
                 break
             members = tuple(sorted(list(self.pool)[: s.members]))
             out += self._open(members, now, version=version, run=run)
@@ -635,7 +660,10 @@ class CohortManager:
         announce = CohortMsg(self.randbytes(16).hex(), tuple(members), degree, t, s.params, version, s.timeout, run)
         # K, or for a smaller cohort all but its share of dropouts (rho / (1 + rho) of it)
         target = min(s.cohort_size, n - math.floor(n * s.overselect / (1 + s.overselect) + 1e-9))
-        cohort = CohortServer(announce, target=max(target, t), n_values=self.n_values, now=now, verifier=self.verifier)
+        floor = max(t, s.params.dp_survivors if s.params.distributed_dp else 0)
+        cohort = CohortServer(
+            announce, target=max(target, floor), n_values=self.n_values, now=now, verifier=self.verifier
+        )
         self.cohorts[cohort.id] = cohort
         for a in members:
             self.pool.pop(a, None)
