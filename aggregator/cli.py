@@ -90,6 +90,36 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--overselect", "aggregator.secagg.overselect", type=float, help="rho: K (1 + rho) devices per cohort")
     flag(p, "--threshold", "aggregator.secagg.threshold", type=float, help="t as a fraction of the holders (0.6)")
     flag(p, "--secagg-timeout", "aggregator.secagg.timeout", type=float, help="seconds each round waits (10)")
+    add_dp_flags(p)
+
+
+def add_dp_flags(p: argparse.ArgumentParser) -> None:
+    """Central and distributed DP at the aggregator, and the participation cap (docs/privacy.md)."""
+    flag(
+        p,
+        "--dp-epsilon",
+        "aggregator.secagg.dp_epsilon",
+        type=float,
+        help="distributed DP under secure aggregation: devices noise before masking, calibrated so that "
+        "--max-participation sums cost each device this epsilon",
+    )
+    flag(p, "--dp-survivors", "aggregator.secagg.dp_survivors", type=int, help="fewest uploads a noised sum holds")
+    flag(
+        p,
+        "--central-dp",
+        "aggregator.central_dp_noise_multiplier",
+        type=float,
+        metavar="Z",
+        help="central DP, trusting the server: clip each delta to --dp-clip-norm, add N(0, (Z C)^2) to each sum",
+    )
+    flag(
+        p,
+        "--max-participation",
+        "aggregator.max_participation",
+        type=int,
+        help="the most released sums one device may be in (bounds the federation's epsilon)",
+    )
+    flag(p, "--dp-delta", "aggregator.dp_delta", type=float, help="delta of the reported epsilon (1e-5)")
 
 
 def add_fresh_flag(p: argparse.ArgumentParser) -> None:

@@ -33,13 +33,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.privacy import FederationLedger, Release
 from aggregator.robust import Aggregate, WeightedMean
 from aggregator.rules._checks import finite_result
 from aggregator.rules.fedasync import fedasync_mix
@@ -51,6 +52,7 @@ from fedmq.codec import detached
 from fedmq.config import AggregatorConfig
 from fedmq.errors import RETRYABLE, RejectReason
 from fedmq.messages import ReceiptMessage, ReceiptStatus, UpdateMessage
+from fedmq.secagg.ddp import DdgParams
 from fedmq.secagg.messages import CheckIn, DoneMsg, MaskedMsg, UpMessage
 from fedmq.secagg.server import (
     Abandoned,
@@ -362,6 +364,8 @@ class FedBuffRule:
         self.momentum = momentum
         self.buffer: list[Buffered] = []
         self.velocity: Tensors | None = None
+        self.last_step: tuple[str, ...] = ()
+        """The agents whose deltas made the last step (a central-DP release charges them)."""
 
     def add(
         self,
@@ -397,6 +401,7 @@ class FedBuffRule:
             self.counters.update(before)
             raise
         self.velocity = velocity
+        self.last_step = tuple(e.agent_id for e in full)
         self.buffer.clear()
         return new
 
@@ -540,6 +545,11 @@ class AggregatorCore:
         checkpoint_every: versions between :class:`CheckpointDue` effects (0: never).
         secagg: the cohorts of secure aggregation (FedBuff only); with it, plain updates are
             refused and each cohort's sum makes one FedBuff step.
+        ledger: every device's DP releases (central DP, or distributed DP in cohorts); the
+            federation's epsilon in :attr:`Stats.max_epsilon` is its maximum. None: no ledger.
+        central_dp: the noise multiplier of the rule's :class:`~aggregator.privacy.CentralGaussian`
+            aggregate: each FedBuff step is a release for the agents in it.
+        max_participation: the most releases one agent may be in (0: no cap); needs ``ledger``.
     """
 
     def __init__(
@@ -563,6 +573,9 @@ class AggregatorCore:
         buffer_patience: float = _DEFAULTS.buffer_patience,
         checkpoint_every: int = 0,
         secagg: CohortManager | None = None,
+        ledger: FederationLedger | None = None,
+        central_dp: float | None = None,
+        max_participation: int = 0,
     ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
@@ -604,6 +617,13 @@ class AggregatorCore:
         if secagg is not None and not isinstance(rule, FedBuffRule):
             raise ValueError("secure aggregation runs one cohort per FedBuff buffer: use the fedbuff rule")
         self.secagg = secagg
+        if (central_dp is not None or max_participation) and ledger is None:
+            raise ValueError("central DP and a participation cap need a ledger")
+        if central_dp is not None and not isinstance(rule, FedBuffRule):
+            raise ValueError("central DP noises FedBuff's sum: use the fedbuff rule")
+        self.ledger = ledger
+        self.central_release: Release | None = ("gaussian", central_dp) if central_dp is not None else None
+        self.max_participation = max_participation
         self._open_cohorts: dict[str, tuple[str, ...]] = {}
         """Cohorts formed and not yet summed or abandoned (hard state: after a crash they are abandoned)."""
 
@@ -910,6 +930,8 @@ class AggregatorCore:
             return rej(RejectReason.TOO_STALE, f"staleness {staleness} > max {self.max_staleness}")
         if self.rule.needs_history and u.base_version not in self._history:
             return rej(RejectReason.UNKNOWN_BASE_VERSION, f"base version {u.base_version} is not kept")
+        if self._capped(u.agent_id, pending=self.rule.held(u.agent_id) + self._held_back(u.agent_id)):
+            return rej(RejectReason.PARTICIPATION_CAP, f"already in {self.max_participation} released sums")
         if self.mode == "sync" and u.agent_id not in self._waiting:
             return rej(RejectReason.NOT_SELECTED, f"agent not awaited in the round at version {self.version}")
         if self.noise_check is not None and not self._replaying:
@@ -976,7 +998,25 @@ class AggregatorCore:
             return (RejectReason.OUT_OF_RANGE, f"L2 norm {norm:.4g} > {self.max_update_norm:g}"), norm
         return None, norm
 
+    def _capped(self, agent: str, pending: int = 0) -> bool:
+        """Whether ``agent`` (with ``pending`` updates not yet released) has reached the participation cap."""
+        return bool(self.max_participation) and (
+            self.ledger is not None and self.ledger.count(agent) + pending >= self.max_participation
+        )
+
+    def _held_back(self, agent: str) -> int:
+        return sum(d.agent_id == agent for d in self._deferred)
+
+    def _charge(self, agents: Sequence[str], release: Release | None) -> None:
+        """A noised sum that included ``agents`` was released: their ledgers, and the federation's epsilon."""
+        if self.ledger is None or release is None or not agents:
+            return
+        self.ledger.record(agents, release)
+        self.stats.max_epsilon = max(self.stats.max_epsilon, self.ledger.max_epsilon)
+
     def _advance(self, new: Tensors, effects: list[Effect]) -> int:
+        if self.central_release is not None and isinstance(self.rule, FedBuffRule):
+            self._charge(self.rule.last_step, self.central_release)
         self._weights = _frozen(dict(new))
         self.version += 1
         if self.rule.needs_history:
@@ -1004,6 +1044,10 @@ class AggregatorCore:
         effects: list[Effect] = []
         assert self.secagg is not None, "secure aggregation is off"
         self._touch(agent, now, effects)
+        if isinstance(msg, CheckIn) and self._capped(agent):
+            detail = f"{agent!r} is already in {self.max_participation} released sums: no more cohorts"
+            self.stats.rejected[RejectReason.PARTICIPATION_CAP.value] += 1
+            return [Rejected(agent, None, RejectReason.PARTICIPATION_CAP, detail)], tuple(effects)
         if isinstance(msg, CheckIn):
             outs = self.secagg.check_in(agent, msg, now, version=self.version, run=self.run_id)
         else:
@@ -1052,15 +1096,20 @@ class AggregatorCore:
         return refused
 
     def _apply_cohort(self, u: Unmasked, now: float, effects: list[Effect]) -> None:
-        """``mean = sum(w delta) / sum(w)`` into one FedBuff step, logged as that mean; a receipt per contributor."""
-        weight = float(u.values[-1])
+        """``mean = sum(w delta) / sum(w)`` into one FedBuff step, logged as that mean; a receipt per contributor.
+
+        Under distributed DP the weights' sum is noised like the rest, and dividing by a noisy
+        sum would scale the step by noise: the mean divides by the number of uploads instead
+        (public: the aggregator received them), the fixed denominator of DP-FedAvg.
+        """
+        weight = float(u.values[-1]) if u.release is None else float(len(u.contributors))
         mean: Tensors = {}
         offset = 0
         for k in sorted(self._weights):
             ref = self._weights[k]
             mean[k] = (u.values[offset : offset + ref.size] / weight).reshape(ref.shape).astype(ref.dtype)
             offset += ref.size
-        self._step_cohort(u.cohort, mean, weight, u.contributors, u.members, now, effects)
+        self._step_cohort(u.cohort, mean, weight, u.contributors, u.members, now, effects, u.release)
 
     def _step_cohort(
         self,
@@ -1071,6 +1120,7 @@ class AggregatorCore:
         members: tuple[str, ...],
         now: float,
         effects: list[Effect],
+        release: DdgParams | None = None,
     ) -> None:
         assert isinstance(self.rule, FedBuffRule)
         try:
@@ -1090,9 +1140,12 @@ class AggregatorCore:
             "contributors": [[c.agent, c.seq, c.base_version, c.epsilon] for c in contributors],
             "members": list(members),
         }
+        if release is not None:
+            event["release"] = dict(release.__dict__)
         effects.append(LogEvent(event, now))
         self._open_cohorts.pop(cohort, None)
         base = self.version
+        self._charge([c.agent for c in contributors], release)
         self._advance(new, effects)
         self.stats.cohorts_applied += 1
         for c in contributors:
@@ -1131,8 +1184,16 @@ class AggregatorCore:
             Contribution(str(a), int(q), int(b), float(e) if e is not None else None)
             for a, q, b, e in event["contributors"]
         )
+        release = DdgParams(**dict(event["release"])) if event.get("release") is not None else None
         self._step_cohort(
-            str(event["sa_apply"]), mean, float(event["weight"]), contributors, tuple(event.get("members", ())), now, []
+            str(event["sa_apply"]),
+            mean,
+            float(event["weight"]),
+            contributors,
+            tuple(event.get("members", ())),
+            now,
+            [],
+            release,
         )
 
     def abandon_open_cohorts(self, now: float, why: str) -> tuple[Effect, ...]:
@@ -1208,6 +1269,7 @@ class AggregatorCore:
             "stats": self.stats.to_dict(),
             "history": {str(v): w for v, w in self._history.items() if v != self.version},
             "cohorts": {c: list(m) for c, m in self._open_cohorts.items()},
+            "privacy": self.ledger.state_dict() if self.ledger is not None else None,
         }
 
     def check_state(self) -> None:
@@ -1261,6 +1323,8 @@ class AggregatorCore:
             self._round_started = float(rnd["started"])
         self.stats = Stats.from_dict(state["stats"])
         self._open_cohorts = {str(c): tuple(str(a) for a in m) for c, m in state.get("cohorts", {}).items()}
+        if self.ledger is not None and state.get("privacy") is not None:
+            self.ledger.load_state_dict(state["privacy"])
         if self.rule.needs_history:
             self._history = {int(v): w for v, w in state["history"].items()}
             self._history[self.version] = self._weights

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
+import numpy as np
 
 from aggregator.core import (
     Accepted,
@@ -55,6 +56,7 @@ from aggregator.core import (
     SendSecAgg,
     make_rule,
 )
+from aggregator.privacy import CentralGaussian, FederationLedger
 from aggregator.robust import build_aggregate
 from aggregator.rules.noise import NoiseCheck
 from aggregator.store import Mode, Restored, StateStore, new_run_id
@@ -63,6 +65,7 @@ from fedmq.config import Config
 from fedmq.errors import RETRYABLE, ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
 from fedmq.runtime import Pulse
+from fedmq.secagg import ddp
 from fedmq.secagg.crypto import Verifier
 from fedmq.secagg.messages import MaskedMsg, Params, RevealMsg, decode_up
 from fedmq.secagg.server import CohortManager, SecAggSettings
@@ -354,7 +357,9 @@ class AggregatorService:
             buffer_size=c.buffer_size,
             server_lr=c.server_lr,
             momentum=c.server_momentum,
-            aggregate=build_aggregate(
+            aggregate=central
+            if (central := self._central_dp()) is not None
+            else build_aggregate(
                 c.robust,
                 norm_bound=c.norm_bound,
                 trim_fraction=c.trim_fraction,
@@ -365,6 +370,7 @@ class AggregatorService:
             else None,
             max_norm=c.norm_bound if c.rule == "fedasync" else None,
         )
+        dp = c.central_dp_noise_multiplier is not None or c.secagg.dp_epsilon is not None
         check = None
         if c.dp_noise_multiplier is not None:
             check = NoiseCheck(self._params, c.dp_noise_multiplier * c.dp_clip_norm, c.dp_clip_norm)
@@ -385,7 +391,23 @@ class AggregatorService:
             buffer_patience=c.buffer_patience,
             checkpoint_every=c.checkpoint_every if c.checkpoint_dir else 0,
             secagg=self._cohort_manager() if c.secure_aggregation else None,
+            ledger=FederationLedger(c.dp_delta) if dp else None,
+            central_dp=c.central_dp_noise_multiplier,
+            max_participation=c.max_participation if dp else 0,
         )
+
+    def _central_dp(self) -> CentralGaussian | None:
+        """Central DP's aggregate (the trusted-server baseline), if configured; noise from the OS."""
+        z = self.cfg.central_dp_noise_multiplier
+        if z is None:
+            return None
+        log.warning(
+            "central DP: the aggregator sees every update and adds the noise (z = %g, clip %g): "
+            "this trusts the server; distributed DP under secure aggregation does not",
+            z,
+            self.cfg.dp_clip_norm,
+        )
+        return CentralGaussian(self.cfg.dp_clip_norm, z, np.random.default_rng())
 
     def _cohort_manager(self) -> CohortManager:
         """The cohorts of secure aggregation, from ``aggregator.secagg`` (and the CA, with TLS)."""
@@ -399,9 +421,9 @@ class AggregatorService:
             staleness_b=c.staleness.b,
             max_staleness=c.max_staleness,
         )
-        self._secagg_params = params
+        k = sa.cohort_size or c.buffer_size
         settings = SecAggSettings(
-            cohort_size=sa.cohort_size or c.buffer_size,
+            cohort_size=k,
             overselect=sa.overselect,
             threshold=sa.threshold,
             degree=sa.degree,
@@ -409,8 +431,11 @@ class AggregatorService:
             form_wait=sa.form_wait,
             timeout=sa.timeout,
             max_cohorts=sa.max_cohorts,
-            params=params,
         )
+        if sa.dp_epsilon is not None:
+            params = replace(params, **self._calibrate_ddp(sa.dp_epsilon, k, settings.members))
+        self._secagg_params = params
+        settings = replace(settings, params=params)
         verifier = None
         if self.config.broker.ca_file and self.config.broker.cert_file:
             try:
@@ -418,6 +443,25 @@ class AggregatorService:
             except (OSError, ValueError) as exc:
                 raise ConfigError("broker.ca_file", f"cannot load the federation CA: {exc}") from None
         return CohortManager(settings, n_values=self._params + 1, verifier=verifier)
+
+    def _calibrate_ddp(self, target: float, k: int, members: int) -> dict[str, Any]:
+        """Distributed DP's noise for ``target`` over ``max_participation`` sums (ddp.calibrate); logged."""
+        c, sa = self.cfg, self.cfg.secagg
+        t = sa.survivors_for(k)
+        try:
+            calib = ddp.calibrate(
+                target, c.dp_delta, releases=c.max_participation, survivors=t, summands=members,
+                dim=self._params + 1, clip=ddp.input_clip(sa.clip_norm), bits=sa.bits,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError("aggregator.secagg.dp_epsilon", str(exc)) from None
+        log.info(
+            "distributed DP: each sum of >= %d uploads carries discrete Gaussian noise of std %.4g "
+            "(z = %.3f on the clip %.3g); a device in %d sums has epsilon %.3f at delta %g",
+            t, calib.params.central_stddev, calib.noise_multiplier, calib.params.clip, c.max_participation,
+            calib.epsilon, c.dp_delta,
+        )  # fmt: skip
+        return {"dp_stddev": calib.params.central_stddev, "dp_survivors": t}
 
     def _restore(self, core: AggregatorCore, restored: Restored) -> AggregatorCore:
         """Load the checkpoint and feed the log back through the core: the state before the crash."""

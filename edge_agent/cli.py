@@ -66,7 +66,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--clip-norm", "privacy.clip_norm", type=float)
     flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)
     flag(p, "--delta", "privacy.delta", type=float)
-    flag(p, "--epsilon-budget", "privacy.epsilon_budget", type=float)
+    flag(p, "--epsilon-budget", "privacy.epsilon_budget", type=float, help="stop before a release past it")
+    flag(
+        p,
+        "--require-distributed-dp",
+        "privacy.require_distributed",
+        action="store_const",
+        const=True,
+        help="send nothing unless the aggregator announces distributed DP under secure aggregation",
+    )
     p.add_argument(
         "--no-dp",
         dest="cfg:privacy.enabled",
@@ -95,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError("agent.state_dir", str(exc)) from None
     logging.getLogger("fedmq.agent").info(
-        "agent %s: %d examples, broker %s:%d, DP %s",
+        "agent %s: %d examples, broker %s:%d, DP: %s",
         config.agent.agent_id,
         len(data),
         config.broker.host,
         config.broker.port,
-        "on" if config.privacy.enabled else "OFF",
+        "local" if config.privacy.enabled else "distributed only" if config.privacy.require_distributed else "OFF",
     )
 
     async def main(stop: asyncio.Event) -> dict[str, object]:

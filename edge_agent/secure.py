@@ -14,12 +14,13 @@ checked against the federation CA whenever the device has both (the mutual-TLS d
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
 
 from edge_agent.outbox import Outbox
+from edge_agent.pipeline import BudgetExhausted
 from edge_agent.service import SecureStats
 from fedmq.codec import DecodeLimits
 from fedmq.errors import DecodeError
@@ -35,6 +36,7 @@ from fedmq.secagg.client import (
     weighted_input,
 )
 from fedmq.secagg.crypto import Signer, Verifier
+from fedmq.secagg.ddp import DdgParams
 from fedmq.secagg.messages import CheckIn, CohortMsg, UpMessage, decode_down
 from fedmq.staleness import make_staleness_fn
 
@@ -52,6 +54,10 @@ class SecureUploads:
         verifier: the federation CA that roster signatures must verify against.
         stats: where to count what happens (the agent's :class:`~edge_agent.service.SecureStats`).
         checkin_interval: seconds between check-ins while in no cohort (``agent.checkin_interval``).
+        charge: charges a distributed-DP release to the device's ledger before the masked upload
+            leaves, and returns the epsilon after it; raises
+            :class:`~edge_agent.pipeline.BudgetExhausted` past the budget (nothing is uploaded).
+        require_dp: upload only into cohorts that announce distributed DP (``privacy.require_distributed``).
     """
 
     def __init__(
@@ -64,6 +70,8 @@ class SecureUploads:
         verifier: Verifier | None,
         stats: SecureStats | None = None,
         checkin_interval: float = 2.0,
+        charge: Callable[[DdgParams], float] | None = None,
+        require_dp: bool = False,
     ) -> None:
         self.agent_id = agent_id
         self.outbox = outbox
@@ -75,6 +83,8 @@ class SecureUploads:
         self.stats = stats if stats is not None else SecureStats()
         self.next_checkin = 0.0
         self.checkin_interval = checkin_interval
+        self.charge = charge
+        self.require_dp = require_dp
 
     # --- inputs ----------------------------------------------------------------------------
     def check_in(self, now: float, model: ModelMessage) -> CheckIn | None:
@@ -143,7 +153,19 @@ class SecureUploads:
         session = self.session
         if session is None or not session.waiting_for_input:
             return []
-        outs = session.provide_input(values, seq=update.seq, base_version=update.base_version, epsilon=update.epsilon)
+        epsilon = update.epsilon
+        release = session.release_for(values.size)
+        if release is None and self.require_dp:
+            self.stats.refused["no_distributed_dp"] += 1
+            self._end("the cohort adds no distributed DP noise, and privacy.require_distributed is set")
+            return []
+        if release is not None and self.charge is not None:
+            try:
+                epsilon = self.charge(release)
+            except BudgetExhausted as exc:
+                self._end(str(exc))
+                raise
+        outs = session.provide_input(values, seq=update.seq, base_version=update.base_version, epsilon=epsilon)
         if session.input_seq is not None:
             self.assigned[update.seq] = session.cohort
             self.stats.masked_uploads += 1

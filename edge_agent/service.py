@@ -464,6 +464,14 @@ class AgentService:
                     self.stats.updates_published += 1
                 self.pulse.notify()
 
+    def _refuses(self, model: ModelMessage) -> str | None:
+        """Why this agent sends nothing under ``model``'s announcement (None: it takes part)."""
+        if model.secagg is None and self.config.agent.require_secure_aggregation:
+            return "the aggregator does not announce secure aggregation and agent.require_secure_aggregation is set"
+        if self.config.privacy.require_distributed and (model.secagg is None or not model.secagg.distributed_dp):
+            return "the aggregator does not announce distributed DP and privacy.require_distributed is set"
+        return None
+
     def _secure_mode(self) -> bool:
         return self._latest is not None and self._latest.secagg is not None
 
@@ -485,6 +493,8 @@ class AgentService:
                 verifier=verifier,
                 stats=self.stats.secure,
                 checkin_interval=self.config.agent.checkin_interval,
+                charge=self.trainer.charge_distributed,
+                require_dp=self.config.privacy.require_distributed,
             )
         return self._secure
 
@@ -514,10 +524,15 @@ class AgentService:
                 if secure.waiting_for_input:
                     picked = secure.input_for(model, skip=self._held_back)
                     if picked is not None:
-                        if picked[0].size >= INLINE_MASK_VALUES:
-                            outs = await asyncio.to_thread(secure.provide, *picked, time.monotonic())
-                        else:  # a small model: masking takes less than a thread hand-off
-                            outs = secure.provide(*picked, time.monotonic())
+                        try:
+                            if picked[0].size >= INLINE_MASK_VALUES:
+                                outs = await asyncio.to_thread(secure.provide, *picked, time.monotonic())
+                            else:  # a small model: masking takes less than a thread hand-off
+                                outs = secure.provide(*picked, time.monotonic())
+                        except BudgetExhausted as exc:  # nothing was uploaded; the train loop finishes
+                            log.warning("agent %s: %s", self.agent_id, exc)
+                            self._sa_changed.set()
+                            continue
                         await self._publish_secagg(client, outs)
                         self._sa_changed.set()
                     else:
@@ -608,15 +623,11 @@ class AgentService:
                 await self._new_model.wait()
                 self._new_model.clear()
                 continue
-            if model.secagg is None and self.config.agent.require_secure_aggregation:
+            if self._refuses(model):
                 if not self._warned_plain:
                     self._warned_plain = True
                     self.pulse.notify()
-                    log.warning(
-                        "agent %s: the aggregator does not announce secure aggregation and "
-                        "agent.require_secure_aggregation is set: sending nothing",
-                        self.agent_id,
-                    )
+                    log.warning("agent %s: %s: sending nothing", self.agent_id, self._refuses(model))
                 await self._new_model.wait()
                 self._new_model.clear()
                 continue

@@ -22,6 +22,7 @@ from fedmq.codec import all_finite
 from fedmq.config import AgentConfig, PrivacyConfig
 from fedmq.errors import StateError
 from fedmq.messages import ModelMessage, ModelSpec, UpdateMessage, report_examples
+from fedmq.secagg.ddp import DdgLedger, DdgParams
 from fedmq.state import read_state, write_state
 from models import create_model
 from models.base import TrainingCancelled
@@ -76,6 +77,8 @@ class LocalTrainer:
         self.rng = rng
         self.state_path = state_path
         self.accountant = PrivacyAccountant(privacy.delta) if privacy.enabled else None
+        self.ddp = DdgLedger.empty()
+        """Distributed-DP releases: the noised sums this device's masked uploads went into."""
         self.steps: list[Step] = build_pipeline(
             privacy, rng, self.accountant, compression=agent.compression, topk_fraction=agent.topk_fraction
         )
@@ -90,8 +93,39 @@ class LocalTrainer:
 
     @property
     def epsilon(self) -> float | None:
-        """Cumulative epsilon at the configured delta (``None`` without DP)."""
-        return self.accountant.epsilon() if self.accountant is not None else None
+        """Cumulative epsilon at the configured delta (``None`` without DP).
+
+        Local releases (the Gaussian accountant) and distributed ones (the sums this device's
+        masked uploads were in, :attr:`ddp`) add up: basic composition, an upper bound.
+        """
+        if self.accountant is None and not self.ddp.releases:
+            return None
+        return self._epsilon_with(self.ddp)
+
+    def _epsilon_with(self, ddp_ledger: DdgLedger) -> float:
+        local = self.accountant.epsilon() if self.accountant is not None else 0.0
+        return local + ddp_ledger.epsilon(self.privacy.delta)
+
+    def charge_distributed(self, release: DdgParams) -> float:
+        """Charge one distributed-DP release before its masked upload leaves; returns the new epsilon.
+
+        Charged at upload, not at the receipt: once the masked vector is out, the aggregator
+        may unmask a sum with it whether or not it ever says so.
+
+        Raises:
+            BudgetExhausted: the release would take the device past ``privacy.epsilon_budget``
+                (nothing is uploaded, and the agent stops).
+        """
+        trial = DdgLedger(dict(self.ddp.releases))
+        trial.record(release)
+        after = self._epsilon_with(trial)
+        budget = self.privacy.epsilon_budget
+        if budget is not None and after > budget:
+            self.exhausted = BudgetExhausted(self._epsilon_with(self.ddp), after, budget)
+            raise self.exhausted
+        self.ddp = trial
+        self.save_state()
+        return after
 
     def should_train(self, model: ModelMessage) -> bool:
         """Whether to run a local round on ``model`` now.
@@ -199,6 +233,7 @@ class LocalTrainer:
                 "agent_id": self.agent.agent_id,
                 "seq": self.seq,
                 "accountant": self.accountant.state_dict() if self.accountant else None,
+                "distributed": self.ddp.to_state(),
             },
         )
 
@@ -218,3 +253,5 @@ class LocalTrainer:
         self.seq = max(self.seq, int(state["seq"]))
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
+        if state.get("distributed"):
+            self.ddp = DdgLedger.from_state(state["distributed"])

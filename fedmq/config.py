@@ -102,6 +102,17 @@ class SecAggConfig:
     tighter bound slows learning: on digits, 1.0 took 2.5x plain FedBuff's time to 0.90, 4.0 1.5x)."""
     clip_range: float = 8.0
     """Each value is clamped to [-clip_range, clip_range] before quantizing (the modular range)."""
+    dp_epsilon: float | None = None
+    """Distributed DP: devices add discrete Gaussian noise before masking, calibrated at startup so
+    that ``aggregator.max_participation`` sums cost each device this epsilon at
+    ``aggregator.dp_delta`` (docs/privacy.md). Unset: no distributed noise."""
+    dp_survivors: int = 0
+    """The fewest uploads a noised sum may hold (t): any t shares carry the whole noise, and devices
+    refuse to unmask a smaller sum. 0: ``ceil(0.8 K)``."""
+
+    def survivors_for(self, k: int) -> int:
+        """The survivor floor for cohorts of ``k`` uploads."""
+        return self.dp_survivors or max(2, math.ceil(0.8 * k))
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -117,6 +128,12 @@ class SecAggConfig:
         _check(16 <= self.bits <= 62, k + "bits", "must be in [16, 62]")
         _check(_finite(self.clip_norm) and self.clip_norm > 0, k + "clip_norm", "must be > 0")
         _check(_finite(self.clip_range) and self.clip_range > 0, k + "clip_range", "must be > 0")
+        _check(
+            self.dp_epsilon is None or (_finite(self.dp_epsilon) and self.dp_epsilon > 0),
+            k + "dp_epsilon",
+            "must be > 0 or unset",
+        )
+        _check(self.dp_survivors == 0 or self.dp_survivors >= 2, k + "dp_survivors", "must be >= 2 (0: 0.8 K)")
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,17 @@ class AggregatorConfig:
     """The local DP noise every agent must add (z); updates whose norm does not fit it are
     rejected as ``not_private``. Unset: no check."""
     dp_clip_norm: float = 1.0
-    """The agents' clipping bound C for the check above."""
+    """The agents' clipping bound C for the check above, and the aggregator's under central DP."""
+    central_dp_noise_multiplier: float | None = None
+    """Central DP, trusting the server: clip each delta to ``dp_clip_norm``, add ``N(0, (z C)^2)``
+    to each FedBuff sum (DP-FedAvg). The aggregator sees every update; the published models are
+    protected. Unset: off. Prefer distributed DP under secure aggregation (``secagg.dp_epsilon``)."""
+    max_participation: int = 0
+    """The most released sums one device's updates may be in; further ones are refused
+    (``participation_cap``). The federation's epsilon is bounded by this many releases. 0: no cap
+    (then required to be set with distributed DP, which is calibrated to it)."""
+    dp_delta: float = 1e-5
+    """The delta at which the aggregator calibrates distributed DP and reports the federation's epsilon."""
     agent_timeout: float = 60.0
     """Seconds without any message (update or status heartbeat) after which an agent counts as
     offline, even if its Will never fired (a hung process whose MQTT thread still answers pings)."""
@@ -267,8 +294,41 @@ class AggregatorConfig:
         self.staleness.validate()
         self._validate_robust()
         self.secagg.validate()
+        self._validate_dp()
         if self.secure_aggregation:
             self._validate_secure()
+
+    def _validate_dp(self) -> None:
+        """Central and distributed DP: the rule and settings their accounting assumes."""
+        _check(self.max_participation >= 0, "aggregator.max_participation", "must be >= 0 (0: no cap)")
+        _check(0 < self.dp_delta < 1, "aggregator.dp_delta", f"must be in (0, 1), got {self.dp_delta}")
+        z = self.central_dp_noise_multiplier
+        if z is not None:
+            _check(_finite(z) and z > 0, "aggregator.central_dp_noise_multiplier", "must be > 0 or unset")
+            _check(
+                self.rule == "fedbuff" and self.robust == "none" and self.norm_bound is None,
+                "aggregator.central_dp_noise_multiplier",
+                "central DP noises FedBuff's sum: needs rule fedbuff, robust none and no norm_bound",
+            )
+            _check(
+                not self.secure_aggregation,
+                "aggregator.central_dp_noise_multiplier",
+                "is the trusted-server baseline; under secure aggregation use aggregator.secagg.dp_epsilon",
+            )
+        if self.secagg.dp_epsilon is not None:
+            _check(
+                self.secure_aggregation,
+                "aggregator.secagg.dp_epsilon",
+                "distributed noise only sums to the target under secure aggregation (aggregator.secure_aggregation)",
+            )
+            _check(
+                self.max_participation >= 1,
+                "aggregator.max_participation",
+                "distributed DP is calibrated to a participation cap: set the most sums a device may be in",
+            )
+            k = self.secagg.cohort_size or self.buffer_size
+            t = self.secagg.survivors_for(k)
+            _check(t <= k, "aggregator.secagg.dp_survivors", f"must be at most the cohort's K = {k}, got {t}")
 
     def _validate_secure(self) -> None:
         """Secure aggregation hides every individual update: refuse what would need one."""
@@ -351,6 +411,10 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0
     delta: float = 1e-5
     epsilon_budget: float | None = None
+    require_distributed: bool = False
+    """Send nothing unless the aggregator announces distributed DP under secure aggregation: it then
+    learns only sums that carry the noise, and this device's ledger charges each sum it is in
+    against ``epsilon_budget`` (docs/privacy.md). Local noise (``enabled``) is added on top if on."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -368,9 +432,10 @@ class PrivacyConfig:
             "an epsilon budget needs noise_multiplier > 0",
         )
         _check(
-            self.enabled or self.epsilon_budget is None,
+            self.enabled or self.require_distributed or self.epsilon_budget is None,
             "privacy.epsilon_budget",
-            "is set but privacy is off (--no-dp): nothing would be accounted against it",
+            "is set but privacy is off (--no-dp) and distributed DP is not required "
+            "(--require-distributed-dp): nothing would be accounted against it",
         )
 
 

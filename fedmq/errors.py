@@ -78,6 +78,8 @@ class RejectReason(enum.StrEnum):
     """A second, different masked upload from one device in one cohort."""
     LATE_UPLOAD = "late_upload"
     """A masked upload after its cohort had its K: flow control, the update goes to the next cohort."""
+    PARTICIPATION_CAP = "participation_cap"
+    """The device's updates are already in ``aggregator.max_participation`` released sums (its privacy is spent)."""
 
 
 class PeerError(FedmqError):

@@ -256,3 +256,59 @@ async def test_an_agent_that_requires_secure_aggregation_sends_nothing_to_a_plai
         stop.set()
         await task
     assert server.core is not None and server.core.stats.accepted == 0
+
+
+async def test_distributed_dp_over_tls_agents_spend_their_budget_and_stop(deployment: Deployment) -> None:
+    """Distributed DP end to end: real ``fedmq agent`` processes add discrete Gaussian noise before
+    masking, each charges every sum it uploads to against its budget and exits when the next one
+    would pass it; the aggregator's ledger agrees and its federation epsilon stays under the target."""
+    import math
+
+    from fedmq.secagg import ddp
+    from fedmq.secagg.graph import threshold_for
+
+    cap = 3
+    cfg = secure_config(
+        deployment,
+        secagg=SecAggConfig(overselect=0.25, timeout=10.0, dp_epsilon=8.0),
+        max_participation=cap,
+    )
+    server, stop, task = await start_aggregator(cfg)
+    params = server._secagg_params
+    assert params is not None and params.distributed_dp and params.dp_survivors == 4
+    # The budget lies between two and three sums of a full cohort (5 members, t = 3 < 4 survivors).
+    release = ddp.cohort_params(
+        stddev=params.dp_stddev, survivors=max(4, threshold_for(5, 0.6)), clip_norm=params.clip_norm,
+        beta=params.dp_beta, bits=params.bits, members=5, dim=server._params + 1,
+    )  # fmt: skip
+    two, three = (ddp.epsilon(k * ddp.rdp(release), 1e-5) for k in (2, 3))
+    assert two < three <= 8.0 + 1e-6
+    budget = (two + three) / 2
+    procs = [ddp_agent(deployment, a, budget) for a in AGENTS[:5]]
+    core = server.core
+    assert core is not None and core.ledger is not None
+    try:
+        exited = await asyncio.to_thread(lambda: [p.wait(timeout=180) for p in procs])  # they stop by themselves
+    finally:
+        stats = stop_agents(procs)
+        stop.set()
+        await task
+    assert exited == [0] * 5 and len(stats) == 5
+    for s in stats:
+        assert s["state"] == "budget_exhausted", s
+        assert two * 0.95 <= s["epsilon"] <= budget  # two sums' worth (a smaller cohort costs a bit more)
+        assert s["secure"]["masked_uploads"] >= 2
+    counts = [core.ledger.count(a) for a in AGENTS[:5]]
+    assert all(c <= 2 for c in counts) and sum(counts) == core.stats.accepted >= 8
+    assert core.stats.cohorts_applied >= 2
+    assert 0 < core.stats.max_epsilon <= budget and math.isfinite(core.stats.max_epsilon)
+
+
+def ddp_agent(deployment: Deployment, identity: str, budget: float) -> subprocess.Popen[bytes]:
+    """A ``fedmq agent`` that sends only into distributed-DP cohorts, with an epsilon budget."""
+    cmd = [
+        sys.executable, "-m", "fedmq.cli", "agent", *deployment.tls_flags(identity), "--id", identity,
+        "--data", "builtin:digits-train", "--round-interval", "0", "--no-dp", "--checkin-interval", "0.5",
+        "--require-distributed-dp", "--epsilon-budget", f"{budget:.6f}", "--log-level", "WARNING",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)

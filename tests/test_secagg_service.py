@@ -34,7 +34,8 @@ class Clock:
         return self.t
 
 
-def make_service(folder: Path, clock: Clock) -> AggregatorService:
+def make_service(folder: Path, clock: Clock, **overrides: object) -> AggregatorService:
+    """A service over ``folder``; ``overrides`` are AggregatorConfig fields."""
     agg = AggregatorConfig(
         rule="fedbuff",
         buffer_size=10,
@@ -45,6 +46,7 @@ def make_service(folder: Path, clock: Clock) -> AggregatorService:
         checkpoint_every=1,
         rate_limit=0.0,
     )
+    agg = replace(agg, **overrides)  # type: ignore[arg-type]
     svc = AggregatorService(Config(prefix="fedmq/sa", aggregator=agg).validate(), clock=clock)
     svc.startup()
     return svc
@@ -146,7 +148,8 @@ async def crash_and_restart(devices: Devices, folder: Path, clock: Clock) -> Agg
     assert old.store is not None and old.store.wal is not None
     assert old.store.wal.unsynced == 0  # what was acknowledged is on disk (each input flushes here)
     old.store.wal._file.close()
-    svc = make_service(folder, clock)
+    svc = AggregatorService(old.config, clock=clock)
+    svc.startup()
     await svc.settle_restart()
     devices.svc = svc
     return svc
