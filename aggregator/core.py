@@ -178,6 +178,10 @@ class Stats:
     """Secure-aggregation cohorts whose sum made a FedBuff step."""
     cohorts_abandoned: int = 0
     """Secure-aggregation cohorts that ended without a sum (too few devices, or a restart)."""
+    max_epsilon_reported: float = 0.0
+    """The largest epsilon a device reported of itself. Under distributed DP a device charges each
+    masked upload when it leaves (it cannot know whether a sum will include it), so this is at
+    least :attr:`max_epsilon`, which counts the sums this aggregator released (its ledger)."""
 
     @property
     def mean_staleness(self) -> float:
@@ -196,6 +200,7 @@ class Stats:
             "held_dropped": self.held_dropped,
             "cohorts_applied": self.cohorts_applied,
             "cohorts_abandoned": self.cohorts_abandoned,
+            "max_epsilon_reported": self.max_epsilon_reported,
         }
 
     @classmethod
@@ -211,6 +216,7 @@ class Stats:
             int(d.get("held_dropped", 0)),
             int(d.get("cohorts_applied", 0)),
             int(d.get("cohorts_abandoned", 0)),
+            float(d.get("max_epsilon_reported", d["max_epsilon"])),
         )
 
 
@@ -796,7 +802,7 @@ class AggregatorCore:
         index = self.stats.accepted
         self.stats.staleness_sum += staleness
         if update.epsilon is not None:
-            self.stats.max_epsilon = max(self.stats.max_epsilon, update.epsilon)
+            self._reported(update.epsilon)
         effects.append(LogUpdate(aid, index, now, deferred=hold))
         receipt_at = len(effects)
         rec = self._record(aid)
@@ -1007,6 +1013,12 @@ class AggregatorCore:
     def _held_back(self, agent: str) -> int:
         return sum(d.agent_id == agent for d in self._deferred)
 
+    def _reported(self, epsilon: float) -> None:
+        """A device's own epsilon: the federation's epsilon when no ledger counts releases here."""
+        self.stats.max_epsilon_reported = max(self.stats.max_epsilon_reported, epsilon)
+        if self.ledger is None:
+            self.stats.max_epsilon = max(self.stats.max_epsilon, epsilon)
+
     def _charge(self, agents: Sequence[str], release: Release | None) -> None:
         """A noised sum that included ``agents`` was released: their ledgers, and the federation's epsilon."""
         if self.ledger is None or release is None or not agents:
@@ -1153,7 +1165,7 @@ class AggregatorCore:
             index = self.stats.accepted
             self.stats.staleness_sum += base - c.base_version
             if c.epsilon is not None:
-                self.stats.max_epsilon = max(self.stats.max_epsilon, c.epsilon)
+                self._reported(c.epsilon)
             rec = self._record(c.agent)
             rec.last_seq = max(rec.last_seq, c.seq)
             rec.receipts[c.seq] = (self.version, index)

@@ -1097,8 +1097,8 @@ class AggregatorService:
         generated ACL), not whatever the payload claims. Both it and the detail are clipped
         and escaped, and the set of logged keys is bounded, so a peer cannot flood the log.
         Retryable refusals (rate, buffer) are counted, not logged. ``too_stale`` is what a slow
-        honest device meets under asynchrony, so it goes to INFO: with a hundred devices, a
-        WARNING each buried the log.
+        honest device meets under asynchrony, and ``participation_cap`` every device at the end of
+        its participation, so they go to INFO: with a hundred devices, a WARNING each buried the log.
         """
         if rejected.reason in RETRYABLE:
             return
@@ -1107,7 +1107,9 @@ class AggregatorService:
             return
         self.rt.logged.add(key)
         log.log(
-            logging.INFO if rejected.reason is RejectReason.TOO_STALE else logging.WARNING,
+            logging.INFO
+            if rejected.reason in (RejectReason.TOO_STALE, RejectReason.PARTICIPATION_CAP)
+            else logging.WARNING,
             "rejected an update from %r: %s (%s); further ones are counted, not logged",
             key[0],
             rejected.reason.value,

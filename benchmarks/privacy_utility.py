@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +44,32 @@ ACCOUNTING = {
 }
 
 
-def row(r: PopulationResult, baseline: float) -> str:
-    c = r.config
-    noise = r.noise.get("noise_multiplier")
+def row(n: int, mech: str, eps_target: float, rs: list[PopulationResult], baseline: float) -> str:
+    c = rs[0].config
+    acc = statistics.fmean(r.accuracy for r in rs)
+    spread = max(r.accuracy for r in rs) - min(r.accuracy for r in rs)
+    noise = rs[0].noise.get("noise_multiplier")
     z = f"{noise:.2f}" if noise is not None else "-"
-    eps = f"{r.max_epsilon:.2f}" if c.mechanism != "none" else "inf"
-    diff = 100 * (r.accuracy - baseline)
+    eps = f"{max(r.max_epsilon for r in rs):.2f}" if mech != "none" else "inf"
+    diff = 100 * (acc - baseline)
+    seconds = statistics.fmean(r.seconds for r in rs)
     return (
-        f"{r.devices:>7} {c.mechanism:<12} {eps:>6} {z:>6} {r.accuracy:>8.4f} {diff:>+7.1f} "
-        f"{r.steps:>6} {c.buffer:>5} {c.releases:>4} {r.seconds:>7.0f}  {TRUST[c.mechanism]}"
+        f"{n:>7} {mech:<12} {eps:>6} {z:>6} {acc:>8.4f} {spread:>7.4f} {diff:>+7.1f} "
+        f"{rs[0].steps:>6} {c.buffer:>5} {c.releases:>4} {seconds:>7.0f}  {TRUST[mech]}"
     )
 
 
 HEADER = (
-    f"{'devices':>7} {'mechanism':<12} {'eps':>6} {'z':>6} {'accuracy':>8} {'vs none':>7} "
+    f"{'devices':>7} {'mechanism':<12} {'eps':>6} {'z':>6} {'accuracy':>8} {'spread':>7} {'vs none':>7} "
     f"{'steps':>6} {'K':>5} {'cap':>4} {'seconds':>7}  trusted with the updates"
 )
+
+
+def job(n: int, mech: str, epsilon: float, delta: float, seed: int) -> PopulationResult:
+    """One run (in a worker process): the fleet's households come from the feature cache."""
+    data, test = get_task("speech").load(n, seed=0)
+    cfg = for_fleet(n, mechanism=mech, epsilon=epsilon, delta=delta, seed=seed)
+    return run_population(cfg, data, test)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--mechanisms", default=",".join(MECHANISMS))
     ap.add_argument("--sweep", default="", help="more epsilons for the plot, at the largest fleet (e.g. 2,4,16)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="runs per row (schedule, noise, init); the mean is shown")
+    ap.add_argument("--workers", type=int, default=1, help="runs at once, in processes")
     ap.add_argument("--json", type=Path, help="write every run (settings, curve, result) here")
     ap.add_argument("--plot", type=Path, help="accuracy against epsilon, as PNG (needs matplotlib)")
     args = ap.parse_args(argv)
@@ -75,31 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     mechanisms = [m for m in args.mechanisms.split(",") if m]
     sweep = [float(x) for x in args.sweep.split(",") if x]
     task = get_task("speech")
-    runs: list[PopulationResult] = []
-    print(f"privacy/utility on task speech ({task.test_description}), delta {args.delta:g}", flush=True)
-    print(HEADER, flush=True)
-    for n in sizes:
+    for n in sizes:  # generate (or find cached) the households once, before the workers read them
         started = time.perf_counter()
-        data, test = task.load(n, seed=args.seed)
-        print(f"# {n} households loaded in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        baseline = math.nan
-        for mech in mechanisms:
-            cfg = for_fleet(n, mechanism=mech, epsilon=args.epsilon, delta=args.delta, seed=args.seed)
-            r = run_population(cfg, data, test)
-            runs.append(r)
+        task.load(n, seed=0)
+        print(f"# {n} households ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    rows = [(n, m, args.epsilon) for n in sizes for m in mechanisms]
+    rows += [(max(sizes), m, e) for e in sweep for m in mechanisms if m != "none"]
+    print(f"privacy/utility on task speech ({task.test_description}), delta {args.delta:g}", flush=True)
+    print(f"mean over {args.seeds} seed(s); spread = max - min accuracy", flush=True)
+    print(HEADER, flush=True)
+    results: dict[tuple[int, str, float], list[PopulationResult]] = {}
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {key: [pool.submit(job, *key, args.delta, seed) for seed in range(args.seeds)] for key in rows}
+        baseline: dict[int, float] = {}
+        for key, fs in futures.items():
+            rs = results[key] = [f.result() for f in fs]
+            n, mech, eps = key
             if mech == "none":
-                baseline = r.accuracy
-            print(row(r, baseline), flush=True)
-        if n == max(sizes):
-            for eps in sweep:
-                for mech in [m for m in mechanisms if m != "none"]:
-                    cfg = for_fleet(n, mechanism=mech, epsilon=eps, delta=args.delta, seed=args.seed)
-                    r = run_population(cfg, data, test)
-                    runs.append(r)
-                    print(row(r, baseline), flush=True)
+                baseline[n] = statistics.fmean(r.accuracy for r in rs)
+            print(row(n, mech, eps, rs, baseline.get(n, math.nan)), flush=True)
     print("\naccounting:")
     for m in mechanisms:
         print(f"  {m:<12} {ACCOUNTING[m]}")
+    runs = [r for rs in results.values() for r in rs]
     if args.json is not None:
         args.json.write_text(json.dumps([as_json(r) for r in runs], indent=1))
     if args.plot is not None:
@@ -114,6 +125,7 @@ def as_json(r: PopulationResult) -> dict[str, Any]:
 
 
 def plot(runs: list[PopulationResult], path: Path) -> None:
+    """Mean accuracy against the reached epsilon, per mechanism, at the largest fleet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,17 +135,21 @@ def plot(runs: list[PopulationResult], path: Path) -> None:
     at = [r for r in runs if r.devices == n]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for mech, style in (("local", "v-"), ("central", "s-"), ("distributed", "o-")):
-        pts = sorted((r.max_epsilon, r.accuracy) for r in at if r.config.mechanism == mech)
+        groups: dict[float, list[PopulationResult]] = {}
+        for r in at:
+            if r.config.mechanism == mech:
+                groups.setdefault(r.config.epsilon, []).append(r)
+        pts = sorted((max(r.max_epsilon for r in g), statistics.fmean(r.accuracy for r in g)) for g in groups.values())
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{mech} DP")
-    for r in at:
-        if r.config.mechanism == "none":
-            ax.axhline(r.accuracy, color="grey", ls="--", label="no DP")
-            ax.axhline(r.accuracy - 0.05, color="grey", ls=":", label="no DP - 5 points")
+    none = [r.accuracy for r in at if r.config.mechanism == "none"]
+    if none:
+        ax.axhline(statistics.fmean(none), color="grey", ls="--", label="no DP")
+        ax.axhline(statistics.fmean(none) - 0.05, color="grey", ls=":", label="no DP - 5 points")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon of the most exposed device (delta 1e-5, no amplification)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"speech keywords, {n} households, {replace(at[0].config).releases} releases per device")
+    ax.set_title(f"speech keywords, {n} households, at most {at[0].config.releases} sums per device")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -19,6 +19,7 @@ from fedmq.errors import ConfigError, StateError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("simulator.cli_demo", "broker + aggregator + devices on an example task, with a live progress bar"),
     "simulate": ("simulator.cli_simulate", "N simulated agents in one process: compare rules, DP, stragglers"),
+    "population": ("simulator.cli_population", "privacy against utility for thousands of devices, in virtual time"),
     "broker": ("broker.cli", "run Mosquitto (or the embedded broker) with the project's configuration"),
     "aggregator": ("aggregator.cli", "run the aggregator service"),
     "recover": ("aggregator.cli_recover", "inspect an aggregator's state folder and choose what to keep after damage"),

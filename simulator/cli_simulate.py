@@ -118,6 +118,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--delta", type=float, default=pr.delta)
     g.add_argument("--epsilon-budget", type=float, default=None)
     g.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="distributed DP (with --secure-aggregation): devices noise before masking, calibrated so that "
+        "--max-participation sums cost each device this epsilon",
+    )
+    g.add_argument(
+        "--central-dp",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="central DP, trusting the aggregator: it clips each delta to --clip-norm and noises each sum",
+    )
+    g.add_argument("--max-participation", type=int, default=0, help="the most released sums per device (0: no cap)")
+    g.add_argument(
         "--no-verify-dp",
         action="store_true",
         help="do not reject updates whose norm does not fit the agreed noise (not_private)",
@@ -182,6 +197,12 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
             krum_f=args.krum_f if args.krum_f is not None else max(0, (t["buffer_size"] - 3) // 2),
             krum_m=args.krum_m,
             secure_aggregation=args.secure_aggregation,
+            secagg=replace(d.aggregator.secagg, dp_epsilon=args.dp_epsilon, clip_norm=args.clip_norm)
+            if args.dp_epsilon is not None
+            else d.aggregator.secagg,
+            central_dp_noise_multiplier=args.central_dp,
+            dp_clip_norm=args.clip_norm,
+            max_participation=args.max_participation,
         ),
         attack=args.attack,
         verify_dp=not args.no_verify_dp,

@@ -259,12 +259,20 @@ async def run_federation(
     summary["malicious_agents"] = len(plan.malicious)
     summary["updates_published"] = sum(a.stats.updates_published for a in agents)
     eps = [a.trainer.epsilon for a in agents if a.trainer.epsilon is not None]
+    # The aggregator's own figure (its ledger of released sums, under central or distributed DP);
+    # the devices' is at least as large (a device charges each masked upload as it leaves).
+    summary["federation_epsilon"] = summary.get("max_epsilon") if _server_dp(base.aggregator) else None
     summary["max_epsilon"] = max(eps) if eps else None
-    summary["delta"] = cfg.privacy.delta if cfg.privacy.enabled else None
+    summary["delta"] = cfg.privacy.delta if cfg.privacy.enabled else base.aggregator.dp_delta if eps else None
     summary["privacy"] = dataclasses.asdict(cfg.privacy)
     summary["budget_exhausted_agents"] = sum(a.trainer.exhausted is not None for a in agents)
     summary["wall_seconds"] = round(time.monotonic() - started, 2)
     return summary
+
+
+def _server_dp(agg: AggregatorConfig) -> bool:
+    """Whether the aggregator keeps a privacy ledger (central DP, or distributed DP in cohorts)."""
+    return agg.central_dp_noise_multiplier is not None or agg.secagg.dp_epsilon is not None
 
 
 def _faster(delay: Callable[[], float], speedup: float) -> Callable[[], float]:

@@ -209,6 +209,7 @@ class _Distributed(_Mechanism):
 
     def add(self, weights: Tensors, delta: Tensors, staleness: int, examples: int, agent: str) -> Tensors | None:
         values = weighted_input(delta, clip_norm=self.cfg.clip, weight=self.staleness_fn(staleness))
+        values = ddg_noise.device_input(values, self.cfg.clip)  # as the secure-aggregation client does
         self.ring += ddg_noise.encode(values, self.params, self.cfg.bits, self.uniform)  # wraps mod 2^32
         self.count += 1
         if self.count < self.cfg.buffer:

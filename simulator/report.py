@@ -69,6 +69,11 @@ def format_summary(s: dict[str, Any]) -> str:
         ("updates rejected", f"{s.get('updates_rejected')} {s.get('rejected_by_reason') or ''}".strip()),
         ("mean staleness", s.get("mean_staleness")),
         ("max epsilon (per agent)", f"{eps:.2f} at delta={s.get('delta')}" if eps is not None else "DP off"),
+        *(
+            [("federation epsilon", f"{fed:.2f} (the aggregator's ledger of released sums)")]
+            if (fed := s.get("federation_epsilon")) is not None
+            else []
+        ),
         ("wall seconds", s.get("wall_seconds")),
     ]
     if s.get("secure_aggregation"):

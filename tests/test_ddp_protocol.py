@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from fedmq.errors import DecodeError
-from fedmq.secagg.ddp import cohort_params, input_clip
+from fedmq.secagg import ddg_noise
+from fedmq.secagg.ddp import cohort_params, input_clip, weight_scale
 from fedmq.secagg.messages import CohortMsg, Params, UnmaskMsg, decode_down
 from fedmq.secagg.server import Abandoned, SecAggSettings, Unmasked
 from tests.secagg_pair import Fleet
@@ -47,6 +48,10 @@ def test_the_sum_carries_the_calibrated_noise_and_no_more() -> None:
     assert predicted == pytest.approx(2.0 * math.sqrt(10 / 8))
     assert abs(float(error[:-1].mean())) < 5 * predicted / math.sqrt(2000)
     assert float(error[:-1].std()) == pytest.approx(predicted, rel=0.1)
+    # The weights' sum comes back from its scaled coordinate, within its (scaled-up) noise.
+    weights = sum(fleet.weights[a] for a in contributors)
+    noise_on_weights = predicted / weight_scale(DDP.clip_norm)
+    assert abs(ddg_noise.weight_sum(result.values, DDP.clip_norm) - weights) < 5 * noise_on_weights
     # Both ends computed the same release: the devices' ledgers charge what the aggregator reports.
     for a in contributors:
         assert fleet.sessions[a].release == release
@@ -54,7 +59,7 @@ def test_the_sum_carries_the_calibrated_noise_and_no_more() -> None:
 
 def test_both_ends_derive_the_release_from_the_announcement() -> None:
     p = cohort_params(stddev=2.0, survivors=8, clip_norm=1.0, beta=DDP.dp_beta, bits=32, members=12, dim=2001)
-    assert p.clip == pytest.approx(input_clip(1.0)) == pytest.approx(math.sqrt(2.0))
+    assert p.clip == pytest.approx(input_clip(1.0)) == pytest.approx(math.sqrt(1.01))
     assert p.local_stddev == pytest.approx(2.0 / math.sqrt(8))
     assert p.central_stddev == pytest.approx(2.0)
     # A sum of all 12 members with 4 standard deviations of noise fits the signed 32-bit ring.

@@ -324,7 +324,7 @@ class ClientSession:
         p = self.params
         release = self.release_for(values.size)
         if release is not None:  # scale, round within the charged bound, add this device's share of the noise
-            ints = ddg_noise.encode(values, release, p.bits, self.uniform)
+            ints = ddg_noise.encode(ddg_noise.device_input(values, p.clip_norm), release, p.bits, self.uniform)
         else:
             scale = scale_for(p.bits, p.clip_range, len(self.announce.members))
             ints = quantize(values, scale=scale, clip_range=p.clip_range, bits=p.bits, uniform=self.uniform)

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from fedmq.secagg.crypto import Uniform
 from fedmq.secagg.crypto import uniform as crypto_uniform
-from fedmq.secagg.ddp import DdgParams, rounded_l2_bound
+from fedmq.secagg.ddp import DdgParams, rounded_l2_bound, weight_scale
 from fedmq.secagg.quantize import U64, dequantize, reduce, ring_dtype
 
 
@@ -97,11 +97,26 @@ def conditional_round(
     raise RoundingFailed(f"no rounding within the L2 bound {bound:.6g} in {max_tries} tries")
 
 
+def device_input(values: npt.NDArray[np.float64], clip_norm: float) -> npt.NDArray[np.float64]:
+    """``[w * clip(delta), w]`` (:func:`fedmq.secagg.client.weighted_input`) with the weight scaled to ``w * 0.1 C``.
+
+    See :data:`fedmq.secagg.ddp.WEIGHT_SCALE`; the aggregator reads it back with :func:`weight_sum`.
+    """
+    out = np.array(values, dtype=np.float64).reshape(-1)
+    out[-1] *= weight_scale(clip_norm)
+    return out
+
+
+def weight_sum(total: npt.NDArray[np.float64], clip_norm: float) -> float:
+    """The (noised) sum of the weights from a decoded sum of :func:`device_input` vectors."""
+    return float(total[-1]) / weight_scale(clip_norm)
+
+
 def encode(values: npt.NDArray[np.float64], p: DdgParams, bits: int, uniform: Uniform = crypto_uniform) -> U64:
     """A device's share of one release: ``round(values / gamma) + DG(sigma^2)`` as integers mod ``2^bits``.
 
-    ``values`` must already be clipped to ``p.clip`` (the masked input of
-    :func:`fedmq.secagg.client.weighted_input`). The result is what the device masks.
+    ``values`` must already be clipped to ``p.clip`` (:func:`device_input`). The result is what
+    the device masks.
 
     Raises:
         ValueError: the values are not finite or exceed the clip, or ``dim`` does not match.

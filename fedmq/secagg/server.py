@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedmq.errors import RejectReason
-from fedmq.secagg import crypto, ddp, shamir
+from fedmq.secagg import crypto, ddg_noise, ddp, shamir
 from fedmq.secagg.client import PAIR_DOMAIN, SELF_DOMAIN
 from fedmq.secagg.graph import Graph, auto_degree, build_graph, threshold_for
 from fedmq.secagg.messages import (
@@ -432,11 +432,13 @@ class CollectingReveals(_Round):
     def close(self, c: CohortServer) -> tuple[_Round, list[Out]]:
         """End the round: the next state and what to send."""
         total, bad = unmask(c)
-        weight = float(dequantize(total[-1:], scale=c.scale, bits=c.params.bits)[0])
         values = dequantize(total, scale=c.scale, bits=c.params.bits)
+        weight = float(values[-1])
         n = len(c.inputs)
-        # Under distributed DP the weights' sum carries noise too: allow 8 of its standard deviations.
-        slack = 8 * math.sqrt(n) * c.release.local_stddev if c.release is not None else 0.0
+        slack = 0.0
+        if c.release is not None:  # the weights' sum is scaled and noised: allow 8 of its standard deviations
+            weight = ddg_noise.weight_sum(values, c.params.clip_norm)
+            slack = 8 * math.sqrt(n) * c.release.local_stddev / ddp.weight_scale(c.params.clip_norm)
         if not (-slack < weight <= n * (1 + 1e-6) + n / c.scale + slack):
             raise _Drop(f"the weights sum to {weight:.4g}, impossible for {n} uploads (a device sent garbage)")
         contributors = tuple(
