@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mechanisms", default=",".join(MECHANISMS))
     ap.add_argument("--sweep", default="", help="more epsilons for the plot, at the largest fleet (e.g. 2,4,16)")
     ap.add_argument("--seeds", type=int, default=1, help="runs per row (schedule, noise, init); the mean is shown")
+    ap.add_argument("--sweep-seeds", type=int, default=1, help="runs per sweep point (default 1)")
     ap.add_argument("--workers", type=int, default=1, help="runs at once, in processes")
     ap.add_argument("--json", type=Path, help="write every run (settings, curve, result) here")
     ap.add_argument("--plot", type=Path, help="accuracy against epsilon, as PNG (needs matplotlib)")
@@ -95,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(n, m, args.epsilon) for n in sizes for m in mechanisms]
     rows += [(max(sizes), m, e) for e in sweep for m in mechanisms if m != "none"]
     print(f"privacy/utility on task speech ({task.test_description}), delta {args.delta:g}", flush=True)
-    print(f"mean over {args.seeds} seed(s); spread = max - min accuracy", flush=True)
+    print(f"mean over {args.seeds} seed(s) ({args.sweep_seeds} for the sweep); spread = max - min", flush=True)
     print(HEADER, flush=True)
     results: dict[tuple[int, str, float], list[PopulationResult]] = {}
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = {key: [pool.submit(job, *key, args.delta, seed) for seed in range(args.seeds)] for key in rows}
+        futures = {
+            key: [
+                pool.submit(job, *key, args.delta, seed)
+                for seed in range(args.seeds if key[2] == args.epsilon else args.sweep_seeds)
+            ]
+            for key in rows
+        }
         baseline: dict[int, float] = {}
         for key, fs in futures.items():
             rs = results[key] = [f.result() for f in fs]
