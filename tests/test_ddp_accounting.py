@@ -154,3 +154,41 @@ def test_calibration_says_when_the_bits_cannot_reach_the_target() -> None:
         calibrate(8.0, 1e-5, releases=50, survivors=60, summands=100, dim=26_506, clip=1.0, bits=8)
     with pytest.raises(ValueError, match="summands >= survivors"):
         calibrate(8.0, 1e-5, releases=5, survivors=60, summands=10, dim=100, clip=1.0)
+
+
+def test_one_device_is_the_discrete_gaussians_zcdp_in_dp_accounting() -> None:
+    """Canonne, Kamath, Steinke (NeurIPS 2020, Thm. 4): one discrete Gaussian of variance sigma^2 with
+    L2 sensitivity D is (D^2 / 2 sigma^2)-zCDP, exactly as the continuous one. With one device tau
+    is 0 and Proposition 14 reduces to that, so our epsilon must equal dp-accounting's for the
+    ZCDpEvent, composed the same number of times."""
+    import dp_accounting
+    from dp_accounting import rdp as dp_rdp
+
+    p = DdgParams(clip=1.0, gamma=0.01, local_stddev=0.8, survivors=1, dim=50, beta=0.0)
+    assert tau(p.sigma, 1) == 0.0
+    sensitivity = rounded_l2_bound(p.clip / p.gamma, p.dim, p.beta)
+    rho = sensitivity**2 / (2 * p.sigma**2)
+    for releases in (1, 20):
+        acc = dp_rdp.RdpAccountant(list(ORDERS))
+        acc.compose(dp_accounting.ZCDpEvent(rho), releases)
+        assert epsilon(releases * rdp(p), 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_a_sum_of_few_small_discrete_gaussians_costs_more_than_one_of_the_same_variance() -> None:
+    """Proposition 14's gap: a sum of n discrete Gaussians is not a discrete Gaussian; at small sigma
+    the tau terms make the bound larger than the zCDP of a single one of variance n sigma^2, and
+    the gap closes as sigma grows (tau falls like exp(-pi^2 sigma^2))."""
+    import dp_accounting
+    from dp_accounting import rdp as dp_rdp
+
+    n = 8
+    ratios = []
+    for sigma in (0.3, 0.6, 1.0, 3.0):
+        p = DdgParams(clip=1.0, gamma=1.0, local_stddev=sigma, survivors=n, dim=20, beta=0.0)
+        sensitivity = rounded_l2_bound(p.clip / p.gamma, p.dim, p.beta)
+        acc = dp_rdp.RdpAccountant(list(ORDERS))
+        acc.compose(dp_accounting.ZCDpEvent(sensitivity**2 / (2 * n * p.sigma**2)))
+        ours, single = epsilon(rdp(p), 1e-5), acc.get_epsilon(1e-5)
+        assert ours >= single * (1 - 1e-12)
+        ratios.append(ours / single)
+    assert ratios[0] > 1.5 and ratios == sorted(ratios, reverse=True) and ratios[-1] == pytest.approx(1.0, abs=1e-6)
