@@ -119,6 +119,13 @@ def add_dp_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         help="the most released sums one device may be in (bounds the federation's epsilon)",
     )
+    flag(
+        p,
+        "--min-separation",
+        "aggregator.min_separation",
+        type=int,
+        help="model versions between two released sums with one device in them (0: any)",
+    )
     flag(p, "--dp-delta", "aggregator.dp_delta", type=float, help="delta of the reported epsilon (1e-5)")
 
 

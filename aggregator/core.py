@@ -556,6 +556,7 @@ class AggregatorCore:
         central_dp: the noise multiplier of the rule's :class:`~aggregator.privacy.CentralGaussian`
             aggregate: each FedBuff step is a release for the agents in it.
         max_participation: the most releases one agent may be in (0: no cap); needs ``ledger``.
+        min_separation: versions between two releases one agent is in (0: any); needs ``ledger``.
     """
 
     def __init__(
@@ -582,6 +583,7 @@ class AggregatorCore:
         ledger: FederationLedger | None = None,
         central_dp: float | None = None,
         max_participation: int = 0,
+        min_separation: int = 0,
     ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
@@ -623,13 +625,14 @@ class AggregatorCore:
         if secagg is not None and not isinstance(rule, FedBuffRule):
             raise ValueError("secure aggregation runs one cohort per FedBuff buffer: use the fedbuff rule")
         self.secagg = secagg
-        if (central_dp is not None or max_participation) and ledger is None:
-            raise ValueError("central DP and a participation cap need a ledger")
+        if (central_dp is not None or max_participation or min_separation) and ledger is None:
+            raise ValueError("central DP and participation limits need a ledger")
         if central_dp is not None and not isinstance(rule, FedBuffRule):
             raise ValueError("central DP noises FedBuff's sum: use the fedbuff rule")
         self.ledger = ledger
         self.central_release: Release | None = ("gaussian", central_dp) if central_dp is not None else None
         self.max_participation = max_participation
+        self.min_separation = min_separation
         self._open_cohorts: dict[str, tuple[str, ...]] = {}
         """Cohorts formed and not yet summed or abandoned (hard state: after a crash they are abandoned)."""
 
@@ -936,8 +939,9 @@ class AggregatorCore:
             return rej(RejectReason.TOO_STALE, f"staleness {staleness} > max {self.max_staleness}")
         if self.rule.needs_history and u.base_version not in self._history:
             return rej(RejectReason.UNKNOWN_BASE_VERSION, f"base version {u.base_version} is not kept")
-        if self._capped(u.agent_id, pending=self.rule.held(u.agent_id) + self._held_back(u.agent_id)):
-            return rej(RejectReason.PARTICIPATION_CAP, f"already in {self.max_participation} released sums")
+        refusal = self._participation(u.agent_id, pending=self.rule.held(u.agent_id) + self._held_back(u.agent_id))
+        if refusal is not None:
+            return rej(*refusal, 1.0 if refusal[0] is RejectReason.PARTICIPATION_WINDOW else None)
         if self.mode == "sync" and u.agent_id not in self._waiting:
             return rej(RejectReason.NOT_SELECTED, f"agent not awaited in the round at version {self.version}")
         if self.noise_check is not None and not self._replaying:
@@ -1004,11 +1008,22 @@ class AggregatorCore:
             return (RejectReason.OUT_OF_RANGE, f"L2 norm {norm:.4g} > {self.max_update_norm:g}"), norm
         return None, norm
 
-    def _capped(self, agent: str, pending: int = 0) -> bool:
-        """Whether ``agent`` (with ``pending`` updates not yet released) has reached the participation cap."""
-        return bool(self.max_participation) and (
-            self.ledger is not None and self.ledger.count(agent) + pending >= self.max_participation
-        )
+    def _participation(self, agent: str, pending: int = 0) -> tuple[RejectReason, str] | None:
+        """Why ``agent`` (with ``pending`` updates not yet released) may not join another sum now, if so.
+
+        ``participation_cap``: it is in ``max_participation`` sums already (final).
+        ``participation_window``: its last sum is fewer than ``min_separation`` versions old, or it
+        has one waiting (retry later).
+        """
+        if self.ledger is None:
+            return None
+        if self.max_participation and self.ledger.count(agent) + pending >= self.max_participation:
+            return RejectReason.PARTICIPATION_CAP, f"already in {self.max_participation} released sums"
+        last = self.ledger.last.get(agent)
+        if self.min_separation and (pending or (last is not None and self.version - last < self.min_separation)):
+            why = "has an update waiting" if pending else f"was in the sum that made version {last}"
+            return RejectReason.PARTICIPATION_WINDOW, f"{why}; sums are {self.min_separation} versions apart"
+        return None
 
     def _held_back(self, agent: str) -> int:
         return sum(d.agent_id == agent for d in self._deferred)
@@ -1023,7 +1038,7 @@ class AggregatorCore:
         """A noised sum that included ``agents`` was released: their ledgers, and the federation's epsilon."""
         if self.ledger is None or release is None or not agents:
             return
-        self.ledger.record(agents, release)
+        self.ledger.record(agents, release, self.version + 1)  # the version this sum makes
         self.stats.max_epsilon = max(self.stats.max_epsilon, self.ledger.max_epsilon)
 
     def _advance(self, new: Tensors, effects: list[Effect]) -> int:
@@ -1056,10 +1071,11 @@ class AggregatorCore:
         effects: list[Effect] = []
         assert self.secagg is not None, "secure aggregation is off"
         self._touch(agent, now, effects)
-        if isinstance(msg, CheckIn) and self._capped(agent):
-            detail = f"{agent!r} is already in {self.max_participation} released sums: no more cohorts"
-            self.stats.rejected[RejectReason.PARTICIPATION_CAP.value] += 1
-            return [Rejected(agent, None, RejectReason.PARTICIPATION_CAP, detail)], tuple(effects)
+        refusal = self._participation(agent) if isinstance(msg, CheckIn) else None
+        if refusal is not None:  # not in the pool: a capped device is done, a separated one checks in again
+            reason, detail = refusal
+            (self.stats.retried if reason in RETRYABLE else self.stats.rejected)[reason.value] += 1
+            return [Rejected(agent, None, reason, f"{agent!r} {detail}")], tuple(effects)
         if isinstance(msg, CheckIn):
             outs = self.secagg.check_in(agent, msg, now, version=self.version, run=self.run_id)
         else:

@@ -102,13 +102,16 @@ class FederationLedger:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.delta = delta
         self.releases: dict[str, Counter[Release]] = {}
+        self.last: dict[str, int] = {}
+        """The model version each device's last released sum made (for the minimum separation)."""
         self.max_epsilon = 0.0
         """The largest epsilon of any device so far (0 before any release)."""
 
-    def record(self, agents: Sequence[str], release: Release) -> None:
-        """One release (a noised sum) that included ``agents``."""
+    def record(self, agents: Sequence[str], release: Release, version: int = 0) -> None:
+        """One release (a noised sum, making model ``version``) that included ``agents``."""
         for a in agents:
             self.releases.setdefault(a, Counter())[release] += 1
+            self.last[a] = version
             self.max_epsilon = max(self.max_epsilon, self.epsilon(a))
 
     def count(self, agent: str) -> int:
@@ -130,6 +133,7 @@ class FederationLedger:
             "releases": {
                 a: [[_release_to_state(r), n] for r, n in sorted(h.items(), key=repr)] for a, h in self.releases.items()
             },
+            "last": dict(self.last),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -138,6 +142,7 @@ class FederationLedger:
             str(a): Counter({_release_from_state(r): int(n) for r, n in entries})
             for a, entries in dict(state["releases"]).items()
         }
+        self.last = {str(a): int(v) for a, v in dict(state.get("last", {})).items()}
         self.max_epsilon = max((self.epsilon(a) for a in self.releases), default=0.0)
 
 

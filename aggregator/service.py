@@ -394,6 +394,7 @@ class AggregatorService:
             ledger=FederationLedger(c.dp_delta) if dp else None,
             central_dp=c.central_dp_noise_multiplier,
             max_participation=c.max_participation if dp else 0,
+            min_separation=c.min_separation if dp else 0,
         )
 
     def _central_dp(self) -> CentralGaussian | None:

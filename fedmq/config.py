@@ -193,6 +193,10 @@ class AggregatorConfig:
     """The most released sums one device's updates may be in; further ones are refused
     (``participation_cap``). The federation's epsilon is bounded by this many releases. 0: no cap
     (then required to be set with distributed DP, which is calibrated to it)."""
+    min_separation: int = 0
+    """Model versions that must pass between two released sums with one device in them (Gboard
+    DP-FTRL's minimum separation); a device asking sooner is told to retry (``participation_window``).
+    Over a run of T versions a device is then in at most ``ceil(T / min_separation)`` sums. 0: off."""
     dp_delta: float = 1e-5
     """The delta at which the aggregator calibrates distributed DP and reports the federation's epsilon."""
     agent_timeout: float = 60.0
@@ -301,6 +305,14 @@ class AggregatorConfig:
     def _validate_dp(self) -> None:
         """Central and distributed DP: the rule and settings their accounting assumes."""
         _check(self.max_participation >= 0, "aggregator.max_participation", "must be >= 0 (0: no cap)")
+        _check(self.min_separation >= 0, "aggregator.min_separation", "must be >= 0 versions (0: off)")
+        _check(
+            not self.min_separation
+            or self.central_dp_noise_multiplier is not None
+            or self.secagg.dp_epsilon is not None,
+            "aggregator.min_separation",
+            "separates a device's DP releases: set central DP or aggregator.secagg.dp_epsilon",
+        )
         _check(0 < self.dp_delta < 1, "aggregator.dp_delta", f"must be in (0, 1), got {self.dp_delta}")
         z = self.central_dp_noise_multiplier
         if z is not None:

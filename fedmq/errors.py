@@ -78,6 +78,8 @@ class RejectReason(enum.StrEnum):
     """A second, different masked upload from one device in one cohort."""
     LATE_UPLOAD = "late_upload"
     """A masked upload after its cohort had its K: flow control, the update goes to the next cohort."""
+    PARTICIPATION_WINDOW = "participation_window"
+    """The device was in a released sum fewer than ``aggregator.min_separation`` versions ago: ``retry`` later."""
     PARTICIPATION_CAP = "participation_cap"
     """The device's updates are already in ``aggregator.max_participation`` released sums (its privacy is spent)."""
 
@@ -95,7 +97,14 @@ class DecodeError(PeerError):
     """The bytes could not be decoded into a valid message under the schema and limits."""
 
 
-RETRYABLE = frozenset({RejectReason.RATE_LIMITED, RejectReason.AGENT_BUFFERED, RejectReason.LATE_UPLOAD})
+RETRYABLE = frozenset(
+    {
+        RejectReason.RATE_LIMITED,
+        RejectReason.AGENT_BUFFERED,
+        RejectReason.LATE_UPLOAD,
+        RejectReason.PARTICIPATION_WINDOW,
+    }
+)
 """Refusals that are not final: the receipt's status is ``retry`` and the agent keeps the update."""
 
 

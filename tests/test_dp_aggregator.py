@@ -163,6 +163,37 @@ def test_the_participation_cap_refuses_a_device_whose_sums_are_spent() -> None:
     assert core.stats.rejected["participation_cap"] == 2
 
 
+def test_a_minimum_separation_spaces_a_devices_sums_and_asks_it_to_retry() -> None:
+    weights = {k_: np.zeros(s, np.float32) for k_, s in SHAPES.items()}
+    rule = FedBuffRule(2, make_staleness_fn("constant"), aggregate=CentralGaussian(1.0, 2.0, np.random.default_rng(0)))
+    core = AggregatorCore(
+        weights, rule, rate_limit=0.0, ledger=FederationLedger(1e-5), central_dp=2.0, min_separation=2
+    )
+    send(core, "a", 1)
+    send(core, "b", 2)
+    assert core.version == 1 and core.ledger is not None and core.ledger.last["a"] == 1
+
+    def window(result: object) -> bool:
+        return isinstance(result, Rejected) and result.reason is RejectReason.PARTICIPATION_WINDOW
+
+    assert window(send(core, "a", 3))  # in the sum that made version 1: not before version 3
+    send(core, "c", 4)
+    assert window(send(core, "c", 5))  # one waiting in the buffer already
+    send(core, "d", 6)
+    assert core.version == 2 and window(send(core, "a", 7))
+    send(core, "e", 8)
+    send(core, "f", 9)
+    assert core.version == 3
+    accepted = send(core, "a", 10)
+    assert not isinstance(accepted, Rejected)
+    assert core.stats.retried["participation_window"] == 3 and not core.stats.rejected
+    assert not isinstance(send(core, "b", 11), Rejected)  # b's sum made version 1 too: 3 - 1 >= 2
+    assert core.version == 4 and core.ledger.last["a"] == core.ledger.last["b"] == 4
+    restored = central_core()
+    restored.load_state_dict(core.state_dict())
+    assert restored.ledger is not None and restored.ledger.last == core.ledger.last
+
+
 def test_central_dp_and_a_cap_need_a_ledger() -> None:
     rule = FedBuffRule(2, make_staleness_fn("constant"))
     with pytest.raises(ValueError, match="ledger"):

@@ -142,6 +142,7 @@ def test_local_and_distributed_releases_add_up() -> None:
         ({"central_dp_noise_multiplier": 1.0, "secure_aggregation": True}, "aggregator.central_dp_noise_multiplier"),
         ({"central_dp_noise_multiplier": -1.0}, "aggregator.central_dp_noise_multiplier"),
         ({"dp_delta": 1.0}, "aggregator.dp_delta"),
+        ({"min_separation": 3}, "aggregator.min_separation"),
     ],
 )
 def test_dp_settings_that_cannot_hold_are_refused_at_startup(agg: dict[str, object], key: str) -> None:
