@@ -429,11 +429,14 @@ class FedBuffRule:
         return len(self.buffer), self.buffer_size
 
     def state_dict(self) -> dict[str, Any]:
-        """The buffer and the momentum state."""
-        return {
+        """The buffer, the momentum state, and the aggregate's own state if it has one (central DP's key)."""
+        out: dict[str, Any] = {
             "buffer": [{"agent_id": e.agent_id, "delta": e.delta, "weight": e.weight} for e in self.buffer],
             "velocity": self.velocity,
         }
+        if hasattr(self.aggregate, "state_dict"):
+            out["aggregate"] = self.aggregate.state_dict()
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the buffer and the momentum state."""
@@ -441,6 +444,8 @@ class FedBuffRule:
             Buffered(str(e.get("agent_id", "")), dict(e["delta"]), float(e["weight"])) for e in state["buffer"]
         ]
         self.velocity = dict(state["velocity"]) if state["velocity"] is not None else None
+        if state.get("aggregate") is not None and hasattr(self.aggregate, "load_state_dict"):
+            self.aggregate.load_state_dict(state["aggregate"])
 
 
 class SyncFedAvgRule:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,24 +40,49 @@ class CentralGaussian:
     Composes like the robust aggregates (:mod:`aggregator.robust`). Weights are staleness
     weights only (``trusts_claims = False``): an example count is a device's claim and would
     break the sensitivity bound.
+
+    **The noise of sum number i is a function of a secret key and i**, both in the aggregator's
+    checkpoint (:meth:`state_dict`). After a crash the aggregator replays its log through the
+    rule; fresh noise would then publish a second, independently noised copy of sums already
+    published, and averaging the two halves the noise the ledger charged for. With the key, a
+    replay reproduces the same noise, so each sum is released once. The key is 32 bytes from the
+    OS (or given, for tests); the stream per sum is numpy's PCG64 seeded by ``(key, i)``.
     """
 
     name = "central_dp"
     trusts_claims = False
 
-    def __init__(self, clip: float, noise_multiplier: float, rng: np.random.Generator) -> None:
+    def __init__(self, clip: float, noise_multiplier: float, key: bytes | None = None) -> None:
         if not (math.isfinite(clip) and clip > 0) or not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
             raise ValueError(f"central DP needs clip > 0 and noise_multiplier > 0, got {clip}, {noise_multiplier}")
         self.clip = clip
         self.noise_multiplier = noise_multiplier
-        self.rng = rng
+        self.key = key if key is not None else os.urandom(32)
+        if len(self.key) != 32:
+            raise ValueError(f"the noise key must be 32 bytes, got {len(self.key)}")
+        self.sums = 0
+        """Sums noised so far: the index of the next sum's noise."""
         self.counters: Counter[str] = Counter()
 
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> Tensors:
         """The noised mean of the clipped, staleness-weighted deltas."""
-        out = noised_mean(deltas, weights, clip=self.clip, stddev=self.noise_multiplier * self.clip, rng=self.rng)
+        seed = np.random.SeedSequence(int.from_bytes(self.key, "big"), spawn_key=(self.sums,))
+        rng = np.random.Generator(np.random.PCG64(seed))
+        out = noised_mean(deltas, weights, clip=self.clip, stddev=self.noise_multiplier * self.clip, rng=rng)
+        self.sums += 1
         self.counters["noised_sums"] += 1
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The key and the sum counter (the checkpoint keeps them: replays reproduce the noise)."""
+        return {"key": self.key, "sums": self.sums}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        key = bytes(state["key"])
+        if len(key) != 32:
+            raise ValueError("the central DP noise key in the checkpoint is not 32 bytes")
+        self.key, self.sums = key, int(state["sums"])
 
 
 Release = tuple[str, float] | DdgParams

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
-import numpy as np
 
 from aggregator.core import (
     Accepted,
@@ -408,7 +407,7 @@ class AggregatorService:
             z,
             self.cfg.dp_clip_norm,
         )
-        return CentralGaussian(self.cfg.dp_clip_norm, z, np.random.default_rng())
+        return CentralGaussian(self.cfg.dp_clip_norm, z)
 
     def _cohort_manager(self) -> CohortManager:
         """The cohorts of secure aggregation, from ``aggregator.secagg`` (and the CA, with TLS)."""

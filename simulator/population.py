@@ -177,7 +177,7 @@ class _Central(_Mechanism):
         z = calibrate_gaussian(cfg.epsilon, cfg.delta, cfg.releases)
         self.noise = {"noise_multiplier": z}
         self.release = ("gaussian", z)
-        agg = CentralGaussian(cfg.clip, z, rng)
+        agg = CentralGaussian(cfg.clip, z, key=rng.bytes(32))
         self.rule = FedBuffRule(
             cfg.buffer, self.staleness_fn, server_lr=cfg.server_lr, momentum=cfg.momentum, aggregate=agg
         )

@@ -126,7 +126,7 @@ def test_the_ledger_reports_the_largest_epsilon_and_survives_its_state() -> None
 # --- the core: central DP and the cap -------------------------------------------------------------
 def central_core(cap: int = 0, k: int = 3) -> AggregatorCore:
     weights = {k_: np.zeros(s, np.float32) for k_, s in SHAPES.items()}
-    agg = CentralGaussian(1.0, 2.0, np.random.default_rng(0))
+    agg = CentralGaussian(1.0, 2.0)  # a fresh OS key, as the service makes
     rule = FedBuffRule(k, make_staleness_fn("polynomial", 0.5), aggregate=agg)
     return AggregatorCore(
         weights, rule, rate_limit=0.0, ledger=FederationLedger(1e-5), central_dp=2.0, max_participation=cap
@@ -150,6 +150,32 @@ def test_each_central_step_charges_the_devices_in_it() -> None:
     assert restored.ledger is not None and restored.ledger.releases == core.ledger.releases
 
 
+def test_a_replay_after_a_checkpoint_reproduces_the_noise_so_no_sum_is_released_twice() -> None:
+    """After a crash the log is replayed through the rule: the same sums must get the same noise.
+
+    Fresh noise would publish a second, independent noising of sums already published, and the
+    average of the two carries half the noise variance the ledger charged for."""
+    core = central_core()
+    for i, a in enumerate(["a", "b", "c"]):
+        send(core, a, i + 1)
+    checkpoint = core.state_dict()
+    for i, a in enumerate(["d", "e", "f", "a"]):
+        send(core, a, 10 + i)
+    assert core.version == 2
+    restarted = central_core()  # a new process: a new key until the checkpoint is loaded
+    restarted.load_state_dict(checkpoint)
+    for i, a in enumerate(["d", "e", "f", "a"]):
+        d = deltas(1, seed=10 + i)[0]
+        restarted.replay("update", update=UpdateMessage(a, 10 + i, 1, 10, d), agent_id=a)
+    assert restarted.version == 2
+    for k, v in core.weights.items():
+        np.testing.assert_array_equal(restarted.weights[k], v)
+    fresh = central_core()  # without the checkpoint's key, the same sums get other noise
+    for i, a in enumerate(["a", "b", "c"]):
+        send(fresh, a, i + 1)
+    assert fresh.version == 1 and not all(np.array_equal(fresh.weights[k], v) for k, v in checkpoint["weights"].items())
+
+
 def test_the_participation_cap_refuses_a_device_whose_sums_are_spent() -> None:
     core = central_core(cap=1, k=2)
     send(core, "a", 1)
@@ -165,7 +191,7 @@ def test_the_participation_cap_refuses_a_device_whose_sums_are_spent() -> None:
 
 def test_a_minimum_separation_spaces_a_devices_sums_and_asks_it_to_retry() -> None:
     weights = {k_: np.zeros(s, np.float32) for k_, s in SHAPES.items()}
-    rule = FedBuffRule(2, make_staleness_fn("constant"), aggregate=CentralGaussian(1.0, 2.0, np.random.default_rng(0)))
+    rule = FedBuffRule(2, make_staleness_fn("constant"), aggregate=CentralGaussian(1.0, 2.0, key=bytes(32)))
     core = AggregatorCore(
         weights, rule, rate_limit=0.0, ledger=FederationLedger(1e-5), central_dp=2.0, min_separation=2
     )
