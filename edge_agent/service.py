@@ -513,6 +513,7 @@ class AgentService:
                 and model.secagg is not None
                 and self.trainer.exhausted is None
                 and not self._draining.is_set()
+                and self._refuses(model) is None
             )
             secure = self._secure_uploads() if active else self._secure
             if active:

@@ -79,6 +79,7 @@ class LocalTrainer:
         self.accountant = PrivacyAccountant(privacy.delta) if privacy.enabled else None
         self.ddp = DdgLedger.empty()
         """Distributed-DP releases: the noised sums this device's masked uploads went into."""
+        self._state_lock = threading.Lock()
         self.steps: list[Step] = build_pipeline(
             privacy, rng, self.accountant, compression=agent.compression, topk_fraction=agent.topk_fraction
         )
@@ -223,11 +224,19 @@ class LocalTrainer:
         return self._model
 
     def save_state(self) -> None:
-        """Persist sequence number and accountant history atomically (no-op without a state path)."""
+        """Persist sequence number and accountant history atomically (no-op without a state path).
+
+        Training and the distributed-DP charge run in different worker threads: the lock makes
+        each write read the state as it is then, so the last file written has every charge.
+        """
         if self.state_path is None:
             return
+        with self._state_lock:
+            self._write_state(self.state_path)
+
+    def _write_state(self, path: Path) -> None:
         write_state(
-            self.state_path,
+            path,
             STATE_KIND,
             {
                 "agent_id": self.agent.agent_id,
