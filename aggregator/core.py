@@ -944,8 +944,9 @@ class AggregatorCore:
             return rej(RejectReason.TOO_STALE, f"staleness {staleness} > max {self.max_staleness}")
         if self.rule.needs_history and u.base_version not in self._history:
             return rej(RejectReason.UNKNOWN_BASE_VERSION, f"base version {u.base_version} is not kept")
-        refusal = self._participation(u.agent_id, pending=self.rule.held(u.agent_id) + self._held_back(u.agent_id))
-        if refusal is not None:
+        pending = self.rule.held(u.agent_id) + self._held_back(u.agent_id)
+        refusal = None if self._replaying else self._participation(u.agent_id, pending=pending)
+        if refusal is not None:  # (a replay applies what was admitted: a changed cap cannot refuse it)
             return rej(*refusal, 1.0 if refusal[0] is RejectReason.PARTICIPATION_WINDOW else None)
         if self.mode == "sync" and u.agent_id not in self._waiting:
             return rej(RejectReason.NOT_SELECTED, f"agent not awaited in the round at version {self.version}")
