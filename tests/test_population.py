@@ -156,3 +156,22 @@ def test_a_budget_needs_local_or_distributed_dp() -> None:
     with pytest.raises(ConfigError, match="require-distributed-dp"):
         PrivacyConfig(enabled=False, epsilon_budget=8.0).validate()
     PrivacyConfig(enabled=False, require_distributed=True, epsilon_budget=8.0).validate()
+
+
+def test_fedmq_population_prints_the_result_and_names_an_impossible_fleet(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fedmq.cli import main
+
+    out = tmp_path / "r.json"
+    argv = ["population", "--task", "digits", "--devices", "60", "--mechanism", "central", "--releases", "3",
+            "--local-epochs", "1", "--hidden", "8", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mechanism central" in printed and "max epsilon (per device)   8.000" in printed
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["devices"] == 60 and result["config"]["releases"] == 3 and result["max_epsilon"] <= 8.0
+    assert main(["population", "--task", "digits", "--devices", "5000"]) == 2
+    assert "too few for 5000 devices" in capsys.readouterr().err
