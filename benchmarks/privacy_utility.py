@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from models.tasks import get_task
-from simulator.population import MECHANISMS, PopulationResult, for_fleet, run_population
+from simulator.population import MECHANISMS, PopulationConfig, PopulationResult, for_fleet, run_population
 
 TRUST = {
     "none": "-",
@@ -84,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="runs at once, in processes")
     ap.add_argument("--json", type=Path, help="write every run (settings, curve, result) here")
     ap.add_argument("--plot", type=Path, help="accuracy against epsilon, as PNG (needs matplotlib)")
+    ap.add_argument("--from-json", type=Path, help="no runs: plot the runs a --json file holds")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        if args.plot is None:
+            ap.error("--from-json needs --plot")
+        plot([from_json(d) for d in json.loads(args.from_json.read_text())], args.plot)
+        return 0
     sizes = [int(x) for x in args.devices.split(",") if x]
     mechanisms = [m for m in args.mechanisms.split(",") if m]
     sweep = [float(x) for x in args.sweep.split(",") if x]
@@ -131,6 +137,14 @@ def as_json(r: PopulationResult) -> dict[str, Any]:
     return out
 
 
+def from_json(d: dict[str, Any]) -> PopulationResult:
+    """Inverse of :func:`as_json`."""
+    fields = dict(d)
+    fields["config"] = PopulationConfig(**fields["config"])
+    fields["curve"] = [tuple(p) for p in fields["curve"]]
+    return PopulationResult(**fields)
+
+
 def plot(runs: list[PopulationResult], path: Path) -> None:
     """Mean accuracy against the reached epsilon, per mechanism, at the largest fleet."""
     import matplotlib
@@ -154,10 +168,13 @@ def plot(runs: list[PopulationResult], path: Path) -> None:
         ax.axhline(statistics.fmean(none), color="grey", ls="--", label="no DP")
         ax.axhline(statistics.fmean(none) - 0.05, color="grey", ls=":", label="no DP - 5 points")
     ax.set_xscale("log")
+    ticks = sorted({round(r.config.epsilon, 3) for r in at if r.config.mechanism != "none"})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("epsilon of the most exposed device (delta 1e-5, no amplification)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"speech keywords, {n} households, at most {at[0].config.releases} sums per device")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
