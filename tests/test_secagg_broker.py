@@ -312,3 +312,36 @@ def ddp_agent(deployment: Deployment, identity: str, budget: float) -> subproces
         "--require-distributed-dp", "--epsilon-budget", f"{budget:.6f}", "--log-level", "WARNING",
     ]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
+
+
+async def test_an_agent_that_requires_distributed_dp_sends_nothing_to_sums_without_noise(
+    deployment: Deployment,
+) -> None:
+    """Secure aggregation without distributed noise is not enough for a device that requires it."""
+    import numpy as np
+
+    from edge_agent.service import AgentService
+    from edge_agent.trainer import LocalTrainer
+    from fedmq.config import AgentConfig, PrivacyConfig
+    from models.datasets import digits
+
+    cfg = secure_config(deployment)  # secure aggregation, no --dp-epsilon
+    server, stop, task = await start_aggregator(cfg)
+    acfg = AgentConfig(agent_id="dev-5", round_interval=0.0, checkin_interval=0.5)
+    privacy = PrivacyConfig(enabled=False, require_distributed=True, epsilon_budget=8.0)
+    train, _ = digits()
+    agent = AgentService(replace(cfg, broker=deployment.tls("dev-5"), agent=acfg, privacy=privacy), LocalTrainer(
+        acfg, privacy, train, rng=np.random.default_rng(0)
+    ))  # fmt: skip
+    agent_stop = asyncio.Event()
+    run = asyncio.create_task(agent.run(agent_stop))
+    try:
+        await wait_until(agent.pulse, lambda: agent.stats.models_received >= 1 and agent._warned_plain, limit=60)
+        assert agent.stats.updates_published == 0 and len(agent.outbox) == 0
+        assert agent.stats.secure.cohorts_joined == 0  # it does not even check in
+    finally:
+        agent_stop.set()
+        await run
+        stop.set()
+        await task
+    assert server.core is not None and server.core.stats.accepted == 0 and not server.core.secagg.pool  # type: ignore[union-attr]
