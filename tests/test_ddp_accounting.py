@@ -192,3 +192,30 @@ def test_a_sum_of_few_small_discrete_gaussians_costs_more_than_one_of_the_same_v
         assert ours >= single * (1 - 1e-12)
         ratios.append(ours / single)
     assert ratios[0] > 1.5 and ratios == sorted(ratios, reverse=True) and ratios[-1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_devices_distributed_ledger_loads_the_rdp_accountant_alone() -> None:
+    """A device's first distributed-DP release must not pull all of dp_accounting and SciPy in
+    (about 70 MiB): in a fresh interpreter the ledger's epsilon loads only the RDP accountant,
+    and equals what the whole package computes."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import sys, json
+from fedmq.secagg.ddp import DdgLedger, DdgParams
+ledger = DdgLedger.empty()
+ledger.record(DdgParams(clip=1.0, gamma=1e-3, local_stddev=0.5, survivors=8, dim=100), 5)
+lite = ledger.epsilon(1e-5)
+heavy = sorted(m for m in ("scipy.stats", "scipy.optimize", "scipy.signal", "scipy.special",
+                           "dp_accounting.pld") if m in sys.modules)
+from dp_accounting.rdp import rdp_privacy_accountant
+from fedmq.secagg.ddp import ORDERS
+full, _ = rdp_privacy_accountant.compute_epsilon(list(ORDERS), list(ledger.curve()), 1e-5)
+print(json.dumps([lite, full, heavy]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    lite, full, heavy = json.loads(out)
+    assert lite == full and 0 < lite < float("inf")
+    assert heavy == []

@@ -137,9 +137,9 @@ def epsilon(curve: npt.NDArray[np.float64], delta: float, orders: Sequence[int] 
     """``epsilon`` at ``delta`` of a composed RDP curve, converted by dp-accounting."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    from dp_accounting.rdp import rdp_privacy_accountant
+    from fedmq.rdp import rdp_modules  # the RDP accountant alone: no SciPy at large on a device
 
-    eps, _ = rdp_privacy_accountant.compute_epsilon(list(orders), list(curve), delta)
+    eps, _ = rdp_modules()[0].compute_epsilon(list(orders), list(curve), delta)
     return float(eps)
 
 
