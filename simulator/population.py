@@ -24,6 +24,11 @@ staleness is the number of server steps taken while it trained. A device contrib
 calibrated so that ``releases`` releases cost ``epsilon`` at ``delta``, with no sampling
 amplification (participation is not Poisson sampling); the reported epsilon is each device's
 ledger over the sums it was actually in, so it is at most the target.
+
+The seed fixes the schedule, the initial model, the training and local DP's noise (the agent's
+injected generator). Central and distributed DP draw their noise as the product does, from fresh
+OS randomness (the aggregator's key, the devices' AES-CTR streams), so those rows vary from run
+to run by their noise even at one seed.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ import numpy.typing as npt
 
 from aggregator.core import FedBuffRule
 from aggregator.privacy import CentralGaussian, calibrate_gaussian, history_epsilon
+from aggregator.robust import Aggregate
 from edge_agent.privacy import add_gaussian_noise, clip_l2
 from fedmq.secagg import ddg_noise, ddp
 from fedmq.secagg.client import weighted_input
-from fedmq.secagg.crypto import UniformStream
+from fedmq.secagg.messages import Params
 from fedmq.secagg.quantize import ring_dtype
 from fedmq.staleness import make_staleness_fn
 from models import create_model
@@ -140,14 +146,15 @@ class PopulationResult:
 
 
 class _Mechanism:
-    """How updates become a server step; subclasses per mechanism."""
+    """How updates become a server step: FedBuff's rule around ``aggregate`` (its mean by default)."""
 
-    def __init__(self, cfg: PopulationConfig, like: Tensors, rng: np.random.Generator) -> None:
+    def __init__(self, cfg: PopulationConfig, rng: np.random.Generator, aggregate: Aggregate | None = None) -> None:
         self.cfg = cfg
-        self.like = like
         self.rng = rng
         self.staleness_fn = make_staleness_fn(cfg.staleness, cfg.staleness_a)
-        self.rule = FedBuffRule(cfg.buffer, self.staleness_fn, server_lr=cfg.server_lr, momentum=cfg.momentum)
+        self.rule = FedBuffRule(
+            cfg.buffer, self.staleness_fn, server_lr=cfg.server_lr, momentum=cfg.momentum, aggregate=aggregate
+        )
         self.noise: dict[str, float] = {}
         self.release: ddp.DdgParams | tuple[str, float] | None = None
 
@@ -157,10 +164,19 @@ class _Mechanism:
         )  # fmt: skip
 
 
+def _none(cfg: PopulationConfig, like: Tensors, rng: np.random.Generator) -> _Mechanism:
+    return _Mechanism(cfg, rng)
+
+
+def _gaussian_z(cfg: PopulationConfig) -> float:
+    """Local and central DP charge the same z per release: the sensitivity is the clip either way."""
+    return calibrate_gaussian(cfg.epsilon, cfg.delta, cfg.releases)
+
+
 class _Local(_Mechanism):
     def __init__(self, cfg: PopulationConfig, like: Tensors, rng: np.random.Generator) -> None:
-        super().__init__(cfg, like, rng)
-        self.z = calibrate_gaussian(cfg.epsilon, cfg.delta, cfg.releases)
+        super().__init__(cfg, rng)
+        self.z = _gaussian_z(cfg)
         self.noise = {"noise_multiplier": self.z}
         self.release = ("gaussian", self.z)
 
@@ -173,44 +189,41 @@ class _Local(_Mechanism):
 
 class _Central(_Mechanism):
     def __init__(self, cfg: PopulationConfig, like: Tensors, rng: np.random.Generator) -> None:
-        super().__init__(cfg, like, rng)
-        z = calibrate_gaussian(cfg.epsilon, cfg.delta, cfg.releases)
+        z = _gaussian_z(cfg)
+        super().__init__(cfg, rng, CentralGaussian(cfg.clip, z))  # a fresh OS key, as the aggregator makes
         self.noise = {"noise_multiplier": z}
         self.release = ("gaussian", z)
-        agg = CentralGaussian(cfg.clip, z, key=rng.bytes(32))
-        self.rule = FedBuffRule(
-            cfg.buffer, self.staleness_fn, server_lr=cfg.server_lr, momentum=cfg.momentum, aggregate=agg
-        )
 
 
 class _Distributed(_Mechanism):
     def __init__(self, cfg: PopulationConfig, like: Tensors, rng: np.random.Generator) -> None:
-        super().__init__(cfg, like, rng)
+        super().__init__(cfg, rng)
         dim = sum(v.size for v in like.values()) + 1
         calib = ddp.calibrate(
             cfg.epsilon, cfg.delta, releases=cfg.releases, survivors=cfg.survivors, summands=cfg.members,
             dim=dim, clip=ddp.input_clip(cfg.clip), bits=cfg.bits,
         )  # fmt: skip
-        # What the aggregator would announce (dp_stddev); each device derives the same release from it.
-        self.params = ddp.cohort_params(
-            stddev=calib.params.central_stddev, survivors=cfg.survivors, clip_norm=cfg.clip,
-            beta=calib.params.beta, bits=cfg.bits, members=cfg.members, dim=dim,
-        )  # fmt: skip
-        self.release = self.params
+        # What the aggregator announces; each device and the aggregator derive the release from it.
+        announced = Params(
+            bits=cfg.bits, clip_norm=cfg.clip, dp_stddev=calib.params.central_stddev, dp_survivors=cfg.survivors
+        )
+        release = announced.release(threshold=cfg.survivors, members=cfg.members, dim=dim)
+        assert release is not None
+        self.params = self.release = release
         self.noise = {
-            "central_stddev": self.params.central_stddev,
+            "central_stddev": release.central_stddev,
             "noise_multiplier": calib.noise_multiplier,
-            "gamma": self.params.gamma,
-            "sigma_int": self.params.sigma,
+            "gamma": release.gamma,
+            "sigma_int": release.sigma,
         }
-        self.uniform = UniformStream(rng.bytes(32))  # replayable per seed; devices use fresh OS keys
         self.ring = np.zeros(dim, dtype=ring_dtype(cfg.bits))
         self.count = 0
 
     def add(self, weights: Tensors, delta: Tensors, staleness: int, examples: int, agent: str) -> Tensors | None:
         values = weighted_input(delta, clip_norm=self.cfg.clip, weight=self.staleness_fn(staleness))
         values = ddg_noise.device_input(values, self.cfg.clip)  # as the secure-aggregation client does
-        self.ring += ddg_noise.encode(values, self.params, self.cfg.bits, self.uniform)  # wraps mod 2^32
+        # The device's own default: AES-256-CTR under a fresh OS key (not replayable from the seed).
+        self.ring += ddg_noise.encode(values, self.params, self.cfg.bits)  # wraps mod 2^32
         self.count += 1
         if self.count < self.cfg.buffer:
             return None
@@ -223,7 +236,7 @@ class _Distributed(_Mechanism):
 
 
 _MAKERS: dict[str, Callable[[PopulationConfig, Tensors, np.random.Generator], _Mechanism]] = {
-    "none": _Mechanism,
+    "none": _none,
     "local": _Local,
     "central": _Central,
     "distributed": _Distributed,

@@ -305,18 +305,7 @@ class ClientSession:
 
     def release_for(self, n_values: int) -> ddp.DdgParams | None:
         """The distributed-DP release an input of ``n_values`` would be in this cohort (``None``: no DP)."""
-        p = self.params
-        if not p.distributed_dp:
-            return None
-        return ddp.cohort_params(
-            stddev=p.dp_stddev,
-            survivors=max(p.dp_survivors, self.announce.threshold),
-            clip_norm=p.clip_norm,
-            beta=p.dp_beta,
-            bits=p.bits,
-            members=len(self.announce.members),
-            dim=n_values,
-        )
+        return self.params.release(threshold=self.announce.threshold, members=len(self.announce.members), dim=n_values)
 
     def _mask(
         self, values: npt.NDArray[np.float64], seq: int, base_version: int, epsilon: float | None

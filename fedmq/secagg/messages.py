@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from fedmq import SCHEMA_VERSION
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, pack, unpack
 from fedmq.errors import DecodeError, RejectReason
+from fedmq.secagg.ddp import DdgParams, cohort_params
 from fedmq.secagg.shamir import SHARE_BYTES
 from fedmq.topics import is_agent_id
 
@@ -305,6 +306,25 @@ class Params:
     def distributed_dp(self) -> bool:
         """Whether devices add distributed discrete Gaussian noise before masking."""
         return self.dp_stddev > 0
+
+    def release(self, *, threshold: int, members: int, dim: int) -> DdgParams | None:
+        """The release a sum of a cohort with ``threshold`` and ``members`` is, for inputs of ``dim`` values.
+
+        The one derivation both ends use (:func:`fedmq.secagg.ddp.cohort_params`): the device
+        noises with it, the aggregator decodes with it, and both ledgers charge it. No sum holds
+        fewer than ``max(dp_survivors, threshold)`` uploads. ``None`` without distributed DP.
+        """
+        if not self.distributed_dp:
+            return None
+        return cohort_params(
+            stddev=self.dp_stddev,
+            survivors=max(self.dp_survivors, threshold),
+            clip_norm=self.clip_norm,
+            beta=self.dp_beta,
+            bits=self.bits,
+            members=members,
+            dim=dim,
+        )
 
     def to_wire(self) -> dict[str, Any]:
         """Plain map."""

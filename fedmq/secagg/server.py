@@ -94,7 +94,11 @@ class Contribution:
 
 @dataclass(frozen=True)
 class Unmasked:
-    """A cohort's sum: ``values[:-1]`` is ``sum w_i delta_i`` (flattened), ``values[-1]`` is ``sum w_i``."""
+    """A cohort's sum: ``values[:-1]`` is ``sum w_i delta_i`` (flattened), ``values[-1]`` is ``sum w_i``.
+
+    Under distributed DP (``release`` set) both carry the devices' noise, and ``values[-1]`` is the
+    weights' sum scaled by ``0.1 C`` (:func:`fedmq.secagg.ddg_noise.weight_sum` reads it back).
+    """
 
     cohort: str
     values: np.ndarray
@@ -147,18 +151,9 @@ class CohortServer:
         self.target = target
         self.n_values = n_values
         self.verifier = verifier
-        self.release: ddp.DdgParams | None = None
+        self.release = self.params.release(threshold=self.t, members=len(self.members), dim=n_values)
         """Under distributed DP, the release every sum of this cohort is (what the ledgers charge)."""
-        if self.params.distributed_dp:
-            self.release = ddp.cohort_params(
-                stddev=self.params.dp_stddev,
-                survivors=max(self.params.dp_survivors, self.t),
-                clip_norm=self.params.clip_norm,
-                beta=self.params.dp_beta,
-                bits=self.params.bits,
-                members=len(self.members),
-                dim=n_values,
-            )
+        if self.release is not None:
             self.scale = 1.0 / self.release.gamma
         else:
             self.scale = scale_for(self.params.bits, self.params.clip_range, len(self.members))
