@@ -6,6 +6,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends espeak-ng && rm
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fedmq ./fedmq
+COPY runtime ./runtime
+COPY cli ./cli
 COPY broker ./broker
 COPY edge_agent ./edge_agent
 COPY aggregator ./aggregator

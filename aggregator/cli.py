@@ -7,8 +7,8 @@ import json
 import logging
 
 from aggregator.service import AggregatorService
-from fedmq.cliutil import add_common, flag, load_from_args
-from fedmq.runtime import run_until_signalled, setup_logging
+from runtime.args import add_common, flag, load_from_args
+from runtime.process import run_until_signalled, setup_logging
 
 
 def add_robust_flags(p: argparse.ArgumentParser) -> None:

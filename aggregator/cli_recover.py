@@ -22,9 +22,9 @@ import logging
 from aggregator.cli import configure as configure_aggregator
 from aggregator.service import AggregatorService
 from aggregator.store import Mode, StateStore
-from fedmq.cliutil import load_from_args
 from fedmq.errors import ConfigError, StateError
-from fedmq.runtime import setup_logging
+from runtime.args import load_from_args
+from runtime.process import setup_logging
 
 log = logging.getLogger("fedmq.aggregator")
 

@@ -63,16 +63,16 @@ from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import RETRYABLE, ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
-from fedmq.runtime import Pulse
 from fedmq.secagg import ddp
 from fedmq.secagg.crypto import Verifier
 from fedmq.secagg.messages import MaskedMsg, Params, RevealMsg, decode_up
 from fedmq.secagg.server import CohortManager, SecAggSettings
 from fedmq.staleness import make_staleness_fn
-from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models import create_model
 from models.base import evaluate
 from models.datasets import Dataset, load_source
+from runtime.process import Pulse
+from runtime.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 
 log = logging.getLogger("fedmq.aggregator")
 T = TypeVar("T")

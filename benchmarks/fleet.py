@@ -43,7 +43,7 @@ async def run_size(agents: int, args: argparse.Namespace) -> dict[str, object]:
     cfg = FleetConfig(agents=agents, interval=args.interval, steady=args.steady, seed=args.seed)
     broker = MosquittoBroker().start()
     agg = subprocess.Popen(
-        [sys.executable, "-m", "fedmq.cli", "aggregator", "--broker", broker.url, "--prefix", cfg.prefix,
+        [sys.executable, "-m", "cli", "aggregator", "--broker", broker.url, "--prefix", cfg.prefix,
          "--rule", "fedbuff", "--buffer-size", "100", "--model-interval", str(args.model_interval),
          "--model", "softmax", "--num-features", "64",
          "--num-classes", "10", "--max-staleness", "1000000", "--agent-timeout", "3600", "--log-level", "ERROR"],

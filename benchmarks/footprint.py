@@ -67,7 +67,7 @@ def _rusage_child(cmd: list[str]) -> tuple[float, float, float]:
 async def _agent_run(broker: MosquittoBroker, prefix: str, model: str, extra: list[str], tmp: Path) -> dict[str, float]:
     url = f"mqtt://{broker.host}:{broker.port}"
     agg = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fedmq.cli", "aggregator", "--broker", url, "--prefix", prefix,
+        sys.executable, "-m", "cli", "aggregator", "--broker", url, "--prefix", prefix,
         "--model", model, "--buffer-size", "1", "--log-level", "ERROR", cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -79,7 +79,7 @@ async def _agent_run(broker: MosquittoBroker, prefix: str, model: str, extra: li
                     break
             await watch.subscribe(f"{prefix}/status/fp", qos=1)
             cmd = [
-                sys.executable, "-m", "fedmq.cli", "agent", "--broker", url, "--prefix", prefix, "--id", "fp",
+                sys.executable, "-m", "cli", "agent", "--broker", url, "--prefix", prefix, "--id", "fp",
                 "--data", f"{tmp}/digits.npz", "--max-updates", "5", "--round-interval", "0",
                 "--log-level", "ERROR", *[a.format(tmp=tmp) for a in extra],
             ]  # fmt: skip

@@ -123,7 +123,7 @@ async def run_aggregator(
     # from an earlier run on this broker must not be mistaken for this one's.
     prefix = f"bench/fedmq-{'durable' if durable else 'memory'}-{next(_RUN_IDS)}"
     cmd = [
-        sys.executable, "-m", "fedmq.cli", "aggregator", "--broker", broker.url, "--prefix", prefix,
+        sys.executable, "-m", "cli", "aggregator", "--broker", broker.url, "--prefix", prefix,
         "--rule", "fedbuff", "--buffer-size", "10", "--model", "softmax", "--num-features", str(features),
         "--num-classes", str(CLASSES), "--max-staleness", "1000000", "--log-level", "WARNING",
     ]  # fmt: skip

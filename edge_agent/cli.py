@@ -13,10 +13,10 @@ import numpy as np
 from edge_agent.service import AgentService
 from edge_agent.serving import OnnxExporter
 from edge_agent.trainer import LocalTrainer
-from fedmq.cliutil import add_common, flag, load_from_args
 from fedmq.errors import ConfigError
-from fedmq.runtime import run_until_signalled, setup_logging
 from models.datasets import load_source
+from runtime.args import add_common, flag, load_from_args
+from runtime.process import run_until_signalled, setup_logging
 
 
 def configure(p: argparse.ArgumentParser) -> None:

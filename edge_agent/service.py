@@ -39,9 +39,9 @@ from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
-from fedmq.runtime import Pulse
-from fedmq.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 from models.base import TrainingCancelled
+from runtime.process import Pulse
+from runtime.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 
 if TYPE_CHECKING:  # the cryptography behind secure aggregation loads only when an aggregator asks for it
     from edge_agent.secure import SecureUploads

@@ -28,6 +28,22 @@ class ConfigError(FedmqError):
         self.problem = problem
 
 
+class MissingExtra(ConfigError):
+    """A feature needs an optional extra that is not installed; the message says what to install.
+
+    ``pip install fedmq`` is the device install (the agent, the accountant, TLS). The rest comes
+    in extras: ``server`` (the aggregator's metrics endpoint and bundled evaluation data),
+    ``demo`` (the one-command demo, simulations, plots), ``torch`` and ``onnx``.
+    """
+
+    def __init__(self, key: str, extra: str, why: str, missing: str) -> None:
+        super().__init__(
+            key, f"{why} needs the '{extra}' extra ({missing} is not installed): pip install 'fedmq[{extra}]'"
+        )
+        self.extra = extra
+        self.missing = missing
+
+
 class RejectReason(enum.StrEnum):
     """Why a peer's message was not used. The values are stable: they appear in metrics."""
 

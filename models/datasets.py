@@ -165,6 +165,36 @@ def load_source(spec: str) -> Dataset:
     raise ValueError(f"data source {spec!r}: expected a .npz file, a folder, builtin:NAME or module:function")
 
 
+def load_inputs(spec: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64] | None]:
+    """Load inputs to predict on: like :func:`load_source`, but labels are optional.
+
+    A ``.npz`` with only ``x`` (or a folder with only ``x.npy``) gives ``(x, None)``.
+    """
+    path = Path(spec)
+    if path.is_dir() and not (path / "data.npz").is_file() and (path / "x.npy").is_file():
+        if not (path / "y.npy").is_file():
+            return _features(np.load(path / "x.npy", allow_pickle=False)), None
+    elif path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f:
+                raise ValueError(f"{spec} must hold an array named x (and optionally y), has {sorted(f.files)}")
+            if "y" not in f:
+                return _features(f["x"]), None
+    data = load_source(spec)
+    return data.x, data.y
+
+
+def _features(x: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """Features alone, checked as :func:`as_dataset` checks them."""
+    xa = np.asarray(x, dtype=np.float32)
+    if xa.ndim < 2 or len(xa) == 0:
+        raise ValueError(f"x must be a non-empty array of examples, got shape {xa.shape}")
+    xa = xa.reshape(len(xa), -1)
+    if not np.isfinite(xa).all():
+        raise ValueError("features contain NaN or Inf")
+    return np.ascontiguousarray(xa)
+
+
 def save_npz(path: str | Path, data: Dataset) -> None:
     """Write a data set as a ``.npz`` that :func:`load_source` reads."""
     np.savez(path, x=data.x, y=data.y)

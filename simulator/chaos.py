@@ -161,7 +161,7 @@ def _aggregator_cmd(cfg: ChaosConfig) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "fedmq.cli",
+        "cli",
         "aggregator",
         "--broker",
         f"mqtt://{cfg.host}:{cfg.port}",

@@ -12,9 +12,9 @@ from typing import Any
 
 from fedmq.compression import METHODS
 from fedmq.config import PrivacyConfig, StalenessConfig
-from fedmq.runtime import run_until_signalled, setup_logging
 from models.registry import MODEL_NAMES
 from models.tasks import TASKS, Task, get_task
+from runtime.process import run_until_signalled, setup_logging
 from simulator.attacks import ATTACKS
 from simulator.harness import SimConfig, Stragglers, run_simulation
 from simulator.report import ProgressBar, format_comparison, format_summary, plot_accuracy

@@ -16,7 +16,7 @@ from aggregator.service import AggregatorService
 from broker.launcher import MosquittoBroker, free_port
 from broker.pki import init
 from fedmq.config import Config
-from fedmq.runtime import Pulse
+from runtime.process import Pulse
 
 
 async def wait_for_message(

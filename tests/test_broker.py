@@ -47,7 +47,7 @@ def agent(cfg: Config, agent_id: str, n: int = 60, **kw: object) -> AgentService
 
 
 def fedmq_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedmq.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def aggregator_cmd(broker: MosquittoBroker, prefix: str, checkpoint_dir: Path, *, checkpoint_every: int) -> list[str]:

@@ -105,7 +105,7 @@ async def test_a_third_of_the_agents_frozen_with_sigstop_neither_stall_nor_corru
     observer = asyncio.create_task(observe())
     procs = {
         f"p{i}": subprocess.Popen(
-            [sys.executable, "-m", "fedmq.cli", "agent", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
+            [sys.executable, "-m", "cli", "agent", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
              "--prefix", prefix, "--id", f"p{i}", "--data", "builtin:digits-train", "--round-interval", "0.1",
              "--log-level", "ERROR"]
         )

@@ -8,8 +8,8 @@ import pytest
 
 from fedmq.config import load_config
 from fedmq.errors import ConfigError
-from fedmq.runtime import broker_url_overrides
 from fedmq.topics import Topics, validate_agent_id
+from runtime.process import broker_url_overrides
 
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:

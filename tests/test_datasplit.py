@@ -41,7 +41,7 @@ def test_dirichlet_split_names_what_is_impossible() -> None:
 
 
 def test_simulate_names_an_impossible_split_instead_of_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
-    from fedmq.cli import main
+    from cli.main import main
 
     assert main(["simulate", "--agents", "2000", "--duration", "1", "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -17,9 +17,9 @@ import pytest
 
 from aggregator.service import AggregatorService
 from broker.launcher import MosquittoBroker
+from cli.main import main as fedmq_main
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
-from fedmq.cli import main as fedmq_main
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
 from models import create_model
 from models.base import evaluate
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fedmq_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedmq.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def task_config(task: str, prefix: str, agents: int, target: float, *, torch: bool = False) -> SimConfig:

@@ -118,7 +118,7 @@ async def test_a_full_disk_is_named_and_waited_out_without_a_crash(
     log = tmp_path / "aggregator.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedmq.cli", "aggregator", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
+            [sys.executable, "-m", "cli", "aggregator", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
              "--prefix", prefix, "--buffer-size", "4", "--checkpoint-dir", str(state), "--checkpoint-every", "2"],
             cwd=ROOT, stderr=err, stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -239,7 +239,7 @@ async def wait_for_cpu(pid: int, *, busy_seconds: float, limit: float) -> None:
 
 def agent_cmd(broker: MosquittoBroker, prefix: str, agent_id: str, *extra: str) -> list[str]:
     url = f"mqtt://{broker.host}:{broker.port}"
-    return [sys.executable, "-m", "fedmq.cli", "agent", "--broker", url, "--prefix", prefix, "--id", agent_id,
+    return [sys.executable, "-m", "cli", "agent", "--broker", url, "--prefix", prefix, "--id", agent_id,
             "--data", "builtin:digits-train", "--log-level", "WARNING", *extra]  # fmt: skip
 
 
@@ -280,7 +280,7 @@ async def test_both_roles_stop_within_their_grace_while_the_broker_hangs(tmp_pat
     agg_log, agent_log = tmp_path / "aggregator.log", tmp_path / "agent.log"
     with agg_log.open("w") as agg_err, agent_log.open("w") as agent_err:
         agg = subprocess.Popen(
-            [sys.executable, "-m", "fedmq.cli", "aggregator", "--broker", url, "--prefix", prefix,
+            [sys.executable, "-m", "cli", "aggregator", "--broker", url, "--prefix", prefix,
              "--log-level", "WARNING"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=agg_err, env=env,
         )  # fmt: skip

@@ -31,7 +31,7 @@ def tls_flags(root: Path, port: int, identity: str) -> list[str]:
 def agent_cmd(root: Path, port: int, name: str, data: Path, tmp: Path) -> list[str]:
     """The long-lived agent of one hospital, on its own folder, with its own state folder."""
     return [
-        sys.executable, "-m", "fedmq.cli", "agent", *tls_flags(root, port, name), "--id", name,
+        sys.executable, "-m", "cli", "agent", *tls_flags(root, port, name), "--id", name,
         "--data", str(data / name), "--state-dir", str(tmp / "state" / name), "--require-secure-aggregation",
         "--no-dp", "--epochs", "2", "--lr", "0.1", "--round-interval", "0.2", "--checkin-interval", "0.5",
         "--log-level", "WARNING",
@@ -42,7 +42,7 @@ def test_five_hospitals_over_tls_with_secure_aggregation(tmp_path: Path) -> None
     names = [h.name for h in HOSPITALS]
     data = tmp_path / "data"
     split = subprocess.run(
-        [sys.executable, "-m", "fedmq.cli", "data", "split", "hospitals", "--out", str(data)],
+        [sys.executable, "-m", "cli", "data", "split", "hospitals", "--out", str(data)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert split.returncode == 0, split.stderr
@@ -50,7 +50,7 @@ def test_five_hospitals_over_tls_with_secure_aggregation(tmp_path: Path) -> None
     with tls_deployment(names, PREFIX) as (root, broker):
         aggregator = subprocess.Popen(
             [
-                sys.executable, "-m", "fedmq.cli", "aggregator", *tls_flags(root, broker.port, "aggregator"),
+                sys.executable, "-m", "cli", "aggregator", *tls_flags(root, broker.port, "aggregator"),
                 "--model", manifest["model"], "--hidden", str(manifest["hidden"]),
                 "--num-features", str(manifest["num_features"]), "--num-classes", str(manifest["num_classes"]),
                 "--labels", ",".join(manifest["labels"]), "--eval-data", str(data / "test"),

@@ -23,7 +23,7 @@ from broker.pki import (
 )
 from fedmq.config import load_config
 from fedmq.errors import ConfigError
-from fedmq.transport import client_kwargs
+from runtime.transport import client_kwargs
 
 
 def cert(path: Path) -> x509.Certificate:

@@ -167,7 +167,7 @@ def test_a_budget_needs_local_or_distributed_dp() -> None:
 def test_fedmq_population_prints_the_result_and_names_an_impossible_fleet(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from fedmq.cli import main
+    from cli.main import main
 
     out = tmp_path / "r.json"
     argv = ["population", "--task", "digits", "--devices", "60", "--mechanism", "central", "--releases", "3",

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from broker.launcher import DEPLOY_CONF, MosquittoBroker
-from fedmq.cli import COMMANDS, build_parser
+from cli.main import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLE_PACKAGES = {"edge_agent", "aggregator", "simulator"}
@@ -35,11 +35,12 @@ def _imports(package: str) -> set[tuple[str, str]]:
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
-        ("fedmq", ROLE_PACKAGES | {"models", "broker"}),
-        ("models", ROLE_PACKAGES | {"broker"}),
-        ("broker", ROLE_PACKAGES | {"models"}),
-        ("edge_agent", {"aggregator", "simulator"}),
-        ("aggregator", {"edge_agent", "simulator"}),
+        ("fedmq", ROLE_PACKAGES | {"models", "broker", "runtime", "cli"}),
+        ("models", ROLE_PACKAGES | {"broker", "runtime", "cli"}),
+        ("runtime", ROLE_PACKAGES | {"broker", "models", "cli"}),
+        ("broker", ROLE_PACKAGES | {"models", "cli"}),
+        ("edge_agent", {"aggregator", "simulator", "cli"}),
+        ("aggregator", {"edge_agent", "simulator", "cli"}),
     ],
 )
 def test_imports_point_one_way(package: str, forbidden: set[str]) -> None:

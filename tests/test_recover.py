@@ -15,7 +15,7 @@ import pytest
 
 from aggregator.service import AggregatorService
 from aggregator.wal import WalScan
-from fedmq.cli import main
+from cli.main import main
 from fedmq.config import AggregatorConfig, Config
 from tests.test_seams import Recorder, feed, update_bytes
 

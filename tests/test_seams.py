@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from aggregator.service import AggregatorService
-from fedmq import transport
 from fedmq.config import AggregatorConfig, BrokerConfig, Config
 from fedmq.errors import ConfigError
 from fedmq.messages import ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
 from fedmq.state import write_state
 from models.datasets import digits
+from runtime import transport
 from tests.hostile import MARKER, corpus
 
 
@@ -412,7 +412,7 @@ async def test_aiomqtts_write_registration_after_a_disconnect_is_not_an_error_in
 
     import aiomqtt
 
-    from fedmq.transport import tolerate_aiomqtt_disconnect_race
+    from runtime.transport import tolerate_aiomqtt_disconnect_race
 
     loop = asyncio.get_running_loop()
     before = loop.get_exception_handler()

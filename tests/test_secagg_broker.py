@@ -62,7 +62,7 @@ class Deployment:
         """A ``fedmq agent`` process of ``identity`` (no local DP: the test is about the masks)."""
         return subprocess.Popen(
             [
-                sys.executable, "-m", "fedmq.cli", "agent", *self.tls_flags(identity), "--id", identity,
+                sys.executable, "-m", "cli", "agent", *self.tls_flags(identity), "--id", identity,
                 "--data", "builtin:digits-train", "--round-interval", "0", "--no-dp", "--checkin-interval", "0.5",
                 "--require-secure-aggregation", "--log-level", "WARNING",
             ],
@@ -173,7 +173,7 @@ async def test_kill_9_of_the_aggregator_mid_cohort_abandons_cleanly_and_applies_
     """
     state = tmp_path / "state"
     cmd = [
-        sys.executable, "-m", "fedmq.cli", "aggregator", *deployment.tls_flags("aggregator"),
+        sys.executable, "-m", "cli", "aggregator", *deployment.tls_flags("aggregator"),
         "--secure-aggregation", "--buffer-size", "4", "--overselect", "0.25", "--secagg-timeout", "3",
         "--checkpoint-dir", str(state), "--checkpoint-every", "2", "--server-lr", "1.0",
         "--metrics-interval", "0.05", "--eval-data", "builtin:digits-test", "--log-level", "WARNING",
@@ -307,7 +307,7 @@ async def test_distributed_dp_over_tls_agents_spend_their_budget_and_stop(deploy
 def ddp_agent(deployment: Deployment, identity: str, budget: float) -> subprocess.Popen[bytes]:
     """A ``fedmq agent`` that sends only into distributed-DP cohorts, with an epsilon budget."""
     cmd = [
-        sys.executable, "-m", "fedmq.cli", "agent", *deployment.tls_flags(identity), "--id", identity,
+        sys.executable, "-m", "cli", "agent", *deployment.tls_flags(identity), "--id", identity,
         "--data", "builtin:digits-train", "--round-interval", "0", "--no-dp", "--checkin-interval", "0.5",
         "--require-distributed-dp", "--epsilon-budget", f"{budget:.6f}", "--log-level", "WARNING",
     ]  # fmt: skip

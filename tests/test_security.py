@@ -29,8 +29,8 @@ from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
 from fedmq.errors import ConfigError
 from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage
-from fedmq.transport import client_kwargs
 from models.datasets import digits
+from runtime.transport import client_kwargs
 from tests.helpers import payload, start_aggregator, tls_deployment, wait_until
 
 pytestmark = pytest.mark.broker
@@ -252,7 +252,7 @@ async def test_fedmq_agent_command_joins_over_tls_with_its_certificate(deploymen
         [
             sys.executable,
             "-m",
-            "fedmq.cli",
+            "cli",
             "agent",
             "--broker",
             f"mqtts://127.0.0.1:{deployment.broker.port}",

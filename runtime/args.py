@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from fedmq.config import Config, load_config
-from fedmq.runtime import broker_url_overrides
+from runtime.process import broker_url_overrides
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
