@@ -157,6 +157,9 @@ class Rejected:
     retry_after: float | None = None
     """For a retryable reason (:data:`fedmq.errors.RETRYABLE`): when to send it again."""
     effects: tuple[Effect, ...] = ()
+    resent: bool = False
+    """A re-send of an update accepted before, answered with its original ``accepted`` receipt: an
+    outbox doing its job after a lost receipt, counted in :attr:`Stats.duplicates`, nobody's fault."""
 
 
 @dataclass
@@ -182,6 +185,8 @@ class Stats:
     """The largest epsilon a device reported of itself. Under distributed DP a device charges each
     masked upload when it leaves (it cannot know whether a sum will include it), so this is at
     least :attr:`max_epsilon`, which counts the sums this aggregator released (its ledger)."""
+    duplicates: int = 0
+    """Re-sends of accepted updates, answered with their original receipt (not in :attr:`rejected`)."""
 
     @property
     def mean_staleness(self) -> float:
@@ -201,6 +206,7 @@ class Stats:
             "cohorts_applied": self.cohorts_applied,
             "cohorts_abandoned": self.cohorts_abandoned,
             "max_epsilon_reported": self.max_epsilon_reported,
+            "duplicates": self.duplicates,
         }
 
     @classmethod
@@ -217,6 +223,7 @@ class Stats:
             int(d.get("cohorts_applied", 0)),
             int(d.get("cohorts_abandoned", 0)),
             float(d.get("max_epsilon_reported", d["max_epsilon"])),
+            int(d.get("duplicates", 0)),
         )
 
 
@@ -873,20 +880,46 @@ class AggregatorCore:
         the payload claims.
         """
         retry = rejected.reason in RETRYABLE
-        (self.stats.retried if retry else self.stats.rejected)[rejected.reason.value] += 1
         aid, seq = sender or rejected.agent_id, rejected.seq
+        original = None
+        if aid is not None and seq is not None and rejected.reason is RejectReason.DUPLICATE:
+            original = self.receipt_for(aid, seq)
+        if original is not None:
+            self.stats.duplicates += 1
+        else:
+            (self.stats.retried if retry else self.stats.rejected)[rejected.reason.value] += 1
         if aid is not None and seq is not None:
-            original = self.receipt_for(aid, seq) if rejected.reason is RejectReason.DUPLICATE else None
             if original is not None:  # a re-send of an accepted update: the same receipt again, once durable
                 receipt = ReceiptMessage(aid, seq, "accepted", original[0], index=original[1])
                 effects.append(SendReceipt(receipt, durable=True))
             else:
                 status: ReceiptStatus = "retry" if retry else "rejected"
                 receipt = ReceiptMessage(
-                    aid, seq, status, self.version, rejected.reason.value, retry_after=rejected.retry_after
+                    aid,
+                    seq,
+                    status,
+                    self.version,
+                    rejected.reason.value,
+                    retry_after=rejected.retry_after,
+                    detail=rejected.detail[:200],
                 )
                 effects.append(SendReceipt(receipt, durable=False))
-        return Rejected(aid, seq, rejected.reason, rejected.detail, rejected.retry_after, tuple(effects))
+        return Rejected(
+            aid,
+            seq,
+            rejected.reason,
+            rejected.detail,
+            rejected.retry_after,
+            tuple(effects),
+            resent=original is not None,
+        )
+
+    def refuse_undecodable(self, rejected: Rejected) -> Rejected:
+        """An update the decoder refused, whose sender (the topic) and seq are known: counted and answered.
+
+        A damaged copy of an accepted update (``duplicate``) gets its original receipt again.
+        """
+        return self._refuse(rejected, [], rejected.agent_id)
 
     def reject(self, rejected: Rejected) -> Rejected:
         """Count a rejection found before the core (by the decoder, or on the topic); nothing to answer."""

@@ -62,7 +62,15 @@ from aggregator.store import Mode, Restored, StateStore, new_run_id
 from fedmq.codec import DecodeLimits
 from fedmq.config import Config
 from fedmq.errors import RETRYABLE, ConfigError, DecodeError, RejectReason, StateError
-from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, StatusMessage, UpdateMessage, metrics_to_bytes
+from fedmq.messages import (
+    ModelMessage,
+    ModelSpec,
+    ReceiptMessage,
+    StatusMessage,
+    UpdateMessage,
+    metrics_to_bytes,
+    salvage_seq,
+)
 from fedmq.secagg import ddp
 from fedmq.secagg.crypto import Verifier
 from fedmq.secagg.messages import MaskedMsg, Params, RevealMsg, decode_up
@@ -129,6 +137,8 @@ class Progress:
     cohorts_abandoned: int = 0
     cohorts_open: dict[str, str] = field(default_factory=dict)
     """Secure aggregation: each cohort in flight and its protocol round."""
+    duplicates: int = 0
+    """Re-sends of accepted updates, answered with their original receipt (not rejections)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map (the metrics payload)."""
@@ -677,8 +687,23 @@ class AggregatorService:
                 update = await asyncio.to_thread(UpdateMessage.from_bytes, payload, self._limits)
             else:
                 update = UpdateMessage.from_bytes(payload, self._limits)
-        except DecodeError as exc:  # no seq to answer: the agent re-sends after its receipt timeout
-            self._log_rejection(self._core.reject(Rejected(agent, None, exc.reason, exc.detail)), agent)
+        except DecodeError as exc:
+            # Answered on the sender's receipt topic with the seq if it can be read, else seq 0
+            # (docs/protocol.md): a third-party device learns why, and stops re-sending it.
+            seq = salvage_seq(payload, self._limits)
+            seq = 0 if seq is None else seq
+            if self._core.receipt_for(agent, seq) is not None:  # a damaged copy of an accepted one
+                rejected = Rejected(agent, seq, RejectReason.DUPLICATE, f"seq {seq} was accepted before")
+            else:
+                rejected = Rejected(agent, seq, exc.reason, exc.detail)
+            core = self._core
+
+            def refuse() -> tuple[Rejected, tuple[Effect, ...]]:
+                answered = core.refuse_undecodable(rejected)
+                return answered, answered.effects
+
+            if (answered := await self._input(refuse, b"", in_thread=False, big=False)) is not None:
+                self._log_rejection(answered, agent)
             return
 
         def decide() -> tuple[Accepted | Rejected, tuple[Effect, ...]]:
@@ -1100,7 +1125,7 @@ class AggregatorService:
         honest device meets under asynchrony, and ``participation_cap`` every device at the end of
         its participation, so they go to INFO: with a hundred devices, a WARNING each buried the log.
         """
-        if rejected.reason in RETRYABLE:
+        if rejected.reason in RETRYABLE or rejected.resent:
             return
         key = (sender[:64], rejected.reason.value)
         if key in self.rt.logged or len(self.rt.logged) >= 10_000:
@@ -1191,6 +1216,7 @@ class AggregatorService:
             cohorts_applied=core.stats.cohorts_applied,
             cohorts_abandoned=core.stats.cohorts_abandoned,
             cohorts_open=core.secagg.in_flight() if core.secagg is not None else {},
+            duplicates=core.stats.duplicates,
         )
 
     def summary(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from broker.launcher import DEPLOY_CONF, DEV_CONF, BrokerError, EmbeddedBroker, MosquittoBroker, start_broker
 from broker.pki import init, load_registry, parse_agents, revoke
+from runtime.extras import require
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -73,6 +74,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="group owning the broker's secrets (default: mosquitto when run as root; '' to leave alone)",
     )
+    pi.add_argument(
+        "--reload",
+        type=int,
+        metavar="PID",
+        help="send SIGHUP to this Mosquitto process after adding identities (default: the broker that "
+        "`fedmq broker --conf DIR/broker/mosquitto.conf` runs, found by its pid file)",
+    )
 
     pr = sub.add_parser("revoke", help="revoke an identity (CRL + ACL) and optionally reload the broker")
     pr.add_argument("dir", type=Path)
@@ -120,17 +128,44 @@ def _init(args: argparse.Namespace) -> int:
     print(f"  broker:  mosquitto -c {root / 'broker' / 'mosquitto.conf'}")
     print(f"  clients: {root / 'clients'}/NAME/{{ca.crt,client.crt,client.key}} (copy to each device)")
     print(f"  keep {root / 'ca' / 'ca.key'} offline; it signs every certificate")
+    if report.created and report.kept:  # an existing deployment grew: its broker must reload the ACL
+        _reload(root, args.reload, "the new identities can connect and use their topics")
     return 0
+
+
+def pid_file(root: Path) -> Path:
+    """Where ``fedmq broker --conf ROOT/broker/mosquitto.conf`` records its Mosquitto's process id."""
+    return root / "broker" / "mosquitto.pid"
+
+
+def _running_broker(root: Path) -> int | None:
+    """The pid in the deployment's pid file, if that process is alive."""
+    try:
+        pid = int(pid_file(root).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _reload(root: Path, pid: int | None, what: str) -> None:
+    """SIGHUP the deployment's broker (it re-reads ACL, passwords and CRL), or say how to."""
+    pid = pid if pid is not None else _running_broker(root)
+    if pid is None:
+        print(
+            f"  NEXT: reload a running broker so that {what}; until then it refuses them:\n"
+            "        kill -HUP $(pidof mosquitto)   (systemd: systemctl reload fedmq-broker; "
+            "compose: docker compose kill -s HUP mosquitto)"
+        )
+        return
+    os.kill(pid, signal.SIGHUP)
+    print(f"  sent SIGHUP to the broker (pid {pid}): it reloaded the ACL and CRL, so {what}")
 
 
 def _revoke(args: argparse.Namespace) -> int:
     ident = revoke(args.dir, args.name, group=args.group)
     print(f"fedmq broker revoke: {ident.name} (serial {ident.serial:x}) is on the CRL and out of the ACL")
-    if args.reload is not None:
-        os.kill(args.reload, signal.SIGHUP)
-        print(f"  sent SIGHUP to {args.reload}: the broker reloads the CRL and ACL")
-    else:
-        print("  reload the broker to apply: kill -HUP <mosquitto pid>  (compose: docker compose kill -s HUP broker)")
+    _reload(Path(args.dir), args.reload, f"{ident.name} is refused")
     return 0
 
 
@@ -148,6 +183,8 @@ def _list(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     b: MosquittoBroker | EmbeddedBroker
+    if args.embedded:
+        require("demo", key="--embedded", why="the embedded broker", modules=("amqtt",))
     try:
         if args.conf is not None:
             b = MosquittoBroker(port=args.port, host=args.host, conf=args.conf, render=False).start()
@@ -161,14 +198,23 @@ def _run(args: argparse.Namespace) -> int:
     except BrokerError as exc:
         print(f"fedmq broker: {exc}")
         return 1
-    scheme = "mqtts" if args.conf is not None and "require_certificate true" in args.conf.read_text() else "mqtt"
-    print(f"fedmq broker: {b.kind} listening on {scheme}://{b.host}:{b.port} (Ctrl-C to stop)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    pid_path: Path | None = None
     if isinstance(b, MosquittoBroker):
         mosquitto = b
         signal.signal(signal.SIGHUP, lambda *_: mosquitto.reload())  # reload CRL, ACL, passwords
-    done.wait()
-    b.cleanup()
+        if args.conf is not None and args.conf.parent.name == "broker" and mosquitto.proc is not None:
+            # A deployment from `fedmq broker init`: init and revoke find the broker to reload here.
+            pid_path = pid_file(args.conf.parent.parent)
+            pid_path.write_text(f"{mosquitto.proc.pid}\n")
+    scheme = "mqtts" if args.conf is not None and "require_certificate true" in args.conf.read_text() else "mqtt"
+    print(f"fedmq broker: {b.kind} listening on {scheme}://{b.host}:{b.port} (Ctrl-C to stop)", flush=True)
+    try:
+        done.wait()
+    finally:
+        if pid_path is not None:
+            pid_path.unlink(missing_ok=True)
+        b.cleanup()
     return 0

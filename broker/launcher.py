@@ -33,11 +33,27 @@ class BrokerError(RuntimeError):
     """The broker could not be started (names the binary, config and log)."""
 
 
+class PortInUse(BrokerError):
+    """A listener's port is taken by another process: no broker (embedded or not) can use it."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether another process listens on ``host:port`` (a bind there fails)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def wait_listening(host: str, port: int, timeout: float, alive: Any = None) -> None:
@@ -143,6 +159,14 @@ class MosquittoBroker:
         """Start the process and wait until it listens."""
         if self.proc is not None and self.proc.poll() is None:
             return self
+        for address, port in self.listeners():
+            if port_in_use(address, port):
+                # Readiness below only sees that something listens: another process's listener would
+                # pass it while our Mosquitto exits with "Address already in use" (on any of its listeners).
+                raise PortInUse(
+                    f"port {port} on {address} is in use by another process: stop it or choose another "
+                    f"{'--port' if port == self.port else 'port in ' + str(self.conf_path)}"
+                )
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.conf_path)],
@@ -160,6 +184,15 @@ class MosquittoBroker:
             self.stop()
             raise BrokerError(f"{exc}; config {self.conf_path}; log:\n{self.log_tail()}") from None
         return self
+
+    def listeners(self) -> list[tuple[str, int]]:
+        """The ``(address, port)`` of every listener in the config (address ``0.0.0.0`` when unbound)."""
+        out = []
+        for line in self.conf_path.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "listener" and words[1].isdigit():
+                out.append((words[2] if len(words) > 2 else "0.0.0.0", int(words[1])))
+        return out
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of Mosquitto's log."""
@@ -299,6 +332,8 @@ def start_broker(
     if kind == "auto" and (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")):
         try:
             return MosquittoBroker(port=port, host=host, conf=conf).start()
+        except PortInUse:
+            raise
         except BrokerError as exc:
             log.warning("mosquitto did not start (%s); using the embedded broker instead", str(exc).splitlines()[0])
     return EmbeddedBroker(port=port, host=host).start()

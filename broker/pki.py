@@ -284,7 +284,9 @@ def _acl_block(user: str, *grants: tuple[str, str]) -> list[str]:
 def render_acl(reg: Registry) -> str:
     """The ACL: each identity gets exactly its topics; revoked ones get nothing.
 
-    Mosquitto denies everything not granted. Agents: read the model and their own receipts,
+    Mosquitto denies everything not granted. Agents: read the model, the federation's aggregate
+    metrics and the server's status (feedback for a device's operator: no other device's data is in
+    them), and their own receipts,
     write their own update and status topics, and their own secure-aggregation topics (write
     ``secagg/up/<name>``, read ``secagg/down/<name>``). The aggregator: read updates, status and
     secure-aggregation messages, write model, server status, metrics, receipts and
@@ -321,6 +323,8 @@ def render_acl(reg: Registry) -> str:
         lines += _acl_block(
             name,
             ("read", t.model),
+            ("read", t.metrics),
+            ("read", t.server_status),
             ("read", t.receipt(name)),
             ("write", t.update(name)),
             ("write", t.status(name)),
@@ -328,6 +332,13 @@ def render_acl(reg: Registry) -> str:
             ("read", t.secagg_down(name)),
         )
     return "\n".join(lines)
+
+
+MAX_QUEUED_MESSAGES = 50_000
+MAX_QUEUED_BYTES = 4 << 30
+MAX_PACKET_BYTES = 128 << 20
+AUTOSAVE_SECONDS = 60
+"""The deployment broker's limits: rendered into both the values and the comments that explain them."""
 
 
 def render_conf(reg: Registry) -> str:
@@ -362,21 +373,21 @@ listener {reg.ops_port} 127.0.0.1
 protocol mqtt
 use_username_as_clientid true
 
-# Model payloads are large: 128 MiB packets (Mosquitto 2.1 defaults to 2 MB).
-max_packet_size 134217728
+# Model payloads are large: {MAX_PACKET_BYTES >> 20} MiB packets (Mosquitto 2.1 defaults to 2 MB).
+max_packet_size {MAX_PACKET_BYTES}
 
-# Persistent sessions queue updates while the aggregator restarts: 1000 messages or 4 GiB,
-# whichever comes first; beyond that Mosquitto drops silently.
-max_queued_messages 50000
-max_queued_bytes 4294967296
+# Persistent sessions queue updates while the aggregator restarts: {MAX_QUEUED_MESSAGES:,} messages
+# or {MAX_QUEUED_BYTES >> 30} GiB, whichever comes first; beyond that Mosquitto drops silently.
+max_queued_messages {MAX_QUEUED_MESSAGES}
+max_queued_bytes {MAX_QUEUED_BYTES}
 max_inflight_messages 20
 # Small control messages (receipts, status) go out at once, not after Nagle's 40 ms delayed-ACK wait.
 set_tcp_nodelay true
 
-# A PUBACK is not an fsync: the database is written at exit and every autosave_interval s.
+# A PUBACK is not an fsync: the database is written at exit and every {AUTOSAVE_SECONDS} s.
 persistence true
 persistence_location {reg.data_dir.rstrip("/")}/
-autosave_interval 60
+autosave_interval {AUTOSAVE_SECONDS}
 
 log_dest stderr
 log_type error

@@ -423,7 +423,13 @@ class AgentService:
             self.stats.receipts_accepted += 1
         else:
             self.stats.receipts_rejected += 1
-            log.info("agent %s: update %d rejected: %s", self.agent_id, receipt.seq, receipt.reason)
+            log.info(
+                "agent %s: update %d rejected: %s%s",
+                self.agent_id,
+                receipt.seq,
+                receipt.reason,
+                f" ({receipt.detail})" if receipt.detail else "",
+            )
             if receipt.reason in UNKNOWN_BASE:
                 self._block_base(payload)
         self._receipt.set()

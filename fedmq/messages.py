@@ -88,6 +88,21 @@ def _agent_id(obj: dict[str, Any], *, server_ok: bool = False) -> str:
 
 MAX_LABELS = 1024
 MAX_LABEL_CHARS = 64
+MAX_DETAIL_CHARS = 200
+
+
+def salvage_seq(payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> int | None:
+    """The ``seq`` of an update that failed to decode, if it can be read at all, else ``None``.
+
+    Used only to address the ``rejected`` receipt of an undecodable update: nothing else of the
+    payload is trusted or used.
+    """
+    try:
+        obj = unpack(payload, limits)
+    except DecodeError:
+        return None
+    seq = obj.get("seq") if isinstance(obj, dict) else None
+    return seq if type(seq) is int and 0 <= seq < 2**63 else None
 
 
 @dataclass(frozen=True)
@@ -340,6 +355,8 @@ class ReceiptMessage:
     deferred: bool | None = None
     """Accepted and held for the next FedBuff buffer (its agent had one in the open buffer): it is
     applied when that buffer steps. ``None`` otherwise."""
+    detail: str | None = None
+    """Rejected or retry: what was wrong, in words (at most 200 characters), for the device's log."""
 
     def to_bytes(self) -> bytes:
         """Encode."""
@@ -347,6 +364,7 @@ class ReceiptMessage:
             {
                 "schema": SCHEMA_VERSION,
                 "kind": "receipt",
+                "detail": self.detail[:MAX_DETAIL_CHARS] if self.detail is not None else None,
                 "agent_id": self.agent_id,
                 "seq": self.seq,
                 "status": self.status,
@@ -372,6 +390,9 @@ class ReceiptMessage:
         index = obj.get("index")
         if index is not None and (type(index) is not int or index < 1):
             raise DecodeError(RejectReason.BAD_FIELD, "index must be an int >= 1 or nil")
+        detail = obj.get("detail")
+        if detail is not None and not (isinstance(detail, str) and len(detail) <= MAX_DETAIL_CHARS):
+            raise DecodeError(RejectReason.BAD_FIELD, f"detail must be a string of at most {MAX_DETAIL_CHARS} chars")
         return cls(
             agent_id=_agent_id(obj),
             seq=_int(obj, "seq"),
@@ -381,6 +402,7 @@ class ReceiptMessage:
             index=index,
             retry_after=_retry_after(obj),
             deferred=True if obj.get("deferred") is True else None,
+            detail=detail,
         )
 
 

@@ -423,7 +423,7 @@ def _audit(
     stats: dict[str, Any] = state["stats"]
     n = int(stats["accepted"])
     report.applied = n
-    report.duplicates_dropped = int(stats["rejected"].get("duplicate", 0))
+    report.duplicates_dropped = int(stats.get("duplicates", 0)) + int(stats["rejected"].get("duplicate", 0))
     report.rejected_other = sum(int(v) for k, v in stats["rejected"].items() if k != "duplicate")
     report.rejected_by_reason = {str(k): int(v) for k, v in stats["rejected"].items() if k != "duplicate"}
     report.retried = sum(int(v) for v in stats.get("retried", {}).values())

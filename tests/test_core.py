@@ -74,7 +74,8 @@ def test_duplicates_and_replays_are_rejected() -> None:
     core = fedbuff_core(1)
     assert isinstance(core.receive(upd("a", 5, 0)), Accepted)
     r = core.receive(upd("a", 5, 1))  # the same (agent, seq) again: a replay or an outbox re-send
-    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE
+    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE and r.resent
+    assert core.stats.duplicates == 1 and core.stats.rejected == {}  # a re-send, not a fault
     assert core.receipt_for("a", 5) == (1, 1)  # (version after it, its index in the order of application)
     assert core.version == 1
 
@@ -89,7 +90,8 @@ def test_an_older_seq_arriving_late_is_new_but_not_below_the_window() -> None:
     rec = core.agent("a")
     assert rec is not None and min(rec.receipts) == 100
     r = core.receive(upd("a", 3, core.version))
-    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE and "older" in r.detail
+    assert isinstance(r, Rejected) and r.reason is RejectReason.DUPLICATE and "older" in r.detail and not r.resent
+    assert core.stats.rejected["duplicate"] == 1  # no receipt to repeat: refused
 
 
 def test_too_stale_is_rejected() -> None:

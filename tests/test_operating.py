@@ -6,17 +6,30 @@ adding a device to a running broker, and the hints a misconfigured connection ge
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import aiomqtt
 import numpy as np
 import pytest
 
+from broker.launcher import free_port
+from broker.pki import init
 from cli.main import main as fedmq_main
+from fedmq.config import BrokerConfig
+from fedmq.topics import Topics
 from models import create_model
 from models.datasets import digits
+from runtime.transport import client_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +93,125 @@ def test_predict_without_onnxruntime_names_the_extra(
     assert fedmq_main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
     assert "pip install 'fedmq[onnx]'" in err and "onnxruntime" in err and "Traceback" not in err
+
+
+# --- the broker ----------------------------------------------------------------------------------
+
+
+def _fedmq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli", *args]
+
+
+def _until_line(proc: subprocess.Popen[str], needle: str, timeout: float = 60.0) -> str:
+    """Read the process's output until a line contains ``needle`` (readiness), or it exits."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"no {needle!r} in the output (exit {proc.poll()}):\n{''.join(seen)}")
+
+
+@pytest.mark.broker
+def test_broker_on_a_busy_port_says_so_instead_of_listening() -> None:
+    from tests.conftest import require_mosquitto
+
+    require_mosquitto()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            _fedmq("broker", "--port", str(port)), cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in done.stdout
+    assert "listening" not in done.stdout
+
+
+def _tls_client(root: Path, port: int, identity: str) -> aiomqtt.Client:
+    client = root / "clients" / identity
+    cfg = BrokerConfig(
+        host="127.0.0.1",
+        port=port,
+        tls=True,
+        ca_file=str(client / "ca.crt"),
+        cert_file=str(client / "client.crt"),
+        key_file=str(client / "client.key"),
+    )
+    return aiomqtt.Client(**client_kwargs(cfg))
+
+
+async def _receives_model(root: Path, port: int, identity: str, topic: str, wait: float) -> bool:
+    async with _tls_client(root, port, identity) as client:
+        await client.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(wait):
+                async for msg in client.messages:
+                    return bytes(msg.payload) == b"model v1"  # type: ignore[arg-type]
+        except TimeoutError:
+            return False
+    return False
+
+
+@pytest.mark.broker
+async def test_adding_an_agent_with_init_reloads_the_running_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the new device connected and received nothing until someone sent SIGHUP by hand."""
+    from tests.conftest import require_mosquitto
+
+    require_mosquitto()
+    root = Path(tempfile.mkdtemp(prefix="fedmq-pki-"))
+    root.chmod(0o755)  # Mosquitto started as root reads the folder as user mosquitto
+    port, ops = free_port(), free_port()
+    prefix = "fedmq/grow"
+    init(root, ["agent-1"], prefix=prefix, port=port, ops_port=ops, bind="127.0.0.1")
+    broker = subprocess.Popen(
+        _fedmq("broker", "--conf", str(root / "broker" / "mosquitto.conf"), "--port", str(port)),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _until_line(broker, "listening")
+        assert (root / "broker" / "mosquitto.pid").is_file()
+        async with _tls_client(root, port, "aggregator") as server:
+            await server.publish(Topics(prefix).model, b"model v1", qos=1, retain=True)
+        assert await _receives_model(root, port, "agent-1", Topics(prefix).model, wait=30)
+
+        assert fedmq_main(["broker", "init", str(root), "--agents", "agent-1,agent-2", "--prefix", prefix,
+                           "--port", str(port), "--ops-port", str(ops), "--bind", "127.0.0.1"]) == 0  # fmt: skip
+        out = capsys.readouterr().out
+        assert "created: agent-2" in out and "sent SIGHUP to the broker" in out
+        # The reload is asynchronous in Mosquitto: ask again until it has applied (generous deadline).
+        deadline = time.monotonic() + 60
+        while not await _receives_model(root, port, "agent-2", Topics(prefix).model, wait=2):
+            assert time.monotonic() < deadline, "agent-2 never received the model: the ACL was not reloaded"
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(60)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not (root / "broker" / "mosquitto.pid").exists()
+
+
+def test_init_without_a_running_broker_says_to_reload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert fedmq_main(["broker", "init", str(tmp_path), "--agents", "1", "--group", ""]) == 0
+    assert "NEXT" not in capsys.readouterr().out  # a new deployment: nothing runs yet
+    assert fedmq_main(["broker", "init", str(tmp_path), "--agents", "2", "--group", ""]) == 0
+    out = capsys.readouterr().out
+    assert "NEXT: reload a running broker" in out and "kill -HUP" in out
+
+
+def test_generated_mosquitto_conf_comments_state_its_values(tmp_path: Path) -> None:
+    init(tmp_path, ["agent-1"], group=None)
+    conf = (tmp_path / "broker" / "mosquitto.conf").read_text()
+    values = {w[0]: w[1] for w in (line.split() for line in conf.splitlines()) if len(w) == 2 and w[0][0] != "#"}
+    assert f"{int(values['max_queued_messages']):,} messages" in conf
+    assert f"{int(values['max_queued_bytes']) >> 30} GiB" in conf
+    assert f"{int(values['max_packet_size']) >> 20} MiB packets" in conf
+    assert f"every {values['autosave_interval']} s" in conf

@@ -76,6 +76,8 @@ def test_acl_grants_each_agent_exactly_its_topics(tmp_path: Path) -> None:
     block = acl.split("user agent-1\n")[1].split("\n\n")[0].splitlines()
     assert block == [
         "topic read fedmq/plant/model",
+        "topic read fedmq/plant/metrics",
+        "topic read fedmq/plant/server/status",
         "topic read fedmq/plant/receipt/agent-1",
         "topic write fedmq/plant/update/agent-1",
         "topic write fedmq/plant/status/agent-1",

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -93,7 +94,8 @@ async def test_duplicates_leave_the_model_bit_identical() -> None:
     assert once.core.version == twice.core.version == 2
     for k, v in once.core.weights.items():
         assert np.array_equal(v, twice.core.weights[k])
-    assert twice.core.stats.rejected["duplicate"] == 8
+    # Re-sends of accepted updates are answered with their receipt and counted apart: no fault.
+    assert twice.core.stats.duplicates == 8 and "duplicate" not in twice.core.stats.rejected
     assert [m.version for m in rec2.models()] == [1, 2]
 
 
@@ -119,12 +121,15 @@ async def test_garbage_spoofing_and_mismatch_are_counted_by_reason() -> None:
         "unknown_base_version": 1,
     }
     assert svc.progress().rejected == 4 and rec.models() == []
-    # Each decodable update is answered on the sender's receipt topic; the garbage has no seq to answer.
+    # Each update is answered on the sender's receipt topic; the garbage, whose seq cannot be read, as seq 0.
     assert [(r.agent_id, r.status, r.reason) for r in rec.receipts()] == [
+        ("a", "rejected", "malformed"),
         ("a", "rejected", "agent_id_mismatch"),
         ("a", "rejected", "model_mismatch"),
         ("a", "rejected", "unknown_base_version"),
     ]
+    garbage = rec.receipts()[0]
+    assert garbage.seq == 0 and garbage.detail is not None and "msgpack" in garbage.detail
 
 
 async def test_status_frames_track_liveness_and_empty_retained_means_offline() -> None:
@@ -285,10 +290,12 @@ async def test_hostile_corpus_is_refused_counted_logged_once_and_changes_nothing
     for k, w in clean.core.weights.items():
         assert w.dtype == attacked.core.weights[k].dtype and w.tobytes() == attacked.core.weights[k].tobytes()
     expected = Counter(c.reason.value for c in cases if c.reason is not None)
+    replays = expected.pop("duplicate")  # a replay of an accepted update gets its receipt again: no fault
     assert dict(attacked.core.stats.rejected) == {r: 2 * n for r, n in expected.items()}
+    assert attacked.core.stats.duplicates == 2 * replays
     assert attacked.core.stats.accepted == clean.core.stats.accepted == 6
     records = [r for r in caplog.records if r.name == "fedmq.aggregator"]
-    assert len(records) == len(cases)  # once per (sender, reason), not once per message
+    assert len(records) == len(cases) - replays  # once per (sender, reason), not once per message
     for r in records:
         text = r.getMessage()
         assert MARKER not in text and len(text) < 400, text
@@ -434,3 +441,31 @@ async def test_aiomqtts_write_registration_after_a_disconnect_is_not_an_error_in
             assert any(r.levelno >= logging.ERROR and "something else" in r.getMessage() for r in caplog.records)
     finally:
         loop.set_exception_handler(before)
+
+
+async def test_an_update_that_fails_validation_is_answered_with_its_seq_and_why() -> None:
+    """A third-party device learns why its update was refused, on its own receipt topic (issue 15)."""
+    svc = make_service()
+    rec = Recorder()
+    obj = msgpack.unpackb(update_bytes(svc, "a", 7, 0.1))
+    obj["note"] = "hello"  # a field the strict schema does not know: refused by the decoder
+    await feed(svc, rec, "a", msgpack.packb(obj))
+    [receipt] = rec.receipts()
+    assert (receipt.agent_id, receipt.seq, receipt.status, receipt.reason) == ("a", 7, "rejected", "bad_field")
+    assert receipt.detail and "note" in receipt.detail
+
+
+async def test_a_resend_is_counted_as_a_duplicate_not_a_rejection_and_logs_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    svc = make_service()
+    rec = Recorder()
+    frame = update_bytes(svc, "a", 1, 0.1)
+    with caplog.at_level(logging.INFO, logger="fedmq.aggregator"):
+        for _ in range(3):
+            await feed(svc, rec, "a", frame)
+    assert svc.core is not None
+    progress = svc.progress()
+    assert progress.accepted == 1 and progress.duplicates == 2 and progress.rejected == 0
+    assert [r.status for r in rec.receipts()] == ["accepted"] * 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

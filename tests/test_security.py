@@ -166,8 +166,8 @@ async def test_an_agent_can_only_act_as_itself_and_the_aggregator_sees_only_that
     async with deployment.client("agent-1", identifier=server_identifier(server), username="aggregator") as evil:
         # Mosquitto grants the subscriptions but delivers nothing the ACL does not let it read.
         await evil.subscribe(topics.update_wildcard, qos=1)
-        await evil.subscribe(topics.metrics, qos=1)
-        await evil.subscribe(topics.model, qos=1)
+        await evil.subscribe(topics.receipt("agent-2"), qos=1)
+        await evil.subscribe(topics.model, qos=1)  # (the aggregate metrics it may read: not subscribed here)
         await evil.publish(topics.update("agent-2"), forged.to_bytes(), qos=1)
         await evil.publish(topics.model, fake_model.to_bytes(), qos=1, retain=True)
         await evil.publish(topics.server_status, StatusMessage("server", "stopped").to_bytes(), qos=1, retain=True)
@@ -179,7 +179,7 @@ async def test_an_agent_can_only_act_as_itself_and_the_aggregator_sees_only_that
         await wait_until(server.pulse, lambda: server.core.last_seq.get("agent-2", 0) >= 2)  # type: ignore[union-attr]
         # Mosquitto queues an incoming update to every subscriber before the aggregator can act
         # on it, so once agent-1 holds a model made after agent-2's updates, it would also hold
-        # those updates (and the retained metrics) had the ACL let it read them.
+        # those updates (and agent-2's receipts) had the ACL let it read them.
         target = server.core.version + 1
         await wait_until(server.pulse, lambda: server.core.version >= target)  # type: ignore[union-attr]
         async with asyncio.timeout(10):
