@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 
 from aggregator.service import AggregatorService
+from fedmq.config import DEFAULT_HTTP
 from runtime.args import add_common, flag, load_from_args
+from runtime.extras import require_for_data
 from runtime.process import run_until_signalled, setup_logging
 
 
@@ -77,6 +80,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-update-norm", "aggregator.max_update_norm", type=float, help="larger L2 norms are refused (1e9)")
     flag(p, "--max-agents", "aggregator.max_agents", type=int, help="agents whose state is kept (100000)")
     flag(p, "--shutdown-grace", "aggregator.shutdown_grace", type=float, help="seconds for the goodbye at SIGTERM (5)")
+    flag(
+        p,
+        "--http",
+        "aggregator.http",
+        metavar="HOST:PORT",
+        help=f"serve the dashboard, /metrics (Prometheus) and /healthz here (default {DEFAULT_HTTP}; '' for none)",
+    )
     add_robust_flags(p)
     flag(
         p,
@@ -143,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
     """Validate config, start up (fail fast), serve until signalled."""
     setup_logging(args.log_level)
     config = load_from_args(args, "aggregator")
+    if config.aggregator.http is None:  # the command serves its dashboard unless told otherwise
+        config = replace(config, aggregator=replace(config.aggregator, http=DEFAULT_HTTP))
+    require_for_data(config.aggregator.eval_data, "aggregator.eval_data")
     service = AggregatorService(config, fresh=args.fresh)
     core = service.startup()
     logging.getLogger("fedmq.aggregator").info(

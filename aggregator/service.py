@@ -55,12 +55,14 @@ from aggregator.core import (
     SendSecAgg,
     make_rule,
 )
+from aggregator.http import HttpEndpoint
+from aggregator.observe import Observatory, PrometheusExport, json_safe
 from aggregator.privacy import CentralGaussian, FederationLedger
 from aggregator.robust import build_aggregate
 from aggregator.rules.noise import NoiseCheck
 from aggregator.store import Mode, Restored, StateStore, new_run_id
 from fedmq.codec import DecodeLimits
-from fedmq.config import Config
+from fedmq.config import Config, parse_listen
 from fedmq.errors import RETRYABLE, ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import (
     ModelMessage,
@@ -79,6 +81,7 @@ from fedmq.staleness import make_staleness_fn
 from models import create_model
 from models.base import evaluate
 from models.datasets import Dataset, load_source
+from runtime.extras import require
 from runtime.process import Pulse
 from runtime.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
 
@@ -271,6 +274,10 @@ class AggregatorService:
         self._update_count = 0
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
+        self.observatory = Observatory()
+        """What the dashboard and /metrics show of the federation (fed as messages arrive)."""
+        self.http: HttpEndpoint | None = None
+        """The dashboard and /metrics endpoint, when ``aggregator.http`` is set (see :meth:`startup`)."""
 
     GROUP_COMMIT_UPDATES = 64
     GROUP_COMMIT_BYTES = 64 * 1024 * 1024
@@ -326,7 +333,27 @@ class AggregatorService:
         except (ValueError, OSError) as exc:
             raise ConfigError("aggregator.checkpoint_dir", f"{self.cfg.checkpoint_dir}: {exc}") from None
         self._load_eval_data()
+        self._prepare_http()
         return self.core
+
+    def _prepare_http(self) -> None:
+        """The dashboard and /metrics endpoint: its extra and its address are checked at startup."""
+        listen = self.cfg.http
+        if not listen:
+            return
+        host, port = parse_listen(listen)
+        require("server", key="aggregator.http", why="the Prometheus endpoint", modules=("prometheus_client",))
+        export = PrometheusExport(self.observatory, lambda: self.progress().to_dict(), self.topics.prefix)
+        self.http = HttpEndpoint(
+            host, port, state=self.dashboard_state, metrics=export.render, healthy=self.ready.is_set
+        )
+
+    def dashboard_state(self) -> dict[str, Any]:
+        """The dashboard's JSON: the metrics map, agents, accuracy series, histograms."""
+        core = self._core
+        state = self.observatory.snapshot(self.progress().to_dict(), online=sorted(core.online), now=self.clock())
+        safe: dict[str, Any] = json_safe(state)
+        return safe
 
     def _open_state(self, mode: Mode) -> tuple[AggregatorCore, StateStore | None, str]:
         """A core restored from the state folder (checkpoint + log), the open store and the run id.
@@ -543,6 +570,9 @@ class AggregatorService:
             self.startup()
         self.rt.started = self.clock()
         self._eval_wanted.set()
+        if self.http is not None:
+            await self.http.start()
+            log.info("dashboard on %s (Prometheus metrics on %smetrics)", self.http.url, self.http.url)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._evaluator())
@@ -552,6 +582,8 @@ class AggregatorService:
         except* _Stop:
             pass
         finally:
+            if self.http is not None:
+                await self.http.close()
             await self._serialized(self._close_state)
         await self._evaluate_current()  # the last version's accuracy; an error here is ours: it propagates
         return self.summary()
@@ -674,9 +706,11 @@ class AggregatorService:
         elif (bad := self.topics.kind_of(topic, "update")) is not None:
             rejected = Rejected(None, None, RejectReason.BAD_TOPIC, f"update topic level {bad[:64]!r} is no agent id")
             self._log_rejection(self._core.reject(rejected), "(invalid id)")
+            self.observatory.rejected(None, RejectReason.BAD_TOPIC.value, now=self.clock())
         self.pulse.notify()
 
     async def _on_update(self, agent: str, payload: bytes) -> None:
+        arrived = time.perf_counter()
         self._update_bytes += len(payload)
         self._update_count += 1
         if self._failure is not None:
@@ -704,6 +738,7 @@ class AggregatorService:
 
             if (answered := await self._input(refuse, b"", in_thread=False, big=False)) is not None:
                 self._log_rejection(answered, agent)
+                self._observe(answered, agent, arrived, None)
             return
 
         def decide() -> tuple[Accepted | Rejected, tuple[Effect, ...]]:
@@ -714,8 +749,19 @@ class AggregatorService:
         outcome = await self._input(decide, payload, in_thread=self._heavy_step_due(self._core), big=big)
         if outcome is None:
             self.rt.dropped_unsafe += 1
-        elif isinstance(outcome, Rejected):
+            return
+        if isinstance(outcome, Rejected):
             self._log_rejection(outcome, agent)
+        self._observe(outcome, agent, arrived, update.epsilon)
+
+    def _observe(self, outcome: Accepted | Rejected, agent: str, arrived: float, epsilon: float | None) -> None:
+        """Tell the dashboard what became of an update."""
+        now = self.clock()
+        if isinstance(outcome, Accepted):
+            latency = time.perf_counter() - arrived
+            self.observatory.accepted(agent, staleness=outcome.staleness, latency=latency, epsilon=epsilon, now=now)
+        elif not outcome.resent:
+            self.observatory.rejected(agent, outcome.reason.value, now=now)
 
     async def _input(
         self, decide: Callable[[], tuple[T, tuple[Effect, ...]]], payload: bytes, *, in_thread: bool, big: bool
@@ -796,6 +842,9 @@ class AggregatorService:
                 log.warning("status on %s's topic names agent %r; ignored", agent, status.agent_id)
                 return
             online = status.state in ("online", "training")
+            self.observatory.status(agent, status.state, epsilon=status.epsilon, budget=status.budget, now=self.clock())
+        else:  # the Will, or a cleared retained status
+            self.observatory.status(agent, "offline", epsilon=None, budget=None, now=self.clock())
 
         def decide() -> tuple[None, tuple[Effect, ...]]:
             return None, self._core.agent_status(agent, online, now=self.clock())
@@ -1114,6 +1163,8 @@ class AggregatorService:
             return  # no round open: nobody should train yet
         msg = replace(view, created_at=time.time())
         await publish(client, self.topics.model, msg.to_bytes(), qos=1, retain=True)
+        if self.eval_data is None:  # with evaluation data, the evaluation logs each version with its accuracy
+            log.info("published model version %d (%d updates accepted)", msg.version, self._core.stats.accepted)
 
     def _log_rejection(self, rejected: Rejected, sender: str) -> None:
         """Log a rejection once per (sender, reason); never the payload.
@@ -1157,7 +1208,19 @@ class AggregatorService:
             return
         version, weights = self.core.version, self.core.weights
         loss, acc = await asyncio.to_thread(self._evaluate, weights)
-        self.rt.record_eval(EvalPoint(self.clock() - self.rt.started, version, acc, loss))
+        elapsed = self.clock() - self.rt.started
+        self.rt.record_eval(EvalPoint(elapsed, version, acc, loss))
+        self.observatory.evaluated(elapsed, version, acc, loss)
+        stats = self.core.stats
+        log.info(
+            "version %d: accuracy %.4f, loss %.4f (%d updates accepted, %d rejected, %d agents online)",
+            version,
+            acc,
+            loss,
+            stats.accepted,
+            sum(stats.rejected.values()),
+            len(self.core.online),
+        )
         if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
             self.done.set()
         self.pulse.notify()

@@ -204,7 +204,12 @@ class AgentService:
 
     def _status(self, state: AgentState) -> bytes:
         return StatusMessage(
-            self.agent_id, state, epsilon=self.trainer.epsilon, seq=self.trainer.seq, ts=time.time()
+            self.agent_id,
+            state,
+            epsilon=self.trainer.epsilon,
+            seq=self.trainer.seq,
+            ts=time.time(),
+            budget=self.config.privacy.epsilon_budget,
         ).to_bytes()
 
     def _undecodable(self, payload: bytes) -> str | None:
@@ -293,6 +298,7 @@ class AgentService:
                 tg.create_task(self._train_loop(client, stop))
                 tg.create_task(self._resender(client))
                 tg.create_task(self._heartbeat(client))
+                tg.create_task(self._summarize())
                 tg.create_task(self._secagg_loop(client))
                 await self._watch(stop)  # in the body, not a child: see AggregatorService._session
         except* _Finished:
@@ -571,6 +577,24 @@ class AgentService:
                 self.stats.updates_published += 1
         if wants_input(outs):
             self._sa_changed.set()
+
+    def summary_line(self) -> str:
+        """One line of what this agent did: for its log, every ``agent.summary_interval`` seconds."""
+        s = self.stats
+        eps = self.trainer.epsilon
+        budget = self.config.privacy.epsilon_budget
+        privacy = "no DP" if eps is None else f"epsilon {eps:.3g}" + (f" of {budget:g}" if budget is not None else "")
+        return (
+            f"agent {self.agent_id}: model version {s.last_version}, {s.updates_published} updates sent "
+            f"({s.receipts_accepted} accepted, {s.receipts_rejected} rejected, {s.retries} retries, "
+            f"{s.resent} re-sent), outbox {len(self.outbox)}, {privacy}, {s.state}"
+        )
+
+    async def _summarize(self) -> None:
+        """The periodic INFO summary line (a device's operator reads its journal, not the metrics)."""
+        while True:
+            await asyncio.sleep(self.config.agent.summary_interval)
+            log.info("%s", self.summary_line())
 
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         """Re-publish the retained ``online`` status now and then: proof of life beyond MQTT pings."""

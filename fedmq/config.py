@@ -226,6 +226,11 @@ class AggregatorConfig:
     secure_aggregation: bool = False
     """Take only masked updates, in cohorts, and learn only their sums (SecAgg+; docs/security.md)."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    http: str | None = None
+    """Where to serve the dashboard, ``/metrics`` (Prometheus) and ``/healthz``: ``HOST:PORT`` (port 0:
+    any free one), or empty for none. Unset: ``fedmq aggregator`` serves them on 127.0.0.1:8700; a
+    service embedded in a program (the simulator, tests) serves none. Keep it on loopback or behind
+    an authenticating proxy: the dashboard lists agent ids and their epsilons."""
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -295,6 +300,8 @@ class AggregatorConfig:
             _finite(self.buffer_patience) and self.buffer_patience > 0, "aggregator.buffer_patience", "must be > 0 s"
         )
         _check(_finite(self.shutdown_grace) and self.shutdown_grace > 0, "aggregator.shutdown_grace", "must be > 0 s")
+        if self.http:
+            parse_listen(self.http, "aggregator.http")
         self.staleness.validate()
         self._validate_robust()
         self.secagg.validate()
@@ -487,6 +494,8 @@ class AgentConfig:
     """Send nothing unless the aggregator announces secure aggregation (it then sees only sums)."""
     checkin_interval: float = 2.0
     """Secure aggregation: seconds between check-ins while the agent waits for a cohort."""
+    summary_interval: float = 60.0
+    """Seconds between the one-line INFO summaries in the agent's log (updates, receipts, epsilon)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -511,6 +520,7 @@ class AgentConfig:
         )
         _check(_finite(self.shutdown_grace) and self.shutdown_grace > 0, "agent.shutdown_grace", "must be > 0 seconds")
         _check(_finite(self.checkin_interval) and self.checkin_interval > 0, "agent.checkin_interval", "must be > 0 s")
+        _check(_finite(self.summary_interval) and self.summary_interval > 0, "agent.summary_interval", "must be > 0 s")
 
 
 @dataclass(frozen=True)
@@ -538,6 +548,18 @@ class Config:
             self.agent.validate()
             self.privacy.validate()
         return self
+
+
+DEFAULT_HTTP = "127.0.0.1:8700"
+"""Where ``fedmq aggregator`` serves its dashboard unless ``aggregator.http`` says otherwise."""
+
+
+def parse_listen(value: str, key: str = "aggregator.http") -> tuple[str, int]:
+    """``HOST:PORT`` (port 0: any free port) into its parts; :class:`ConfigError` naming ``key`` otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(key, f"must be HOST:PORT (e.g. {DEFAULT_HTTP}), or empty to turn it off; got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def _finite(x: float) -> bool:

@@ -422,6 +422,8 @@ class StatusMessage:
     epsilon: float | None = None
     seq: int = 0
     ts: float = 0.0
+    budget: float | None = None
+    """The device's epsilon budget (``--epsilon-budget``), for dashboards; ``None``: none set."""
     kind: str = field(default="status", init=False)
 
     def to_bytes(self) -> bytes:
@@ -435,6 +437,7 @@ class StatusMessage:
                 "epsilon": self.epsilon,
                 "seq": self.seq,
                 "ts": self.ts,
+                **({"budget": self.budget} if self.budget is not None else {}),
             }
         )
 
@@ -453,10 +456,11 @@ class StatusMessage:
             epsilon=_float(obj, "epsilon", optional=True),
             seq=_int(obj, "seq"),
             ts=_float(obj, "ts") or 0.0,
+            budget=_float(obj, "budget", optional=True),
         )
 
 
-STATUS_FIELDS = frozenset({"schema", "kind", "agent_id", "state", "epsilon", "seq", "ts"})
+STATUS_FIELDS = frozenset({"schema", "kind", "agent_id", "state", "epsilon", "seq", "ts", "budget"})
 """Every field a status may carry; anything else is refused (``bad_field``)."""
 
 

@@ -17,6 +17,10 @@ from broker.launcher import MosquittoBroker
 
 ASYNC_TEST_TIMEOUT = 120.0
 
+# Every `fedmq aggregator` a test starts serves its dashboard on a free port, never on the fixed
+# default 127.0.0.1:8700: several run at once, and something else on this machine may hold it.
+os.environ.setdefault("FEDMQ_AGGREGATOR__HTTP", "127.0.0.1:0")
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
