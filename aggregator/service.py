@@ -83,7 +83,14 @@ from models.base import evaluate
 from models.datasets import Dataset, load_source
 from runtime.extras import require
 from runtime.process import Pulse
-from runtime.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
+from runtime.transport import (
+    backoff,
+    client_kwargs,
+    describe_failure,
+    publish,
+    subscribe,
+    tolerate_aiomqtt_disconnect_race,
+)
 
 log = logging.getLogger("fedmq.aggregator")
 T = TypeVar("T")
@@ -612,7 +619,11 @@ class AggregatorService:
             except* aiomqtt.MqttError as group:
                 self.ready.clear()
                 delay = next(delays)
-                log.warning("broker connection lost (%s); reconnecting in %.1f s", group.exceptions[0], delay)
+                log.warning(
+                    "broker connection lost (%s); reconnecting in %.1f s",
+                    describe_failure(group.exceptions[0], self.config.broker),
+                    delay,
+                )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await stop.wait()

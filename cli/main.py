@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregator": ("aggregator.cli", "run the aggregator service"),
     "recover": ("aggregator.cli_recover", "inspect an aggregator's state folder and choose what to keep after damage"),
     "agent": ("edge_agent.cli", "run one edge agent against a broker and a local data source"),
+    "watch": ("cli.watch", "a live terminal view of a federation's metrics (any identity may read them)"),
     "predict": ("edge_agent.cli_predict", "predict with an exported ONNX global model (no torch needed), or a WAV"),
     "data": ("models.cli_data", "write per-device data folders from a task or your own data; speak a keyword"),
 }

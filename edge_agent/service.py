@@ -41,7 +41,14 @@ from fedmq.errors import ConfigError, DecodeError
 from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage
 from models.base import TrainingCancelled
 from runtime.process import Pulse
-from runtime.transport import backoff, client_kwargs, publish, subscribe, tolerate_aiomqtt_disconnect_race
+from runtime.transport import (
+    backoff,
+    client_kwargs,
+    describe_failure,
+    publish,
+    subscribe,
+    tolerate_aiomqtt_disconnect_race,
+)
 
 if TYPE_CHECKING:  # the cryptography behind secure aggregation loads only when an aggregator asks for it
     from edge_agent.secure import SecureUploads
@@ -247,7 +254,7 @@ class AgentService:
                     log.warning(
                         "agent %s: broker connection lost (%s); reconnecting in %.1f s",
                         self.agent_id,
-                        group.exceptions[0],
+                        describe_failure(group.exceptions[0], self.config.broker),
                         delay,
                     )
                     with contextlib.suppress(TimeoutError):

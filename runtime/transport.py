@@ -39,6 +39,34 @@ def client_kwargs(broker: BrokerConfig) -> dict[str, Any]:
     return kwargs
 
 
+def describe_failure(exc: BaseException, broker: BrokerConfig) -> str:
+    """``exc`` (a failed connection) in words, with what to try when the cause is a common mistake.
+
+    The classic one: ``mqtt://`` against a TLS listener, which Mosquitto answers by closing the
+    connection (the client sees "Connection reset by peer" or a timeout, nothing about TLS).
+    """
+    text = str(exc) or type(exc).__name__
+    cause = f"{exc.__context__}" if exc.__context__ is not None else ""
+    both = f"{text} {cause}"
+    where = f"{broker.host}:{broker.port}"
+    if not broker.tls and any(s in both for s in ("reset by peer", "timed out", "Connection closed", "EOF")):
+        hint = (
+            f"if {where} is a TLS listener (8883, or one made by `fedmq broker init`), connect with "
+            f"mqtts://{where} and --ca-file (plus --cert-file/--key-file for client certificates)"
+        )
+    elif broker.tls and any(s in both for s in ("WRONG_VERSION_NUMBER", "record layer failure", "wrong version")):
+        hint = f"{where} does not speak TLS: if it is a plain listener, connect with mqtt://{where}"
+    elif "CERTIFICATE_VERIFY_FAILED" in both:
+        hint = f"the broker's certificate is not signed by --ca-file, or does not name {broker.host!r}"
+    elif "refused" in both.lower() and "not authori" not in both.lower():
+        hint = f"nothing accepts connections on {where}: is the broker running there?"
+    elif "not authori" in both.lower() or "bad user name or password" in both.lower():
+        hint = "the broker refused these credentials (user/password, or a certificate its ACL does not know)"
+    else:
+        return text
+    return f"{text} ({hint})"
+
+
 def backoff(initial: float = 0.2, maximum: float = 30.0, rng: random.Random | None = None) -> Iterator[float]:
     """Yield reconnect delays: exponential growth with "full jitter" (AWS architecture blog, 2015).
 

@@ -22,14 +22,14 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from broker.launcher import free_port
+from broker.launcher import MosquittoBroker, free_port
 from broker.pki import init
 from cli.main import main as fedmq_main
-from fedmq.config import BrokerConfig
+from fedmq.config import AggregatorConfig, BrokerConfig, Config
 from fedmq.topics import Topics
 from models import create_model
 from models.datasets import digits
-from runtime.transport import client_kwargs
+from runtime.transport import client_kwargs, describe_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,3 +215,57 @@ def test_generated_mosquitto_conf_comments_state_its_values(tmp_path: Path) -> N
     assert f"{int(values['max_queued_bytes']) >> 30} GiB" in conf
     assert f"{int(values['max_packet_size']) >> 20} MiB packets" in conf
     assert f"every {values['autosave_interval']} s" in conf
+
+
+# --- fedmq watch and connection hints ------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_watch_prints_the_metrics_topic(mosquitto: MosquittoBroker, prefix: str) -> None:
+    from tests.helpers import start_aggregator
+
+    cfg = Config(
+        prefix=prefix,
+        broker=BrokerConfig(host=mosquitto.host, port=mosquitto.port),
+        aggregator=AggregatorConfig(buffer_size=1, metrics_interval=0.2),
+    ).validate()
+    server, stop, task = await start_aggregator(cfg)
+    try:
+        url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+        proc = await asyncio.create_subprocess_exec(
+            *_fedmq("watch", url, "--prefix", prefix, "--once"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err.decode()
+        text = out.decode()
+        assert "model version" in text and "agents online" in text and f"run {server.run_id}" in text
+        proc = await asyncio.create_subprocess_exec(
+            *_fedmq("watch", url, "--prefix", prefix, "--once", "--json"), cwd=ROOT, stdout=subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        metrics = json.loads(out)
+        assert metrics["kind"] == "metrics" and metrics["run"] == server.run_id and metrics["version"] == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@pytest.mark.broker
+async def test_plain_mqtt_against_a_tls_port_suggests_mqtts() -> None:
+    from tests.helpers import tls_deployment
+
+    with tls_deployment(["agent-1"], "fedmq/hint") as (_root, broker):
+        plain = BrokerConfig(host="127.0.0.1", port=broker.port, tls=False)
+        with pytest.raises(aiomqtt.MqttError) as caught:
+            async with aiomqtt.Client(**client_kwargs(plain), timeout=20):
+                pass
+        text = describe_failure(caught.value, plain)
+        assert f"mqtts://127.0.0.1:{broker.port}" in text and "--ca-file" in text
+
+
+def test_watch_names_a_broker_given_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fedmq_main(["watch", "mqtt://127.0.0.1:1", "--broker", "mqtt://127.0.0.1:2"]) == 2
+    assert "give the broker once" in capsys.readouterr().err
