@@ -4,7 +4,7 @@ FROM python:3.11-slim
 # espeak-ng synthesises the speech example's households (`fedmq data split speech`).
 RUN apt-get update && apt-get install -y --no-install-recommends espeak-ng && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY fedmq ./fedmq
 COPY runtime ./runtime
 COPY cli ./cli

@@ -39,7 +39,22 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         if name == command:
             importlib.import_module(module).configure(p)
+            _show_defaults(p)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default X)`` to each option's help that has a default and does not state one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+            continue
+        default = action.default
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS) or default in (None, False, True):
+            continue
+        if "default" not in action.help and default is not argparse.SUPPRESS:
+            action.help += " (default %(default)s)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,10 @@ raises :class:`~fedmq.errors.ConfigError` naming the dotted key, before anything
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import itertools
 import math
 import os
 import tomllib
@@ -30,15 +33,25 @@ class BrokerConfig:
     """How to reach the MQTT broker."""
 
     host: str = "127.0.0.1"
+    """The broker's host name or address."""
     port: int = 1883
+    """The broker's port (1883 plain, 8883 TLS)."""
     username: str | None = None
+    """MQTT user name (password deployments)."""
     password: str | None = None
+    """MQTT password (prefer the FEDMQ_BROKER__PASSWORD environment variable to a file)."""
     keepalive: int = 30
+    """Seconds between MQTT pings; the broker publishes the Will after 1.5 times this without one."""
     tls: bool = False
+    """Connect with TLS (mqtts://)."""
     ca_file: str | None = None
+    """CA certificate that signed the broker's certificate."""
     cert_file: str | None = None
+    """This client's certificate (its common name is its identity in the ACL)."""
     key_file: str | None = None
+    """This client's private key."""
     max_payload_bytes: int = 64 * 1024 * 1024
+    """Largest message accepted from the broker, before decoding."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -60,8 +73,11 @@ class StalenessConfig:
     """Staleness weighting ``s(t - tau)``; see :mod:`aggregator.staleness`."""
 
     function: str = "polynomial"
+    """Staleness weight s(t - tau): constant, polynomial (1 + t - tau)^-a or hinge."""
     a: float = 0.5
+    """The weight's exponent (polynomial) or slope (hinge)."""
     b: int = 4
+    """hinge: staleness up to which updates keep full weight."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -141,8 +157,11 @@ class AggregatorConfig:
     """The aggregator service."""
 
     rule: str = "fedbuff"
+    """Aggregation rule: fedbuff (buffered async), fedasync (one update at a time) or fedavg (sync rounds)."""
     model: str = "softmax"
+    """Model registry name: softmax, mlp, digits-cnn, med-cnn, speech-cnn."""
     hidden: int = 64
+    """mlp: hidden units."""
     labels: str = ""
     """Class names, comma-separated ("yes,no,up,..."): announced with the model, kept in ONNX exports."""
     input_min: float | None = None
@@ -150,26 +169,42 @@ class AggregatorConfig:
     """The range the model's inputs are scaled to, announced so that agents can check their data.
     Unset: the evaluation data's minimum and maximum, when there is evaluation data."""
     num_features: int = 64
+    """Inputs per example (64 for the 8x8 digits)."""
     num_classes: int = 10
+    """Classes the model predicts."""
     buffer_size: int = 10
+    """FedBuff K: updates per new model version. Sizing: docs/operating.md."""
     server_lr: float = 1.0
+    """Server learning rate applied to each aggregated step."""
     server_momentum: float = 0.0
+    """Server momentum (0: none)."""
     alpha: float = 0.6
+    """FedAsync mixing weight of each update."""
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     max_staleness: int = 20
+    """Updates trained on a model more than this many versions old are refused (too_stale)."""
     sync_agents: int = 0
+    """fedavg: agents per round (0: all online)."""
     eval_data: str | None = None
+    """Held-out data to evaluate each version on: .npz, folder, or builtin:digits-test."""
     eval_every: int = 1
+    """Evaluate every this many versions."""
     checkpoint_dir: str | None = None
+    """State folder: checkpoints and the write-ahead log behind every receipt (unset: memory only)."""
     checkpoint_every: int = 10
+    """Versions between checkpoints."""
     max_versions: int = 0
+    """Stop after this many versions (0: run until stopped)."""
     target_accuracy: float | None = None
+    """Stop once a version reaches this held-out accuracy."""
     metrics_interval: float = 1.0
+    """Seconds between retained metrics messages."""
     model_interval: float = 0.0
     """Seconds at least between two model publishes; versions made meanwhile coalesce into the
     newest. Every publish goes to every device: with thousands of them this fan-out, not the
     updates, is what saturates the broker (``benchmarks/fleet.py``). 0: publish every version."""
     seed: int = 0
+    """Seed of the initial model."""
     robust: str = "none"
     """Byzantine-robust buffer aggregation: none, norm_bound, median, trimmed_mean or krum."""
     norm_bound: float | None = None
@@ -426,10 +461,15 @@ class PrivacyConfig:
     """Update-level (local) differential privacy of an agent: clip, Gaussian noise, accountant."""
 
     enabled: bool = True
+    """Clip and noise each update on the device (local DP)."""
     clip_norm: float = 1.0
+    """L2 bound C each update is clipped to (the aggregator announces its own in the plan)."""
     noise_multiplier: float = 1.0
+    """Gaussian noise z: each coordinate gets N(0, (z C)^2)."""
     delta: float = 1e-5
+    """Delta of the reported epsilon."""
     epsilon_budget: float | None = None
+    """Stop before a release would take this device's epsilon past it."""
     require_distributed: bool = False
     """Send nothing unless the aggregator announces distributed DP under secure aggregation: it then
     learns only sums that carry the noise, and this device's ledger charges each sum it is in
@@ -463,14 +503,23 @@ class AgentConfig:
     """One edge agent."""
 
     agent_id: str = "agent-1"
+    """This device's id: 1-64 of [A-Za-z0-9_.-] (with TLS, its certificate's name)."""
     data: str | None = None
+    """Local data: .npz with x and y, a folder with x.npy and y.npy, builtin:NAME or module:function."""
     local_epochs: int = 1
+    """Passes over the local data per round."""
     batch_size: int = 16
+    """Minibatch size of local training."""
     lr: float = 0.1
+    """Local learning rate."""
     round_interval: float = 5.0
+    """Seconds between local rounds."""
     state_dir: str | None = None
+    """Where the sequence number, the privacy ledger and the outbox persist."""
     max_updates: int = 0
+    """Stop after this many updates (0: no limit)."""
     seed: int | None = None
+    """Seed of shuffling and noise (unset: from the OS)."""
     outbox_max: int = 16
     """Updates kept until their receipt arrives (on disk under ``state_dir``); training pauses when full."""
     receipt_timeout: float = 30.0
@@ -560,6 +609,44 @@ def parse_listen(value: str, key: str = "aggregator.http") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(key, f"must be HOST:PORT (e.g. {DEFAULT_HTTP}), or empty to turn it off; got {value!r}")
     return host.strip("[]"), int(port)
+
+
+@functools.cache
+def _field_docs() -> dict[str, str]:
+    """``Section.field`` -> its attribute docstring in this file (for command-line help)."""
+    docs: dict[str, str] = {}
+    for node in ast.parse(Path(__file__).read_text()).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        body = node.body
+        for stmt, nxt in itertools.pairwise(body):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[f"{node.name}.{stmt.target.id}"] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(key: str) -> tuple[Any, str]:
+    """The default and the first sentence of the documentation of the dotted config ``key``.
+
+    Raises:
+        KeyError: no such key (a flag mapped to a key that does not exist: our bug).
+    """
+    obj: Any = Config()
+    cls: type[Any] = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise KeyError(key)
+        cls = type(obj)
+        obj = getattr(obj, part)
+    doc = _field_docs().get(f"{cls.__name__}.{key.split('.')[-1]}", "")
+    first = doc.split(". ")[0].rstrip(".") if doc else ""
+    return obj, first
 
 
 def _finite(x: float) -> bool:

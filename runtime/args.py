@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fedmq.config import Config, load_config
+from fedmq.config import Config, describe, load_config
 from runtime.process import broker_url_overrides
 
 
@@ -17,11 +17,29 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-file", help="CA certificate to verify the broker (TLS)")
     p.add_argument("--cert-file", help="client certificate (TLS)")
     p.add_argument("--key-file", help="client key (TLS)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (default INFO)",
+    )
 
 
 def flag(p: argparse.ArgumentParser, name: str, key: str, **kw: Any) -> None:
-    """Add ``--name`` whose value overrides config ``key`` (default: unset, so file/env win)."""
+    """Add ``--name`` whose value overrides config ``key`` (default: unset, so file/env win).
+
+    Its help ends with the config key and its default, and says what the key's documentation
+    says when the caller gives no help; its metavar is the key's name (``--id AGENT_ID``).
+    """
+    default, doc = describe(key)
+    text = kw.pop("help", None) or doc
+    if kw.get("action") in ("store_const", "store_true", "store_false"):
+        kw["help"] = f"{text} [config {key}]".strip()
+    else:
+        if "metavar" not in kw and "choices" not in kw:
+            kw["metavar"] = key.rsplit(".", 1)[-1].upper()
+        shown = "unset" if default is None or default == "" else default
+        kw["help"] = f"{text} [config {key}, default {shown}]".strip().replace("%", "%%")
     p.add_argument(name, dest=f"cfg:{key}", default=None, **kw)
 
 

@@ -32,12 +32,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--agents", type=int, default=None, help="devices (default: the task's, 20 for digits)")
     p.add_argument("--duration", type=float, default=d.duration, help="wall-clock seconds (default %(default)s)")
-    p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="the broker the run starts: Mosquitto if installed (auto), or the embedded amqtt",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, model and agents")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of test accuracy against wall-clock time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity"
+    )
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -46,7 +53,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     a, pr, s = d.aggregator, d.privacy, d.stragglers
     add_run_args(p)
     g = p.add_argument_group("aggregation")
-    g.add_argument("--rule", choices=["fedasync", "fedbuff", "fedavg"], default=a.rule)
+    g.add_argument("--rule", choices=["fedasync", "fedbuff", "fedavg"], default=a.rule, help="aggregation rule")
     g.add_argument(
         "--compare",
         metavar="RULES",
@@ -61,12 +68,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--model", default=None, help=f"{', '.join(MODEL_NAMES)} (the CNNs need torch; default: the task's)")
     g.add_argument("--buffer-size", type=int, default=None, help=f"FedBuff K (default: the task's, {a.buffer_size})")
-    g.add_argument("--server-lr", type=float, default=a.server_lr)
-    g.add_argument("--server-momentum", type=float, default=a.server_momentum)
+    g.add_argument("--server-lr", type=float, default=a.server_lr, help="server learning rate")
+    g.add_argument("--server-momentum", type=float, default=a.server_momentum, help="server momentum")
     g.add_argument("--mix-alpha", type=float, default=a.alpha, help="FedAsync alpha")
-    g.add_argument("--staleness", choices=["constant", "polynomial", "hinge"], default=a.staleness.function)
-    g.add_argument("--staleness-a", type=float, default=a.staleness.a)
-    g.add_argument("--staleness-b", type=int, default=a.staleness.b)
+    g.add_argument(
+        "--staleness",
+        choices=["constant", "polynomial", "hinge"],
+        default=a.staleness.function,
+        help="staleness weight",
+    )
+    g.add_argument("--staleness-a", type=float, default=a.staleness.a, help="staleness exponent or slope")
+    g.add_argument("--staleness-b", type=int, default=a.staleness.b, help="hinge: full weight up to this")
     g.add_argument(
         "--max-staleness",
         type=int,
@@ -74,7 +86,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="versions; default 20, or 3 x agents for fedasync (one version per update)",
     )
     g.add_argument("--sync-agents", type=int, default=0, help="fedavg: agents per round (0: all)")
-    g.add_argument("--max-versions", type=int, default=0)
+    g.add_argument("--max-versions", type=int, default=0, help="stop after this many versions (0: duration)")
     g.add_argument("--target-accuracy", type=float, default=None, help="stop when reached")
     g.add_argument(
         "--robust",
@@ -108,15 +120,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=None, help=f"local epochs (default: the task's, {d.local_epochs})")
     g.add_argument("--lr", type=float, default=None, help=f"local learning rate (default: the task's, {d.lr})")
     g.add_argument("--batch-size", type=int, default=None, help=f"default: the task's, {d.batch_size}")
-    g.add_argument("--compression", choices=METHODS, default=d.compression)
+    g.add_argument("--compression", choices=METHODS, default=d.compression, help="update compression")
     g.add_argument("--topk-fraction", type=float, default=d.topk_fraction, help="topk: share of entries sent")
     g.add_argument("--dirichlet-alpha", type=float, default=d.alpha, help="non-IID skew (smaller: more skewed)")
     g = p.add_argument_group("privacy")
-    g.add_argument("--no-dp", action="store_true")
-    g.add_argument("--clip-norm", type=float, default=pr.clip_norm)
-    g.add_argument("--noise-multiplier", type=float, default=pr.noise_multiplier)
-    g.add_argument("--delta", type=float, default=pr.delta)
-    g.add_argument("--epsilon-budget", type=float, default=None)
+    g.add_argument("--no-dp", action="store_true", help="no local DP on the agents")
+    g.add_argument("--clip-norm", type=float, default=pr.clip_norm, help="L2 clip of each update")
+    g.add_argument("--noise-multiplier", type=float, default=pr.noise_multiplier, help="local DP noise z")
+    g.add_argument("--delta", type=float, default=pr.delta, help="delta of the reported epsilon")
+    g.add_argument("--epsilon-budget", type=float, default=None, help="each agent stops before passing it")
     g.add_argument(
         "--dp-epsilon",
         type=float,
@@ -140,8 +152,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("stragglers (simulated compute time per local round)")
     g.add_argument("--straggler-median", type=float, default=s.median, help="seconds; 0 disables")
     g.add_argument("--straggler-sigma", type=float, default=s.sigma, help="log-normal sigma")
-    g.add_argument("--slow-fraction", type=float, default=s.slow_fraction)
-    g.add_argument("--slow-factor", type=float, default=s.slow_factor)
+    g.add_argument("--slow-fraction", type=float, default=s.slow_fraction, help="share of much slower devices")
+    g.add_argument("--slow-factor", type=float, default=s.slow_factor, help="how much slower they are")
 
 
 def task_defaults(args: argparse.Namespace) -> tuple[Task, dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
 import shutil
 import signal
 import socket
@@ -269,3 +270,23 @@ async def test_plain_mqtt_against_a_tls_port_suggests_mqtts() -> None:
 def test_watch_names_a_broker_given_twice(capsys: pytest.CaptureFixture[str]) -> None:
     assert fedmq_main(["watch", "mqtt://127.0.0.1:1", "--broker", "mqtt://127.0.0.1:2"]) == 2
     assert "give the broker once" in capsys.readouterr().err
+
+
+# --- help ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["agent", "aggregator", "simulate", "watch", "predict"])
+def test_every_flag_has_help_a_readable_metavar_and_shows_its_default(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        fedmq_main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "CFG:" not in text and "cfg:" not in text
+    options = text.split("options:", 1)[1]
+    for block in re.split(r"\n  (?=-)", options)[1:]:
+        head, _, rest = block.partition("  ")
+        assert rest.strip(), f"{command} {head.split()[0]} has no help"
+    if command == "agent":
+        assert re.search(r"--id AGENT_ID\s", text)
+        assert "[config agent.local_epochs, default 1]" in " ".join(text.split())

@@ -195,3 +195,13 @@ def test_the_readme_configuration_example_loads_and_validates(tmp_path: Path) ->
     cfg = load_config(path, env={})
     assert cfg.agent.compression == "none" and cfg.aggregator.model_interval == 0.0
     assert cfg.aggregator.buffer_size == 10 and cfg.privacy.epsilon_budget == 10.0
+
+
+def test_the_license_file_is_the_one_pyproject_names() -> None:
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
