@@ -87,6 +87,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help=f"serve the dashboard, /metrics (Prometheus) and /healthz here (default {DEFAULT_HTTP}; '' for none)",
     )
+    flag(p, "--plan-epochs", "aggregator.plan.local_epochs", type=int)
+    flag(p, "--plan-lr", "aggregator.plan.lr", type=float)
+    flag(p, "--plan-batch-size", "aggregator.plan.batch_size", type=int)
+    flag(p, "--plan-compression", "aggregator.plan.compression", choices=["none", "fp16", "int8", "topk"])
     add_robust_flags(p)
     flag(
         p,

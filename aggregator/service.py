@@ -62,11 +62,12 @@ from aggregator.robust import build_aggregate
 from aggregator.rules.noise import NoiseCheck
 from aggregator.store import Mode, Restored, StateStore, new_run_id
 from fedmq.codec import DecodeLimits
-from fedmq.config import Config, parse_listen
+from fedmq.config import AggregatorConfig, Config, parse_listen
 from fedmq.errors import RETRYABLE, ConfigError, DecodeError, RejectReason, StateError
 from fedmq.messages import (
     ModelMessage,
     ModelSpec,
+    Plan,
     ReceiptMessage,
     StatusMessage,
     UpdateMessage,
@@ -213,6 +214,18 @@ class _Stop(Exception):
     pass
 
 
+def federation_plan(cfg: AggregatorConfig) -> Plan | None:
+    """The plan to announce: ``[aggregator.plan]``, with the noise and clip the DP check expects.
+
+    ``None`` when nothing is planned (devices then use their own settings).
+    """
+    p = cfg.plan
+    noise = p.noise_multiplier if p.noise_multiplier is not None else cfg.dp_noise_multiplier
+    clip = p.clip_norm if p.clip_norm is not None else (cfg.dp_clip_norm if noise is not None else None)
+    plan = Plan(p.local_epochs, p.lr, p.batch_size, clip, noise, p.compression, p.topk_fraction)
+    return plan if plan.items() else None
+
+
 class AggregatorService:
     """The asyncio aggregator around a sans-IO core.
 
@@ -281,6 +294,8 @@ class AggregatorService:
         self._update_count = 0
         self.pulse = Pulse()
         """Notified after every update, status, new version and evaluation."""
+        self.plan = federation_plan(self.cfg)
+        """Announced with every model: how devices train and protect their updates."""
         self.observatory = Observatory()
         """What the dashboard and /metrics show of the federation (fed as messages arrive)."""
         self.http: HttpEndpoint | None = None
@@ -1161,6 +1176,7 @@ class AggregatorService:
             max_staleness=core.max_staleness,
             run=self.run_id,
             secagg=self._secagg_params,
+            plan=self.plan,
         )
         self._model_dirty.set()
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from fedmq import __version__
 from fedmq.errors import ConfigError, StateError
+from runtime.extras import require
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("simulator.cli_demo", "broker + aggregator + devices on an example task, with a live progress bar"),
@@ -43,6 +44,21 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _require_extras(args: argparse.Namespace) -> None:
+    """Name the extra a command needs before it starts (the device install has none of them)."""
+    command = args.command
+    if command in ("demo", "simulate", "population"):
+        require("demo", key=command, why=f"fedmq {command}", modules=("sklearn",))
+    if command == "demo" or getattr(args, "plot", None):
+        require(
+            "demo", key="--plot" if command != "demo" else command, why="the accuracy plot", modules=("matplotlib",)
+        )
+    if getattr(args, "broker", None) == "embedded" and command in ("simulate", "demo"):
+        require("demo", key="--broker", why="the embedded broker", modules=("amqtt",))
+    if command == "data" and getattr(args, "data_command", None) == "split":
+        require("demo", key="data split", why="the example tasks' data", modules=("sklearn",))
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append ``(default X)`` to each option's help that has a default and does not state one."""
     for action in parser._actions:
@@ -65,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        _require_extras(args)
         return int(module.run(args))
     except (ConfigError, StateError) as exc:
         print(f"fedmq {args.command}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from edge_agent.trainer import LocalTrainer
 from fedmq.errors import ConfigError
 from models.datasets import load_source
 from runtime.args import add_common, flag, load_from_args
+from runtime.extras import require, require_for_data
 from runtime.process import run_until_signalled, setup_logging
 
 
@@ -62,6 +63,16 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="send nothing unless the aggregator announces secure aggregation (it then sees only sums)",
     )
     flag(p, "--checkin-interval", "agent.checkin_interval", type=float, help="secure aggregation: check-in every (2 s)")
+    p.add_argument(
+        "--no-follow-plan",
+        dest="cfg:agent.follow_plan",
+        action="store_const",
+        const=False,
+        default=None,
+        help="use this device's own settings, not the aggregator's federation plan [config agent.follow_plan]",
+    )
+    flag(p, "--keep-local", "agent.keep_local", help="plan keys this device keeps its own value for: "
+         "local_epochs,batch_size")  # fmt: skip
     p.add_argument("--onnx-out", metavar="PATH", help="keep the newest global model here as ONNX, for `fedmq predict`")
     flag(p, "--clip-norm", "privacy.clip_norm", type=float)
     flag(p, "--noise-multiplier", "privacy.noise_multiplier", type=float)
@@ -91,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_from_args(args, "agent")
     if not config.agent.data:
         raise ConfigError("agent.data", "no data source given (--data PATH)")
+    require_for_data(config.agent.data, "agent.data")
+    if args.onnx_out:  # checked now, not at the first model version
+        require("onnx", key="--onnx-out", why="keeping the model as ONNX", modules=("onnx",))
     try:
         data = load_source(config.agent.data)
     except (ValueError, OSError, ImportError, AttributeError) as exc:

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from edge_agent.pipeline import BudgetExhausted, GaussianNoiseStep, Release, Step, build_pipeline, run_pipeline
+from edge_agent.plan import follow
 from edge_agent.privacy import PrivacyAccountant
 from fedmq.codec import all_finite
 from fedmq.config import AgentConfig, PrivacyConfig
 from fedmq.errors import StateError
-from fedmq.messages import ModelMessage, ModelSpec, UpdateMessage, report_examples
+from fedmq.messages import ModelMessage, ModelSpec, Plan, UpdateMessage, report_examples
 from fedmq.secagg.ddp import DdgLedger, DdgParams
 from fedmq.state import read_state, write_state
 from models import create_model
@@ -73,6 +74,9 @@ class LocalTrainer:
             raise ValueError("the agent's data set is empty")
         self.agent = agent
         self.privacy = privacy
+        self.own_agent, self.own_privacy = agent, privacy
+        """The device's own settings; :attr:`agent` and :attr:`privacy` are what it trains with (the plan's)."""
+        self._plan: Plan | None = None
         self.data = data
         self.rng = rng
         self.state_path = state_path
@@ -168,6 +172,7 @@ class LocalTrainer:
             TrainingCancelled: ``cancel`` was set before the release.
             ValueError: the global model does not fit this agent's model or data.
         """
+        self.adopt(model.plan)
         self.check_budget()
         local = self._local_model(model)
         local.set_weights(model.tensors)
@@ -205,6 +210,27 @@ class LocalTrainer:
             base_run=model.run,
             wire=release.wire,
         )
+
+    def adopt(self, plan: Plan | None) -> list[str]:
+        """Train and protect updates as ``plan`` says from now on (see :mod:`edge_agent.plan`).
+
+        The accountant keeps its history: a release records the noise it was made with. Returns
+        what changed against the device's own settings (logged when it changes).
+        """
+        if plan == self._plan:
+            return []
+        agent, privacy, changes = follow(self.own_agent, self.own_privacy, plan)
+        self._plan = plan
+        if (agent, privacy) != (self.agent, self.privacy):
+            if privacy.enabled and self.accountant is None:
+                self.accountant = PrivacyAccountant(privacy.delta)
+            self.agent, self.privacy = agent, privacy
+            self.steps = build_pipeline(
+                privacy, self.rng, self.accountant, compression=agent.compression, topk_fraction=agent.topk_fraction
+            )
+        if changes:
+            log.info("agent %s follows the federation plan: %s", self.agent.agent_id, "; ".join(changes))
+        return changes
 
     def _local_model(self, model: ModelMessage) -> Any:
         spec = model.model
@@ -260,7 +286,11 @@ class LocalTrainer:
                 f"{self.state_path} belongs to agent {state.get('agent_id')!r}, not {self.agent.agent_id!r}"
             )
         self.seq = max(self.seq, int(state["seq"]))
-        if self.accountant is not None and state.get("accountant") is not None:
+        if state.get("accountant") is not None:
+            # Kept even while this device's own config has DP off: a plan may turn it on again, and
+            # the releases made before still count.
+            if self.accountant is None:
+                self.accountant = PrivacyAccountant(self.privacy.delta)
             self.accountant.load_state_dict(state["accountant"])
         if state.get("distributed"):
             self.ddp = DdgLedger.from_state(state["distributed"])

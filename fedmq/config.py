@@ -153,6 +153,49 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class PlanConfig:
+    """The federation plan (``[aggregator.plan]``), announced with every model; unset keys are not planned.
+
+    Devices follow it (``agent.follow_plan``), keeping their own value only for the keys they list
+    in ``agent.keep_local`` (``local_epochs``, ``batch_size``). docs/protocol.md describes it.
+    """
+
+    local_epochs: int | None = None
+    """Passes over the local data per round, for every device."""
+    lr: float | None = None
+    """Local learning rate, for every device."""
+    batch_size: int | None = None
+    """Minibatch size of local training, for every device."""
+    clip_norm: float | None = None
+    """Local DP clip C (unset: aggregator.dp_clip_norm when aggregator.dp_noise_multiplier is set)."""
+    noise_multiplier: float | None = None
+    """Local DP noise z (unset: aggregator.dp_noise_multiplier, the noise its check expects)."""
+    compression: str | None = None
+    """Update compression: none, fp16, int8 or topk."""
+    topk_fraction: float | None = None
+    """topk: share of entries sent."""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid field."""
+        k = "aggregator.plan."
+        _check(self.local_epochs is None or 1 <= self.local_epochs <= 100_000, k + "local_epochs", "must be >= 1")
+        _check(self.batch_size is None or 1 <= self.batch_size <= 100_000, k + "batch_size", "must be >= 1")
+        _check(self.lr is None or (_finite(self.lr) and 0 < self.lr <= 1e6), k + "lr", "must be > 0")
+        _check(
+            self.clip_norm is None or (_finite(self.clip_norm) and 0 < self.clip_norm <= 1e6),
+            k + "clip_norm",
+            "must be > 0",
+        )
+        _check(
+            self.noise_multiplier is None or (_finite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1e6),
+            k + "noise_multiplier",
+            "must be >= 0",
+        )
+        _check(self.compression is None or self.compression in METHODS, k + "compression", f"must be one of {METHODS}")
+        _check(self.topk_fraction is None or 0 < self.topk_fraction <= 1, k + "topk_fraction", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """The aggregator service."""
 
@@ -261,6 +304,7 @@ class AggregatorConfig:
     secure_aggregation: bool = False
     """Take only masked updates, in cohorts, and learn only their sums (SecAgg+; docs/security.md)."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     http: str | None = None
     """Where to serve the dashboard, ``/metrics`` (Prometheus) and ``/healthz``: ``HOST:PORT`` (port 0:
     any free one), or empty for none. Unset: ``fedmq aggregator`` serves them on 127.0.0.1:8700; a
@@ -338,6 +382,15 @@ class AggregatorConfig:
         if self.http:
             parse_listen(self.http, "aggregator.http")
         self.staleness.validate()
+        self.plan.validate()
+        for name in ("noise_multiplier", "clip_norm"):
+            planned, checked = getattr(self.plan, name), getattr(self, f"dp_{name}")
+            _check(
+                planned is None or self.dp_noise_multiplier is None or planned == checked,
+                f"aggregator.plan.{name}",
+                f"is {planned}, but the not_private check expects aggregator.dp_{name} = {checked}: "
+                "every update would be refused (leave the plan's unset to announce the check's)",
+            )
         self._validate_robust()
         self.secagg.validate()
         self._validate_dp()
@@ -545,6 +598,10 @@ class AgentConfig:
     """Secure aggregation: seconds between check-ins while the agent waits for a cohort."""
     summary_interval: float = 60.0
     """Seconds between the one-line INFO summaries in the agent's log (updates, receipts, epsilon)."""
+    follow_plan: bool = True
+    """Train and protect updates as the aggregator's federation plan says (docs/protocol.md)."""
+    keep_local: str = ""
+    """Plan keys for which this device keeps its own setting: local_epochs and/or batch_size (its compute)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid field."""
@@ -570,6 +627,12 @@ class AgentConfig:
         _check(_finite(self.shutdown_grace) and self.shutdown_grace > 0, "agent.shutdown_grace", "must be > 0 seconds")
         _check(_finite(self.checkin_interval) and self.checkin_interval > 0, "agent.checkin_interval", "must be > 0 s")
         _check(_finite(self.summary_interval) and self.summary_interval > 0, "agent.summary_interval", "must be > 0 s")
+        kept = {k.strip() for k in self.keep_local.split(",") if k.strip()}
+        _check(
+            kept <= {"local_epochs", "batch_size"},
+            "agent.keep_local",
+            f"only local_epochs and batch_size may be kept against the federation plan, got {sorted(kept)}",
+        )
 
 
 @dataclass(frozen=True)

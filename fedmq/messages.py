@@ -171,6 +171,74 @@ class ModelSpec:
         )
 
 
+PLAN_FIELDS: dict[str, type] = {
+    "local_epochs": int,
+    "lr": float,
+    "batch_size": int,
+    "clip_norm": float,
+    "noise_multiplier": float,
+    "compression": str,
+    "topk_fraction": float,
+}
+"""What a federation plan may set, and each field's type."""
+PLAN_KEEPABLE = frozenset({"local_epochs", "batch_size"})
+"""Plan fields a device may keep its own value for (``agent.keep_local``): its compute and memory.
+The rest define the federation: the learning rate, and the clip and noise the aggregator checks."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The federation plan: how every device trains and protects its update, set by the aggregator.
+
+    Published with each model (retained), so that a fleet is configured in one place, as
+    Flower's server-side fit config is. ``None`` fields are not planned: a device's own setting
+    applies. The model's name and shape are in :class:`ModelSpec`.
+    """
+
+    local_epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    """Local DP noise z (0: none). With a clip it is what the aggregator's ``not_private`` check expects."""
+    compression: str | None = None
+    topk_fraction: float | None = None
+
+    def items(self) -> dict[str, Any]:
+        """The planned (non-``None``) fields."""
+        return {k: getattr(self, k) for k in PLAN_FIELDS if getattr(self, k) is not None}
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain map for the ``plan`` field."""
+        return self.items()
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Plan:
+        """Validate an untrusted ``plan`` field: known keys, types and ranges only."""
+        from fedmq.compression import METHODS
+
+        if not isinstance(obj, dict):
+            raise DecodeError(RejectReason.BAD_FIELD, "plan must be a map")
+        _check_fields(obj, frozenset(PLAN_FIELDS), "plan")
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            if value is None:
+                continue
+            if PLAN_FIELDS[key] is int:
+                ok = type(value) is int and 1 <= value <= 100_000
+            elif PLAN_FIELDS[key] is float:
+                ok = type(value) in (int, float) and math.isfinite(value) and value >= 0 and value <= 1e6
+                ok = ok and (value > 0 or key == "noise_multiplier")
+                ok = ok and (key != "topk_fraction" or value <= 1)
+                value = float(value)
+            else:
+                ok = value in METHODS
+            if not ok:
+                raise DecodeError(RejectReason.BAD_FIELD, f"plan.{key} = {value!r} is out of range"[:200])
+            out[key] = value
+        return cls(**out)
+
+
 @dataclass(frozen=True)
 class ModelMessage:
     """A global model version, published retained on ``{prefix}/model``.
@@ -193,6 +261,8 @@ class ModelMessage:
     run: str | None = None
     secagg: Params | None = None
     """Set when the aggregator takes only masked updates (secure aggregation): how to quantize and weight."""
+    plan: Plan | None = None
+    """How devices train and protect their updates (``None``: every device uses its own settings)."""
     kind: str = field(default="model", init=False)
 
     def to_bytes(self) -> bytes:
@@ -209,6 +279,7 @@ class ModelMessage:
                 "created_at": self.created_at,
                 "run": self.run,
                 "secagg": self.secagg.to_wire() if self.secagg is not None else None,
+                "plan": self.plan.to_wire() if self.plan is not None else None,
                 "tensors": encode_tensors(self.tensors),
             }
         )
@@ -234,6 +305,7 @@ class ModelMessage:
             created_at=_float(obj, "created_at") or 0.0,
             run=_run_id(obj, "run"),
             secagg=Params.from_wire(obj["secagg"]) if obj.get("secagg") is not None else None,
+            plan=Plan.from_wire(obj["plan"]) if obj.get("plan") is not None else None,
         )
 
 

@@ -290,3 +290,57 @@ def test_every_flag_has_help_a_readable_metavar_and_shows_its_default(
     if command == "agent":
         assert re.search(r"--id AGENT_ID\s", text)
         assert "[config agent.local_epochs, default 1]" in " ".join(text.split())
+
+
+# --- missing extras, named at startup ------------------------------------------------------------
+
+
+def test_onnx_out_without_onnx_fails_at_start_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the agent ran, and logged "model hook failed" at every model version."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    code = fedmq_main(["agent", "--broker", "mqtt://127.0.0.1:1", "--data", str(tmp_path / "d.npz"),
+                       "--onnx-out", str(tmp_path / "m.onnx")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--onnx-out" in err and "pip install 'fedmq[onnx]'" in err
+
+
+@pytest.mark.parametrize("command", [["agent", "--data"], ["aggregator", "--eval-data"]])
+def test_bundled_data_without_scikit_learn_names_the_extra(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    which = "builtin:digits-train" if command[0] == "agent" else "builtin:digits-test"
+    assert fedmq_main([*command, which, "--broker", "mqtt://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "scikit-learn is not installed" in err and "pip install 'fedmq[demo]'" in err
+
+
+def test_the_dashboard_without_prometheus_client_names_the_server_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    assert fedmq_main(["aggregator", "--broker", "mqtt://127.0.0.1:1", "--http", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert "aggregator.http" in err and "pip install 'fedmq[server]'" in err
+
+
+def test_a_busy_dashboard_port_is_named_at_startup(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert fedmq_main(["aggregator", "--broker", "mqtt://127.0.0.1:1", "--http", f"127.0.0.1:{port}"]) == 2
+    assert f"config key 'aggregator.http': cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate", "population"])
+def test_server_side_commands_name_the_demo_extra_on_a_device_install(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert fedmq_main([command]) == 2
+    assert "pip install 'fedmq[demo]'" in capsys.readouterr().err
