@@ -14,10 +14,13 @@ import argparse
 import os
 import signal
 import threading
+import tomllib
 from pathlib import Path
+from typing import Any
 
 from broker.launcher import DEPLOY_CONF, DEV_CONF, BrokerError, EmbeddedBroker, MosquittoBroker, start_broker
 from broker.pki import init, load_registry, parse_agents, revoke
+from fedmq.errors import ConfigError
 from runtime.extras import require
 
 
@@ -50,12 +53,18 @@ def configure(p: argparse.ArgumentParser) -> None:
         description="Create DIR, or add agents to it: existing keys and certificates are kept.",
     )
     pi.add_argument("dir", type=Path)
-    pi.add_argument("--agents", default="0", help="a count (agent-1..agent-N) or a comma-separated list of ids")
-    pi.add_argument("--aggregator", default="aggregator", help="the aggregator's identity (default aggregator)")
-    pi.add_argument("--prefix", default="fedmq/default", help="federation topic prefix the ACL is written for")
-    pi.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
-    pi.add_argument("--bind", default="", help="TLS listener address (default: all interfaces)")
-    pi.add_argument("--ops-port", type=int, default=1884, help="loopback operator listener port (default 1884)")
+    pi.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML with an [init] table of these options (deploy/config/broker.toml); flags given here win",
+    )
+    pi.add_argument("--agents", help="a count (agent-1..agent-N) or a comma-separated list of ids (default 0)")
+    pi.add_argument("--aggregator", help="the aggregator's identity (default aggregator)")
+    pi.add_argument("--prefix", help="federation topic prefix the ACL is written for (default fedmq/default)")
+    pi.add_argument("--port", type=int, help="TLS listener port (default 8883)")
+    pi.add_argument("--bind", help="TLS listener address (default: all interfaces)")
+    pi.add_argument("--ops-port", type=int, help="loopback operator listener port (default 1884)")
     pi.add_argument(
         "--hostname",
         action="append",
@@ -68,10 +77,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="where the broker will see DIR/broker (default: its absolute path; /mosquitto/config in compose)",
     )
     pi.add_argument("--data-dir", help="Mosquitto persistence folder as the broker sees it")
-    pi.add_argument("--days", type=int, default=825, help="validity of new certificates (default 825)")
+    pi.add_argument("--days", type=int, help="validity of new certificates (default 825)")
     pi.add_argument(
         "--group",
-        default="auto",
         help="group owning the broker's secrets (default: mosquitto when run as root; '' to leave alone)",
     )
     pi.add_argument(
@@ -104,21 +112,65 @@ def run(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+INIT_DEFAULTS: dict[str, Any] = {
+    "agents": "0",
+    "aggregator": "aggregator",
+    "prefix": "fedmq/default",
+    "port": 8883,
+    "bind": "",
+    "ops_port": 1884,
+    "hostnames": ["localhost"],
+    "ips": ["127.0.0.1"],
+    "config_root": None,
+    "data_dir": None,
+    "days": 825,
+    "group": "auto",
+}
+"""``fedmq broker init``'s options and defaults; the keys of a config file's ``[init]`` table."""
+
+
+def init_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The init options: the flags given, then the ``--config`` file's ``[init]`` table, then the defaults."""
+    from_file: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            tree = tomllib.loads(args.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError("--config", f"{args.config}: {exc}") from None
+        from_file = tree.get("init", {})
+        if not isinstance(from_file, dict):
+            raise ConfigError("init", "must be a table")
+        for key, value in from_file.items():
+            if key not in INIT_DEFAULTS:
+                raise ConfigError(f"init.{key}", f"unknown key (known: {', '.join(INIT_DEFAULTS)})")
+            default = INIT_DEFAULTS[key]
+            if key == "agents" and isinstance(value, list):
+                from_file[key] = value = ",".join(str(v) for v in value)
+            if default is not None and not isinstance(value, type(default)):
+                raise ConfigError(f"init.{key}", f"must be {type(default).__name__}, got {value!r}")
+    out = {}
+    for key, default in INIT_DEFAULTS.items():
+        given = getattr(args, key)
+        out[key] = given if given is not None else from_file.get(key, default)
+    return out
+
+
 def _init(args: argparse.Namespace) -> int:
+    o = init_options(args)
     report = init(
         args.dir,
-        parse_agents(args.agents),
-        aggregator=args.aggregator,
-        prefix=args.prefix,
-        port=args.port,
-        ops_port=args.ops_port,
-        hostnames=args.hostnames or ["localhost"],
-        ips=args.ips if args.ips is not None else ["127.0.0.1"],
-        config_root=args.config_root,
-        data_dir=args.data_dir,
-        bind=args.bind,
-        days=args.days,
-        group=args.group,
+        parse_agents(str(o["agents"])),
+        aggregator=o["aggregator"],
+        prefix=o["prefix"],
+        port=o["port"],
+        ops_port=o["ops_port"],
+        hostnames=o["hostnames"],
+        ips=o["ips"],
+        config_root=o["config_root"],
+        data_dir=o["data_dir"],
+        bind=o["bind"],
+        days=o["days"],
+        group=o["group"],
     )
     root = report.root
     print(f"fedmq broker init: {root}")

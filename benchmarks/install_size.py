@@ -1,0 +1,117 @@
+"""What `pip install fedmq` puts on a device: size, packages, and the agent's peak memory.
+
+    python benchmarks/install_size.py [--extras demo]
+
+For the device install (no extras) and each ``--extras`` given, a fresh venv is created in a
+temporary folder and this checkout is installed into it (not editable, as a user would). Then:
+
+- size: the venv's ``site-packages`` on disk, and the number of distributions in it (pip,
+  setuptools and wheel, which every venv has, are not counted);
+- what is missing: scikit-learn, torch and matplotlib must not be importable in the device venv;
+- agent RSS: ``fedmq agent`` from that venv against a real Mosquitto and a real aggregator (from
+  this environment), on a local ``.npz`` of 360 digits, with DP, for 5 updates; peak RSS from
+  ``wait4``.
+
+The baseline row is the install before issue 15 (every server-side package in the default
+install), as measured then: 467 MB and 54 packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from broker.launcher import MosquittoBroker
+from models.datasets import digits, save_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ("pip install fedmq before issue 15", 467.0, 54)
+DEVICE_ONLY_ABSENT = ("sklearn", "torch", "matplotlib", "amqtt", "prometheus_client")
+
+
+def _du_mb(path: Path) -> float:
+    total = 0
+    for p in path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            total += p.stat().st_size
+    return total / 1e6
+
+
+def install(venv: Path, extras: str) -> tuple[float, int, list[str]]:
+    """A fresh venv with this checkout (and ``extras``); its site-packages size, distributions, absent modules."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    target = f"{ROOT}[{extras}]" if extras else str(ROOT)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-warn-script-location", target], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    listed = subprocess.run(
+        [str(py), "-m", "pip", "list", "--format=freeze"], check=True, capture_output=True, text=True
+    ).stdout.split()
+    dists = [d for d in listed if d.split("==")[0].lower() not in ("pip", "setuptools", "wheel")]
+    absent = []
+    for mod in DEVICE_ONLY_ABSENT:
+        found = subprocess.run([str(py), "-c", f"import {mod}"], capture_output=True).returncode == 0
+        if not found:
+            absent.append(mod)
+    return _du_mb(site), len(dists), absent
+
+
+def agent_rss(venv: Path, workdir: Path) -> tuple[float, int]:
+    """Peak RSS (MiB) and exit code of `fedmq agent` from ``venv`` for 5 updates against a live federation."""
+    train, _ = digits()
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / "device.npz"
+    save_npz(data, train.subset(np.arange(360)))
+    broker = MosquittoBroker(workdir=workdir / "mosquitto").start()
+    prefix = f"fedmq/size{os.getpid()}"
+    url = f"mqtt://{broker.host}:{broker.port}"
+    aggregator = subprocess.Popen(
+        [sys.executable, "-m", "cli", "aggregator", "--broker", url, "--prefix", prefix, "--buffer-size", "1",
+         "--http", "", "--rate-limit", "0"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        agent = subprocess.Popen(
+            [str(venv / "bin" / "fedmq"), "agent", "--broker", url, "--prefix", prefix, "--id", "pi",
+             "--data", str(data), "--max-updates", "5", "--round-interval", "0.2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _, status, usage = os.wait4(agent.pid, 0)
+        agent.returncode = os.waitstatus_to_exitcode(status)
+        return usage.ru_maxrss / 1024, agent.returncode
+    finally:
+        aggregator.terminate()
+        aggregator.wait(30)
+        broker.cleanup()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--extras", default="", help="comma-separated extras to measure too, e.g. server,demo")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedmq-size-") as tmp:
+        for extras in ["", *[e for e in args.extras.split(",") if e]]:
+            venv = Path(tmp) / (extras or "device")
+            size, count, absent = install(venv, extras)
+            rss, code = agent_rss(venv, Path(tmp) / f"run-{extras or 'device'}") if not extras else (float("nan"), 0)
+            label = f"pip install fedmq[{extras}]" if extras else "pip install fedmq (device)"
+            rows.append((label, size, count, rss, code, absent))
+            shutil.rmtree(venv, ignore_errors=True)
+    print(f"{'install':<36} {'MB':>7} {'vs before':>9} {'packages':>8} {'agent peak RSS':>15}  not installed")
+    b_label, b_size, b_count = BASELINE
+    print(f"{b_label:<36} {b_size:>7.0f} {1.0:>9.2f} {b_count:>8}  {'-':>15}  -")
+    for label, size, count, rss, code, absent in rows:
+        shown = f"{rss:.0f} MiB" + ("" if code == 0 else f" (exit {code})") if rss == rss else "-"
+        print(f"{label:<36} {size:>7.0f} {size / b_size:>9.2f} {count:>8}  {shown:>15}  {', '.join(absent) or '-'}")
+
+
+if __name__ == "__main__":
+    main()
