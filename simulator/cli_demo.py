@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from fedmq.config import DEFAULT_HTTP
 from models.tasks import get_task
 from simulator.cli_simulate import add_run_args, execute
 from simulator.harness import SimConfig, for_task
@@ -23,7 +24,7 @@ from simulator.harness import SimConfig, for_task
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Add the command's arguments."""
-    add_run_args(p)
+    add_run_args(p, dashboard_default=DEFAULT_HTTP)
     p.add_argument(
         "--secure-aggregation",
         action="store_true",

@@ -10,8 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from broker.launcher import port_in_use
 from fedmq.compression import METHODS
-from fedmq.config import PrivacyConfig, StalenessConfig
+from fedmq.config import PrivacyConfig, StalenessConfig, parse_listen
 from models.registry import MODEL_NAMES
 from models.tasks import TASKS, Task, get_task
 from runtime.process import run_until_signalled, setup_logging
@@ -20,8 +21,8 @@ from simulator.harness import SimConfig, Stragglers, run_simulation
 from simulator.report import ProgressBar, format_comparison, format_summary, plot_accuracy
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``simulate`` and ``demo``."""
+def add_run_args(p: argparse.ArgumentParser, *, dashboard_default: str = "") -> None:
+    """Flags shared by ``simulate`` and ``demo`` (the demo serves its dashboard by default)."""
     d = SimConfig()
     p.add_argument(
         "--task",
@@ -42,6 +43,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of test accuracy against wall-clock time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        default=dashboard_default,
+        help="serve the aggregator's dashboard and /metrics here while it runs ('' for none)",
+    )
     p.add_argument(
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity"
     )
@@ -252,7 +259,16 @@ def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, A
         raise SystemExit(2) from None
     bar = None if args.quiet else ProgressBar(cfg.duration, cfg.aggregator.target_accuracy)
     # SIGTERM / Ctrl-C end the run early but gracefully: summary printed, broker stopped.
-    summary = run_until_signalled(lambda stop: run_simulation(cfg, on_progress=bar, stop=stop))
+    if getattr(args, "dashboard", ""):
+        host, port = parse_listen(args.dashboard, "--dashboard")
+        if port and port_in_use(host, port):  # a demo should run anyway: any free port will do
+            port = 0
+        cfg = replace(cfg, aggregator=replace(cfg.aggregator, http=f"{host}:{port}"))
+
+    def show(url: str) -> None:
+        print(f"  dashboard: {url}  (Prometheus: {url}metrics)", flush=True)
+
+    summary = run_until_signalled(lambda stop: run_simulation(cfg, on_progress=bar, stop=stop, on_dashboard=show))
     if bar is not None:
         bar.close()
     print(f"\n{title}\n{format_summary(summary)}")

@@ -170,8 +170,13 @@ async def run_federation(
     test: Dataset,
     on_progress: Callable[[Progress], None] | None = None,
     stop: asyncio.Event | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run aggregator and agents against an already running broker; return the summary."""
+    """Run aggregator and agents against an already running broker; return the summary.
+
+    ``on_dashboard`` is called with the dashboard's URL once the aggregator serves it
+    (``cfg.aggregator.http`` set).
+    """
     stop = stop or asyncio.Event()
     base = Config(
         prefix=cfg.prefix,
@@ -237,6 +242,8 @@ async def run_federation(
     started = time.monotonic()
     async with asyncio.TaskGroup() as tg:
         server = tg.create_task(service.run(stop))
+        if on_dashboard is not None and cfg.aggregator.http:
+            tg.create_task(_announce(service, on_dashboard))
         for a in agents:
             tg.create_task(a.run(agent_stop))
         # Until the aggregator is done (target, max versions), the duration is over, or stop is set.
@@ -279,8 +286,18 @@ def _faster(delay: Callable[[], float], speedup: float) -> Callable[[], float]:
     return lambda: delay() / speedup
 
 
+async def _announce(service: AggregatorService, on_dashboard: Callable[[str], None]) -> None:
+    await service.ready.wait()
+    if service.http is not None:
+        on_dashboard(service.http.url)
+
+
 async def run_simulation(
-    cfg: SimConfig, *, on_progress: Callable[[Progress], None] | None = None, stop: asyncio.Event | None = None
+    cfg: SimConfig,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: asyncio.Event | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Start a broker (Mosquitto if available, else embedded), run the federation, stop the broker."""
     cfg.validate()
@@ -295,7 +312,14 @@ async def run_simulation(
     broker = await asyncio.to_thread(start_broker, cfg.broker)
     try:
         summary = await run_federation(
-            cfg, broker.host, broker.port, shards=shards, test=test, on_progress=on_progress, stop=stop
+            cfg,
+            broker.host,
+            broker.port,
+            shards=shards,
+            test=test,
+            on_progress=on_progress,
+            stop=stop,
+            on_dashboard=on_dashboard,
         )
     finally:
         await asyncio.to_thread(broker.cleanup)
