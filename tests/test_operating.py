@@ -183,7 +183,10 @@ async def test_adding_an_agent_with_init_reloads_the_running_broker(capsys: pyte
         assert (root / "broker" / "mosquitto.pid").is_file()
         async with _tls_client(root, port, "aggregator") as server:
             await server.publish(Topics(prefix).model, b"model v1", qos=1, retain=True)
+            await server.publish(Topics(prefix).metrics, b"model v1", qos=1, retain=True)
         assert await _receives_model(root, port, "agent-1", Topics(prefix).model, wait=30)
+        # A device may read the federation's aggregate metrics (fedmq watch), which it could not before.
+        assert await _receives_model(root, port, "agent-1", Topics(prefix).metrics, wait=30)
 
         assert fedmq_main(["broker", "init", str(root), "--agents", "agent-1,agent-2", "--prefix", prefix,
                            "--port", str(port), "--ops-port", str(ops), "--bind", "127.0.0.1"]) == 0  # fmt: skip
