@@ -187,7 +187,7 @@ class PrometheusExport:
     Args:
         observatory: the histograms and per-agent epsilons.
         progress: returns the metrics-topic map (the core's checkpointed counters).
-        online: returns the number of live agents.
+        prefix: the federation's topic prefix, the ``federation`` label of every sample.
     """
 
     def __init__(self, observatory: Observatory, progress: Any, prefix: str) -> None:
@@ -254,13 +254,13 @@ class PrometheusExport:
             gauge = GaugeMetricFamily(name, text, labels=["federation"])
             gauge.add_metric([fed], float(value) if value is not None else math.nan)
             yield gauge
-        budget = GaugeMetricFamily(
+        per_agent = GaugeMetricFamily(
             "fedmq_agent_epsilon", "Each device's own reported epsilon", labels=["federation", "agent"]
         )
         for agent, view in self.observatory.agents.items():
-            if view.epsilon is not None:
-                budget.add_metric([fed, agent], view.epsilon)
-        yield budget
+            if view.epsilon is not None and math.isfinite(view.epsilon):
+                per_agent.add_metric([fed, agent], view.epsilon)
+        yield per_agent
         for name, text, h in (
             ("fedmq_update_staleness", "Staleness of accepted updates (versions)", self.observatory.staleness),
             ("fedmq_ingest_latency_seconds", "Arrival to decision of an update", self.observatory.latency),
