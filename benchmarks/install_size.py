@@ -6,7 +6,7 @@ For the device install (no extras) and each ``--extras`` given, a fresh venv is 
 temporary folder and this checkout is installed into it (not editable, as a user would). Then:
 
 - size: the venv's ``site-packages`` on disk, and the number of distributions in it (pip,
-  setuptools and wheel, which every venv has, are not counted);
+  setuptools and wheel, which every venv has, are not counted), and the largest of them;
 - what is missing: scikit-learn, torch and matplotlib must not be importable in the device venv;
 - agent RSS: ``fedmq agent`` from that venv against a real Mosquitto and a real aggregator (from
   this environment), on a local ``.npz`` of 360 digits, with DP, for 5 updates; its peak RSS
@@ -37,12 +37,32 @@ BASELINE = ("pip install fedmq before issue 15", 467.0, 54)
 DEVICE_ONLY_ABSENT = ("sklearn", "torch", "matplotlib", "amqtt", "prometheus_client")
 
 
-def _du_mb(path: Path) -> float:
+VENV_OWN = ("pip", "setuptools", "wheel", "pkg_resources", "_distutils_hack", "distutils-precedence.pth")
+"""What every venv holds before anything is installed: not counted."""
+
+
+def _du_mb(site: Path) -> float:
     total = 0
-    for p in path.rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            total += p.stat().st_size
+    for top in site.iterdir():
+        if top.name.split("-")[0] in VENV_OWN or top.name in VENV_OWN:
+            continue
+        files = [top] if top.is_file() else top.rglob("*")
+        total += sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
     return total / 1e6
+
+
+def _du_mb_of(site: Path, dist: str) -> float:
+    """A distribution's files (its RECORD), in MB."""
+    norm = dist.lower().replace("-", "_")
+    for info in site.glob("*.dist-info"):
+        if info.name.lower().replace("-", "_").startswith(norm + "_"):
+            total = 0
+            for line in (info / "RECORD").read_text().splitlines():
+                f = site / line.split(",")[0]
+                if f.is_file():
+                    total += f.stat().st_size
+            return total / 1e6
+    return 0.0
 
 
 def install(venv: Path, extras: str) -> tuple[float, int, list[str]]:
@@ -56,6 +76,8 @@ def install(venv: Path, extras: str) -> tuple[float, int, list[str]]:
         [str(py), "-m", "pip", "list", "--format=freeze"], check=True, capture_output=True, text=True
     ).stdout.split()
     dists = [d for d in listed if d.split("==")[0].lower() not in ("pip", "setuptools", "wheel")]
+    sizes = sorted(((_du_mb_of(site, d.split("==")[0]), d.split("==")[0]) for d in dists), reverse=True)
+    print(f"{extras or 'device'}: largest " + ", ".join(f"{n} {mb:.0f} MB" for mb, n in sizes[:4]), flush=True)
     absent = []
     for mod in DEVICE_ONLY_ABSENT:
         found = subprocess.run([str(py), "-c", f"import {mod}"], capture_output=True).returncode == 0

@@ -266,7 +266,12 @@ def execute(cfg: SimConfig, args: argparse.Namespace, title: str) -> dict[str, A
         cfg = replace(cfg, aggregator=replace(cfg.aggregator, http=f"{host}:{port}"))
 
     def show(url: str) -> None:
-        print(f"  dashboard: {url}  (Prometheus: {url}metrics)", flush=True)
+        line = f"  dashboard: {url}  (Prometheus: {url}metrics)"
+        if bar is not None:  # on its own line, above the progress bar's
+            sys.stderr.write("\r\x1b[K" + line + "\n")
+            sys.stderr.flush()
+        else:
+            print(line, flush=True)
 
     summary = run_until_signalled(lambda stop: run_simulation(cfg, on_progress=bar, stop=stop, on_dashboard=show))
     if bar is not None:
