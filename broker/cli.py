@@ -57,7 +57,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML with an [init] table of these options (deploy/config/broker.toml); flags given here win",
+        help="TOML with an [init] table of these options (contrib/config/broker.toml); flags given here win",
     )
     pi.add_argument("--agents", help="a count (agent-1..agent-N) or a comma-separated list of ids (default 0)")
     pi.add_argument("--aggregator", help="the aggregator's identity (default aggregator)")

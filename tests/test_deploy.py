@@ -1,4 +1,4 @@
-"""The sample configs and systemd units in deploy/ are what the docs say and what the code accepts."""
+"""The sample configs and systemd units in contrib/ are what the docs say and what the code accepts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fedmq.config import load_config
 from fedmq.messages import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
+DEPLOY = ROOT / "contrib"
 
 
 def _tls_files(tmp_path: Path) -> dict[str, str]:
