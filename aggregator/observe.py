@@ -209,38 +209,26 @@ class PrometheusExport:
 
         p: Mapping[str, Any] = self.progress()
         fed = self.federation
-        accepted = CounterMetricFamily("fedmq_updates_accepted", "Updates taken into the model", labels=["federation"])
-        accepted.add_metric([fed], float(p["accepted"]))
-        yield accepted
-        rejected = CounterMetricFamily(
-            "fedmq_updates_rejected", "Updates refused, by reason (the sender's fault)", labels=["federation", "reason"]
-        )
-        for reason, n in sorted(p["rejected_by_reason"].items()):
-            rejected.add_metric([fed, reason], float(n))
-        yield rejected
-        retried = CounterMetricFamily(
-            "fedmq_updates_retried",
-            "Updates told to retry later (flow control), by reason",
-            labels=["federation", "reason"],
-        )
-        for reason, n in sorted(p["retried_by_reason"].items()):
-            retried.add_metric([fed, reason], float(n))
-        yield retried
-        dup = CounterMetricFamily(
-            "fedmq_updates_duplicate",
-            "Re-sends of accepted updates, answered with their receipt",
-            labels=["federation"],
-        )
-        dup.add_metric([fed], float(p.get("duplicates", 0)))
-        yield dup
-        dropped = CounterMetricFamily(
-            "fedmq_messages_dropped",
-            "Messages not taken: overload, receipt queue, state folder",
-            labels=["federation", "why"],
-        )
-        for why in ("overload", "receipts", "unsafe"):
-            dropped.add_metric([fed, why], float(p.get(f"dropped_{why}", 0)))
-        yield dropped
+        for name, doc in (
+            ("fedmq_updates_accepted", "Updates taken into the model"),
+            ("fedmq_updates_duplicate", "Re-sends of accepted updates, answered with their receipt"),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["federation"])
+            counter.add_metric([fed], float(p.get("accepted" if name.endswith("accepted") else "duplicates", 0)))
+            yield counter
+        by_label: tuple[tuple[str, str, str, Mapping[str, Any]], ...] = (
+            ("fedmq_updates_rejected", "Updates refused, by reason (the sender's fault)", "reason",
+             p["rejected_by_reason"]),
+            ("fedmq_updates_retried", "Updates told to retry later (flow control), by reason", "reason",
+             p["retried_by_reason"]),
+            ("fedmq_messages_dropped", "Messages not taken: overload, receipt queue, state folder", "why",
+             {why: p.get(f"dropped_{why}", 0) for why in ("overload", "receipts", "unsafe")}),
+        )  # fmt: skip
+        for name, doc, label, counts in by_label:
+            labelled = CounterMetricFamily(name, doc, labels=["federation", label])
+            for reason, n in sorted(counts.items()):
+                labelled.add_metric([fed, reason], float(n))
+            yield labelled
         for name, key, text in (
             ("fedmq_model_version", "version", "The newest global model version"),
             ("fedmq_agents_online", "agents_online", "Agents online (status, Will, timeout)"),
