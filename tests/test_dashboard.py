@@ -9,6 +9,7 @@ Prometheus endpoint's and the metrics topic's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import urllib.request
@@ -52,7 +53,7 @@ def _sample(samples: dict[str, float], name: str, **labels: str) -> float:
 
 
 async def test_dashboard_shows_the_live_federation_and_matches_the_metrics(
-    mosquitto: MosquittoBroker, prefix: str, tmp_path: Path
+    mosquitto: MosquittoBroker, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
@@ -71,11 +72,19 @@ async def test_dashboard_shows_the_live_federation_and_matches_the_metrics(
     privacy = PrivacyConfig(clip_norm=2.0, noise_multiplier=0.2, epsilon_budget=200.0)
     agents = []
     for i in range(3):
-        acfg = AgentConfig(agent_id=f"device-{i}", round_interval=0.3, max_updates=UPDATES_EACH, lr=0.3, local_epochs=2)
+        acfg = AgentConfig(
+            agent_id=f"device-{i}",
+            round_interval=0.3,
+            max_updates=UPDATES_EACH,
+            lr=0.3,
+            local_epochs=2,
+            summary_interval=0.5,
+        )
         shard = train.subset(np.arange(i, len(train), 3))
         trainer = LocalTrainer(acfg, privacy, shard, rng=np.random.default_rng(i))
         agents.append(AgentService(replace(cfg, agent=acfg, privacy=privacy), trainer))
 
+    caplog.set_level(logging.INFO, logger="fedmq")
     async with playwright.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
@@ -157,6 +166,15 @@ async def test_dashboard_shows_the_live_federation_and_matches_the_metrics(
             staleness_count = await page.get_attribute("#staleness-chart", "data-count")
             assert staleness_count is not None
             assert int(staleness_count) == _sample(prom, "fedmq_update_staleness_count", **fed) == 3 * UPDATES_EACH
+
+            # The logs tell the same story: a line per evaluated version, a summary per agent.
+            assert any(
+                r.levelno == logging.INFO and r.getMessage().startswith(f"version {version}: accuracy ")
+                for r in caplog.records
+            )
+            summaries = [r.getMessage() for r in caplog.records if ": model version " in r.getMessage()]
+            assert {s.split(":")[0] for s in summaries} >= {f"agent device-{i}" for i in range(3)}
+            assert "epsilon" in agents[0].summary_line() and "of 200" in agents[0].summary_line()
 
             shot = Path(os.environ.get("FEDMQ_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
             await page.screenshot(path=str(shot), full_page=True)
