@@ -264,7 +264,8 @@ async def test_plain_mqtt_against_a_tls_port_suggests_mqtts() -> None:
     with tls_deployment(["agent-1"], "fedmq/hint") as (_root, broker):
         plain = BrokerConfig(host="127.0.0.1", port=broker.port, tls=False)
         with pytest.raises(aiomqtt.MqttError) as caught:
-            async with aiomqtt.Client(**client_kwargs(plain), timeout=20):
+            # Reset at once, or a timeout on a busy machine: the hint covers both, so it need not be long.
+            async with aiomqtt.Client(**client_kwargs(plain), timeout=5):
                 pass
         text = describe_failure(caught.value, plain)
         assert f"mqtts://127.0.0.1:{broker.port}" in text and "--ca-file" in text
