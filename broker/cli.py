@@ -39,6 +39,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         "--port must name its first listener",
     )
     p.add_argument("--embedded", action="store_true", help="use the embedded pure-Python broker (amqtt)")
+    p.add_argument(
+        "--engine",
+        choices=["mosquitto", "nats"],
+        default="mosquitto",
+        help="mosquitto (one node) or nats: a local cluster with MQTT and JetStream on every node",
+    )
+    p.add_argument("--nodes", type=int, default=3, help="--engine nats: how many nodes (default 3)")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -233,8 +240,35 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cluster(nodes: int, host: str) -> int:
+    """``fedmq broker --engine nats`` and ``fedmq cluster``: a local NATS cluster until SIGTERM/SIGINT."""
+    from broker.nats import NatsCluster
+
+    try:
+        cluster = NatsCluster(nodes, host=host).start()
+    except BrokerError as exc:
+        print(f"fedmq broker: {exc}")
+        return 1
+    print(f"fedmq broker: a {nodes}-node NATS cluster with MQTT and JetStream (Ctrl-C to stop)", flush=True)
+    for node in cluster.nodes:
+        print(f"  {node.name}: {node.url}  (NATS nats://{node.host}:{node.client_port})", flush=True)
+    print(f"  configs and logs: {cluster.workdir}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        cluster.cleanup()
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     b: MosquittoBroker | EmbeddedBroker
+    if args.engine == "nats":
+        if args.embedded or args.conf is not None or args.deploy:
+            raise ConfigError("--engine", "nats runs its own cluster configuration: no --embedded, --conf or --deploy")
+        return run_cluster(args.nodes, args.host)
     if args.embedded:
         require("demo", key="--embedded", why="the embedded broker", modules=("amqtt",))
     try:

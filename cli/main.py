@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulator.cli_simulate", "N simulated agents in one process: compare rules, DP, stragglers"),
     "population": ("simulator.cli_population", "privacy against utility for thousands of devices, in virtual time"),
     "broker": ("broker.cli", "run Mosquitto (or the embedded broker) with the project's configuration"),
+    "cluster": ("broker.cli_cluster", "a local NATS cluster with MQTT and JetStream on every node (development)"),
     "aggregator": ("aggregator.cli", "run the aggregator service"),
     "recover": ("aggregator.cli_recover", "inspect an aggregator's state folder and choose what to keep after damage"),
     "agent": ("edge_agent.cli", "run one edge agent against a broker and a local data source"),
