@@ -73,6 +73,37 @@ def wait_listening(host: str, port: int, timeout: float, alive: Any = None) -> N
             delay = min(delay * 2, 0.1)
 
 
+def spawn(binary: str, conf: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``binary -c conf`` in a session of its own, its output appended to ``log_path``."""
+    out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open
+    try:
+        return subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    finally:
+        out.close()
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a broker's log file."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL (a broker saves its state on SIGTERM)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def render_mosquitto_conf(
     template: Path, *, port: int, bind: str | None, data_dir: Path, config_dir: Path = BROKER_DIR
 ) -> str:
@@ -167,15 +198,7 @@ class MosquittoBroker:
                     f"port {port} on {address} is in use by another process: stop it or choose another "
                     f"{'--port' if port == self.port else 'port in ' + str(self.conf_path)}"
                 )
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf_path)],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        self.proc = spawn(self.binary, self.conf_path, self.log_path)
         atexit.register(self.stop)  # an exiting parent never leaves its broker behind
         proc = self.proc
         try:
@@ -196,23 +219,13 @@ class MosquittoBroker:
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of Mosquitto's log."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, SIGKILL if needed (Mosquitto saves persistence on SIGTERM)."""
         proc, self.proc = self.proc, None
         atexit.unregister(self.stop)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL: a crash, for fault-injection tests."""

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -30,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.launcher import BrokerError, free_port, wait_listening
+from broker.launcher import BrokerError, free_port, log_tail, spawn, terminate, wait_listening
 
 log = logging.getLogger("fedmq.broker")
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
@@ -174,15 +173,7 @@ class NatsCluster:
         return self
 
     def _spawn(self, node: NatsNode) -> None:
-        out = open(node.log_path, "ab")  # noqa: SIM115 - the child keeps it open
-        node.proc = subprocess.Popen(
-            [self.binary, "-c", str(node.conf_path)],
-            stdout=out,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        out.close()
+        node.proc = spawn(self.binary, node.conf_path, node.log_path)
 
     def wait_ready(self, timeout: float = 60.0, nodes: list[NatsNode] | None = None) -> None:
         """Wait until ``nodes`` (default: every live one) accept MQTT and are healthy."""
@@ -204,10 +195,7 @@ class NatsCluster:
 
     def log_tail(self, node: NatsNode, lines: int = 15) -> str:
         """The end of ``node``'s log."""
-        try:
-            return "\n".join(node.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return log_tail(node.log_path, lines)
 
     def kill(self, index: int) -> None:
         """SIGKILL node ``index`` (a crash, for failover tests)."""
@@ -229,16 +217,8 @@ class NatsCluster:
         """SIGTERM every node (JetStream flushes), SIGKILL what is left after ``timeout``."""
         atexit.unregister(self.stop)
         for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
-        for node in self.nodes:
-            if node.proc is not None:
-                try:
-                    node.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    node.proc.kill()
-                    node.proc.wait()
-                node.proc = None
+            terminate(node.proc, timeout)
+            node.proc = None
 
     def cleanup(self) -> None:
         """Stop, and remove a work folder this object created."""
