@@ -23,6 +23,7 @@ from typing import Any
 
 from fedmq.compression import METHODS
 from fedmq.errors import ConfigError
+from fedmq.messages import PLAN_FIELDS, plan_problem
 from fedmq.topics import Topics, validate_agent_id
 
 ENV_PREFIX = "FEDMQ_"
@@ -176,23 +177,11 @@ class PlanConfig:
     """topk: share of entries sent."""
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first invalid field."""
-        k = "aggregator.plan."
-        _check(self.local_epochs is None or 1 <= self.local_epochs <= 100_000, k + "local_epochs", "must be >= 1")
-        _check(self.batch_size is None or 1 <= self.batch_size <= 100_000, k + "batch_size", "must be >= 1")
-        _check(self.lr is None or (_finite(self.lr) and 0 < self.lr <= 1e6), k + "lr", "must be > 0")
-        _check(
-            self.clip_norm is None or (_finite(self.clip_norm) and 0 < self.clip_norm <= 1e6),
-            k + "clip_norm",
-            "must be > 0",
-        )
-        _check(
-            self.noise_multiplier is None or (_finite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1e6),
-            k + "noise_multiplier",
-            "must be >= 0",
-        )
-        _check(self.compression is None or self.compression in METHODS, k + "compression", f"must be one of {METHODS}")
-        _check(self.topk_fraction is None or 0 < self.topk_fraction <= 1, k + "topk_fraction", "must be in (0, 1]")
+        """Raise :class:`ConfigError` on the first invalid field (the rule the model message's decoder applies)."""
+        for key in PLAN_FIELDS:
+            value = getattr(self, key)
+            problem = plan_problem(key, value) if value is not None else None
+            _check(problem is None, f"aggregator.plan.{key}", str(problem))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from fedmq import SCHEMA_VERSION
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, Tensors, decode_tensors, encode_tensors, pack, unpack
-from fedmq.compression import WireTensor, decode_delta, encode_wire
+from fedmq.compression import METHODS, WireTensor, decode_delta, encode_wire
 from fedmq.errors import DecodeError, RejectReason
 from fedmq.secagg.messages import Params
 from fedmq.topics import is_agent_id
@@ -186,6 +186,21 @@ PLAN_KEEPABLE = frozenset({"local_epochs", "batch_size"})
 The rest define the federation: the learning rate, and the clip and noise the aggregator checks."""
 
 
+def plan_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the plan's ``key`` (``None``: it can): one rule for the decoder and the config."""
+    kind = PLAN_FIELDS[key]
+    if kind is int:
+        ok, want = type(value) is int and 1 <= value <= 100_000, "an int in 1-100000"
+    elif kind is float:
+        low_ok = value >= 0 if key == "noise_multiplier" else value > 0
+        high = 1.0 if key == "topk_fraction" else 1e6
+        ok = type(value) in (int, float) and math.isfinite(value) and low_ok and value <= high
+        want = f"a number in {'[0' if key == 'noise_multiplier' else '(0'}, {high:g}]"
+    else:
+        ok, want = value in METHODS, f"one of {', '.join(METHODS)}"
+    return None if ok else f"must be {want}, got {value!r}"
+
+
 @dataclass(frozen=True)
 class Plan:
     """The federation plan: how every device trains and protects its update, set by the aggregator.
@@ -215,8 +230,6 @@ class Plan:
     @classmethod
     def from_wire(cls, obj: Any) -> Plan:
         """Validate an untrusted ``plan`` field: known keys, types and ranges only."""
-        from fedmq.compression import METHODS
-
         if not isinstance(obj, dict):
             raise DecodeError(RejectReason.BAD_FIELD, "plan must be a map")
         _check_fields(obj, frozenset(PLAN_FIELDS), "plan")
@@ -224,18 +237,10 @@ class Plan:
         for key, value in obj.items():
             if value is None:
                 continue
-            if PLAN_FIELDS[key] is int:
-                ok = type(value) is int and 1 <= value <= 100_000
-            elif PLAN_FIELDS[key] is float:
-                ok = type(value) in (int, float) and math.isfinite(value) and value >= 0 and value <= 1e6
-                ok = ok and (value > 0 or key == "noise_multiplier")
-                ok = ok and (key != "topk_fraction" or value <= 1)
-                value = float(value)
-            else:
-                ok = value in METHODS
-            if not ok:
-                raise DecodeError(RejectReason.BAD_FIELD, f"plan.{key} = {value!r} is out of range"[:200])
-            out[key] = value
+            problem = plan_problem(key, value)
+            if problem is not None:
+                raise DecodeError(RejectReason.BAD_FIELD, f"plan.{key} {problem}"[:200])
+            out[key] = float(value) if PLAN_FIELDS[key] is float else value
         return cls(**out)
 
 

@@ -131,3 +131,15 @@ async def test_devices_configured_otherwise_follow_the_plan_and_pass_the_noise_c
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+@pytest.mark.parametrize(("key", "value"), [("lr", -1.0), ("local_epochs", 0), ("topk_fraction", 2.0),
+                                            ("compression", "gzip"), ("noise_multiplier", float("inf"))])  # fmt: skip
+def test_the_config_refuses_a_plan_the_devices_would_refuse(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PlanConfig(**{key: value}).validate()  # type: ignore[arg-type]
+    assert caught.value.key == f"aggregator.plan.{key}"
+    obj = msgpack.unpackb(_model(None).to_bytes())
+    obj["plan"] = {key: value}
+    with pytest.raises(DecodeError):  # the same rule in the decoder
+        ModelMessage.from_bytes(msgpack.packb(obj))
