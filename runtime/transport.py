@@ -14,6 +14,9 @@ from typing import Any
 import aiomqtt
 
 from fedmq.config import BrokerConfig
+from runtime import paho_shim
+
+paho_shim.install()  # every fedmq client (agent, aggregator, tools) decodes PUBLISH with one copy
 
 log = logging.getLogger("fedmq.transport")
 
