@@ -250,9 +250,17 @@ def pack(message: Mapping[str, Any]) -> bytes:
     ``str8`` for a ``fixstr``). Every msgpack reader decodes the same values; apart from those
     widened fields the bytes are exactly ``msgpack.packb(message, use_bin_type=True)``.
     """
+    return b"".join(pack_pieces(message))
+
+
+def pack_pieces(message: Mapping[str, Any]) -> list[bytes | memoryview]:
+    """The pieces :func:`pack` joins, in order: large buffers are views of the caller's memory.
+
+    For a writer that copies them once into a buffer of its own (the aggregator's log).
+    """
     writer = _Writer()
     writer.emit(message)
-    return b"".join(writer.pieces)
+    return writer.pieces
 
 
 _local = threading.local()

@@ -147,7 +147,7 @@ async def crash_and_restart(devices: Devices, folder: Path, clock: Clock) -> Agg
     old = devices.svc
     assert old.store is not None and old.store.wal is not None
     assert old.store.wal.unsynced == 0  # what was acknowledged is on disk (each input flushes here)
-    old.store.wal._file.close()
+    old.store.wal.close()
     svc = AggregatorService(old.config, clock=clock)
     svc.startup()
     await svc.settle_restart()

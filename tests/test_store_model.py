@@ -121,13 +121,24 @@ class StateFolder(RuleBasedStateMachine):
         self.applied = applied
 
     def _crash(self, keep: int) -> None:
-        """kill -9: the file keeps what was fsync'd and ``keep`` bytes of what was not."""
+        """kill -9: the file keeps what was fsync'd and ``keep`` bytes of what was not.
+
+        The log holds unsynced records in memory until a commit writes them: the crash comes in
+        the middle of that write (the commit rewrites the partial block it starts in whole).
+        """
         wal = self.store.wal
         if wal is not None:
-            cut = wal.synced_offset + min(keep, wal.unsynced)
-            wal._file.close()
-            if wal.path.exists() and wal.path.stat().st_size > cut:
-                os.truncate(wal.path, cut)
+            synced = wal.synced_offset
+            commit = wal.seal()
+            if commit is not None and keep:
+                data = b"".join(bytes(c) for c in commit.chunks)[: commit.end - commit.start]
+                cut = synced + min(keep, commit.end - synced)
+                fd = os.open(wal.path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data[: cut - commit.start], commit.start)
+                finally:
+                    os.close(fd)
+            wal.close()
         self.store = StateStore(self.dir)
         self._start()
 
