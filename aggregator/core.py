@@ -1021,31 +1021,8 @@ class AggregatorCore:
         return max(1, math.ceil(capacity / active)) if capacity > active else 1
 
     def _gate(self, delta: Mapping[str, npt.NDArray[Any]]) -> tuple[tuple[RejectReason, str] | None, float]:
-        """What the rule will use: names, shapes and dtypes of the model; finite; L2 norm in range.
-
-        One pass: ``x . x`` per tensor is finite only if every value is finite and the norm does
-        not overflow; only then is the exact element-wise check run to tell the two apart.
-        """
-        if delta.keys() != self._weights.keys():
-            names = f"tensor names {sorted(delta)[:8]} differ from the model's {sorted(self._weights)[:8]}"
-            return (RejectReason.MODEL_MISMATCH, names), 0.0
-        sq = 0.0
-        for k, ref in self._weights.items():
-            d = delta[k]
-            if d.shape != ref.shape or d.dtype != ref.dtype:
-                what = f"tensor {k!r} is {d.dtype}{list(d.shape)}, model has {ref.dtype}{list(ref.shape)}"
-                return (RejectReason.MODEL_MISMATCH, what), 0.0
-            flat = d.reshape(-1)
-            with np.errstate(over="ignore", invalid="ignore"):
-                sq += float(np.dot(flat, flat))
-        if not math.isfinite(sq):
-            if any(not np.isfinite(v).all() for v in delta.values()):
-                return (RejectReason.NON_FINITE, "contains NaN or Inf"), 0.0
-            return (RejectReason.OUT_OF_RANGE, f"L2 norm overflows (limit {self.max_update_norm:g})"), 0.0
-        norm = math.sqrt(sq)
-        if norm > self.max_update_norm:
-            return (RejectReason.OUT_OF_RANGE, f"L2 norm {norm:.4g} > {self.max_update_norm:g}"), norm
-        return None, norm
+        """What the rule will use (see :func:`gate`)."""
+        return gate(self._weights, delta, self.max_update_norm)
 
     def _participation(self, agent: str, pending: int = 0) -> tuple[RejectReason, str] | None:
         """Why ``agent`` (with ``pending`` updates not yet released) may not join another sum now, if so.
@@ -1396,6 +1373,37 @@ class AggregatorCore:
             self._history = {int(v): w for v, w in state["history"].items()}
             self._history[self.version] = self._weights
         self._last_checkpoint = self.version
+
+
+def gate(
+    reference: Mapping[str, npt.NDArray[Any]], delta: Mapping[str, npt.NDArray[Any]], max_norm: float
+) -> tuple[tuple[RejectReason, str] | None, float]:
+    """What a rule will use: the names, shapes and dtypes of ``reference``; finite; L2 norm at most ``max_norm``.
+
+    Returns ``(why, norm)``: ``why`` is ``None`` for a delta that passes. One pass: ``x . x``
+    per tensor is finite only if every value is finite and the norm does not overflow; only
+    then is the exact element-wise check run to tell the two apart.
+    """
+    if delta.keys() != reference.keys():
+        names = f"tensor names {sorted(delta)[:8]} differ from the model's {sorted(reference)[:8]}"
+        return (RejectReason.MODEL_MISMATCH, names), 0.0
+    sq = 0.0
+    for k, ref in reference.items():
+        d = delta[k]
+        if d.shape != ref.shape or d.dtype != ref.dtype:
+            what = f"tensor {k!r} is {d.dtype}{list(d.shape)}, model has {ref.dtype}{list(ref.shape)}"
+            return (RejectReason.MODEL_MISMATCH, what), 0.0
+        flat = d.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq += float(np.dot(flat, flat))
+    if not math.isfinite(sq):
+        if any(not np.isfinite(v).all() for v in delta.values()):
+            return (RejectReason.NON_FINITE, "contains NaN or Inf"), 0.0
+        return (RejectReason.OUT_OF_RANGE, f"L2 norm overflows (limit {max_norm:g})"), 0.0
+    norm = math.sqrt(sq)
+    if norm > max_norm:
+        return (RejectReason.OUT_OF_RANGE, f"L2 norm {norm:.4g} > {max_norm:g}"), norm
+    return None, norm
 
 
 def _frozen(tensors: Tensors) -> Tensors:

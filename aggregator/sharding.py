@@ -1,0 +1,571 @@
+"""Sharded FedBuff: shards reduce updates to partial sums, one leader merges them (sans-IO).
+
+The cluster service (:mod:`aggregator.cluster`) runs N shards that share the updates of one
+durable JetStream consumer, and one leader, elected through a JetStream KV lease. This
+module decides; it does no I/O and takes every value (the time included) as an argument.
+
+**The buffer, split.** FedBuff (Nguyen et al., AISTATS 2022, arXiv:2106.06639, Alg. 1) steps
+once ``K`` deltas are buffered::
+
+    w <- w + eta_g * sum_i c_i delta_i / sum_i c_i,     c_i = n_i * s(staleness_i)
+
+A shard validates each update it is handed (:func:`aggregator.core.gate`: layout, finite,
+norm; staleness; duplicates) and keeps the running ``sum_i c_i delta_i`` and ``sum_i c_i`` of
+the ones it accepts: a :class:`Partial`, which it hands to the leader after ``partial_size``
+updates or ``partial_wait`` seconds. The leader adds partials until they hold ``K`` updates
+and steps. The sum is associative, so the step is the one a single aggregator would take
+over the same updates with the same staleness (``tests/test_sharding.py`` checks it against
+the single-process rule).
+
+**Exactly once.** The leader's state (version, weights, and the window of ``(agent, seq)``
+keys applied, with the version each went into) is committed by a compare-and-set write: a
+step exists once that write succeeds, and at most one write per revision does, whoever
+thinks they lead. A shard holds every message it accepted, unacknowledged, until a committed
+state lists its key; then it acknowledges the message and sends the device its receipt. So:
+
+- a shard that dies before the commit: its messages are redelivered to the other shards,
+  and its partial, if the leader had it, either was committed (the keys are then in the
+  window: the redelivered copies are duplicates, acknowledged and receipted with the
+  original version) or was not (they are applied once, now);
+- a leader that dies: its buffer (partials taken, not committed) is lost with it, and each
+  shard offers its uncommitted partials again to the next leader;
+- two partials with a key in common (a redelivery raced the first shard's partial) never
+  both go in: the leader refuses the second as a whole; that shard acknowledges only the
+  keys it has seen committed and hands every other message back for redelivery (the first
+  partial may still die in the leader's buffer, its shard with it).
+
+The window is bounded (:attr:`AppliedWindow.per_agent` keys per agent): a device re-sends only
+updates not yet receipted, from an outbox of at most 16 (``agent.outbox_max``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator.core import gate
+from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, decode_tensors, encode_tensors, pack, unpack
+from fedmq.errors import DecodeError, RejectReason
+from fedmq.messages import ReceiptMessage, UpdateMessage
+from fedmq.staleness import StalenessFn
+
+Tensors = dict[str, npt.NDArray[Any]]
+Key = tuple[str, int]
+"""An update's identity: ``(agent_id, seq)``."""
+PARTIAL_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One update inside a partial: its key, its FedBuff weight ``c_i`` and its staleness."""
+
+    agent_id: str
+    seq: int
+    weight: float
+    staleness: int
+
+    @property
+    def key(self) -> Key:
+        """``(agent_id, seq)``."""
+        return (self.agent_id, self.seq)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A shard's ``sum_i c_i delta_i`` over the updates it lists, offered to the leader."""
+
+    shard: str
+    pid: int
+    """The shard's number for it (increasing; an offer made again keeps it)."""
+    version: int
+    """The version the shard computed staleness against."""
+    contributions: tuple[Contribution, ...]
+    total: float
+    """``sum_i c_i``."""
+    tensors: Tensors
+
+    @property
+    def keys(self) -> list[Key]:
+        """The keys of its updates."""
+        return [c.key for c in self.contributions]
+
+    def to_bytes(self) -> bytes:
+        """msgpack, schema :data:`PARTIAL_SCHEMA`."""
+        return pack(
+            {
+                "schema": PARTIAL_SCHEMA,
+                "shard": self.shard,
+                "pid": self.pid,
+                "version": self.version,
+                "contributions": [[c.agent_id, c.seq, c.weight, c.staleness] for c in self.contributions],
+                "total": self.total,
+                "tensors": encode_tensors(self.tensors),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Partial:
+        """Decode and check a partial (a peer's bytes, even inside the cluster)."""
+        obj = unpack(payload, limits)
+        if obj.get("schema") != PARTIAL_SCHEMA:
+            raise DecodeError(RejectReason.SCHEMA_VERSION, f"partial schema {obj.get('schema')!r}, expected 1")
+        rows = obj.get("contributions")
+        if not isinstance(rows, list) or not rows or len(rows) > limits.max_array_len:
+            raise DecodeError(RejectReason.BAD_FIELD, "contributions must be a non-empty list")
+        contributions = []
+        for row in rows:
+            if not (
+                isinstance(row, list)
+                and len(row) == 4
+                and isinstance(row[0], str)
+                and type(row[1]) is int
+                and isinstance(row[2], float)
+                and type(row[3]) is int
+                and math.isfinite(row[2])
+                and row[2] > 0
+                and row[3] >= 0
+            ):
+                what = "a contribution is [agent_id, seq, weight > 0, staleness >= 0]"
+                raise DecodeError(RejectReason.BAD_FIELD, what)
+            contributions.append(Contribution(row[0], row[1], row[2], row[3]))
+        if len({c.key for c in contributions}) != len(contributions):
+            raise DecodeError(RejectReason.BAD_FIELD, "a partial lists an update twice")
+        total = obj.get("total")
+        if not isinstance(total, float) or not math.isclose(total, sum(c.weight for c in contributions), rel_tol=1e-9):
+            raise DecodeError(RejectReason.BAD_FIELD, "total is not the sum of the contributions' weights")
+        shard, pid, version = obj.get("shard"), obj.get("pid"), obj.get("version")
+        if not isinstance(shard, str) or type(pid) is not int or type(version) is not int or version < 0:
+            raise DecodeError(RejectReason.BAD_FIELD, "shard (str), pid and version (int >= 0) are required")
+        tensors = decode_tensors(obj.get("tensors"), where="tensors", limits=limits)
+        return cls(shard, pid, version, tuple(contributions), total, tensors)
+
+
+class AppliedWindow:
+    """The keys applied, each with the version it went into: the leader's dedupe state.
+
+    Per agent the newest :attr:`per_agent` seqs are kept; agents beyond ``max_agents`` go out
+    least recently applied first.
+    """
+
+    per_agent = 64
+
+    def __init__(self, max_agents: int = 100_000) -> None:
+        self.max_agents = max_agents
+        self._agents: OrderedDict[str, dict[int, int]] = OrderedDict()
+
+    def get(self, key: Key) -> int | None:
+        """The version ``key`` went into, or ``None``."""
+        seqs = self._agents.get(key[0])
+        return None if seqs is None else seqs.get(key[1])
+
+    def add(self, keys: Sequence[Key], version: int) -> None:
+        """``keys`` went into ``version``."""
+        for agent, seq in keys:
+            seqs = self._agents.pop(agent, None) or {}
+            seqs[seq] = version
+            if len(seqs) > self.per_agent:
+                for old in sorted(seqs)[: len(seqs) - self.per_agent]:
+                    del seqs[old]
+            self._agents[agent] = seqs
+        while len(self._agents) > self.max_agents:
+            self._agents.popitem(last=False)
+
+    def to_wire(self) -> list[list[Any]]:
+        """``[[agent, [[seq, version], ...]], ...]``, least recently applied first."""
+        return [[a, [[s, v] for s, v in sorted(seqs.items())]] for a, seqs in self._agents.items()]
+
+    @classmethod
+    def from_wire(cls, rows: Any, max_agents: int = 100_000) -> AppliedWindow:
+        """The inverse of :meth:`to_wire` (from the cluster's own committed state)."""
+        window = cls(max_agents)
+        if not isinstance(rows, list):
+            raise ValueError("the applied window is a list")
+        for agent, seqs in rows:
+            window._agents[str(agent)] = {int(s): int(v) for s, v in seqs}
+        return window
+
+    def copy(self) -> AppliedWindow:
+        """An independent copy."""
+        other = AppliedWindow(self.max_agents)
+        other._agents = OrderedDict((a, dict(s)) for a, s in self._agents.items())
+        return other
+
+
+# --- the leader ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaderState:
+    """What the leader commits: the model, its version, the applied window."""
+
+    version: int
+    weights: Tensors
+    window: AppliedWindow
+
+
+@dataclass(frozen=True)
+class Taken:
+    """The partial is in the leader's buffer (not yet committed)."""
+
+    shard: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The partial is not taken; ``duplicates`` are keys already applied or buffered."""
+
+    shard: str
+    pid: int
+    reason: str
+    duplicates: tuple[Key, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """A FedBuff step to commit: the state after it, and what it holds."""
+
+    state: LeaderState
+    keys: tuple[Key, ...]
+    partials: tuple[tuple[str, int], ...]
+
+
+class LeaderCore:
+    """Merges partials into FedBuff steps over a committed :class:`LeaderState`.
+
+    Feed :meth:`offer`; a :class:`Step` it returns must be written (compare-and-set) and then
+    confirmed with :meth:`committed`, or, if another writer got there first, replaced with
+    :meth:`lost`. Offers are taken one at a time; none may come between a step and its
+    confirmation.
+    """
+
+    def __init__(self, state: LeaderState, *, buffer_size: int, server_lr: float = 1.0) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        self.state = state
+        self.buffer_size = buffer_size
+        self.server_lr = server_lr
+        self._buffer: list[Partial] = []
+        self._step: Step | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Updates in the buffer."""
+        return sum(len(p.contributions) for p in self._buffer)
+
+    def offer(self, partial: Partial) -> tuple[Taken | Refused, Step | None]:
+        """Take ``partial`` into the buffer, or refuse it; a full buffer makes a step."""
+        assert self._step is None, "a step awaits its commit"
+        for p in self._buffer:
+            if (p.shard, p.pid) == (partial.shard, partial.pid):
+                if p.keys == partial.keys:
+                    return Taken(partial.shard, partial.pid), None  # offered again (an answer was lost)
+                # Not the same partial: a shard id reused by a restarted process (ours to prevent:
+                # the service gives each shard process an id of its own).
+                return Refused(partial.shard, partial.pid, "this shard id and pid name another partial"), None
+        why = gate_partial(self.state.weights, partial)
+        if why is not None:
+            return Refused(partial.shard, partial.pid, why), None
+        buffered = {k for p in self._buffer for k in p.keys}
+        dups = tuple(k for k in partial.keys if k in buffered or self.state.window.get(k) is not None)
+        if dups:
+            return Refused(partial.shard, partial.pid, "duplicates", dups), None
+        self._buffer.append(partial)
+        if self.buffered < self.buffer_size:
+            return Taken(partial.shard, partial.pid), None
+        self._step = self._make_step()
+        return Taken(partial.shard, partial.pid), self._step
+
+    def _make_step(self) -> Step:
+        total = math.fsum(p.total for p in self._buffer)
+        weights = self.state.weights
+        new: Tensors = {}
+        for k, w in weights.items():
+            acc = np.zeros(w.shape, np.float64)
+            for p in self._buffer:
+                acc += p.tensors[k]
+            new[k] = (w + (self.server_lr * acc / total).astype(w.dtype)).astype(w.dtype, copy=False)
+        window = self.state.window.copy()
+        version = self.state.version + 1
+        keys = tuple(k for p in self._buffer for k in p.keys)
+        window.add(keys, version)
+        partials = tuple((p.shard, p.pid) for p in self._buffer)
+        return Step(LeaderState(version, new, window), keys, partials)
+
+    def committed(self) -> Step:
+        """The step's write succeeded: it is the state now; the buffer starts empty."""
+        step = self._step
+        assert step is not None, "no step awaits its commit"
+        self.state, self._step, self._buffer = step.state, None, []
+        return step
+
+    def lost(self, state: LeaderState) -> list[Refused]:
+        """Another writer committed ``state`` first: adopt it; buffered partials that overlap it are refused."""
+        self.state, self._step = state, None
+        kept: list[Partial] = []
+        refused: list[Refused] = []
+        for p in self._buffer:
+            dups = tuple(k for k in p.keys if state.window.get(k) is not None)
+            if dups:
+                refused.append(Refused(p.shard, p.pid, "duplicates", dups))
+            else:
+                kept.append(p)
+        self._buffer = kept
+        return refused
+
+    def pending_step(self) -> Step | None:
+        """After :meth:`lost`: the buffer may still be full enough for a step."""
+        assert self._step is None
+        if self._buffer and self.buffered >= self.buffer_size:
+            self._step = self._make_step()
+        return self._step
+
+
+def gate_partial(reference: Mapping[str, npt.NDArray[Any]], partial: Partial) -> str | None:
+    """Why a partial cannot be added to the model, or ``None``: its layout, finiteness, weights."""
+    if not (math.isfinite(partial.total) and partial.total > 0):
+        return f"total weight {partial.total!r} is not > 0"
+    if partial.tensors.keys() != reference.keys():
+        return "tensor names differ from the model's"
+    for k, ref in reference.items():
+        t = partial.tensors[k]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            return f"tensor {k!r} is {t.dtype}{list(t.shape)}, model has {ref.dtype}{list(ref.shape)}"
+        if not np.isfinite(t).all():
+            return f"tensor {k!r} is not finite"
+    return None
+
+
+# --- a shard ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Acknowledge these messages: they are done with (applied, duplicates, or refused for good)."""
+
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Nak:
+    """Hand these messages back for redelivery (to any shard)."""
+
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Tell a device what became of its update."""
+
+    receipt: ReceiptMessage
+
+
+@dataclass(frozen=True)
+class Offer:
+    """Offer this partial to the leader (again, after a leader change)."""
+
+    partial: Partial
+
+
+ShardEffect = Ack | Nak | Receipt | Offer
+
+
+@dataclass
+class _Open:
+    """The partial being filled: its sum, weights, keys and the messages behind them."""
+
+    pid: int
+    opened: float
+    sums: Tensors
+    contributions: list[Contribution] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Offered:
+    partial: Partial
+    tokens: list[int]
+
+
+class ShardCore:
+    """One shard: validates updates, fills partials, and settles them as commits arrive.
+
+    ``shard`` names this process, not the slot it fills: a restarted shard takes a new id
+    (its partials are numbered from 1 again, and the leader tells partials apart by both).
+
+    Inputs: :meth:`update` (a message from the shared consumer, with its ``token``),
+    :meth:`due` (time passed), :meth:`answer` (the leader's to an offer), :meth:`commit` (a
+    committed leader state, in the order committed) and :meth:`new_leader`.
+    """
+
+    def __init__(
+        self,
+        shard: str,
+        reference: Mapping[str, npt.NDArray[Any]],
+        *,
+        version: int,
+        staleness: StalenessFn,
+        max_staleness: int,
+        max_update_norm: float,
+        max_num_examples: int,
+        partial_size: int,
+        partial_wait: float,
+    ) -> None:
+        if partial_size < 1 or not partial_wait > 0:
+            raise ValueError("partial_size must be >= 1 and partial_wait > 0")
+        self.shard = shard
+        self.reference = {k: np.zeros(v.shape, v.dtype) for k, v in reference.items()}
+        self.version = version
+        self.window = AppliedWindow()
+        self.staleness = staleness
+        self.max_staleness = max_staleness
+        self.max_update_norm = max_update_norm
+        self.max_num_examples = max_num_examples
+        self.partial_size = partial_size
+        self.partial_wait = partial_wait
+        self._next_pid = 1
+        self._open: _Open | None = None
+        self._offered: dict[int, _Offered] = {}
+        self.accepted = 0
+        self.rejected: dict[str, int] = {}
+
+    def _held(self) -> set[Key]:
+        keys = {c.key for o in self._offered.values() for c in o.partial.contributions}
+        if self._open is not None:
+            keys.update(c.key for c in self._open.contributions)
+        return keys
+
+    def update(self, token: int, update: UpdateMessage, *, topic_agent: str, now: float) -> list[ShardEffect]:
+        """A device's update (already decoded and checked by :meth:`UpdateMessage.from_bytes`)."""
+        key = (update.agent_id, update.seq)
+        if update.agent_id != topic_agent:
+            why = f"the topic names agent {topic_agent!r}"
+            return self._refuse(token, topic_agent, update.seq, RejectReason.AGENT_ID_MISMATCH, why)
+        applied = self.window.get(key)
+        if applied is not None:  # a re-send of an applied update: its receipt again
+            return [Ack((token,)), Receipt(ReceiptMessage(update.agent_id, update.seq, "accepted", applied))]
+        if key in self._held():
+            return [Ack((token,))]  # a second copy: the first one holds its place and gets the receipt
+        if update.base_version > self.version:
+            return [Nak((token,))]  # from a newer version than this shard has seen yet: later, or elsewhere
+        staleness = self.version - update.base_version
+        if staleness > self.max_staleness:
+            why = f"staleness {staleness} > {self.max_staleness}"
+            return self._refuse(token, update.agent_id, update.seq, RejectReason.TOO_STALE, why)
+        bad, _ = gate(self.reference, update.delta, self.max_update_norm)
+        if bad is not None:
+            return self._refuse(token, update.agent_id, update.seq, bad[0], bad[1])
+        weight = float(min(update.num_examples, self.max_num_examples)) * float(self.staleness(staleness))
+        if self._open is None:
+            sums = {k: np.zeros(v.shape, np.float64) for k, v in self.reference.items()}
+            self._open = _Open(self._next_pid, now, sums)
+            self._next_pid += 1
+        box = self._open
+        for k, acc in box.sums.items():
+            acc += weight * update.delta[k]
+        box.contributions.append(Contribution(update.agent_id, update.seq, weight, staleness))
+        box.tokens.append(token)
+        self.accepted += 1
+        if len(box.contributions) >= self.partial_size:
+            return self._close()
+        return []
+
+    def _refuse(self, token: int, agent: str, seq: int, reason: RejectReason, detail: str) -> list[ShardEffect]:
+        self.rejected[reason.value] = self.rejected.get(reason.value, 0) + 1
+        del detail  # the receipt names the reason; the service logs the detail
+        return [Ack((token,)), Receipt(ReceiptMessage(agent, seq, "rejected", self.version, reason.value))]
+
+    def due(self, now: float) -> list[ShardEffect]:
+        """Time passed: an open partial older than ``partial_wait`` is offered as it is."""
+        if self._open is not None and now - self._open.opened >= self.partial_wait:
+            return self._close()
+        return []
+
+    def flush(self) -> list[ShardEffect]:
+        """Offer the open partial now (shutdown)."""
+        return self._close() if self._open is not None else []
+
+    def _close(self) -> list[ShardEffect]:
+        box = self._open
+        assert box is not None
+        self._open = None
+        tensors = {k: acc.astype(self.reference[k].dtype) for k, acc in box.sums.items()}
+        total = math.fsum(c.weight for c in box.contributions)
+        partial = Partial(self.shard, box.pid, self.version, tuple(box.contributions), total, tensors)
+        self._offered[box.pid] = _Offered(partial, box.tokens)
+        return [Offer(partial)]
+
+    def answer(self, answer: Taken | Refused) -> list[ShardEffect]:
+        """The leader's answer to an offer: taken (wait for its commit) or refused (settle it now)."""
+        if isinstance(answer, Taken) or answer.pid not in self._offered:
+            return []
+        offered = self._offered.pop(answer.pid)
+        # Only a duplicate this shard has seen committed is done with: acknowledged, and its
+        # receipt sent again. Everything else goes back to the stream to be decided again, by
+        # any shard, including duplicates of a partial still in the leader's buffer: that
+        # buffer dies with the leader, and the other copy's holder may have died too.
+        out: list[ShardEffect] = []
+        done, back = [], []
+        for c, token in zip(offered.partial.contributions, offered.tokens, strict=True):
+            version = self.window.get(c.key)
+            if version is None:
+                back.append(token)
+            else:
+                done.append(token)
+                out.append(Receipt(ReceiptMessage(c.agent_id, c.seq, "accepted", version)))
+        if done:
+            out.insert(0, Ack(tuple(done)))
+        if back:
+            out.append(Nak(tuple(back)))
+        return out
+
+    def commit(self, version: int, window: AppliedWindow) -> list[ShardEffect]:
+        """A committed leader state: settle every offered partial it holds (ack, receipt)."""
+        self.version = max(self.version, version)
+        self.window = window
+        out: list[ShardEffect] = []
+        for pid in sorted(self._offered):
+            offered = self._offered[pid]
+            versions = [window.get(c.key) for c in offered.partial.contributions]
+            if all(v is not None for v in versions):
+                del self._offered[pid]
+                out.append(Ack(tuple(offered.tokens)))
+                for c, v in zip(offered.partial.contributions, versions, strict=True):
+                    assert v is not None
+                    out.append(Receipt(ReceiptMessage(c.agent_id, c.seq, "accepted", v)))
+        return out
+
+    def new_leader(self) -> list[ShardEffect]:
+        """Another leader (its buffer started empty): offer every partial not yet committed again."""
+        return [Offer(o.partial) for _, o in sorted(self._offered.items())]
+
+    @property
+    def holding(self) -> int:
+        """Messages held, not yet settled."""
+        return sum(len(o.tokens) for o in self._offered.values()) + (len(self._open.tokens) if self._open else 0)
+
+
+__all__ = [
+    "Ack",
+    "AppliedWindow",
+    "Contribution",
+    "LeaderCore",
+    "LeaderState",
+    "Nak",
+    "Offer",
+    "Partial",
+    "Receipt",
+    "Refused",
+    "ShardCore",
+    "Step",
+    "Taken",
+    "gate_partial",
+]

@@ -1,0 +1,273 @@
+"""Tier 1: sharded FedBuff (aggregator/sharding.py) against the single-process rule, and
+exactly-once under shard crashes, leader crashes, redeliveries and device re-sends."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.rules.fedbuff import fedbuff_step
+from aggregator.sharding import (
+    Ack,
+    AppliedWindow,
+    LeaderCore,
+    LeaderState,
+    Nak,
+    Offer,
+    Partial,
+    Receipt,
+    Refused,
+    ShardCore,
+    Step,
+    Taken,
+)
+from fedmq.errors import DecodeError
+from fedmq.messages import UpdateMessage
+from fedmq.staleness import make_staleness_fn
+
+SHAPES = {"W": (6, 3), "b": (3,)}
+
+
+def model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def update(agent: str, seq: int, base: int, n: int, seed: int) -> UpdateMessage:
+    rng = np.random.default_rng(seed)
+    delta = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+    return UpdateMessage(agent, seq, base, n, delta)
+
+
+def shard(name: str, version: int = 0, partial_size: int = 3, max_staleness: int = 10) -> ShardCore:
+    return ShardCore(
+        name,
+        model(),
+        version=version,
+        staleness=make_staleness_fn("polynomial", 0.5),
+        max_staleness=max_staleness,
+        max_update_norm=100.0,
+        max_num_examples=1000,
+        partial_size=partial_size,
+        partial_wait=5.0,
+    )
+
+
+def offers(effects: list[object]) -> list[Partial]:
+    return [e.partial for e in effects if isinstance(e, Offer)]
+
+
+def test_a_step_over_partials_is_fedbuffs_step_over_the_same_updates() -> None:
+    """Two shards, partials of 3 and 2; K = 5: the leader's model is FedBuff's over the 5 updates."""
+    w0 = model()
+    leader = LeaderCore(LeaderState(2, w0, AppliedWindow()), buffer_size=5, server_lr=0.7)
+    a, b = shard("a", version=2), shard("b", version=2, partial_size=2)
+    ups = [update(f"d{i}", 1, base=i % 3, n=10 + i, seed=i) for i in range(5)]
+    made = []
+    for i, u in enumerate(ups):
+        made += offers((a if i < 3 else b).update(i, u, topic_agent=u.agent_id, now=0.0))
+    assert [len(p.contributions) for p in made] == [3, 2]
+    answer, step = leader.offer(made[0])
+    assert isinstance(answer, Taken) and step is None
+    answer, step = leader.offer(made[1])
+    assert step is not None and step.state.version == 3
+    s = make_staleness_fn("polynomial", 0.5)
+    weights = [u.num_examples * s(2 - u.base_version) for u in ups]
+    expected, _ = fedbuff_step(w0, [u.delta for u in ups], weights, server_lr=0.7)
+    for k in w0:
+        np.testing.assert_allclose(step.state.weights[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert sorted(step.keys) == sorted((u.agent_id, 1) for u in ups)
+
+
+def test_a_partial_round_trips_and_a_bad_one_is_refused_by_name() -> None:
+    a = shard("a", partial_size=2)
+    a.update(1, update("x", 1, 0, 5, 1), topic_agent="x", now=0.0)
+    (p,) = offers(a.update(2, update("y", 4, 0, 5, 2), topic_agent="y", now=0.0))
+    back = Partial.from_bytes(p.to_bytes())
+    assert back.keys == p.keys and back.total == p.total and back.pid == p.pid
+    np.testing.assert_array_equal(back.tensors["W"], p.tensors["W"])
+    twice = Partial(p.shard, p.pid, p.version, p.contributions * 2, 2 * p.total, p.tensors)
+    with pytest.raises(DecodeError, match="twice"):
+        Partial.from_bytes(twice.to_bytes())
+    wrong_total = Partial(p.shard, p.pid, p.version, p.contributions, p.total + 1.0, p.tensors)
+    with pytest.raises(DecodeError, match="total"):
+        Partial.from_bytes(wrong_total.to_bytes())
+    leader = LeaderCore(LeaderState(0, model(), AppliedWindow()), buffer_size=10)
+    poisoned = {**p.tensors, "b": np.full(3, np.nan, np.float32)}
+    nan = Partial(p.shard, p.pid, p.version, p.contributions, p.total, poisoned)
+    answer, _ = leader.offer(nan)
+    assert isinstance(answer, Refused) and "not finite" in answer.reason
+
+
+def test_a_shard_refuses_and_acknowledges_what_can_never_be_applied() -> None:
+    a = shard("a", version=20)
+    out = a.update(1, update("x", 1, 2, 5, 1), topic_agent="x", now=0.0)  # staleness 18 > 10
+    assert out[0] == Ack((1,)) and isinstance(out[1], Receipt) and out[1].receipt.reason == "too_stale"
+    out = a.update(2, update("x", 2, 20, 5, 1), topic_agent="spoofer", now=0.0)
+    assert out[0] == Ack((2,)) and isinstance(out[1], Receipt) and out[1].receipt.reason == "agent_id_mismatch"
+    out = a.update(3, update("x", 3, 21, 5, 1), topic_agent="x", now=0.0)  # a version this shard has not seen
+    assert out == [Nak((3,))]
+    bad = update("x", 4, 20, 5, 1)
+    bad.delta["W"][0, 0] = np.inf
+    assert a.update(4, bad, topic_agent="x", now=0.0)[1].receipt.reason == "non_finite"  # type: ignore[union-attr]
+    assert a.holding == 0
+
+
+# --- exactly once: a miniature cluster -------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """A work queue with redelivery: what the JetStream consumer does for the service."""
+
+    queue: list[int] = field(default_factory=list)
+    held: dict[int, str] = field(default_factory=dict)  # token -> shard holding it
+    acked: set[int] = field(default_factory=set)
+
+
+class Cluster:
+    """Shards, a leader and a stream, driven by a random schedule; the audit at the end."""
+
+    def __init__(self, rng: random.Random, n_shards: int, k: int, partial_size: int) -> None:
+        self.rng = rng
+        self.k = k
+        self.partial_size = partial_size
+        self.messages: dict[int, UpdateMessage] = {}
+        self.stream = Stream()
+        # No update grows too stale here: a refusal for staleness is tested above, not exactly-once.
+        self.shards = {f"s{i}": shard(f"s{i}", partial_size=partial_size, max_staleness=10**6) for i in range(n_shards)}
+        self.committed = LeaderState(0, model(), AppliedWindow())
+        self.leader = LeaderCore(self.committed, buffer_size=k)
+        self.steps: list[tuple[int, tuple[tuple[str, int], ...]]] = []
+        self.receipts: dict[tuple[str, int], set[int]] = {}
+        self.inbox: list[tuple[str, Partial]] = []  # offers on their way to the leader
+        self.restarts = 0
+
+    def publish(self, u: UpdateMessage) -> None:
+        token = len(self.messages) + 1
+        self.messages[token] = u
+        self.stream.queue.append(token)
+
+    def run(self, effects: list[object], name: str) -> None:
+        for e in effects:
+            if isinstance(e, Ack):
+                for t in e.tokens:
+                    self.stream.held.pop(t, None)
+                    self.stream.acked.add(t)
+            elif isinstance(e, Nak):
+                for t in e.tokens:
+                    if self.stream.held.pop(t, None) is not None:
+                        self.stream.queue.append(t)
+            elif isinstance(e, Receipt):
+                if e.receipt.status == "accepted":
+                    self.receipts.setdefault((e.receipt.agent_id, e.receipt.seq), set()).add(e.receipt.version)
+            elif isinstance(e, Offer):
+                self.inbox.append((name, e.partial))
+
+    def deliver(self) -> None:
+        if not self.stream.queue:
+            return
+        token = self.stream.queue.pop(self.rng.randrange(len(self.stream.queue)))
+        name = self.rng.choice(sorted(self.shards))
+        self.stream.held[token] = name
+        u = self.messages[token]
+        self.run(self.shards[name].update(token, u, topic_agent=u.agent_id, now=0.0), name)
+
+    def lead(self) -> None:
+        if not self.inbox:
+            return
+        name, partial = self.inbox.pop(0)
+        answer, step = self.leader.offer(partial)
+        if step is not None:
+            self.leader.committed()
+        if self.shards[name].shard == partial.shard:  # the answer reaches the process that offered
+            self.run(self.shards[name].answer(answer), name)
+        if step is not None:
+            self.announce(step)
+
+    def announce(self, step: Step) -> None:
+        self.committed = step.state
+        self.steps.append((step.state.version, step.keys))
+        for n, s in self.shards.items():
+            self.run(s.commit(step.state.version, step.state.window.copy()), n)
+
+    def last_call(self) -> None:
+        """The stream ends: the leader steps with whatever it holds, and with every offer after."""
+        self.leader.buffer_size = 1
+        if self.leader.pending_step() is not None:
+            self.announce(self.leader.committed())
+
+    def crash_shard(self) -> None:
+        name = self.rng.choice(sorted(self.shards))
+        for t, holder in list(self.stream.held.items()):  # ack_wait runs out: redelivered
+            if holder == name:
+                del self.stream.held[t]
+                self.stream.queue.append(t)
+        self.restarts += 1  # a new process: a new id (the service draws one per start)
+        fresh = shard(f"{name}.{self.restarts}", partial_size=self.partial_size, max_staleness=10**6)
+        fresh.version, fresh.window = self.committed.version, self.committed.window.copy()
+        self.shards[name] = fresh  # its offers already on their way may still reach the leader
+
+    def crash_leader(self) -> None:
+        self.leader = LeaderCore(self.committed, buffer_size=self.k)  # from the committed state
+        self.inbox.clear()
+        for name, s in self.shards.items():
+            self.run(s.new_leader(), name)
+
+    def tick(self) -> None:
+        for name, s in self.shards.items():
+            self.run(s.flush(), name)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_shards=st.integers(1, 3),
+    k=st.integers(1, 6),
+    partial_size=st.integers(1, 4),
+    n_updates=st.integers(1, 25),
+)
+def test_every_update_is_applied_exactly_once_whatever_crashes(
+    seed: int, n_shards: int, k: int, partial_size: int, n_updates: int
+) -> None:
+    """Devices re-send; shards and the leader crash at random; messages are redelivered.
+    Drained, every update went into exactly one committed step, and every receipt a device got
+    names that step's version."""
+    rng = random.Random(seed)
+    c = Cluster(rng, n_shards, k, partial_size)
+    sent = [update(f"d{i % 5}", i, 0, 1 + i % 7, i) for i in range(n_updates)]
+    for u in sent:
+        c.publish(u)
+    for _ in range(400):
+        roll = rng.random()
+        if roll < 0.45:
+            c.deliver()
+        elif roll < 0.8:
+            c.lead()
+        elif roll < 0.86:
+            c.crash_shard()
+        elif roll < 0.89:
+            c.crash_leader()
+        elif roll < 0.95:
+            c.tick()
+        else:
+            c.publish(rng.choice(sent))  # a device re-sends (its receipt was late)
+    c.last_call()  # drain: no more crashes, no buffer left short of K
+    for _ in range(10_000):
+        if not (c.stream.queue or c.inbox or any(s.holding for s in c.shards.values())):
+            break
+        c.deliver()
+        c.lead()
+        c.tick()
+    applied = [key for _, keys in c.steps for key in keys]
+    assert len(applied) == len(set(applied)), "an update went into two steps"
+    assert sorted(applied) == sorted({(u.agent_id, u.seq) for u in sent}), "an update was lost"
+    step_of = {key: v for v, keys in c.steps for key in keys}
+    for key, versions in c.receipts.items():
+        assert versions == {step_of[key]}, f"{key} was receipted with {versions}, applied in {step_of[key]}"
+    assert set(c.stream.acked) == set(c.messages), "a message was never acknowledged"
