@@ -8,9 +8,9 @@ import logging
 from dataclasses import replace
 
 from aggregator.service import AggregatorService
-from fedmq.config import DEFAULT_HTTP
+from fedmq.config import DEFAULT_HTTP, Config
 from runtime.args import add_common, flag, load_from_args
-from runtime.extras import require_for_data
+from runtime.extras import require, require_for_data
 from runtime.process import run_until_signalled, setup_logging
 
 
@@ -56,6 +56,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     flag(p, "--input-max", "aggregator.input_max", type=float)
     flag(p, "--buffer-size", "aggregator.buffer_size", type=int, help="FedBuff K")
+    flag(
+        p,
+        "--nats",
+        "aggregator.shard.nats",
+        help="run as one shard of a sharded aggregator on this NATS cluster (URLs, comma-separated; "
+        "--broker: a node's MQTT listener, for the model; docs/scale-out.md)",
+    )
+    flag(p, "--partial-size", "aggregator.shard.partial_size", type=int, help="updates per shard partial")
+    flag(p, "--shard-replicas", "aggregator.shard.replicas", type=int, help="copies of the stream and state")
     flag(p, "--server-lr", "aggregator.server_lr", type=float)
     flag(p, "--server-momentum", "aggregator.server_momentum", type=float)
     flag(p, "--alpha", "aggregator.alpha", type=float, help="FedAsync mixing weight")
@@ -160,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     if config.aggregator.http is None:  # the command serves its dashboard unless told otherwise
         config = replace(config, aggregator=replace(config.aggregator, http=DEFAULT_HTTP))
     require_for_data(config.aggregator.eval_data, "aggregator.eval_data")
+    if config.aggregator.shard.nats:
+        return run_shard(config)
     service = AggregatorService(config, fresh=args.fresh)
     core = service.startup()
     logging.getLogger("fedmq.aggregator").info(
@@ -173,4 +184,23 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = run_until_signalled(service.run)
     print(json.dumps({k: v for k, v in summary.items() if k != "accuracy_history"}))
+    return 0
+
+
+def run_shard(config: Config) -> int:
+    """One shard of a sharded aggregator (aggregator.shard.nats): serve until signalled."""
+    require("cluster", key="aggregator.shard.nats", why="sharded aggregation")
+    from aggregator.cluster import ClusterAggregator
+
+    shard = ClusterAggregator(config)
+    logging.getLogger("fedmq.aggregator").info(
+        "aggregator shard %s: FedBuff K=%d, model %s, NATS %s, prefix %s",
+        shard.shard_id,
+        config.aggregator.buffer_size,
+        config.aggregator.model,
+        config.aggregator.shard.nats,
+        config.prefix,
+    )
+    summary = run_until_signalled(shard.run)
+    print(json.dumps(summary))
     return 0

@@ -207,6 +207,8 @@ class LeaderState:
     version: int
     weights: Tensors
     window: AppliedWindow
+    keys: tuple[Key, ...] = ()
+    """The updates of the step that made this version (a new leader announces them again)."""
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ class LeaderCore:
         keys = tuple(k for p in self._buffer for k in p.keys)
         window.add(keys, version)
         partials = tuple((p.shard, p.pid) for p in self._buffer)
-        return Step(LeaderState(version, new, window), keys, partials)
+        return Step(LeaderState(version, new, window, keys), keys, partials)
 
     def committed(self) -> Step:
         """The step's write succeeded: it is the state now; the buffer starts empty."""

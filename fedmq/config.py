@@ -154,6 +154,52 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    """Sharded aggregation on a NATS cluster (``fedmq aggregator --nats``; docs/scale-out.md)."""
+
+    nats: str = ""
+    """NATS URLs of the cluster's nodes, comma-separated (``nats://h1:4222,nats://h2:4222``).
+    Set, the aggregator runs as one of N shards that share the update stream; one of them leads."""
+    partial_size: int = 0
+    """Updates a shard sums before it offers the partial to the leader. 0: half of ``buffer_size``."""
+    partial_wait: float = 1.0
+    """Seconds a shard holds an unfinished partial before it offers it as it is."""
+    lease: float = 5.0
+    """Seconds the leader's lease lasts without renewal: how long a dead leader stalls the steps."""
+    ack_wait: float = 30.0
+    """Seconds before a message a dead shard held goes to another shard (held ones are kept alive)."""
+    replicas: int = 3
+    """Copies of the update stream and the cluster's state (1 for a one-node cluster)."""
+
+    def partial_for(self, buffer_size: int) -> int:
+        """The partial size for FedBuff's ``buffer_size``."""
+        return self.partial_size or max(1, buffer_size // 2)
+
+    def validate(self, agg: AggregatorConfig) -> None:
+        """Raise :class:`ConfigError` on the first invalid field, or a feature sharding does not do."""
+        k = "aggregator.shard."
+        if not self.nats:
+            return
+        urls = [u.strip() for u in self.nats.split(",")]
+        _check(all(u.startswith(("nats://", "tls://")) for u in urls), k + "nats", "must be nats:// or tls:// URLs")
+        _check(self.partial_size >= 0, k + "partial_size", "must be >= 0 (0: half of buffer_size)")
+        _check(_finite(self.partial_wait) and self.partial_wait > 0, k + "partial_wait", "must be > 0 seconds")
+        _check(_finite(self.lease) and 1 <= self.lease <= 600, k + "lease", "must be in [1, 600] seconds")
+        _check(_finite(self.ack_wait) and self.ack_wait >= 2, k + "ack_wait", "must be >= 2 seconds")
+        _check(self.replicas in (1, 3, 5), k + "replicas", "must be 1, 3 or 5")
+        unsupported = [
+            ("aggregator.rule", agg.rule != "fedbuff", "must be fedbuff"),
+            ("aggregator.secure_aggregation", agg.secure_aggregation, "is not sharded yet"),
+            ("aggregator.robust", agg.robust != "none", "is not sharded yet (a robust rule needs every update)"),
+            ("aggregator.central_dp_noise_multiplier", agg.central_dp_noise_multiplier is not None, "is not sharded"),
+            ("aggregator.dp_noise_multiplier", agg.dp_noise_multiplier is not None, "is not sharded yet"),
+            ("aggregator.server_momentum", agg.server_momentum != 0, "is not sharded yet"),
+        ]
+        for key, bad, why in unsupported:
+            _check(not bad, key, f"{why} with aggregator.shard.nats set")
+
+
+@dataclass(frozen=True)
 class PlanConfig:
     """The federation plan (``[aggregator.plan]``), announced with every model; unset keys are not planned.
 
@@ -294,6 +340,7 @@ class AggregatorConfig:
     """Take only masked updates, in cohorts, and learn only their sums (SecAgg+; docs/security.md)."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     http: str | None = None
     """Where to serve the dashboard, ``/metrics`` (Prometheus) and ``/healthz``: ``HOST:PORT`` (port 0:
     any free one), or empty for none. Unset: ``fedmq aggregator`` serves them on 127.0.0.1:8700; a
@@ -382,6 +429,7 @@ class AggregatorConfig:
             )
         self._validate_robust()
         self.secagg.validate()
+        self.shard.validate(self)
         self._validate_dp()
         if self.secure_aggregation:
             self._validate_secure()

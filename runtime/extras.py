@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "demo": ("sklearn", "prometheus_client", "amqtt", "matplotlib"),
     "onnx": ("onnx", "onnxruntime"),
     "torch": ("torch",),
+    "cluster": ("nats",),
 }
 """Each extra's importable modules (pyproject.toml's optional-dependencies, by import name)."""
 

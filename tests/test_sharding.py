@@ -271,3 +271,24 @@ def test_every_update_is_applied_exactly_once_whatever_crashes(
     for key, versions in c.receipts.items():
         assert versions == {step_of[key]}, f"{key} was receipted with {versions}, applied in {step_of[key]}"
     assert set(c.stream.acked) == set(c.messages), "a message was never acknowledged"
+
+
+def test_sharding_refuses_at_startup_what_it_does_not_do_naming_the_key() -> None:
+    """Sharded aggregation is FedBuff's weighted mean: the rest fails fast, by key."""
+    from fedmq.config import AggregatorConfig, Config, ShardConfig
+    from fedmq.errors import ConfigError
+
+    on = ShardConfig(nats="nats://127.0.0.1:4222")
+    Config(aggregator=AggregatorConfig(shard=on)).validate()
+    for change, key in [
+        ({"rule": "fedasync"}, "aggregator.rule"),
+        ({"robust": "median"}, "aggregator.robust"),
+        ({"secure_aggregation": True}, "aggregator.secure_aggregation"),
+        ({"server_momentum": 0.9}, "aggregator.server_momentum"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            Config(aggregator=AggregatorConfig(shard=on, **change)).validate()  # type: ignore[arg-type]
+        assert err.value.key == key
+    with pytest.raises(ConfigError) as err:
+        Config(aggregator=AggregatorConfig(shard=ShardConfig(nats="mqtt://x:1"))).validate()
+    assert err.value.key == "aggregator.shard.nats"

@@ -1,0 +1,243 @@
+"""Sharded aggregation on a 3-node loopback NATS cluster, with real `fedmq agent` processes.
+
+Two `fedmq aggregator --nats` shard processes share the update stream; one leads. Devices
+connect to different nodes. Mid-run the leading shard is killed with SIGKILL, then a NATS node,
+which is restarted later; a third shard joins. The audit is the chaos tests' own: every
+update a device got an ``accepted`` receipt for went into exactly one committed version, the
+one the receipt names, and no update went into two. An auditor on a node that is never killed
+watches every commit and every receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomqtt
+import msgpack
+import numpy as np
+import pytest
+
+from broker.nats import NatsCluster
+from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage
+from models.datasets import digits
+from tests.test_cluster import cluster as cluster
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "fedmq/sharded"
+UPDATES_EACH = 40
+
+
+class Auditor:
+    """Every commit (the whole commit log) and every receipt, from a node that stays up (own thread and loop)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.commits: dict[int, list[tuple[str, int]]] = {}
+        self.receipts: list[ReceiptMessage] = []
+        self.sent: set[tuple[str, int]] = set()
+        self.changed = threading.Condition()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+
+    @property
+    def version(self) -> int:
+        return max(self.commits, default=-1)
+
+    async def _main(self) -> None:
+        import nats
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            nc = await nats.connect(self.url, max_reconnect_attempts=-1)
+            js = nc.jetstream()
+
+            async def on_receipt(msg: object) -> None:
+                r = ReceiptMessage.from_bytes(msg.data)  # type: ignore[attr-defined]
+                with self.changed:
+                    self.receipts.append(r)
+                    self.changed.notify_all()
+
+            async def on_update(msg: object) -> None:
+                u = UpdateMessage.from_bytes(msg.data)  # type: ignore[attr-defined]
+                with self.changed:
+                    self.sent.add((u.agent_id, u.seq))
+
+            await nc.subscribe(PREFIX.replace("/", ".") + ".receipt.*", cb=on_receipt)
+            await nc.subscribe(PREFIX.replace("/", ".") + ".update.*", cb=on_update)
+            from nats.js.api import DeliverPolicy
+
+            sub = None
+            while sub is None:  # the first shard creates the commit log
+                try:
+                    sub = await js.subscribe(
+                        PREFIX.replace("/", ".") + ".cluster.commit",
+                        ordered_consumer=True,
+                        deliver_policy=DeliverPolicy.ALL,
+                    )
+                except Exception:
+                    await asyncio.sleep(0.2)  # polling for a stream another process creates
+            self.ready.set()
+            async for msg in sub.messages:
+                if self._stop.is_set():
+                    break
+                obj = msgpack.unpackb(msg.data, raw=False)
+                with self.changed:
+                    keys = [(str(a), int(s)) for a, s in obj["keys"]]
+                    previous = self.commits.setdefault(int(obj["version"]), keys)
+                    if previous != keys:  # announced again by a new leader: must be the same step
+                        self.error = AssertionError(f"version {obj['version']}: {previous} then {keys}")
+                    self.changed.notify_all()
+            await nc.close()
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+            with self.changed:
+                self.changed.notify_all()
+
+    def start(self) -> Auditor:
+        self.thread.start()
+        assert self.ready.wait(120), "the auditor did not start"
+        assert self.error is None, self.error
+        return self
+
+    def wait(self, what: str, predicate: object, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        with self.changed:
+            while not predicate():  # type: ignore[operator]
+                assert self.error is None, self.error
+                left = deadline - time.monotonic()
+                assert left > 0, f"{what}: not within {limit} s (version {self.version})"
+                self.changed.wait(left)
+
+
+def shard(nats_urls: str, broker: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "FEDMQ_AGGREGATOR__SHARD__LEASE": "2",
+        "FEDMQ_AGGREGATOR__SHARD__ACK_WAIT": "4",
+        "FEDMQ_AGGREGATOR__HTTP": "",
+    }
+    cmd = [
+        sys.executable, "-m", "cli", "aggregator", "--nats", nats_urls, "--broker", broker, "--prefix", PREFIX,
+        "--model", "softmax", "--num-features", "64", "--num-classes", "10", "--buffer-size", "4",
+        "--partial-size", "2", "--max-staleness", "1000",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"))
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+
+
+def test_shards_train_exactly_once_through_a_shard_kill_and_a_node_kill(
+    cluster: NatsCluster,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    n1, n2, n3 = cluster.nodes
+    urls = ",".join(f"nats://{n.host}:{n.client_port}" for n in cluster.nodes)
+    shards = [shard(urls, n1.url, tmp_path / f"shard{i}.log") for i in range(2)]
+    processes.extend(shards)
+    auditor = Auditor(f"nats://{n1.host}:{n1.client_port}").start()
+    auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
+
+    train, _ = digits()
+    agents = []
+    for i, node in enumerate((n2, n2, n3, n3)):
+        data = tmp_path / f"dev{i}.npz"
+        part = train.subset(np.arange(i, 800, 4))
+        np.savez(data, x=part.x, y=part.y)
+        cmd = [
+            sys.executable, "-m", "cli", "agent", "--broker", node.url, "--prefix", PREFIX, "--id", f"dev{i}",
+            "--data", str(data), "--no-dp", "--max-updates", str(UPDATES_EACH), "--round-interval", "0.3",
+            "--lr", "0.3", "--receipt-timeout", "5",
+        ]  # fmt: skip
+        agents.append(
+            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
+        )
+    processes.extend(agents)
+
+    # 1. The leading shard dies (SIGKILL) once the federation is under way; another takes over.
+    auditor.wait("two versions", lambda: auditor.version >= 2, 180)
+    newest_lead = max(_leads(tmp_path))  # log lines begin with their time
+    leader = next(p for p in shards if f"-{p.pid}-" in newest_lead)
+    leader.send_signal(signal.SIGKILL)
+    leader.wait(30)
+    at_kill = auditor.version
+    auditor.wait("a version after the leader's death", lambda: auditor.version >= at_kill + 2, 180)
+
+    # 2. A NATS node dies under two devices and the shards; it comes back; a third shard joins.
+    cluster.kill(2)
+    at_node = auditor.version
+    processes.append(shard(urls, n1.url, tmp_path / "shard2.log"))
+    auditor.wait("a version without the node", lambda: auditor.version >= at_node + 1, 180)
+    cluster.restart(2, timeout=120)
+    at_restart = auditor.version
+
+    # 3. The devices on the restarted node get the newest model and train on: receipts of theirs
+    #    for versions made after it came back.
+    def back(agent: str) -> bool:
+        return any(r.agent_id == agent and r.status == "accepted" and r.version > at_restart for r in auditor.receipts)
+
+    auditor.wait("dev2 and dev3 back", lambda: back("dev2") and back("dev3"), 240)
+
+    stats = []
+    for i, a in enumerate(agents):
+        out, _ = a.communicate(timeout=300)
+        assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+        stats.append(json.loads(out.decode().strip().splitlines()[-1]))
+    assert all(s["receipts_accepted"] >= 1 for s in stats), stats
+
+    # The audit: every accepted receipt names the one version its update went into; no update twice.
+    assert auditor.error is None, auditor.error
+    with auditor.changed:
+        assert sorted(auditor.commits) == list(range(auditor.version + 1)), "the commit log has a gap"
+        applied: dict[tuple[str, int], int] = {}
+        for version, keys in auditor.commits.items():
+            for key in keys:
+                assert key not in applied, f"{key} went into versions {applied[key]} and {version}"
+                applied[key] = version
+        accepted = [r for r in auditor.receipts if r.status == "accepted"]
+        for r in accepted:
+            went = applied.get((r.agent_id, r.seq))
+            assert went == r.version, f"receipt {r} names a version, the update went into {went}"
+        assert set(applied) <= auditor.sent, set(applied) - auditor.sent  # nothing applied that no device sent
+        # What a device holds no receipt for when it stops sat in the last buffer, short of K.
+        assert len(applied) >= sum(s["receipts_accepted"] for s in stats) > 0
+    # The newest model is retained on every node, the restarted one too.
+    newest = auditor.version
+    assert asyncio.run(_retained_version(n3.host, n3.mqtt_port)) >= newest - 1
+
+
+def _leads(folder: Path) -> list[str]:
+    return [line for f in sorted(folder.glob("shard*.log")) for line in f.read_text().splitlines() if " leads" in line]
+
+
+async def _retained_version(host: str, port: int) -> int:
+    async with aiomqtt.Client(host, port, identifier="late-reader") as client:
+        await client.subscribe(f"{PREFIX}/model", qos=1)
+        async with asyncio.timeout(120):
+            async for msg in client.messages:
+                assert isinstance(msg.payload, (bytes, bytearray))
+                return ModelMessage.from_bytes(bytes(msg.payload)).version
+    raise AssertionError("no retained model")
