@@ -358,20 +358,36 @@ class ClusterAggregator:
                     self._carry(self.core.new_leader())
 
     async def _watch_commits(self) -> None:
-        """Every committed state the leader announces: settle what it lists."""
-        from nats.errors import Error as NatsError
+        """Follow the commit log: each step's keys go into this shard's copy of the applied window.
 
+        A log entry carries only its step's keys. The whole window is read from the committed
+        state at start and whenever a version was skipped (the log's oldest entries are
+        dropped beyond 100,000 steps; a gap is never guessed across).
+        """
+        from nats.errors import Error as NatsError
+        from nats.js.api import DeliverPolicy
+
+        seen = -1
+        window = AppliedWindow(self.cfg.max_agents)
         while True:
             try:
-                from nats.js.api import DeliverPolicy
-
                 sub = await self._js.subscribe(
                     self.names["commit"], ordered_consumer=True, deliver_policy=DeliverPolicy.LAST
                 )
                 async for msg in sub.messages:
                     obj = unpack(msg.data, _STATE_LIMITS)
-                    window = AppliedWindow.from_wire(obj["window"])
-                    self._carry(self.core.commit(int(obj["version"]), window))
+                    version = int(obj["version"])
+                    if version <= seen:
+                        continue  # announced again by a new leader
+                    if version != seen + 1:
+                        state, _ = decode_state((await self._state_kv.get("state")).value)
+                        seen, window = state.version, state.window
+                        self._carry(self.core.commit(seen, window))
+                        if version <= seen:
+                            continue
+                    window.add([(str(a), int(q)) for a, q in obj["keys"]], version)
+                    seen = version
+                    self._carry(self.core.commit(version, window))
             except NatsError as exc:
                 log.warning("watching the commits failed (%s); watching again", exc or type(exc).__name__)
                 await asyncio.sleep(1.0)  # a back-off, not a wait for an event
@@ -502,7 +518,7 @@ class ClusterAggregator:
 
     async def _announce(self, state: LeaderState, keys: Sequence[Any], run: str, mqtt: aiomqtt.Client) -> None:
         """Tell the shards (the commit log) and the devices (the retained model)."""
-        commit = {"version": state.version, "keys": [list(k) for k in keys], "window": state.window.to_wire()}
+        commit = {"version": state.version, "keys": [list(k) for k in keys]}
         await self._js.publish(self.names["commit"], pack(commit), stream=self.names["commits"])
         model = ModelMessage(
             version=state.version,
