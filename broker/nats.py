@@ -94,6 +94,8 @@ class NatsCluster:
         workdir: where configs, logs and JetStream stores go (default: a new temporary folder).
         max_payload: the largest message (bytes) a node accepts.
         name: the cluster's name.
+        authorization: an ``authorization { ... }`` block for every node (see
+            :func:`authorization`); ``None``: no authentication (development only).
     """
 
     kind = "nats"
@@ -106,6 +108,7 @@ class NatsCluster:
         workdir: Path | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         name: str = "fedmq",
+        authorization: str | None = None,
     ) -> None:
         if nodes < 1:
             raise BrokerError(f"a cluster needs at least one node, got {nodes}")
@@ -115,6 +118,7 @@ class NatsCluster:
         self.host = host
         self.max_payload = max_payload
         self.name = name
+        self.authorization = authorization
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fedmq-nats-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +162,7 @@ class NatsCluster:
             f"{cluster}"
             "# Retained models and sessions in streams replicated on up to 3 nodes: one may fail.\n"
             f"mqtt {{ listen: {node.host}:{node.mqtt_port}, stream_replicas: {min(3, len(self.nodes))} }}\n"
+            + (self.authorization + "\n" if self.authorization else "")
         )
 
     def start(self, timeout: float = 60.0) -> NatsCluster:
@@ -226,3 +231,49 @@ class NatsCluster:
         if self._own_workdir:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.workdir)
+
+
+def device_permissions(prefix: str, agent_id: str) -> dict[str, list[str]]:
+    """What one device may do: the NATS subjects of its lines in the Mosquitto ACL (``broker.pki``).
+
+    Write its own update, status and secure-aggregation uploads; read the model, the metrics,
+    the server's status, its own receipts and protocol messages. ``$MQTT.sub.>`` is where NATS
+    delivers a QoS 1 subscription's messages (its JetStream consumer): without it no retained
+    model arrives. A device cannot name such a subject from MQTT (a ``$MQTT/sub/#``
+    subscription is refused), so it grants nothing else.
+    """
+    p = prefix.replace("/", ".")
+    return {
+        "publish": [f"{p}.update.{agent_id}", f"{p}.status.{agent_id}", f"{p}.secagg.up.{agent_id}"],
+        "subscribe": [
+            f"{p}.model",
+            f"{p}.metrics",
+            f"{p}.server.status",
+            f"{p}.receipt.{agent_id}",
+            f"{p}.secagg.down.{agent_id}",
+            "$MQTT.sub.>",
+        ],
+    }
+
+
+def authorization(prefix: str, devices: dict[str, str], servers: dict[str, str]) -> str:
+    """An ``authorization`` block: devices limited to their own subjects, servers to the federation's.
+
+    ``devices`` and ``servers`` (aggregator shards, operators) map names to passwords, written
+    as given: pass bcrypt hashes (``nats server passwd``) in production.
+    """
+    p = prefix.replace("/", ".")
+    users = []
+    for agent_id, password in devices.items():
+        perms = device_permissions(prefix, agent_id)
+        users.append(
+            f"    {{ user: {json.dumps(agent_id)}, password: {json.dumps(password)}, permissions: "
+            f"{{ publish: {json.dumps(perms['publish'])}, subscribe: {json.dumps(perms['subscribe'])} }} }}"
+        )
+    server_subjects = [f"{p}.>", "$JS.>", "$KV.>", "_INBOX.>", "$MQTT.>"]
+    for name, password in servers.items():
+        users.append(
+            f"    {{ user: {json.dumps(name)}, password: {json.dumps(password)}, permissions: "
+            f"{{ publish: {json.dumps(server_subjects)}, subscribe: {json.dumps(server_subjects)} }} }}"
+        )
+    return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}"

@@ -156,3 +156,40 @@ def test_fedmq_cluster_starts_three_nodes_and_stops_them_at_sigterm(tmp_path: Pa
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+async def test_device_permissions_on_nats_match_the_mosquitto_acl(tmp_path: Path) -> None:
+    """broker.nats.authorization: a device reads the model and its own receipts, publishes only its
+    own update; another device's update is dropped and another's receipts are refused."""
+    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    from broker.nats import authorization
+
+    block = authorization("fedmq/acl", {"dev1": "pw-1"}, {"aggregator": "pw-a"})
+    node = NatsCluster(1, workdir=tmp_path / "nats", authorization=block).start(timeout=120)
+    try:
+        host, port = node.nodes[0].host, node.nodes[0].mqtt_port
+        async with aiomqtt.Client(host, port, username="aggregator", password="pw-a", identifier="agg") as agg:
+            await agg.publish("fedmq/acl/model", b"model", qos=1, retain=True)
+            await agg.subscribe("fedmq/acl/update/+", qos=1)
+            async with aiomqtt.Client(host, port, username="dev1", password="pw-1", identifier="dev1") as dev:
+                await dev.subscribe("fedmq/acl/model", qos=1)
+                async with asyncio.timeout(60):
+                    async for msg in dev.messages:
+                        assert msg.payload == b"model" and msg.retain
+                        break
+                await dev.publish("fedmq/acl/update/dev2", b"spoofed", qos=1)  # dropped by the server
+                await dev.publish("fedmq/acl/update/dev1", b"own", qos=1)
+                refused = await dev.subscribe("fedmq/acl/receipt/dev2", qos=1)
+                assert refused[0].is_failure  # type: ignore[index, union-attr]
+                refused = await dev.subscribe("$MQTT/sub/#", qos=1)
+                assert refused[0].is_failure  # type: ignore[index, union-attr]
+            async with asyncio.timeout(60):
+                async for msg in agg.messages:  # the spoofed one never arrives: the first is its own
+                    assert (msg.topic.value, msg.payload) == ("fedmq/acl/update/dev1", b"own")
+                    break
+        with pytest.raises(aiomqtt.MqttError):  # no password, no connection
+            async with aiomqtt.Client(host, port, username="dev1", password="wrong", identifier="x"):
+                pass
+    finally:
+        node.cleanup()
