@@ -248,7 +248,7 @@ class _Staging:
 
     CHUNK = 8 * 1024 * 1024
     KEEP = 32
-    """Spare chunks kept for reuse (96 MiB): a group commit of 4 MB updates, and the next one filling."""
+    """Spare chunks kept for reuse (256 MiB at most, held only once used): a group commit and the next one filling."""
 
     def __init__(self) -> None:
         self._spare: list[mmap.mmap] = []
