@@ -65,6 +65,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     flag(p, "--partial-size", "aggregator.shard.partial_size", type=int, help="updates per shard partial")
     flag(p, "--shard-replicas", "aggregator.shard.replicas", type=int, help="copies of the stream and state")
+    flag(
+        p,
+        "--site",
+        "aggregator.shard.site",
+        action="store_true",
+        help="a site aggregator: devices on --broker (the site's own), partial sums to the root at --nats",
+    )
     flag(p, "--server-lr", "aggregator.server_lr", type=float)
     flag(p, "--server-momentum", "aggregator.server_momentum", type=float)
     flag(p, "--alpha", "aggregator.alpha", type=float, help="FedAsync mixing weight")
@@ -190,6 +197,20 @@ def run(args: argparse.Namespace) -> int:
 def run_shard(config: Config) -> int:
     """One shard of a sharded aggregator (aggregator.shard.nats): serve until signalled."""
     require("cluster", key="aggregator.shard.nats", why="sharded aggregation")
+    if config.aggregator.shard.site:
+        from aggregator.site import SiteAggregator
+
+        site = SiteAggregator(config)
+        logging.getLogger("fedmq.aggregator").info(
+            "site aggregator %s: devices on %s:%d, root %s, prefix %s",
+            site.site_id,
+            config.broker.host,
+            config.broker.port,
+            config.aggregator.shard.nats,
+            config.prefix,
+        )
+        print(json.dumps(run_until_signalled(site.run)))
+        return 0
     from aggregator.cluster import ClusterAggregator
 
     shard = ClusterAggregator(config)

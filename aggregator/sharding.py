@@ -420,9 +420,10 @@ class ShardCore:
         max_num_examples: int,
         partial_size: int,
         partial_wait: float,
+        min_agents: int = 1,
     ) -> None:
-        if partial_size < 1 or not partial_wait > 0:
-            raise ValueError("partial_size must be >= 1 and partial_wait > 0")
+        if partial_size < 1 or not partial_wait > 0 or min_agents < 1:
+            raise ValueError("partial_size and min_agents must be >= 1, partial_wait > 0")
         self.shard = shard
         self.reference = {k: np.zeros(v.shape, v.dtype) for k, v in reference.items()}
         self.version = version
@@ -433,6 +434,8 @@ class ShardCore:
         self.max_num_examples = max_num_examples
         self.partial_size = partial_size
         self.partial_wait = partial_wait
+        self.min_agents = min_agents
+        """A partial leaves only with the updates of at least this many devices (a site's floor)."""
         self._next_pid = 1
         self._open: _Open | None = None
         self._offered: dict[int, _Offered] = {}
@@ -476,9 +479,12 @@ class ShardCore:
         box.contributions.append(Contribution(update.agent_id, update.seq, weight, staleness))
         box.tokens.append(token)
         self.accepted += 1
-        if len(box.contributions) >= self.partial_size:
+        if len(box.contributions) >= self.partial_size and self._enough(box):
             return self._close()
         return []
+
+    def _enough(self, box: _Open) -> bool:
+        return len({c.agent_id for c in box.contributions}) >= self.min_agents
 
     def _refuse(self, token: int, agent: str, seq: int, reason: RejectReason, detail: str) -> list[ShardEffect]:
         self.rejected[reason.value] = self.rejected.get(reason.value, 0) + 1
@@ -487,13 +493,18 @@ class ShardCore:
 
     def due(self, now: float) -> list[ShardEffect]:
         """Time passed: an open partial older than ``partial_wait`` is offered as it is."""
-        if self._open is not None and now - self._open.opened >= self.partial_wait:
+        if self._open is not None and now - self._open.opened >= self.partial_wait and self._enough(self._open):
             return self._close()
         return []
 
     def flush(self) -> list[ShardEffect]:
-        """Offer the open partial now (shutdown)."""
-        return self._close() if self._open is not None else []
+        """Offer the open partial now (shutdown), if it holds ``min_agents`` devices; else hand it back."""
+        if self._open is None:
+            return []
+        if self._enough(self._open):
+            return self._close()
+        tokens, self._open = tuple(self._open.tokens), None
+        return [Nak(tokens)]
 
     def _close(self) -> list[ShardEffect]:
         box = self._open

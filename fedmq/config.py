@@ -170,6 +170,11 @@ class ShardConfig:
     """Seconds before a message a dead shard held goes to another shard (held ones are kept alive)."""
     replicas: int = 3
     """Copies of the update stream and the cluster's state (1 for a one-node cluster)."""
+    site: bool = False
+    """This process is a site aggregator: its devices are on ``broker`` (the site's own broker) and
+    it forwards only partial sums to the root cluster at ``nats`` (docs/scale-out.md)."""
+    site_min_devices: int = 2
+    """A site forwards a sum only once it holds updates of at least this many devices."""
 
     def partial_for(self, buffer_size: int) -> int:
         """The partial size for FedBuff's ``buffer_size``."""
@@ -187,6 +192,7 @@ class ShardConfig:
         _check(_finite(self.lease) and 1 <= self.lease <= 600, k + "lease", "must be in [1, 600] seconds")
         _check(_finite(self.ack_wait) and self.ack_wait >= 2, k + "ack_wait", "must be >= 2 seconds")
         _check(self.replicas in (1, 3, 5), k + "replicas", "must be 1, 3 or 5")
+        _check(self.site_min_devices >= 1, k + "site_min_devices", "must be >= 1")
         unsupported = [
             ("aggregator.rule", agg.rule != "fedbuff", "must be fedbuff"),
             ("aggregator.secure_aggregation", agg.secure_aggregation, "is not sharded yet"),

@@ -11,8 +11,10 @@ watches every commit and every receipt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import msgpack
@@ -124,19 +127,23 @@ class Auditor:
                 self.changed.wait(left)
 
 
-def shard(nats_urls: str, broker: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {
+def shard(
+    nats_urls: str, broker: str, log: Path, env: dict[str, str] | None = None, *, site: bool = False
+) -> subprocess.Popen[bytes]:
+    """A `fedmq aggregator --nats` process (a shard, or with ``site`` a site aggregator)."""
+    full = {
         **os.environ,
         "FEDMQ_AGGREGATOR__SHARD__LEASE": "2",
         "FEDMQ_AGGREGATOR__SHARD__ACK_WAIT": "4",
         "FEDMQ_AGGREGATOR__HTTP": "",
+        **(env or {}),
     }
     cmd = [
         sys.executable, "-m", "cli", "aggregator", "--nats", nats_urls, "--broker", broker, "--prefix", PREFIX,
         "--model", "softmax", "--num-features", "64", "--num-classes", "10", "--buffer-size", "4",
-        "--partial-size", "2", "--max-staleness", "1000",
+        "--partial-size", "2", "--max-staleness", "1000", *(["--site"] if site else []),
     ]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"))
+    return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=log.open("wb"))
 
 
 @pytest.fixture
@@ -241,3 +248,108 @@ async def _retained_version(host: str, port: int) -> int:
                 assert isinstance(msg.payload, (bytes, bytearray))
                 return ModelMessage.from_bytes(bytes(msg.payload)).version
     raise AssertionError("no retained model")
+
+
+def test_a_site_forwards_only_sums_and_its_devices_are_applied_exactly_once(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Two devices on a site's own Mosquitto, one on the root cluster. The site aggregator
+    forwards partial sums; it is killed with SIGKILL mid-run and started again. The root never
+    carries a site device's update; every accepted receipt, at the site or at the root, names
+    the one version its update went into."""
+    from broker.launcher import MosquittoBroker
+
+    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    root = NatsCluster(1, workdir=tmp_path / "nats").start(timeout=120)
+    site_broker = MosquittoBroker().start()
+    try:
+        node = root.nodes[0]
+        urls = f"nats://{node.host}:{node.client_port}"
+        env = {"FEDMQ_AGGREGATOR__SHARD__REPLICAS": "1"}
+        processes.append(shard(urls, node.url, tmp_path / "root.log", env))
+        auditor = Auditor(urls).start()
+        auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
+        site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
+        site = shard(urls, site_url, tmp_path / "site.log", env, site=True)
+        processes.append(site)
+        site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
+
+        train, _ = digits()
+        agents = []
+        for i, where in enumerate((site_url, site_url, node.url)):
+            data = tmp_path / f"dev{i}.npz"
+            part = train.subset(np.arange(i, 600, 3))
+            np.savez(data, x=part.x, y=part.y)
+            cmd = [
+                sys.executable, "-m", "cli", "agent", "--broker", where, "--prefix", PREFIX, "--id", f"dev{i}",
+                "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3",
+                "--lr", "0.3", "--receipt-timeout", "4",
+            ]  # fmt: skip
+            agents.append(
+                subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
+            )
+        processes.extend(agents)
+        auditor.wait("three versions", lambda: auditor.version >= 3, 180)
+        site.send_signal(signal.SIGKILL)
+        site.wait(30)
+        at_kill = auditor.version
+        processes.append(shard(urls, site_url, tmp_path / "site2.log", env, site=True))
+        site_receipts.wait_for(lambda got: any(r.version > at_kill + 1 for r in got), 180)
+
+        for i, a in enumerate(agents):
+            a.communicate(timeout=300)
+            assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+        assert auditor.error is None, auditor.error
+        with auditor.changed:
+            applied: dict[tuple[str, int], int] = {}
+            for version, keys in auditor.commits.items():
+                for key in keys:
+                    assert key not in applied, f"{key} went into versions {applied[key]} and {version}"
+                    applied[key] = version
+            assert {a for a, _ in auditor.sent} <= {"dev2"}, "a site device's update crossed to the root"
+            site_devices = {a for a, _ in applied} & {"dev0", "dev1"}
+            assert site_devices == {"dev0", "dev1"}, "the site's sums were applied"
+        accepted = [r for r in site_receipts.got + auditor.receipts if r.status == "accepted"]
+        assert {r.agent_id for r in accepted} == {"dev0", "dev1", "dev2"}
+        for r in accepted:
+            assert applied.get((r.agent_id, r.seq)) == r.version, (
+                f"receipt {r}, applied {applied.get((r.agent_id, r.seq))}"
+            )
+    finally:
+        site_broker.cleanup()
+        root.cleanup()
+
+
+class SiteReceipts:
+    """The receipts the site sends its devices (a subscriber on the site's broker, own thread)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.got: list[ReceiptMessage] = []
+        self.changed = threading.Condition()
+        self.ready = threading.Event()
+        threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True).start()
+
+    async def _main(self) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):  # the site's broker stops at the end of the test
+            async with aiomqtt.Client(self.host, self.port, identifier="site-audit") as client:
+                await client.subscribe(f"{PREFIX}/receipt/+", qos=1)
+                self.ready.set()
+                async for msg in client.messages:
+                    assert isinstance(msg.payload, (bytes, bytearray))
+                    with self.changed:
+                        self.got.append(ReceiptMessage.from_bytes(bytes(msg.payload)))
+                        self.changed.notify_all()
+
+    def start(self) -> SiteReceipts:
+        assert self.ready.wait(60)
+        return self
+
+    def wait_for(self, predicate: Any, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        with self.changed:
+            while not predicate(self.got):
+                left = deadline - time.monotonic()
+                assert left > 0, f"not within {limit} s: {len(self.got)} receipts"
+                self.changed.wait(left)

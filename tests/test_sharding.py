@@ -292,3 +292,26 @@ def test_sharding_refuses_at_startup_what_it_does_not_do_naming_the_key() -> Non
     with pytest.raises(ConfigError) as err:
         Config(aggregator=AggregatorConfig(shard=ShardConfig(nats="mqtt://x:1"))).validate()
     assert err.value.key == "aggregator.shard.nats"
+
+
+def test_a_site_sum_leaves_only_with_updates_of_enough_devices() -> None:
+    """min_agents: neither the size nor the wait lets a partial of one device's updates out."""
+    site = ShardCore(
+        "site",
+        model(),
+        version=0,
+        staleness=make_staleness_fn("constant"),
+        max_staleness=10,
+        max_update_norm=100.0,
+        max_num_examples=1000,
+        partial_size=2,
+        partial_wait=1.0,
+        min_agents=2,
+    )
+    assert site.update(1, update("a", 1, 0, 5, 1), topic_agent="a", now=0.0) == []
+    assert site.update(2, update("a", 2, 0, 5, 2), topic_agent="a", now=0.0) == []  # size reached, one device
+    assert site.due(now=10.0) == []  # waited long enough, still one device
+    assert site.flush() == [Nak((1, 2))]  # at shutdown: handed back, never sent alone
+    site.update(3, update("a", 3, 0, 5, 3), topic_agent="a", now=20.0)
+    (partial,) = offers(site.update(4, update("b", 1, 0, 5, 4), topic_agent="b", now=20.0))
+    assert {c.agent_id for c in partial.contributions} == {"a", "b"}
