@@ -148,6 +148,8 @@ class ClusterAggregator:
         self.leading = asyncio.Event()
         self.steps = 0
         """Steps this process committed as leader."""
+        self.offered = 0
+        """Partials the leader took from this process."""
         self._msgs: dict[int, Any] = {}
         self._offers: asyncio.Queue[Partial] = asyncio.Queue()
         self._nc: Any = None
@@ -323,19 +325,19 @@ class ClusterAggregator:
 
     async def _offerer(self) -> None:
         """Offer partials to the leader, one at a time; no answer: the ticker offers it again."""
-        from nats.errors import Error as NatsTimeout
-        from nats.errors import NoRespondersError
+        from nats.errors import Error as NatsError
 
         while True:
             partial = await self._offers.get()
             try:
                 reply = await self._nc.request(self.names["offer"], partial.to_bytes(), timeout=self.scfg.lease)
-            except (NatsTimeout, NoRespondersError):
+            except NatsError:  # no leader now, or the cluster is electing one
                 self._offers.task_done()
                 continue
             self._offers.task_done()
             answer = unpack(reply.data)
             if answer.get("status") == "taken":
+                self.offered += 1
                 self._carry(self.core.answer(Taken(partial.shard, partial.pid)))
             else:
                 dups = tuple((str(a), int(s)) for a, s in answer.get("duplicates", []))
@@ -383,14 +385,19 @@ class ClusterAggregator:
                         state, _ = decode_state((await self._state_kv.get("state")).value)
                         seen, window = state.version, state.window
                         self._carry(self.core.commit(seen, window))
+                        await self._committed(seen)
                         if version <= seen:
                             continue
                     window.add([(str(a), int(q)) for a, q in obj["keys"]], version)
                     seen = version
                     self._carry(self.core.commit(version, window))
+                    await self._committed(version)
             except NatsError as exc:
                 log.warning("watching the commits failed (%s); watching again", exc or type(exc).__name__)
                 await asyncio.sleep(1.0)  # a back-off, not a wait for an event
+
+    async def _committed(self, version: int) -> None:
+        """A committed version was settled (a site relays its model; a shard has nothing more to do)."""
 
     # --- the leader ---------------------------------------------------------------------------
     async def _campaign(self) -> None:

@@ -37,69 +37,30 @@ from typing import Any
 
 import aiomqtt
 
-from aggregator.cluster import decode_state, names
-from aggregator.sharding import (
-    Ack,
-    AppliedWindow,
-    Nak,
-    Offer,
-    Partial,
-    Receipt,
-    Refused,
-    ShardCore,
-    ShardEffect,
-    Taken,
-)
-from fedmq.codec import DecodeLimits, unpack
+from aggregator.cluster import ClusterAggregator, decode_state
+from aggregator.sharding import Ack, Nak, Offer, Receipt, ShardEffect
 from fedmq.config import Config
-from fedmq.errors import ConfigError, DecodeError
-from fedmq.messages import ModelMessage, ModelSpec, ReceiptMessage, UpdateMessage, salvage_seq
-from fedmq.staleness import make_staleness_fn
-from models import create_model
+from fedmq.errors import DecodeError
+from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage, salvage_seq
 from runtime.transport import client_kwargs, publish, subscribe
 
 log = logging.getLogger("fedmq.site")
-_STATE_LIMITS = DecodeLimits(max_payload_bytes=64 * 1024 * 1024, max_array_len=10_000_000)
 
 
-class SiteAggregator:
-    """One site: the root's shard for the devices of one local broker."""
+class SiteAggregator(ClusterAggregator):
+    """One site: the root's shard for the devices of one local broker.
+
+    It shares the shard's offers, ticker and commit follower (:class:`ClusterAggregator`);
+    what differs is where updates come from and where receipts and models go.
+    """
 
     def __init__(self, config: Config, *, site_id: str | None = None, clock: Any = time.time) -> None:
-        self.config = config
-        self.cfg = config.aggregator
-        self.scfg = config.aggregator.shard
-        if not self.scfg.nats:
-            raise ConfigError("aggregator.shard.nats", "a site needs the root cluster's NATS URLs")
-        self.topics = config.topics
-        self.names = names(config.prefix)
-        self.clock = clock
-        self.site_id = site_id or f"site-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.spec = ModelSpec(self.cfg.model, self.cfg.num_features, self.cfg.num_classes, self.cfg.hidden)
-        reference = create_model(
-            self.cfg.model, num_features=self.cfg.num_features, num_classes=self.cfg.num_classes, hidden=self.cfg.hidden
-        ).get_weights()
-        self.limits = DecodeLimits(max_payload_bytes=config.broker.max_payload_bytes)
-        self.core = ShardCore(
-            self.site_id,
-            reference,
-            version=0,
-            staleness=make_staleness_fn(self.cfg.staleness.function, self.cfg.staleness.a, self.cfg.staleness.b),
-            max_staleness=self.cfg.max_staleness,
-            max_update_norm=self.cfg.max_update_norm,
-            max_num_examples=self.cfg.max_num_examples,
-            partial_size=self.scfg.partial_for(self.cfg.buffer_size),
-            partial_wait=self.scfg.partial_wait,
-            min_agents=self.scfg.site_min_devices,
-        )
-        self.ready = asyncio.Event()
-        self.forwarded = 0
-        """Partials the root took."""
+        site_id = site_id or f"site-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        super().__init__(config, shard_id=site_id, clock=clock)
+        self.site_id = site_id
+        self.core.min_agents = self.scfg.site_min_devices
         self._tokens = itertools.count(1)
-        self._offers: asyncio.Queue[Partial] = asyncio.Queue()
-        self._receipts: asyncio.Queue[ReceiptMessage] = asyncio.Queue()
-        self._models: asyncio.Queue[ModelMessage] = asyncio.Queue()
-        self._nc: Any = None
+        self._local: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
 
     async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
         """Serve until ``stop``; return a summary."""
@@ -109,7 +70,10 @@ class SiteAggregator:
         servers = [u.strip() for u in self.scfg.nats.split(",")]
         self._nc = await nats.connect(servers, name=f"fedmq-{self.site_id}", max_reconnect_attempts=-1)
         try:
-            js = self._nc.jetstream()
+            self._js = self._nc.jetstream()
+            self._state_kv = await self._retrying(
+                "finding the root's state", lambda: self._js.key_value(self.names["state"]), limit=120
+            )
             async with aiomqtt.Client(**client_kwargs(self.config.broker)) as local:
                 await subscribe(local, self.topics.update_wildcard, qos=1)
                 self.ready.set()
@@ -119,7 +83,7 @@ class SiteAggregator:
                         tg.create_task(self._receive(local)),
                         tg.create_task(self._send(local)),
                         tg.create_task(self._offerer()),
-                        tg.create_task(self._follow(js)),
+                        tg.create_task(self._watch_commits()),
                         tg.create_task(self._ticker()),
                     ]
                     await stop.wait()
@@ -137,7 +101,7 @@ class SiteAggregator:
             "site": self.site_id,
             "version": self.core.version,
             "accepted": self.core.accepted,
-            "forwarded": self.forwarded,
+            "forwarded": self.offered,
             "rejected": self.core.rejected,
         }
 
@@ -160,92 +124,28 @@ class SiteAggregator:
         """Acks and naks need nothing here: the device's outbox re-sends what is not receipted."""
         for e in effects:
             if isinstance(e, Receipt):
-                self._receipts.put_nowait(e.receipt)
+                r = e.receipt
+                self._local.put_nowait((self.topics.receipt(r.agent_id), r.to_bytes(), False))
             elif isinstance(e, Offer):
                 self._offers.put_nowait(e.partial)
             else:
                 assert isinstance(e, Ack | Nak)
 
+    async def _committed(self, version: int) -> None:
+        """Relay the committed model to the site's devices (retained on the site's broker)."""
+        state, run = decode_state((await self._state_kv.get("state")).value)
+        model = ModelMessage(
+            version=state.version,
+            model=self.spec,
+            tensors=state.weights,
+            max_staleness=self.cfg.max_staleness,
+            run=run,
+            created_at=time.time(),
+        )
+        self._local.put_nowait((self.topics.model, model.to_bytes(), True))
+
     async def _send(self, local: aiomqtt.Client) -> None:
         """Receipts and models to the site's devices, in order."""
-
-        async def receipts() -> None:
-            while True:
-                r = await self._receipts.get()
-                await publish(local, self.topics.receipt(r.agent_id), r.to_bytes(), qos=1)
-
-        async def models() -> None:
-            while True:
-                m = await self._models.get()
-                await publish(local, self.topics.model, m.to_bytes(), qos=1, retain=True)
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(receipts())
-            tg.create_task(models())
-
-    async def _offerer(self) -> None:
-        from nats.errors import Error as NatsError
-
         while True:
-            partial = await self._offers.get()
-            try:
-                reply = await self._nc.request(self.names["offer"], partial.to_bytes(), timeout=self.scfg.lease)
-            except NatsError:
-                self._offers.task_done()
-                continue  # no leader now: offered again by the ticker
-            self._offers.task_done()
-            answer = unpack(reply.data)
-            if answer.get("status") == "taken":
-                self.forwarded += 1
-                self._carry(self.core.answer(Taken(partial.shard, partial.pid)))
-            else:
-                dups = tuple((str(a), int(s)) for a, s in answer.get("duplicates", []))
-                self._carry(self.core.answer(Refused(partial.shard, partial.pid, str(answer.get("reason")), dups)))
-
-    async def _ticker(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.2)  # a clock for partial_wait, not a wait for an event
-            self._carry(self.core.due(self.clock()))
-            if time.monotonic() - last >= self.scfg.lease:
-                last = time.monotonic()
-                if self._offers.empty():
-                    self._carry(self.core.new_leader())
-
-    async def _follow(self, js: Any) -> None:
-        """The root's commit log: settle receipts; the committed model goes to the site's devices."""
-        from nats.errors import Error as NatsError
-        from nats.js.api import DeliverPolicy
-
-        seen = -1
-        window = AppliedWindow(self.cfg.max_agents)
-        while True:
-            try:
-                kv = await js.key_value(self.names["state"])
-                sub = await js.subscribe(self.names["commit"], ordered_consumer=True, deliver_policy=DeliverPolicy.LAST)
-                async for msg in sub.messages:
-                    obj = unpack(msg.data, _STATE_LIMITS)
-                    version = int(obj["version"])
-                    if version <= seen:
-                        continue
-                    entry = await kv.get("state")
-                    state, run = decode_state(entry.value)
-                    if version != seen + 1 or state.version != version:
-                        seen, window = state.version, state.window  # a gap, or the state moved on: take it whole
-                    else:
-                        window.add([(str(a), int(q)) for a, q in obj["keys"]], version)
-                        seen = version
-                    self._carry(self.core.commit(seen, window))
-                    self._models.put_nowait(
-                        ModelMessage(
-                            version=state.version,
-                            model=self.spec,
-                            tensors=state.weights,
-                            max_staleness=self.cfg.max_staleness,
-                            run=run,
-                            created_at=time.time(),
-                        )
-                    )
-            except NatsError as exc:
-                log.warning("following the root's commits failed (%s); following again", exc or type(exc).__name__)
-                await asyncio.sleep(1.0)  # a back-off, not a wait for an event
+            topic, body, retain = await self._local.get()
+            await publish(local, topic, body, qos=1, retain=retain)
