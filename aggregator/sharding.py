@@ -448,6 +448,12 @@ class ShardCore:
             keys.update(c.key for c in self._open.contributions)
         return keys
 
+    def _held_tokens(self) -> set[int]:
+        tokens = {t for o in self._offered.values() for t in o.tokens}
+        if self._open is not None:
+            tokens.update(self._open.tokens)
+        return tokens
+
     def update(self, token: int, update: UpdateMessage, *, topic_agent: str, now: float) -> list[ShardEffect]:
         """A device's update (already decoded and checked by :meth:`UpdateMessage.from_bytes`)."""
         key = (update.agent_id, update.seq)
@@ -457,6 +463,8 @@ class ShardCore:
         applied = self.window.get(key)
         if applied is not None:  # a re-send of an applied update: its receipt again
             return [Ack((token,)), Receipt(ReceiptMessage(update.agent_id, update.seq, "accepted", applied))]
+        if token in self._held_tokens():
+            return []  # the same message again (its ack wait ran out): still held, still ours
         if key in self._held():
             return [Ack((token,))]  # a second copy: the first one holds its place and gets the receipt
         if update.base_version > self.version:

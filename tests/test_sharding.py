@@ -315,3 +315,14 @@ def test_a_site_sum_leaves_only_with_updates_of_enough_devices() -> None:
     site.update(3, update("a", 3, 0, 5, 3), topic_agent="a", now=20.0)
     (partial,) = offers(site.update(4, update("b", 1, 0, 5, 4), topic_agent="b", now=20.0))
     assert {c.agent_id for c in partial.contributions} == {"a", "b"}
+
+
+def test_a_held_message_delivered_again_stays_held_and_unacknowledged() -> None:
+    """Its ack wait ran out and the stream handed it back to the same shard: acknowledging it
+    now would let the stream forget an update no commit holds yet."""
+    a = shard("a", partial_size=5)
+    u = update("x", 1, 0, 5, 1)
+    assert a.update(7, u, topic_agent="x", now=0.0) == []
+    assert a.update(7, u, topic_agent="x", now=1.0) == []  # the same message (token 7): nothing to do
+    assert a.holding == 1
+    assert a.update(8, u, topic_agent="x", now=1.0) == [Ack((8,))]  # a device's re-send: the first copy holds
