@@ -1244,8 +1244,14 @@ class AggregatorService:
                     tg.create_task(publish(client, topic, body, qos=1))
 
     RECEIPTS_IN_FLIGHT = 32
-    """Receipts published at once: a group commit releases its receipts together, and each PUBACK
-    waits behind the update data the broker is sending this connection (23 ms for 16 MB updates here)."""
+    """Receipts published at once with a write-ahead log: a group commit releases its receipts
+    together, and each PUBACK waits behind the update data the broker is sending this connection
+    (23 ms for 16 MB updates here). Without a log, receipts are released one by one as they are
+    decided and go out one PUBACK at a time, as before: with them all in flight, 3 attackers of
+    12 poisoned Multi-Krum in 1 to 2 runs of 5 of tests/test_broker.py's model-replacement test
+    (faster receipts let the attackers, who do not train, fill more of each buffer). That
+    robustness must not rest on receipt pacing: it is a finding to fix in the robust rules, not
+    here."""
 
     async def _receipt_publisher(self, client: aiomqtt.Client) -> None:
         """Publish receipts in order, off the receive loop (which never waits on a PUBACK).
@@ -1253,9 +1259,10 @@ class AggregatorService:
         The publishes are issued in queue order, many PUBACKs awaited at once, as in
         :meth:`_secagg_publisher`.
         """
+        at_once = self.RECEIPTS_IN_FLIGHT if self.store is not None else 1
         while True:
             batch = [await self._receipts.get()]
-            while not self._receipts.empty() and len(batch) < self.RECEIPTS_IN_FLIGHT:
+            while not self._receipts.empty() and len(batch) < at_once:
                 batch.append(self._receipts.get_nowait())
             async with asyncio.TaskGroup() as tg:
                 for receipt in batch:
