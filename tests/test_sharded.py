@@ -241,13 +241,24 @@ def _leads(folder: Path) -> list[str]:
 
 
 async def _retained_version(host: str, port: int) -> int:
-    async with aiomqtt.Client(host, port, identifier="late-reader") as client:
-        await client.subscribe(f"{PREFIX}/model", qos=1)
-        async with asyncio.timeout(120):
-            async for msg in client.messages:
-                assert isinstance(msg.payload, (bytes, bytearray))
-                return ModelMessage.from_bytes(bytes(msg.payload)).version
-    raise AssertionError("no retained model")
+    """The retained model's version as a new device on that node sees it.
+
+    A restarted node accepts MQTT connections only once its MQTT streams have caught up, which
+    on a busy machine takes longer than aiomqtt's 10 s connect timeout: connect again, for up to
+    three minutes.
+    """
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            async with aiomqtt.Client(host, port, identifier="late-reader", timeout=60) as client:
+                await client.subscribe(f"{PREFIX}/model", qos=1)
+                async with asyncio.timeout(120):
+                    async for msg in client.messages:
+                        assert isinstance(msg.payload, (bytes, bytearray))
+                        return ModelMessage.from_bytes(bytes(msg.payload)).version
+        except aiomqtt.MqttError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def test_a_site_forwards_only_sums_and_its_devices_are_applied_exactly_once(
