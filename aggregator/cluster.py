@@ -178,17 +178,9 @@ class ClusterAggregator:
                     tg.create_task(self._watch_commits()),
                     tg.create_task(self._campaign()),
                 ]
-                await stop.wait()
-                self._carry(self.core.flush())  # the open partial is offered before we go
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(2 * self.scfg.lease):
-                        await self._offers.join()  # the offerer has offered it (or given up on it)
-                for t in tasks:
-                    t.cancel()
+                await self._serve_until(stop, tasks)
         finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await self._nc.close()
+            await self._close_nats()
         return {
             "shard": self.shard_id,
             "version": self.core.version,
@@ -196,6 +188,21 @@ class ClusterAggregator:
             "rejected": self.core.rejected,
             "steps_led": self.steps,
         }
+
+    async def _serve_until(self, stop: asyncio.Event, tasks: Sequence[asyncio.Task[None]]) -> None:
+        """Wait for ``stop``; offer the open partial (within two lease periods); end ``tasks``."""
+        await stop.wait()
+        self._carry(self.core.flush())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * self.scfg.lease):
+                await self._offers.join()  # the offerer has offered it (or given up on it)
+        for t in tasks:
+            t.cancel()
+
+    async def _close_nats(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self._nc.close()
 
     async def _retrying(self, what: str, fn: Any, *, limit: float) -> Any:
         """``fn()`` until it stops failing for a reason of the cluster's (a node restarting, an election)."""

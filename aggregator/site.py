@@ -25,7 +25,6 @@ Secure aggregation inside a site is not combined with this yet (docs/scale-out.m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -86,17 +85,9 @@ class SiteAggregator(ClusterAggregator):
                         tg.create_task(self._watch_commits()),
                         tg.create_task(self._ticker()),
                     ]
-                    await stop.wait()
-                    self._carry(self.core.flush())
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(2 * self.scfg.lease):
-                            await self._offers.join()
-                    for t in tasks:
-                        t.cancel()
+                    await self._serve_until(stop, tasks)
         finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await self._nc.close()
+            await self._close_nats()
         return {
             "site": self.site_id,
             "version": self.core.version,

@@ -219,21 +219,29 @@ def test_shards_train_exactly_once_through_a_shard_kill_and_a_node_kill(
     assert auditor.error is None, auditor.error
     with auditor.changed:
         assert sorted(auditor.commits) == list(range(auditor.version + 1)), "the commit log has a gap"
-        applied: dict[tuple[str, int], int] = {}
-        for version, keys in auditor.commits.items():
-            for key in keys:
-                assert key not in applied, f"{key} went into versions {applied[key]} and {version}"
-                applied[key] = version
-        accepted = [r for r in auditor.receipts if r.status == "accepted"]
-        for r in accepted:
-            went = applied.get((r.agent_id, r.seq))
-            assert went == r.version, f"receipt {r} names a version, the update went into {went}"
+        applied = _applied_once(auditor.commits, auditor.receipts)
         assert set(applied) <= auditor.sent, set(applied) - auditor.sent  # nothing applied that no device sent
         # What a device holds no receipt for when it stops sat in the last buffer, short of K.
         assert len(applied) >= sum(s["receipts_accepted"] for s in stats) > 0
     # The newest model is retained on every node, the restarted one too.
     newest = auditor.version
     assert asyncio.run(_retained_version(n3.host, n3.mqtt_port)) >= newest - 1
+
+
+def _applied_once(
+    commits: dict[int, list[tuple[str, int]]], receipts: list[ReceiptMessage]
+) -> dict[tuple[str, int], int]:
+    """The audit: no update in two versions, and every accepted receipt names its update's version."""
+    applied: dict[tuple[str, int], int] = {}
+    for version, keys in commits.items():
+        for key in keys:
+            assert key not in applied, f"{key} went into versions {applied[key]} and {version}"
+            applied[key] = version
+    for r in receipts:
+        if r.status == "accepted":
+            went = applied.get((r.agent_id, r.seq))
+            assert went == r.version, f"receipt {r} names a version, the update went into {went}"
+    return applied
 
 
 def _leads(folder: Path) -> list[str]:
@@ -313,20 +321,12 @@ def test_a_site_forwards_only_sums_and_its_devices_are_applied_exactly_once(
             assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
         assert auditor.error is None, auditor.error
         with auditor.changed:
-            applied: dict[tuple[str, int], int] = {}
-            for version, keys in auditor.commits.items():
-                for key in keys:
-                    assert key not in applied, f"{key} went into versions {applied[key]} and {version}"
-                    applied[key] = version
+            applied = _applied_once(auditor.commits, site_receipts.got + auditor.receipts)
             assert {a for a, _ in auditor.sent} <= {"dev2"}, "a site device's update crossed to the root"
             site_devices = {a for a, _ in applied} & {"dev0", "dev1"}
             assert site_devices == {"dev0", "dev1"}, "the site's sums were applied"
         accepted = [r for r in site_receipts.got + auditor.receipts if r.status == "accepted"]
         assert {r.agent_id for r in accepted} == {"dev0", "dev1", "dev2"}
-        for r in accepted:
-            assert applied.get((r.agent_id, r.seq)) == r.version, (
-                f"receipt {r}, applied {applied.get((r.agent_id, r.seq))}"
-            )
     finally:
         site_broker.cleanup()
         root.cleanup()
