@@ -1096,12 +1096,14 @@ class AggregatorCore:
             outs = self.secagg.check_in(agent, msg, now, version=self.version, run=self.run_id)
         else:
             outs = self.secagg.receive(agent, msg, now, check=self._admit_masked)
+        resent = None
         if isinstance(msg, MaskedMsg):
             original = self.receipt_for(agent, msg.seq)
-            if original is not None:
+            if original is not None:  # as for a plain re-send: its receipt again, counted as a duplicate
                 receipt = ReceiptMessage(agent, msg.seq, "accepted", original[0], index=original[1])
                 effects.append(SendReceipt(receipt, durable=True))
-        refused = self._secagg_outputs(outs, now, effects)
+                resent = agent
+        refused = self._secagg_outputs(outs, now, effects, resent=resent)
         if not isinstance(msg, CheckIn):  # a cohort may have ended: its devices are back in the pool
             refused += self._secagg_outputs(self.secagg.form(now, version=self.version, run=self.run_id), now, effects)
         return refused, tuple(effects)
@@ -1119,15 +1121,25 @@ class AggregatorCore:
             return Reject(agent, RejectReason.TOO_STALE, f"staleness {staleness} > max {self.max_staleness}")
         return None
 
-    def _secagg_outputs(self, outs: list[Any], now: float, effects: list[Effect]) -> list[Rejected]:
-        """Carry the cohort manager's outputs into effects and counters; the refusals, for logging."""
+    def _secagg_outputs(
+        self, outs: list[Any], now: float, effects: list[Effect], *, resent: str | None = None
+    ) -> list[Rejected]:
+        """Carry the cohort manager's outputs into effects and counters; the refusals, for logging.
+
+        ``resent``: the agent whose masked upload repeats an update applied before (its receipt
+        went out again): its duplicate refusal is counted in :attr:`Stats.duplicates`.
+        """
         refused: list[Rejected] = []
         for o in outs:
             if isinstance(o, SendTo):
                 effects.append(SendSecAgg(o.agent, o.message.to_bytes()))
             elif isinstance(o, Reject):
-                (self.stats.retried if o.reason in RETRYABLE else self.stats.rejected)[o.reason.value] += 1
-                refused.append(Rejected(o.agent, None, o.reason, o.detail))
+                repeat = o.reason is RejectReason.DUPLICATE and o.agent == resent
+                if repeat:
+                    self.stats.duplicates += 1
+                else:
+                    (self.stats.retried if o.reason in RETRYABLE else self.stats.rejected)[o.reason.value] += 1
+                refused.append(Rejected(o.agent, None, o.reason, o.detail, resent=repeat))
             elif isinstance(o, Formed):
                 self._open_cohorts[o.cohort] = o.members
                 effects.append(LogEvent({"sa_open": o.cohort, "members": list(o.members)}, now))
