@@ -7,13 +7,25 @@ its oldest update not yet in a cohort becomes its input, weighted by its own sta
 (``s(current - base)``, the function the aggregator announced), clipped, quantized and masked.
 The outbox entry stays until the aggregator's receipt says the cohort's sum was applied; if
 the cohort is abandoned or the device refuses it, the entry is free for the next cohort
-(with fresh keys and masks). Signing uses the device's TLS client key; roster signatures are
-checked against the federation CA whenever the device has both (the mutual-TLS deployment).
+(with fresh keys and masks).
+
+Once its masked upload has left, a device cannot tell from its own side whether the sum took
+it: the aggregator may apply the cohort and put the device straight into the next one, and
+that announcement can arrive before the receipt (it travels on another topic, and a receipt
+leaves only once its group is on disk). So an upload whose cohort ended without word of its
+fate (a new cohort, a deadline) stays *in doubt*: kept, and not offered to another cohort,
+until the receipt, the old cohort's ``DoneMsg``, or ``doubt_timeout`` seconds settle it. After
+the timeout it is free again, which is safe: an update already summed is answered as a
+duplicate with its receipt, never summed twice. A repeated cohort announcement is ignored.
+
+Signing uses the device's TLS client key; roster signatures are checked against the
+federation CA whenever the device has both (the mutual-TLS deployment).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -37,10 +49,13 @@ from fedmq.secagg.client import (
 )
 from fedmq.secagg.crypto import Signer, Verifier
 from fedmq.secagg.ddp import DdgParams
-from fedmq.secagg.messages import CheckIn, CohortMsg, UpMessage, decode_down
+from fedmq.secagg.messages import CheckIn, CohortMsg, DoneMsg, UpMessage, decode_down
 from fedmq.staleness import make_staleness_fn
 
 log = logging.getLogger("fedmq.agent")
+
+ANNOUNCEMENTS_KEPT = 64
+"""Cohort announcements remembered, to ignore a repeat (a device joins one cohort at a time)."""
 
 
 class SecureUploads:
@@ -58,6 +73,8 @@ class SecureUploads:
             leaves, and returns the epsilon after it; raises
             :class:`~edge_agent.pipeline.BudgetExhausted` past the budget (nothing is uploaded).
         require_dp: upload only into cohorts that announce distributed DP (``privacy.require_distributed``).
+        doubt_timeout: seconds an upload stays in doubt before it is offered again
+            (``agent.receipt_timeout``, the wait before a plain update is re-sent).
     """
 
     def __init__(
@@ -72,7 +89,10 @@ class SecureUploads:
         checkin_interval: float = 2.0,
         charge: Callable[[DdgParams], float] | None = None,
         require_dp: bool = False,
+        doubt_timeout: float = 30.0,
     ) -> None:
+        if doubt_timeout <= 0:
+            raise ValueError(f"doubt_timeout must be > 0, got {doubt_timeout}")
         self.agent_id = agent_id
         self.outbox = outbox
         self.limits = limits
@@ -85,14 +105,20 @@ class SecureUploads:
         self.checkin_interval = checkin_interval
         self.charge = charge
         self.require_dp = require_dp
+        self.doubt_timeout = doubt_timeout
+        self._announced: OrderedDict[str, None] = OrderedDict()
+        """The cohorts announced to this device lately, oldest first: a second announcement is a repeat."""
+        self.in_doubt: dict[str, float] = {}
+        """Ended cohorts that hold an upload of this device whose fate is not known yet, and since when."""
 
     # --- inputs ----------------------------------------------------------------------------
     def check_in(self, now: float, model: ModelMessage) -> CheckIn | None:
         """A check-in, if the agent is in no cohort and the last one is ``checkin_interval`` seconds old."""
+        self._expire_doubt(now)
         if self.session is not None and not self.session.expired(now):
             return None
         if self.session is not None:
-            self._end("the cohort timed out on this device")
+            self._end("the cohort timed out on this device", now)
         if now < self.next_checkin:
             return None
         self.next_checkin = now + self.checkin_interval
@@ -107,12 +133,23 @@ class SecureUploads:
             log.warning("agent %s: ignoring a bad secure-aggregation message: %s", self.agent_id, exc)
             return []
         if isinstance(msg, CohortMsg):
+            if msg.cohort in self._announced:  # a repeat (QoS 1 delivers at least once, and a check-in
+                self.stats.ignored["repeated_announcement"] += 1  # that crossed it is answered with it)
+                return []
+            self._announced[msg.cohort] = None
+            while len(self._announced) > ANNOUNCEMENTS_KEPT:
+                self._announced.popitem(last=False)
             if self.session is not None and not self.session.expired(now):
-                self._end("the aggregator formed a new cohort for this device")
+                self._end("the aggregator formed a new cohort for this device", now)
             self.session = ClientSession(self.agent_id, msg, now=now, signer=self.signer, verifier=self.verifier)
             self.stats.cohorts_joined += 1
             return self._settle(self.session.start(), now)
         if self.session is None or msg.cohort != self.session.cohort:
+            if isinstance(msg, DoneMsg) and msg.cohort in self.in_doubt:  # word of an upload in doubt
+                del self.in_doubt[msg.cohort]
+                included = msg.status == "applied" and msg.included is True
+                self._release(msg.cohort, applied=included)
+                return []
             self.stats.ignored["wrong_cohort"] += 1
             return []
         return self._settle(self.session.handle(msg), now)
@@ -157,13 +194,13 @@ class SecureUploads:
         release = session.release_for(values.size)
         if release is None and self.require_dp:
             self.stats.refused["no_distributed_dp"] += 1
-            self._end("the cohort adds no distributed DP noise, and privacy.require_distributed is set")
+            self._end("the cohort adds no distributed DP noise, and privacy.require_distributed is set", now)
             return []
         if release is not None and self.charge is not None:
             try:
                 epsilon = self.charge(release)
             except BudgetExhausted as exc:
-                self._end(str(exc))
+                self._end(str(exc), now)
                 raise
         outs = session.provide_input(values, seq=update.seq, base_version=update.base_version, epsilon=epsilon)
         if session.input_seq is not None:
@@ -178,6 +215,10 @@ class SecureUploads:
         back in the aggregator's pool and checks in again only after ``checkin_interval``.
         """
         cohort = self.assigned.pop(seq, None)
+        if cohort is not None and cohort in self.in_doubt and cohort not in self.assigned.values():
+            del self.in_doubt[cohort]
+            if accepted:
+                self.stats.summed += 1
         session = self.session
         if accepted and session is not None and cohort == session.cohort and session.input_seq == seq:
             self.stats.cohorts_applied += 1
@@ -217,11 +258,30 @@ class SecureUploads:
                 self.stats.ignored[o.reason] += 1
         return outs
 
-    def _end(self, why: str) -> None:
-        assert self.session is not None
-        log.info("agent %s: leaving cohort %s: %s", self.agent_id, self.session.cohort[:8], why)
-        self._release(self.session.cohort, applied=False)
+    def _end(self, why: str, now: float) -> None:
+        """Leave the session without word of its end: an upload that left is in doubt, the rest is free."""
+        session = self.session
+        assert session is not None
         self.session = None
+        uploaded = session.input_seq
+        if uploaded is not None and self.assigned.get(uploaded) == session.cohort:
+            self.in_doubt[session.cohort] = now
+            self.stats.in_doubt += 1
+            log.info(
+                "agent %s: leaving cohort %s (%s); update %d stays until its receipt says whether the sum took it",
+                self.agent_id, session.cohort[:8], why, uploaded,
+            )  # fmt: skip
+            return
+        log.info("agent %s: leaving cohort %s: %s", self.agent_id, session.cohort[:8], why)
+        self._release(session.cohort, applied=False)
+
+    def _expire_doubt(self, now: float) -> None:
+        """Uploads in doubt for ``doubt_timeout``: free for another cohort (the aggregator refuses a repeat)."""
+        for cohort, since in list(self.in_doubt.items()):
+            if now - since >= self.doubt_timeout:
+                del self.in_doubt[cohort]
+                log.info("agent %s: no word of cohort %s: its update is free again", self.agent_id, cohort[:8])
+                self._release(cohort, applied=False)
 
     def _release(self, cohort: str, *, applied: bool) -> None:
         """The cohort is over: its update is settled if the sum included it, else free for the next cohort."""

@@ -78,6 +78,8 @@ class SecureStats:
     ignored: Counter[str] = dataclasses.field(default_factory=Counter)
     dropped_stale: int = 0
     """Outbox updates dropped because they were too stale for any cohort to take."""
+    in_doubt: int = 0
+    """Uploads whose cohort ended without word of their fate, held until a receipt or the cohort's end says."""
 
 
 @dataclass
@@ -514,6 +516,7 @@ class AgentService:
                 checkin_interval=self.config.agent.checkin_interval,
                 charge=self.trainer.charge_distributed,
                 require_dp=self.config.privacy.require_distributed,
+                doubt_timeout=self.config.agent.receipt_timeout,
             )
         return self._secure
 

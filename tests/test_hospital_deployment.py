@@ -82,7 +82,7 @@ def test_five_hospitals_over_tls_with_secure_aggregation(tmp_path: Path) -> None
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["final_accuracy"] >= 0.93, summary
     assert summary["secure_aggregation"] and summary["cohorts_applied"] >= 1
-    assert summary["updates_rejected"] == 0, summary
+    assert summary["updates_rejected"] == 0, (summary["rejected_by_reason"], err[-3000:])
     for (a_out, a_err), proc in zip(results, agents, strict=True):
         assert proc.returncode == 0, a_err[-2000:]
         stats = json.loads(a_out.strip().splitlines()[-1])

@@ -589,11 +589,22 @@ class CohortManager:
         self.abandoned = 0
 
     def check_in(self, agent: str, msg: CheckIn, now: float, *, version: int, run: str | None) -> list[Out]:
-        """``agent`` is ready for a cohort (if it was in one, it has left it)."""
+        """``agent`` is ready for a cohort (if it was in one, it has left it).
+
+        A device in the pool checks in every few seconds, so a check-in can cross the
+        announcement of the cohort just formed for it. From a member that has not sent that
+        cohort its keys yet, it is taken as that: the device stays a member and is sent the
+        announcement again (which also brings back a device that restarted meanwhile).
+        """
         out: list[Out] = []
-        current = self.member_of.pop(agent, None)
-        if current is not None:  # it gave its cohort up (restarted, or timed out): the cohort stops waiting
-            out += self._settle(self.cohorts[current].offline(agent, now), now)
+        current = self.member_of.get(agent)
+        if current is not None:
+            cohort = self.cohorts[current]
+            if isinstance(cohort.state, CollectingKeys) and agent not in cohort.keys and agent not in cohort.gone:
+                return [SendTo(agent, cohort.announce)]
+            # It gave its cohort up (restarted, or timed out) after the first round: the cohort stops waiting.
+            del self.member_of[agent]
+            out += self._settle(cohort.offline(agent, now), now)
         self.pool.pop(agent, None)
         self.pool[agent] = now
         return out + self.form(now, version=version, run=run)
