@@ -21,7 +21,8 @@ Decisions are :mod:`aggregator.sharding`'s; this module moves bytes between them
 * **Receipts** are plain NATS publishes on ``{prefix.}receipt.{id}``: the device's MQTT
   subscription gets them.
 
-Every task runs in one TaskGroup; SIGTERM offers the open partial, and stops.
+Every task runs in one TaskGroup (acks and receipts too, through one sender); SIGTERM offers
+the open partial, sends what was decided, and stops.
 """
 
 from __future__ import annotations
@@ -152,6 +153,10 @@ class ClusterAggregator:
         """Partials the leader took from this process."""
         self._msgs: dict[int, Any] = {}
         self._offers: asyncio.Queue[Partial] = asyncio.Queue()
+        self._out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        """Acks, naks and receipts for :meth:`_sender`."""
+        self.send_failures = 0
+        """Acks, naks and receipts the cluster did not take (made up for by redelivery or a re-send)."""
         self._nc: Any = None
         self._js: Any = None
 
@@ -177,6 +182,7 @@ class ClusterAggregator:
                     tg.create_task(self._offerer()),
                     tg.create_task(self._watch_commits()),
                     tg.create_task(self._campaign()),
+                    tg.create_task(self._sender()),
                 ]
                 await self._serve_until(stop, tasks)
         finally:
@@ -187,6 +193,7 @@ class ClusterAggregator:
             "accepted": self.core.accepted,
             "rejected": self.core.rejected,
             "steps_led": self.steps,
+            "send_failures": self.send_failures,
         }
 
     async def _serve_until(self, stop: asyncio.Event, tasks: Sequence[asyncio.Task[None]]) -> None:
@@ -196,6 +203,7 @@ class ClusterAggregator:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2 * self.scfg.lease):
                 await self._offers.join()  # the offerer has offered it (or given up on it)
+                await self._out.join()  # the acks and receipts decided so far are sent
         for t in tasks:
             t.cancel()
 
@@ -313,22 +321,47 @@ class ClusterAggregator:
         self._carry(self.core.update(token, update, topic_agent=agent, now=self.clock()))
 
     def _carry(self, effects: Sequence[ShardEffect]) -> None:
-        """Carry out the core's effects (acks and receipts are fire-and-forget publishes)."""
+        """Carry out the core's effects: acks, naks and receipts queue for :meth:`_sender`, in order."""
         for e in effects:
             if isinstance(e, Ack | Nak):
                 for token in e.tokens:
                     msg = self._msgs.pop(token, None)
                     if msg is not None:
-                        self._spawn(msg.ack() if isinstance(e, Ack) else msg.nak(delay=0.5))
+                        self._out.put_nowait(("ack" if isinstance(e, Ack) else "nak", msg))
             elif isinstance(e, Receipt):
                 r = e.receipt
-                self._spawn(self._nc.publish(self.names["receipt"] + r.agent_id, r.to_bytes()))
+                self._out.put_nowait(("receipt", (self.names["receipt"] + r.agent_id, r.to_bytes())))
             elif isinstance(e, Offer):
                 self._offers.put_nowait(e.partial)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        task.add_done_callback(_log_failure)
+    async def _sender(self) -> None:
+        """Send the queued acks, naks, keep-alives and receipts, in the order they were decided.
+
+        A send the cluster fails (a node restarting, the connection closed) is logged and
+        dropped: a lost ack is a redelivery, which the core's window absorbs, and a lost receipt
+        a re-send from the device's outbox. Anything else is our bug and ends the TaskGroup.
+        """
+        from nats.errors import Error as NatsError
+
+        while True:
+            kind, item = await self._out.get()
+            try:
+                if kind == "ack":
+                    await item.ack()
+                elif kind == "nak":
+                    await item.nak(delay=0.5)
+                elif kind == "progress":  # a held message's keep-alive: its ack wait starts again
+                    held = self._msgs.get(item)
+                    if held is not None:  # not acked or handed back meanwhile
+                        await held.in_progress()
+                else:
+                    subject, body = item
+                    await self._nc.publish(subject, body)
+            except NatsError as exc:
+                self.send_failures += 1
+                log.info("a %s was not sent (%s); the stream or the device's outbox makes up for it", kind, exc)
+            finally:
+                self._out.task_done()
 
     async def _offerer(self) -> None:
         """Offer partials to the leader, one at a time; no answer: the ticker offers it again."""
@@ -359,8 +392,8 @@ class ClusterAggregator:
             now = time.monotonic()
             if now - last_keepalive >= self.scfg.ack_wait / 3:
                 last_keepalive = now
-                for msg in list(self._msgs.values()):
-                    self._spawn(msg.in_progress())
+                for token in list(self._msgs):
+                    self._out.put_nowait(("progress", token))
             if now - last_reoffer >= self.scfg.lease:
                 last_reoffer = now
                 if self._offers.empty():
@@ -544,8 +577,3 @@ class ClusterAggregator:
         )
         await publish(mqtt, self.topics.model, model.to_bytes(), qos=1, retain=True)
         log.info("version %d committed and published (%d updates)", state.version, len(keys))
-
-
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("a NATS publish or ack failed (the message is redelivered): %s", task.exception())

@@ -3,6 +3,7 @@ exactly-once under shard crashes, leader crashes, redeliveries and device re-sen
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from aggregator.sharding import (
     Taken,
 )
 from fedmq.errors import DecodeError
-from fedmq.messages import UpdateMessage
+from fedmq.messages import ReceiptMessage, UpdateMessage
 from fedmq.staleness import make_staleness_fn
 
 SHAPES = {"W": (6, 3), "b": (3,)}
@@ -326,3 +327,55 @@ def test_a_held_message_delivered_again_stays_held_and_unacknowledged() -> None:
     assert a.update(7, u, topic_agent="x", now=1.0) == []  # the same message (token 7): nothing to do
     assert a.holding == 1
     assert a.update(8, u, topic_agent="x", now=1.0) == [Ack((8,))]  # a device's re-send: the first copy holds
+
+
+async def test_a_shard_sends_acks_and_receipts_in_order_and_survives_a_failed_one() -> None:
+    """The shard's one sender (a TaskGroup child): a send the cluster fails is counted and the
+    rest still go, in the order the core decided; a bug of ours ends the sender."""
+    from nats.errors import ConnectionClosedError
+
+    from aggregator.cluster import ClusterAggregator
+    from fedmq.config import AggregatorConfig, Config, ShardConfig
+
+    sent: list[tuple[str, object]] = []
+
+    class Msg:
+        def __init__(self, token: int, fail: bool = False) -> None:
+            self.token, self.fail = token, fail
+
+        async def ack(self) -> None:
+            if self.fail:
+                raise ConnectionClosedError
+            sent.append(("ack", self.token))
+
+        async def nak(self, delay: float) -> None:
+            sent.append(("nak", self.token))
+
+        async def in_progress(self) -> None:
+            sent.append(("progress", self.token))
+
+    class Connection:
+        async def publish(self, subject: str, body: bytes) -> None:
+            sent.append(("publish", subject))
+
+    config = Config(aggregator=AggregatorConfig(shard=ShardConfig(nats="nats://127.0.0.1:1"))).validate()
+    shard_ = ClusterAggregator(config, shard_id="s1")
+    shard_._nc = Connection()
+    shard_._msgs = {1: Msg(1), 2: Msg(2, fail=True), 3: Msg(3), 5: Msg(5)}
+    receipt = ReceiptMessage("dev-a", 1, "accepted", 1)
+    shard_._carry([Ack((1, 2)), Receipt(receipt), Nak((3,))])
+    shard_._out.put_nowait(("progress", 1))  # a keep-alive is not sent for a message acked meanwhile
+    shard_._out.put_nowait(("progress", 5))  # and is for one still held
+    async with asyncio.TaskGroup() as tg:
+        sender = tg.create_task(shard_._sender())
+        await shard_._out.join()
+        sender.cancel()
+    assert sent == [("ack", 1), ("publish", shard_.names["receipt"] + "dev-a"), ("nak", 3), ("progress", 5)]
+    assert shard_.send_failures == 1 and list(shard_._msgs) == [5]
+
+    shard_._msgs = {4: object()}  # no ack(): our bug, not the cluster's
+    shard_._carry([Ack((4,))])
+    with pytest.raises(ExceptionGroup) as err:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(shard_._sender())
+    assert err.group_contains(AttributeError)
