@@ -73,6 +73,42 @@ def wait_listening(host: str, port: int, timeout: float, alive: Any = None) -> N
             delay = min(delay * 2, 0.1)
 
 
+def mqtt_answers(host: str, port: int, timeout: float) -> bool:
+    """Whether an MQTT 3.1.1 CONNECT to ``host:port`` gets a CONNACK within ``timeout`` seconds.
+
+    Any CONNACK counts, a refusal too: the broker's MQTT side is up. A listening socket is not
+    enough for NATS, whose MQTT side answers only once JetStream holds the account's MQTT
+    streams (seconds after the port opens, on a busy machine).
+    """
+    client_id = b"fedmq-ready"
+    variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # protocol name, level 4, clean session, keep-alive 60 s
+    body = variable + len(client_id).to_bytes(2, "big") + client_id
+    connect = bytes([0x10, len(body)]) + body
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(connect)
+            head = sock.recv(4)
+            if len(head) >= 1 and head[0] == 0x20:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"\xe0\x00")  # DISCONNECT
+                return True
+            return False
+    except OSError:  # refused, reset, or no answer in time
+        return False
+
+
+def wait_mqtt(host: str, port: int, timeout: float, alive: Any = None) -> None:
+    """Block until ``host:port`` answers an MQTT CONNECT (:func:`mqtt_answers`); ``alive()`` False aborts."""
+    deadline = time.monotonic() + timeout
+    while not mqtt_answers(host, port, max(0.5, min(10.0, deadline - time.monotonic()))):
+        if alive is not None and not alive():
+            raise BrokerError(f"broker exited before answering MQTT on {host}:{port}")
+        if time.monotonic() > deadline:
+            raise BrokerError(f"broker does not answer MQTT on {host}:{port} after {timeout:.0f} s")
+        time.sleep(0.1)  # between attempts at a process's readiness: no event to wait on
+
+
 def spawn(binary: str, conf: Path, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``binary -c conf`` in a session of its own, its output appended to ``log_path``."""
     out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open

@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.launcher import BrokerError, free_port, log_tail, spawn, terminate, wait_listening
+from broker.launcher import BrokerError, free_port, log_tail, spawn, terminate, wait_listening, wait_mqtt
 
 log = logging.getLogger("fedmq.broker")
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
@@ -181,7 +181,7 @@ class NatsCluster:
         node.proc = spawn(self.binary, node.conf_path, node.log_path)
 
     def wait_ready(self, timeout: float = 60.0, nodes: list[NatsNode] | None = None) -> None:
-        """Wait until ``nodes`` (default: every live one) accept MQTT and are healthy."""
+        """Wait until ``nodes`` (default: every live one) are healthy and answer an MQTT CONNECT."""
         deadline = time.monotonic() + timeout
         for node in nodes if nodes is not None else [n for n in self.nodes if n.proc is not None]:
             proc = node.proc
@@ -197,6 +197,10 @@ class NatsCluster:
                     raise BrokerError(f"{node.name} not healthy after {timeout:.0f} s; log:\n{self.log_tail(node)}")
                 time.sleep(delay)  # polling the node's health endpoint: no event to wait on across processes
                 delay = min(delay * 2, 0.2)
+            try:  # healthy is not yet ready for devices: its MQTT side waits for JetStream
+                wait_mqtt(node.host, node.mqtt_port, max(0.1, deadline - time.monotonic()), alive=node.alive)
+            except BrokerError as exc:
+                raise BrokerError(f"{node.name}: {exc}; log:\n{self.log_tail(node)}") from None
 
     def log_tail(self, node: NatsNode, lines: int = 15) -> str:
         """The end of ``node``'s log."""

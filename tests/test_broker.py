@@ -558,3 +558,18 @@ async def test_every_update_sent_one_to_three_times_gives_the_bit_identical_mode
     assert dup_rejected == {"duplicates": m - n}  # re-sends answered with their receipt, none refused
     for k in clean:
         assert clean[k].tobytes() == dup[k].tobytes(), k
+
+
+def test_mqtt_readiness_means_a_connack_not_an_open_port(mosquitto: MosquittoBroker) -> None:
+    """The cluster launcher waits for an MQTT answer: a socket that accepts and stays silent
+    (a NATS node whose MQTT side still waits for JetStream) is not ready, nor is a closed port."""
+    import socket
+
+    from broker.launcher import free_port, mqtt_answers
+
+    assert mqtt_answers(mosquitto.host, mosquitto.port, timeout=30)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        assert not mqtt_answers("127.0.0.1", silent.getsockname()[1], timeout=0.5)
+    assert not mqtt_answers("127.0.0.1", free_port(), timeout=0.5)
