@@ -76,6 +76,12 @@ async def publish_spread(cluster: NatsCluster, payloads: Payloads, n: int) -> fl
     return start
 
 
+def start_shard(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """One shard process, its log in ``log`` (printed if it never serves)."""
+    with log.open("wb") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
 async def run(shards: int, params: int, n: int, tmp: Path) -> tuple[float, float]:
     """Updates/s and the shards' CPU-ms per update."""
     features = max(1, params // 10 - 1)
@@ -89,7 +95,8 @@ async def run(shards: int, params: int, n: int, tmp: Path) -> tuple[float, float
         "--prefix", PREFIX, "--model", "softmax", "--num-features", str(features), "--num-classes", "10",
         "--buffer-size", str(K), "--partial-size", "5", "--max-staleness", "1000000", "--log-level", "WARNING",
     ]  # fmt: skip
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL) for _ in range(shards)]
+    logs = [tmp / f"shard-{i}.log" for i in range(shards)]
+    procs = [start_shard(cmd, env, path) for path in logs]
     try:
         nc = await nats.connect(urls.split(","))
         accepted = 0
@@ -108,9 +115,13 @@ async def run(shards: int, params: int, n: int, tmp: Path) -> tuple[float, float
         await nc.subscribe(PREFIX.replace("/", ".") + ".receipt.*", cb=on_receipt)
         async with aiomqtt.Client(cluster.nodes[1].host, cluster.nodes[1].mqtt_port, identifier="wait") as c:
             await c.subscribe(f"{PREFIX}/model", qos=1)
-            async with asyncio.timeout(120):
-                async for _ in c.messages:  # the leader published version 0: the shards are up
-                    break
+            try:
+                async with asyncio.timeout(120):
+                    async for _ in c.messages:  # the leader published version 0: the shards are up
+                        break
+            except TimeoutError:
+                tails = "\n".join(f"--- {p.name}\n" + "".join(p.read_text().splitlines(True)[-15:]) for p in logs)
+                raise SystemExit(f"no model from {shards} shard(s) within 120 s; their logs:\n{tails}") from None
         cpu0 = sum(proc_stats(p.pid)["cpu_s"] for p in procs)
         start = await publish_spread(cluster, payloads, n)
         async with asyncio.timeout(600):
