@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -187,6 +187,10 @@ class Stats:
     least :attr:`max_epsilon`, which counts the sums this aggregator released (its ledger)."""
     duplicates: int = 0
     """Re-sends of accepted updates, answered with their original receipt (not in :attr:`rejected`)."""
+    site_sums: int = 0
+    """Sites' sums accepted (each one of :attr:`accepted`)."""
+    site_updates: int = 0
+    """Device updates inside those sums."""
 
     @property
     def mean_staleness(self) -> float:
@@ -207,6 +211,8 @@ class Stats:
             "cohorts_abandoned": self.cohorts_abandoned,
             "max_epsilon_reported": self.max_epsilon_reported,
             "duplicates": self.duplicates,
+            "site_sums": self.site_sums,
+            "site_updates": self.site_updates,
         }
 
     @classmethod
@@ -224,6 +230,8 @@ class Stats:
             int(d.get("cohorts_abandoned", 0)),
             float(d.get("max_epsilon_reported", d["max_epsilon"])),
             int(d.get("duplicates", 0)),
+            int(d.get("site_sums", 0)),
+            int(d.get("site_updates", 0)),
         )
 
 
@@ -336,6 +344,8 @@ class Buffered:
     agent_id: str
     delta: Tensors
     weight: float
+    count: int = 1
+    """Updates it stands for: 1, or a site's sum of that many device updates."""
 
 
 @dataclass(frozen=True)
@@ -392,8 +402,27 @@ class FedBuffRule:
     ) -> Tensors | None:
         """Buffer the delta; step when the buffer holds ``K`` (all-or-nothing)."""
         claimed = num_examples if self.aggregate.trusts_claims else 1
-        entry = Buffered(agent_id, delta, staleness_weight(claimed, self.staleness_fn(staleness)))
-        if len(self.buffer) + 1 < self.buffer_size:
+        return self._take(weights, Buffered(agent_id, delta, staleness_weight(claimed, self.staleness_fn(staleness))))
+
+    def add_sum(
+        self, weights: Tensors, mean: Tensors, *, staleness: int, weight: float, count: int, agent_id: str
+    ) -> Tensors | None:
+        """Buffer a site's sum of ``count`` updates: their weighted ``mean`` and their FedBuff ``weight``.
+
+        It counts ``count`` towards ``K`` and weighs ``weight * s(staleness)``: the site took
+        each device's staleness against its ``base_version``, this adds what passed since. The
+        weighted mean over the buffer is then the one over the devices' own updates (exactly
+        when ``staleness`` is 0, for the constant function always). Only the weighted mean
+        takes sums: a robust aggregate judges single updates.
+        """
+        if not self.aggregate.trusts_claims:
+            raise ValueError(f"the {type(self.aggregate).__name__} aggregate judges single updates, not a site's sum")
+        if count < 1 or not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"a sum needs count >= 1 and a finite weight > 0, got {count}, {weight!r}")
+        return self._take(weights, Buffered(agent_id, mean, weight * self.staleness_fn(staleness), count))
+
+    def _take(self, weights: Tensors, entry: Buffered) -> Tensors | None:
+        if sum(e.count for e in self.buffer) + entry.count < self.buffer_size:
             self.buffer.append(entry)
             return None
         full = [*self.buffer, entry]
@@ -432,13 +461,15 @@ class FedBuffRule:
         return sum(e.agent_id == agent_id for e in self.buffer)
 
     def open_slots(self) -> tuple[int, int]:
-        """Deltas waiting, and the buffer size ``K``."""
-        return len(self.buffer), self.buffer_size
+        """Updates waiting (a site's sum counts its updates), and the buffer size ``K``."""
+        return sum(e.count for e in self.buffer), self.buffer_size
 
     def state_dict(self) -> dict[str, Any]:
         """The buffer, the momentum state, and the aggregate's own state if it has one (central DP's key)."""
         out: dict[str, Any] = {
-            "buffer": [{"agent_id": e.agent_id, "delta": e.delta, "weight": e.weight} for e in self.buffer],
+            "buffer": [
+                {"agent_id": e.agent_id, "delta": e.delta, "weight": e.weight, "count": e.count} for e in self.buffer
+            ],
             "velocity": self.velocity,
         }
         if hasattr(self.aggregate, "state_dict"):
@@ -448,7 +479,8 @@ class FedBuffRule:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the buffer and the momentum state."""
         self.buffer = [
-            Buffered(str(e.get("agent_id", "")), dict(e["delta"]), float(e["weight"])) for e in state["buffer"]
+            Buffered(str(e.get("agent_id", "")), dict(e["delta"]), float(e["weight"]), int(e.get("count", 1)))
+            for e in state["buffer"]
         ]
         self.velocity = dict(state["velocity"]) if state["velocity"] is not None else None
         if state.get("aggregate") is not None and hasattr(self.aggregate, "load_state_dict"):
@@ -569,6 +601,9 @@ class AggregatorCore:
             aggregate: each FedBuff step is a release for the agents in it.
         max_participation: the most releases one agent may be in (0: no cap); needs ``ledger``.
         min_separation: versions between two releases one agent is in (0: any); needs ``ledger``.
+        sites: the site aggregators whose sums are taken (:attr:`UpdateMessage.weight`; FedBuff
+            with the weighted mean only). A site is one infrastructure peer for many devices:
+            no rate limit and no buffer share apply to it.
     """
 
     def __init__(
@@ -596,6 +631,7 @@ class AggregatorCore:
         central_dp: float | None = None,
         max_participation: int = 0,
         min_separation: int = 0,
+        sites: Iterable[str] = (),
     ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
@@ -647,6 +683,11 @@ class AggregatorCore:
         self.min_separation = min_separation
         self._open_cohorts: dict[str, tuple[str, ...]] = {}
         """Cohorts formed and not yet summed or abandoned (hard state: after a crash they are abandoned)."""
+        self.sites = frozenset(sites)
+        if self.sites and not (isinstance(rule, FedBuffRule) and rule.aggregate.trusts_claims):
+            raise ValueError("sites' sums go into FedBuff's weighted mean: use the fedbuff rule, no robust aggregate")
+        if self.sites and (secagg is not None or central_dp is not None or noise_check is not None):
+            raise ValueError("sites' sums are not combined with secure aggregation, central DP or the noise check")
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -805,17 +846,31 @@ class AggregatorCore:
         delta = detached(update.delta)  # a kept delta must not keep a larger payload alive
         claimed = min(update.num_examples, self.max_num_examples)
         new: Tensors | None = None
+        was_empty = self.rule.open_slots()[0] == 0
         if hold:  # waits for the next buffer: the agent has one in this one
             self._deferred.append(Deferred(aid, delta, claimed, update.base_version))
         else:
             try:
-                new = self.rule.add(self._weights, base, delta, staleness=staleness, num_examples=claimed, agent_id=aid)
+                if update.is_sum:
+                    assert isinstance(self.rule, FedBuffRule)
+                    assert update.weight is not None
+                    count = update.contributions or 1
+                    new = self.rule.add_sum(
+                        self._weights, delta, staleness=staleness, weight=update.weight, count=count, agent_id=aid
+                    )
+                else:
+                    new = self.rule.add(
+                        self._weights, base, delta, staleness=staleness, num_examples=claimed, agent_id=aid
+                    )
             except ValueError as exc:
                 refused = Rejected(aid, seq, RejectReason.RULE_REFUSED, str(exc)[:300])
                 return self._refuse(refused, effects, topic_agent_id)
         self.stats.accepted += 1
         index = self.stats.accepted
         self.stats.staleness_sum += staleness
+        if update.is_sum:
+            self.stats.site_sums += 1
+            self.stats.site_updates += update.contributions or 0
         if update.epsilon is not None:
             self._reported(update.epsilon)
         effects.append(LogUpdate(aid, index, now, deferred=hold))
@@ -828,7 +883,7 @@ class AggregatorCore:
         self._recent[aid] = now
         while len(self._recent) > self.max_agents:
             self._recent.popitem(last=False)
-        if self.rule.open_slots()[0] == 1:
+        if was_empty and self.rule.open_slots()[0] > 0:
             self._buffer_opened = now
         before = self.version
         if new is not None:
@@ -944,6 +999,11 @@ class AggregatorCore:
                 RejectReason.AGENT_ID_MISMATCH,
                 f"update names agent {u.agent_id!r} but came on the topic of {topic_agent_id!r}",
             )
+        if u.is_sum and u.agent_id not in self.sites and not self._replaying:
+            return rej(
+                RejectReason.NOT_A_SITE,
+                f"a sum of {u.contributions} updates from {u.agent_id!r}, which aggregator.sites does not list",
+            )
         if self.secagg is not None and not self._replaying:
             return rej(
                 RejectReason.SECURE_AGGREGATION_REQUIRED,
@@ -957,7 +1017,7 @@ class AggregatorCore:
                 return rej(RejectReason.DUPLICATE, f"seq {u.seq} is below the agent's receipted floor {rec.floor}")
             if len(rec.receipts) >= RECEIPTS_KEPT and u.seq < min(rec.receipts):
                 return rej(RejectReason.DUPLICATE, f"seq {u.seq} is older than the {RECEIPTS_KEPT} remembered")
-        if not self._replaying and self.rate_limit > 0:
+        if not self._replaying and self.rate_limit > 0 and not u.is_sum:
             available = _bucket(rec, now, self.rate_limit, self.rate_burst)
             if available < 1.0:
                 wait = (1.0 - available) / self.rate_limit
@@ -987,7 +1047,7 @@ class AggregatorCore:
             why = self.noise_check(u.delta, norm)
             if why is not None:
                 return rej(RejectReason.NOT_PRIVATE, why)
-        if self.mode == "async" and not self._replaying:
+        if self.mode == "async" and not self._replaying and not u.is_sum:
             waiting, capacity = self.rule.open_slots()
             if capacity and waiting:
                 age = max(0.0, now - self._buffer_opened)

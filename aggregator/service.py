@@ -476,6 +476,7 @@ class AggregatorService:
             central_dp=c.central_dp_noise_multiplier,
             max_participation=c.max_participation if dp else 0,
             min_separation=c.min_separation if dp else 0,
+            sites=c.site_ids,
         )
 
     def _central_dp(self) -> CentralGaussian | None:

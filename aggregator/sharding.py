@@ -421,9 +421,10 @@ class ShardCore:
         partial_size: int,
         partial_wait: float,
         min_agents: int = 1,
+        first_pid: int = 1,
     ) -> None:
-        if partial_size < 1 or not partial_wait > 0 or min_agents < 1:
-            raise ValueError("partial_size and min_agents must be >= 1, partial_wait > 0")
+        if partial_size < 1 or not partial_wait > 0 or min_agents < 1 or first_pid < 1:
+            raise ValueError("partial_size, min_agents and first_pid must be >= 1, partial_wait > 0")
         self.shard = shard
         self.reference = {k: np.zeros(v.shape, v.dtype) for k, v in reference.items()}
         self.version = version
@@ -436,7 +437,7 @@ class ShardCore:
         self.partial_wait = partial_wait
         self.min_agents = min_agents
         """A partial leaves only with the updates of at least this many devices (a site's floor)."""
-        self._next_pid = 1
+        self._next_pid = first_pid
         self._open: _Open | None = None
         self._offered: dict[int, _Offered] = {}
         self.accepted = 0
@@ -563,6 +564,22 @@ class ShardCore:
                     assert v is not None
                     out.append(Receipt(ReceiptMessage(c.agent_id, c.seq, "accepted", v)))
         return out
+
+    def restore(self, partial: Partial) -> None:
+        """A partial offered by this shard's previous life (a site's uplink folder): held again, unsettled.
+
+        Its updates count as held (a device's re-send of one is not summed again) until
+        :meth:`commit` settles it or :meth:`drop` takes it back.
+        """
+        if partial.pid in self._offered or (self._open is not None and self._open.pid == partial.pid):
+            raise ValueError(f"partial {partial.pid} is held already")
+        self._offered[partial.pid] = _Offered(partial, [])
+        self._next_pid = max(self._next_pid, partial.pid + 1)
+
+    def drop(self, pid: int) -> Partial | None:
+        """Forget an offered partial that will never be committed (refused for good); ``None`` if unknown."""
+        offered = self._offered.pop(pid, None)
+        return None if offered is None else offered.partial
 
     def new_leader(self) -> list[ShardEffect]:
         """Another leader (its buffer started empty): offer every partial not yet committed again."""

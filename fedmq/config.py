@@ -20,11 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from fedmq.compression import METHODS
 from fedmq.errors import ConfigError
 from fedmq.messages import PLAN_FIELDS, plan_problem
-from fedmq.topics import Topics, validate_agent_id
+from fedmq.topics import Topics, is_agent_id, validate_agent_id
 
 ENV_PREFIX = "FEDMQ_"
 
@@ -206,6 +207,96 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class UplinkConfig:
+    """A site aggregator whose root is an aggregator over MQTT (docs/scale-out.md, "Hierarchical").
+
+    ``fedmq aggregator --root mqtts://root-broker --site-id hospital-a --uplink-dir /var/lib/fedmq/uplink
+    --broker mqtt://site-mosquitto``: the site's devices publish to the site's broker; the site
+    sends the root each sum of at least ``aggregator.shard.site_min_devices`` devices' updates
+    (``aggregator.shard.partial_size`` updates, or what ``partial_wait`` seconds gathered) as one
+    weighted update, and relays the root's model and receipts.
+    """
+
+    root: str = ""
+    """The root's broker: ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS). Set: this
+    aggregator is a site of that root."""
+    site_id: str = ""
+    """This site's id at the root: its MQTT identity there, listed in the root's ``aggregator.sites``."""
+    state_dir: str = ""
+    """The uplink folder: each sum is written here before it is sent and kept until the root's
+    receipt, with the receipts of the last sums (a restarted site sends a sum again, never a new
+    sum of the same updates)."""
+    password: str | None = None
+    """The password at the root's broker (or in ``root``; prefer FEDMQ_AGGREGATOR__UPLINK__PASSWORD)."""
+    ca_file: str | None = None
+    """CA certificate that signed the root broker's certificate."""
+    cert_file: str | None = None
+    """This site's certificate at the root (its common name is ``site_id``)."""
+    key_file: str | None = None
+    """This site's private key."""
+    max_pending: int = 16
+    """Sums sent and not yet receipted; beyond it devices are answered ``retry`` (back-pressure)."""
+    resend_after: float = 30.0
+    """Seconds after which a sum the root has not receipted is sent again (same seq: exactly once)."""
+
+    def broker(self) -> BrokerConfig:
+        """How to reach the root's broker."""
+        fields = parse_broker_url(self.root, "aggregator.uplink.root")
+        tls = bool(fields["tls"]) or self.ca_file is not None
+        return BrokerConfig(
+            host=str(fields["host"]),
+            port=int(fields["port"]),  # type: ignore[call-overload]
+            username=str(fields.get("username", self.site_id)),
+            password=self.password if self.password is not None else fields.get("password"),  # type: ignore[arg-type]
+            tls=tls,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+        )
+
+    def validate(self, agg: AggregatorConfig) -> None:
+        """Raise :class:`ConfigError` on the first invalid field, or a feature a site does not do."""
+        if not self.root:
+            return
+        k = "aggregator.uplink."
+        self.broker()  # the URL
+        _check(is_agent_id(self.site_id), k + "site_id", "must be 1-64 characters of [A-Za-z0-9_.-] (required)")
+        _check(bool(self.state_dir), k + "state_dir", "is required: sums are kept there until the root receipts them")
+        _check(1 <= self.max_pending <= 1024, k + "max_pending", "must be in [1, 1024]")
+        _check(_finite(self.resend_after) and self.resend_after >= 1, k + "resend_after", "must be >= 1 second")
+        pair = (self.cert_file is None) == (self.key_file is None)
+        _check(pair, k + "cert_file", "cert_file and key_file go together")
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            _check(path is None or Path(path).is_file(), k + key, f"no such file: {path}")
+        _check(not agg.shard.nats, k + "root", "a site has one root: aggregator.shard.nats or this, not both")
+        unsupported = [
+            ("aggregator.secure_aggregation", agg.secure_aggregation, "is not combined with a site yet"),
+            ("aggregator.robust", agg.robust != "none", "judges single updates: a site forwards sums"),
+        ]
+        for key, bad, why in unsupported:
+            _check(not bad, key, f"{why} (aggregator.uplink.root is set)")
+
+
+def parse_broker_url(url: str, key: str = "broker.url") -> dict[str, object]:
+    """``host``, ``port``, ``tls`` and, if given, ``username`` and ``password`` from ``mqtt[s]://[user[:password]@]host[:port]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+        raise ConfigError(key, f"{url!r} is not mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(key, f"{url!r} has an invalid port") from None
+    out: dict[str, object] = {"host": parts.hostname, "port": port, "tls": tls}
+    if parts.username:
+        out["username"] = unquote(parts.username)
+    if parts.password:
+        out["password"] = unquote(parts.password)
+    return out
+
+
+@dataclass(frozen=True)
 class PlanConfig:
     """The federation plan (``[aggregator.plan]``), announced with every model; unset keys are not planned.
 
@@ -347,11 +438,21 @@ class AggregatorConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    sites: str = ""
+    """The site aggregators whose sums this aggregator takes, by id, comma-separated
+    (hierarchical aggregation, docs/scale-out.md). A sum from any other sender is refused
+    (``not_a_site``). Needs rule fedbuff with the weighted mean."""
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
     http: str | None = None
     """Where to serve the dashboard, ``/metrics`` (Prometheus) and ``/healthz``: ``HOST:PORT`` (port 0:
     any free one), or empty for none. Unset: ``fedmq aggregator`` serves them on 127.0.0.1:8700; a
     service embedded in a program (the simulator, tests) serves none. Keep it on loopback or behind
     an authenticating proxy: the dashboard lists agent ids and their epsilons."""
+
+    @property
+    def site_ids(self) -> tuple[str, ...]:
+        """:attr:`sites` split at commas."""
+        return tuple(n.strip() for n in self.sites.split(",") if n.strip())
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -436,6 +537,8 @@ class AggregatorConfig:
         self._validate_robust()
         self.secagg.validate()
         self.shard.validate(self)
+        self.uplink.validate(self)
+        self._validate_sites()
         self._validate_dp()
         if self.secure_aggregation:
             self._validate_secure()
@@ -506,6 +609,24 @@ class AggregatorConfig:
         )
         k = self.secagg.cohort_size or self.buffer_size
         _check(k >= 2, "aggregator.buffer_size", "a cohort needs K >= 2 devices (aggregator.secagg.cohort_size)")
+
+    def _validate_sites(self) -> None:
+        """The root of sites: their sums go into FedBuff's weighted mean, nothing that judges one update."""
+        if not self.sites:
+            return
+        bad = [n for n in self.site_ids if not is_agent_id(n)]
+        _check(bool(self.site_ids) and not bad, "aggregator.sites", f"ids of 1-64 characters of [A-Za-z0-9_.-]: {bad}")
+        unsupported = [
+            ("aggregator.rule", self.rule != "fedbuff", "must be fedbuff"),
+            ("aggregator.robust", self.robust != "none", "judges single updates, not sums"),
+            ("aggregator.norm_bound", self.norm_bound is not None, "judges single updates, not sums"),
+            ("aggregator.secure_aggregation", self.secure_aggregation, "is not combined with sites' sums yet"),
+            ("aggregator.central_dp_noise_multiplier", self.central_dp_noise_multiplier is not None, "is not combined"),
+            ("aggregator.dp_noise_multiplier", self.dp_noise_multiplier is not None, "checks one device's noise"),
+            ("aggregator.shard.nats", bool(self.shard.nats), "sites of a sharded root use --site --nats"),
+        ]
+        for key, bad_setting, why in unsupported:
+            _check(not bad_setting, key, f"{why} (aggregator.sites is set)")
 
     def _validate_robust(self) -> None:
         _check(

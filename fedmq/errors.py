@@ -94,6 +94,8 @@ class RejectReason(enum.StrEnum):
     """A second, different masked upload from one device in one cohort."""
     LATE_UPLOAD = "late_upload"
     """A masked upload after its cohort had its K: flow control, the update goes to the next cohort."""
+    NOT_A_SITE = "not_a_site"
+    """A sum of device updates (a site's) from a sender that ``aggregator.sites`` does not list."""
     PARTICIPATION_WINDOW = "participation_window"
     """The device was in a released sum fewer than ``aggregator.min_separation`` versions ago: ``retry`` later."""
     PARTICIPATION_CAP = "participation_cap"

@@ -338,6 +338,14 @@ class UpdateMessage:
     """The lowest ``seq`` still in the agent's outbox when this update was made: every update
     below it has its receipt, so the aggregator may forget them (it never sees them again)."""
     base_run: str | None = None
+    weight: float | None = None
+    """A site's sum only (hierarchical aggregation, docs/scale-out.md): the FedBuff weight
+    ``sum_i n_i s(tau_i)`` of the device updates in it, their staleness taken against
+    ``base_version``; ``delta`` is then their weighted mean. The root weighs it ``weight *
+    s(version - base_version)`` and takes it only from the ids in ``aggregator.sites``."""
+    contributions: int | None = None
+    """A site's sum only: how many device updates it holds (they count towards FedBuff's K).
+    Set together with ``weight``."""
     wire: Mapping[str, WireTensor] | None = field(default=None, compare=False, repr=False)
     """The delta as sent, when compressed (:mod:`fedmq.compression`); ``delta`` is then the
     dense tensors the aggregator reconstructs. ``None``: ``delta`` is sent as it is."""
@@ -360,7 +368,7 @@ class UpdateMessage:
                 else encode_tensors(self.delta)
             ),
         }
-        for key in ("train_loss", "oldest_pending", "base_run"):  # optional: absent, not nil
+        for key in ("train_loss", "oldest_pending", "base_run", "weight", "contributions"):  # absent, not nil
             if getattr(self, key) is not None:
                 obj[key] = getattr(self, key)
         return pack(obj)
@@ -371,6 +379,7 @@ class UpdateMessage:
         obj = unpack(payload, limits)
         _check_header(obj, "update")
         _check_fields(obj, UPDATE_FIELDS, "update")
+        weight, contributions = _site_sum(obj)
         return cls(
             agent_id=_agent_id(obj),
             seq=_int(obj, "seq"),
@@ -382,13 +391,38 @@ class UpdateMessage:
             sent_at=_float(obj, "sent_at") or 0.0,
             oldest_pending=_int(obj, "oldest_pending") if obj.get("oldest_pending") is not None else None,
             base_run=_run_id(obj, "base_run"),
+            weight=weight,
+            contributions=contributions,
         )
+
+    @property
+    def is_sum(self) -> bool:
+        """A site's sum of device updates (:attr:`weight` and :attr:`contributions` set)."""
+        return self.contributions is not None
+
+
+MAX_CONTRIBUTIONS = 1_000_000
+"""The most device updates one site's sum may claim."""
+
+
+def _site_sum(obj: dict[str, Any]) -> tuple[float | None, int | None]:
+    """``weight`` and ``contributions``: both absent, or both valid."""
+    if obj.get("weight") is None and obj.get("contributions") is None:
+        return None, None
+    weight = _float(obj, "weight")
+    contributions = _int(obj, "contributions", minimum=1)
+    assert weight is not None
+    if not weight > 0:
+        raise DecodeError(RejectReason.BAD_FIELD, f"weight must be > 0, got {weight!r}")
+    if contributions > MAX_CONTRIBUTIONS:
+        raise DecodeError(RejectReason.BAD_FIELD, f"contributions must be <= {MAX_CONTRIBUTIONS}")
+    return weight, contributions
 
 
 UPDATE_FIELDS = frozenset(
     {
         "schema", "kind", "agent_id", "seq", "base_version", "num_examples", "train_loss",
-        "epsilon", "sent_at", "delta", "oldest_pending", "base_run",
+        "epsilon", "sent_at", "delta", "oldest_pending", "base_run", "weight", "contributions",
     }
 )  # fmt: skip
 """Every field an update may carry; anything else is refused (``bad_field``)."""

@@ -9,9 +9,8 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
 
-from fedmq.errors import ConfigError
+from fedmq.config import parse_broker_url
 
 T = TypeVar("T")
 
@@ -64,17 +63,4 @@ class Pulse:
 
 def broker_url_overrides(url: str) -> dict[str, object]:
     """Config overrides from ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` turns TLS on)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-        raise ConfigError("broker.url", f"{url!r} is not mqtt://host:port or mqtts://host:port")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ConfigError("broker.url", f"{url!r} has an invalid port") from None
-    out: dict[str, object] = {"broker.host": parts.hostname, "broker.port": port, "broker.tls": tls}
-    if parts.username:
-        out["broker.username"] = unquote(parts.username)
-    if parts.password:
-        out["broker.password"] = unquote(parts.password)
-    return out
+    return {f"broker.{k}": v for k, v in parse_broker_url(url).items()}

@@ -1,0 +1,384 @@
+"""Tier 1: hierarchical aggregation over the update protocol (aggregator/uplink.py, the root's sums).
+
+A site sums its devices' updates and sends each sum to the root as one weighted update. The
+root's FedBuff step must be the one it would take over the devices' own updates, a sum must come
+only from a listed site, and the site's uplink must apply every device update exactly once through
+lost and repeated messages and site crashes (the root here is the real AggregatorCore).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from aggregator.core import Accepted, AggregatorCore, FedBuffRule, Rejected, SendReceipt
+from aggregator.rules import fedbuff_step
+from aggregator.sharding import Partial, ShardCore
+from aggregator.uplink import DeviceReceipt, KeepSum, SendSum, Settle, UplinkCore, UplinkEffect
+from fedmq.config import AggregatorConfig
+from fedmq.errors import ConfigError, DecodeError, RejectReason
+from fedmq.messages import ReceiptMessage, UpdateMessage
+from fedmq.staleness import make_staleness_fn
+
+SHAPES = {"W": (5, 3), "b": (3,)}
+S = make_staleness_fn("polynomial", 0.5)
+SITE = "site-a"
+
+
+def model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def update(agent: str, seq: int, base: int, n: int, seed: int, **kw: object) -> UpdateMessage:
+    rng = np.random.default_rng(seed)
+    delta = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+    return UpdateMessage(agent, seq, base, n, delta, **kw)  # type: ignore[arg-type]
+
+
+def root(k: int, version: int = 0, **kw: object) -> AggregatorCore:
+    return AggregatorCore(model(), FedBuffRule(k, S), version=version, sites=[SITE], **kw)  # type: ignore[arg-type]
+
+
+def shard(version: int, partial_size: int = 2, min_agents: int = 1, first_pid: int = 1) -> ShardCore:
+    return ShardCore(
+        SITE,
+        model(),
+        version=version,
+        staleness=S,
+        max_staleness=50,
+        max_update_norm=100.0,
+        max_num_examples=1000,
+        partial_size=partial_size,
+        partial_wait=5.0,
+        min_agents=min_agents,
+        first_pid=first_pid,
+    )
+
+
+def sent(effects: list[UplinkEffect]) -> list[UpdateMessage]:
+    """The sums the effects send, as the root decodes them."""
+    return [UpdateMessage.from_bytes(e.payload) for e in effects if isinstance(e, SendSum)]
+
+
+def receipts(effects: list[UplinkEffect]) -> list[ReceiptMessage]:
+    return [e.receipt for e in effects if isinstance(e, DeviceReceipt)]
+
+
+# --- the root --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [0, 3])
+def test_a_sites_sum_makes_the_step_fedbuff_takes_over_the_devices_own_updates(version: int) -> None:
+    """K = 4: three device updates through the site, one straight to the root; the oracle is
+    fedbuff_step over the four updates with weights n_i s(staleness_i)."""
+    devices = [update(f"d{i}", 1, max(0, version - i), 8 << i, seed=i) for i in range(4)]
+    up = UplinkCore(SITE, shard(version, partial_size=3))
+    out: list[UplinkEffect] = []
+    for u in devices[:3]:
+        out += up.update(u, topic_agent=u.agent_id, now=1.0)
+    (msg,) = sent(out)
+    assert (msg.agent_id, msg.seq, msg.base_version, msg.contributions) == (SITE, 1, version, 3)
+
+    core = root(4, version=version)
+    first = core.receive(msg, topic_agent_id=SITE, now=1.0)
+    assert isinstance(first, Accepted)
+    assert first.new_version is None
+    assert core.rule.open_slots() == (3, 4)
+    last = core.receive(devices[3], topic_agent_id="d3", now=1.0)
+    assert isinstance(last, Accepted)
+    assert last.new_version == version + 1
+
+    weights = [float(u.num_examples) * S(version - u.base_version) for u in devices]
+    expected, _ = fedbuff_step(model(), [u.delta for u in devices], weights)
+    for k in SHAPES:
+        np.testing.assert_allclose(core.weights[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert (core.stats.site_sums, core.stats.site_updates) == (1, 3)
+
+
+def test_versions_that_pass_in_transit_discount_the_sum_as_the_module_says() -> None:
+    """The site summed at version 2; the root is at 5: the sum weighs sum_i c_i * s(3)."""
+    devices = [update(f"d{i}", 1, i, 16, seed=i) for i in range(2)]
+    up = UplinkCore(SITE, shard(2))
+    out = [e for u in devices for e in up.update(u, topic_agent=u.agent_id, now=0.0)]
+    (msg,) = sent(out)
+    direct = update("d9", 1, 5, 32, seed=9)
+    core = root(3, version=5)
+    assert isinstance(core.receive(msg, topic_agent_id=SITE), Accepted)
+    assert isinstance(core.receive(direct, topic_agent_id="d9"), Accepted)
+    c = [16 * S(2 - u.base_version) * S(3) for u in devices]
+    expected, _ = fedbuff_step(model(), [devices[0].delta, devices[1].delta, direct.delta], [*c, 32 * S(0)])
+    for k in SHAPES:
+        np.testing.assert_allclose(core.weights[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sum_from_a_sender_the_root_does_not_list_is_refused_not_a_site() -> None:
+    u = update("d0", 1, 0, 8, seed=0, weight=64.0, contributions=8)
+    core = root(2)
+    result = core.receive(u, topic_agent_id="d0")
+    assert isinstance(result, Rejected)
+    assert result.reason is RejectReason.NOT_A_SITE
+    assert core.stats.rejected["not_a_site"] == 1
+    assert core.rule.open_slots() == (0, 2)
+    (answer,) = [e.receipt for e in result.effects if isinstance(e, SendReceipt)]
+    assert (answer.agent_id, answer.status, answer.reason) == ("d0", "rejected", "not_a_site")
+
+
+def test_a_site_is_neither_rate_limited_nor_held_to_one_update_per_buffer() -> None:
+    """A device gets one update per buffer and a token bucket; a site speaks for many devices."""
+    core = root(10, rate_limit=0.001, rate_burst=1.0)
+    for seq in (1, 2, 3):
+        u = update(SITE, seq, 0, 2, seed=seq, weight=2.0, contributions=2)
+        result = core.receive(u, topic_agent_id=SITE, now=1.0)
+        assert isinstance(result, Accepted)
+        assert not any(isinstance(e, SendReceipt) and e.receipt.deferred for e in result.effects)
+    assert core.rule.open_slots() == (6, 10)
+    device = [core.receive(update("d0", s, 0, 2, seed=10 + s), topic_agent_id="d0", now=1.0) for s in (1, 2)]
+    assert isinstance(device[0], Accepted)
+    assert isinstance(device[1], Rejected)
+    assert device[1].reason is RejectReason.RATE_LIMITED
+
+
+def test_a_checkpoint_keeps_what_a_sum_counts_for() -> None:
+    core = root(4)
+    core.receive(update(SITE, 1, 0, 3, seed=1, weight=3.0, contributions=3), topic_agent_id=SITE)
+    again = root(4)
+    again.load_state_dict(core.state_dict())
+    assert again.rule.open_slots() == (3, 4)
+    for c in (core, again):
+        assert isinstance(c.receive(update("d1", 1, 0, 4, seed=2), topic_agent_id="d1"), Accepted)
+        assert c.version == 1
+    for k in SHAPES:
+        np.testing.assert_array_equal(core.weights[k], again.weights[k])
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"weight": 4.0}, "contributions"),
+        ({"contributions": 3}, "weight"),
+        ({"weight": 0.0, "contributions": 3}, "weight must be > 0"),
+        ({"weight": float("nan"), "contributions": 3}, "weight"),
+        ({"weight": 4.0, "contributions": 0}, "contributions"),
+    ],
+)
+def test_the_decoder_takes_weight_and_contributions_together_and_valid(fields: dict[str, object], why: str) -> None:
+    body = update(SITE, 1, 0, 2, seed=0).to_bytes()
+    import msgpack
+
+    obj = msgpack.unpackb(body, raw=False)
+    obj.update(fields)
+    with pytest.raises(DecodeError) as err:
+        UpdateMessage.from_bytes(msgpack.packb(obj, use_bin_type=True))
+    assert err.value.reason is RejectReason.BAD_FIELD
+    assert why in str(err.value)
+    back = UpdateMessage.from_bytes(update(SITE, 1, 0, 2, seed=0, weight=2.5, contributions=2).to_bytes())
+    assert (back.weight, back.contributions, back.is_sum) == (2.5, 2, True)
+
+
+def test_config_refuses_sites_with_what_judges_single_updates() -> None:
+    AggregatorConfig(sites="site-a, site-b").validate()
+    for bad, key in [
+        ({"robust": "median"}, "aggregator.robust"),
+        ({"rule": "fedasync"}, "aggregator.rule"),
+        ({"dp_noise_multiplier": 1.0}, "aggregator.dp_noise_multiplier"),
+        ({"sites": "a/b"}, "aggregator.sites"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            AggregatorConfig(**{"sites": "site-a", **bad}).validate()  # type: ignore[arg-type]
+        assert err.value.key == key
+
+
+# --- the site's uplink -----------------------------------------------------------------------------
+def test_devices_are_receipted_from_the_roots_receipt_and_a_resend_gets_it_again() -> None:
+    up = UplinkCore(SITE, shard(0))
+    a, b = update("d0", 1, 0, 4, seed=0), update("d1", 1, 0, 4, seed=1)
+    assert up.update(a, topic_agent="d0", now=0.0) == []
+    out = up.update(b, topic_agent="d1", now=0.0)
+    assert [type(e) for e in out] == [KeepSum, SendSum]
+    assert up.update(a, topic_agent="d0", now=1.0) == []  # held: it is in the sum on its way
+    out = up.root_receipt(ReceiptMessage(SITE, 1, "accepted", 7), now=2.0)
+    assert isinstance(out[0], Settle)
+    assert {(r.agent_id, r.seq, r.status, r.version) for r in receipts(out)} == {
+        ("d0", 1, "accepted", 7),
+        ("d1", 1, "accepted", 7),
+    }
+    (again,) = receipts(up.update(a, topic_agent="d0", now=3.0))
+    assert (again.status, again.version) == ("accepted", 7)
+    assert up.pending == []
+
+
+def test_a_sum_the_root_condemns_is_rejected_to_its_devices() -> None:
+    up = UplinkCore(SITE, shard(0))
+    for i in range(2):
+        up.update(update(f"d{i}", 1, 0, 4, seed=i), topic_agent=f"d{i}", now=0.0)
+    out = up.root_receipt(ReceiptMessage(SITE, 1, "rejected", 40, "too_stale", detail="staleness 40 > 20"), now=1.0)
+    got = receipts(out)
+    assert {(r.agent_id, r.status, r.reason) for r in got} == {(d, "rejected", "too_stale") for d in ("d0", "d1")}
+    assert "staleness 40 > 20" in (got[0].detail or "")
+    assert up.condemned["too_stale"] == 1
+
+
+def test_a_refusal_that_is_no_devices_fault_leaves_the_updates_to_the_outboxes() -> None:
+    """The root does not list the site (a deployment fault): no device is told anything; the
+    devices' re-sends make a new sum, which the root takes once it is fixed."""
+    up = UplinkCore(SITE, shard(0))
+    devices = [update(f"d{i}", 1, 0, 4, seed=i) for i in range(2)]
+    for u in devices:
+        up.update(u, topic_agent=u.agent_id, now=0.0)
+    out = up.root_receipt(ReceiptMessage(SITE, 1, "rejected", 0, "not_a_site"), now=1.0)
+    assert receipts(out) == []
+    assert up.refused["not_a_site"] == 1
+    out = [e for u in devices for e in up.update(u, topic_agent=u.agent_id, now=2.0)]
+    (msg,) = sent(out)
+    assert (msg.seq, msg.contributions) == (2, 2)
+
+
+def test_a_full_uplink_answers_devices_retry_and_a_root_retry_delays_the_resend() -> None:
+    up = UplinkCore(SITE, shard(0, partial_size=1), max_pending=1, resend_after=10.0)
+    assert len(sent(up.update(update("d0", 1, 0, 4, seed=0), topic_agent="d0", now=0.0))) == 1
+    (busy,) = receipts(up.update(update("d1", 1, 0, 4, seed=1), topic_agent="d1", now=0.0))
+    assert (busy.status, busy.reason) == ("retry", "rate_limited")
+    assert up.root_receipt(ReceiptMessage(SITE, 1, "retry", 0, "rate_limited", retry_after=3.0), now=1.0) == []
+    assert sent(up.due(3.9)) == []
+    (resent,) = sent(up.due(4.0))
+    assert resent.seq == 1
+    assert up.resent == 1
+
+
+def test_a_device_cannot_pass_a_sum_through_a_site() -> None:
+    up = UplinkCore(SITE, shard(0))
+    (r,) = receipts(up.update(update("d0", 1, 0, 4, seed=0, weight=4.0, contributions=9), topic_agent="d0", now=0.0))
+    assert (r.status, r.reason) == ("rejected", "not_a_site")
+
+
+def test_a_restarted_site_sends_its_kept_sum_again_and_never_sums_its_updates_anew() -> None:
+    up = UplinkCore(SITE, shard(0))
+    devices = [update(f"d{i}", 1, 0, 4, seed=i) for i in range(2)]
+    out = [e for u in devices for e in up.update(u, topic_agent=u.agent_id, now=0.0)]
+    (kept,) = [e for e in out if isinstance(e, KeepSum)]
+    (first,) = sent(out)
+    # The site dies before the root's receipt; it starts again from its folder.
+    again, effects = UplinkCore.restore(SITE, shard(0), kept=[kept.partial], settled=None)
+    assert effects == []
+    assert [e for u in devices for e in again.update(u, topic_agent=u.agent_id, now=1.0)] == []
+    (resent,) = sent(again.due(1.0))
+    assert resent.seq == first.seq
+    for k in SHAPES:
+        np.testing.assert_array_equal(resent.delta[k], first.delta[k])
+    new = update("d2", 1, 0, 4, seed=2)
+    again.update(new, topic_agent="d2", now=1.0)
+    (next_sum,) = sent(again.update(update("d3", 1, 0, 4, seed=3), topic_agent="d3", now=1.0))
+    assert next_sum.seq == first.seq + 1
+
+
+def test_a_site_that_stopped_between_its_two_writes_settles_again_on_restart() -> None:
+    up = UplinkCore(SITE, shard(0))
+    out = [e for i in range(2) for e in up.update(update(f"d{i}", 1, 0, 4, seed=i), topic_agent=f"d{i}", now=0.0)]
+    (kept,) = [e for e in out if isinstance(e, KeepSum)]
+    (settle,) = [e for e in up.root_receipt(ReceiptMessage(SITE, 1, "accepted", 3), now=1.0) if isinstance(e, Settle)]
+    again, effects = UplinkCore.restore(SITE, shard(0, first_pid=2), kept=[kept.partial], settled=settle.state)
+    assert [type(e) for e in effects] == [Settle]
+    assert sent(again.due(5.0)) == []
+    (r,) = receipts(again.update(update("d0", 1, 0, 4, seed=0), topic_agent="d0", now=5.0))
+    assert (r.status, r.version) == ("accepted", 3)
+
+
+@dataclass
+class World:
+    """Devices, a site with its folder, a real root core, and a network that loses and repeats."""
+
+    rng: random.Random
+    site: UplinkCore
+    root: AggregatorCore
+    folder: dict[int, bytes] = field(default_factory=dict)
+    settled: bytes | None = None
+    to_root: list[bytes] = field(default_factory=list)
+    to_site: list[ReceiptMessage] = field(default_factory=list)
+    sums: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    """Every sum the site kept, by seq: the device updates in it."""
+    applied: dict[int, int] = field(default_factory=dict)
+    """Sum seq -> the root version its accepted receipt names."""
+    device_receipts: list[ReceiptMessage] = field(default_factory=list)
+
+    def carry(self, effects: list[UplinkEffect]) -> None:
+        for e in effects:
+            if isinstance(e, KeepSum):
+                assert e.seq not in self.sums, "a seq names two sums"
+                self.folder[e.seq] = e.partial
+                self.sums[e.seq] = Partial.from_bytes(e.partial).keys
+            elif isinstance(e, SendSum):
+                self.send(self.to_root, e.payload)
+            elif isinstance(e, Settle):
+                self.settled = e.state
+                self.folder.pop(e.seq, None)
+            else:
+                if self.rng.random() < 0.8:
+                    self.device_receipts.append(e.receipt)
+
+    def send(self, queue: list, item: object) -> None:
+        roll = self.rng.random()
+        if roll < 0.15:
+            return  # lost
+        queue.append(item)
+        if roll > 0.9:
+            queue.append(item)  # repeated
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_exactly_once_through_losses_repeats_and_site_crashes(seed: int) -> None:
+    rng = random.Random(seed)
+    make: Callable[[int], ShardCore] = lambda pid: shard(0, partial_size=3, min_agents=2, first_pid=pid)  # noqa: E731
+    w = World(rng, UplinkCore(SITE, make(1), max_pending=4, resend_after=3.0), root(4, max_staleness=1000))
+    outbox = {f"d{i}": list(range(1, 9)) for i in range(5)}
+    base = {a: 0 for a in outbox}
+    now = 0.0
+    for _ in range(600):
+        now += 0.5
+        roll = rng.random()
+        if roll < 0.45:  # a device sends (or re-sends) the oldest update it has no receipt for
+            agent = rng.choice(sorted(outbox))
+            if outbox[agent]:
+                u = update(agent, outbox[agent][0], base[agent], 4, seed=hash((agent, outbox[agent][0])) % 1000)
+                w.carry(w.site.update(u, topic_agent=agent, now=now))
+        elif roll < 0.75 and w.to_root:  # the root takes a sum
+            msg = UpdateMessage.from_bytes(w.to_root.pop(rng.randrange(len(w.to_root))))
+            result = w.root.receive(msg, topic_agent_id=SITE, now=now)
+            for e in result.effects:
+                if isinstance(e, SendReceipt):
+                    if e.receipt.status == "accepted":
+                        assert w.applied.setdefault(e.receipt.seq, e.receipt.version) == e.receipt.version
+                    w.send(w.to_site, e.receipt)
+        elif roll < 0.9 and w.to_site:
+            w.carry(w.site.root_receipt(w.to_site.pop(0), now=now))
+        elif roll < 0.93:  # the site is killed and starts again from its folder
+            pid = max(w.sums, default=0) + 1
+            w.site, effects = UplinkCore.restore(
+                SITE, make(pid), kept=list(w.folder.values()), settled=w.settled, max_pending=4, resend_after=3.0
+            )
+            w.carry(effects)
+            w.to_site.clear()  # its subscription's queue died with it
+            w.carry(w.site.model(w.root.version, None))  # the retained model, at its subscription
+        elif roll < 0.96:
+            w.carry(w.site.model(w.root.version, None))  # the root's newest model reaches the site
+        else:
+            w.carry(w.site.due(now))
+        for r in w.device_receipts:  # devices drop what is receipted
+            if r.status == "accepted" and r.seq in outbox[r.agent_id]:
+                outbox[r.agent_id].remove(r.seq)
+            assert r.status != "rejected", r
+        base = {a: w.site.shard.version for a in outbox}  # devices train on the model the site relays
+    # The audit: no device update is in two sums the root applied, and every accepted receipt a
+    # device got names the version of the one sum its update went into.
+    went: dict[tuple[str, int], int] = {}
+    for seq, version in w.applied.items():
+        for key in w.sums[seq]:
+            assert key not in went, f"{key} applied twice (sum {seq})"
+            went[key] = version
+    for r in w.device_receipts:
+        if r.status == "accepted":
+            assert went.get((r.agent_id, r.seq)) == r.version, r
+    assert w.root.stats.site_updates == len(went)
+    assert len(went) > 10, (w.site.stats(), w.root.stats.to_dict())
