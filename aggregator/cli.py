@@ -72,6 +72,23 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a site aggregator: devices on --broker (the site's own), partial sums to the root at --nats",
     )
+    flag(
+        p,
+        "--sites",
+        "aggregator.sites",
+        metavar="IDS",
+        help="site aggregators whose sums this aggregator takes (ids, comma-separated; docs/scale-out.md)",
+    )
+    flag(
+        p,
+        "--root",
+        "aggregator.uplink.root",
+        metavar="URL",
+        help="run as a site of the aggregator behind this broker (mqtt[s]://...): devices on --broker, "
+        "only sums go to the root (needs --site-id and --uplink-dir)",
+    )
+    flag(p, "--site-id", "aggregator.uplink.site_id", help="this site's id (its MQTT user) at the root")
+    flag(p, "--uplink-dir", "aggregator.uplink.state_dir", help="where a site keeps its sums until the root's receipt")
     flag(p, "--server-lr", "aggregator.server_lr", type=float)
     flag(p, "--server-momentum", "aggregator.server_momentum", type=float)
     flag(p, "--alpha", "aggregator.alpha", type=float, help="FedAsync mixing weight")
@@ -178,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
     require_for_data(config.aggregator.eval_data, "aggregator.eval_data")
     if config.aggregator.shard.nats:
         return run_shard(config)
+    if config.aggregator.uplink.root:
+        return run_site(config)
     service = AggregatorService(config, fresh=args.fresh)
     core = service.startup()
     logging.getLogger("fedmq.aggregator").info(
@@ -191,6 +210,25 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = run_until_signalled(service.run)
     print(json.dumps({k: v for k, v in summary.items() if k != "accuracy_history"}))
+    return 0
+
+
+def run_site(config: Config) -> int:
+    """A site whose root is an aggregator over MQTT (aggregator.uplink.root): serve until signalled."""
+    from aggregator.site_mqtt import MqttSite
+
+    site = MqttSite(config)
+    site.startup()
+    logging.getLogger("fedmq.aggregator").info(
+        "site aggregator %s: devices on %s:%d, root at %s, sums of >= %d devices, prefix %s",
+        site.site_id,
+        config.broker.host,
+        config.broker.port,
+        config.aggregator.uplink.root.split("@")[-1],
+        config.aggregator.shard.site_min_devices,
+        config.prefix,
+    )
+    print(json.dumps(run_until_signalled(site.run)))
     return 0
 
 

@@ -1466,6 +1466,8 @@ class AggregatorService:
             "secure_aggregation": p.secure_aggregation,
             "cohorts_applied": p.cohorts_applied,
             "cohorts_abandoned": p.cohorts_abandoned,
+            "site_sums": self.core.stats.site_sums if self.core is not None else 0,
+            "site_updates": self.core.stats.site_updates if self.core is not None else 0,
         }
 
 

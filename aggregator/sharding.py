@@ -576,6 +576,15 @@ class ShardCore:
         self._offered[partial.pid] = _Offered(partial, [])
         self._next_pid = max(self._next_pid, partial.pid + 1)
 
+    @property
+    def next_pid(self) -> int:
+        """The number the next partial will get."""
+        return self._next_pid
+
+    def reserve(self, pid: int) -> None:
+        """Number partials from ``pid`` on at least (numbers a previous life may have used)."""
+        self._next_pid = max(self._next_pid, pid)
+
     def drop(self, pid: int) -> Partial | None:
         """Forget an offered partial that will never be committed (refused for good); ``None`` if unknown."""
         offered = self._offered.pop(pid, None)

@@ -159,7 +159,8 @@ class UplinkCore:
 
         Returns the core and the effects to carry out first: a kept sum the settled window already
         holds (the site stopped between the two writes) is settled again; every other one is sent
-        at the first :meth:`due`, with its seq.
+        at the first :meth:`due`, with its seq. New sums are numbered past every seq used before
+        (the settled state records the next one): a seq never names two sums.
         """
         window = None
         if settled is not None:
@@ -167,6 +168,7 @@ class UplinkCore:
             if obj.get("schema") != SETTLED_SCHEMA:
                 raise ValueError(f"uplink state schema {obj.get('schema')!r}, expected {SETTLED_SCHEMA}")
             window = AppliedWindow.from_wire(obj["window"])
+            shard.reserve(int(obj["next_seq"]))
         core = cls(site_id, shard, window=window, **kwargs)
         effects: list[UplinkEffect] = []
         for body in kept:
@@ -175,11 +177,11 @@ class UplinkCore:
                 effects.append(Settle(partial.pid, core._state()))
                 continue
             shard.restore(partial)
-            core._pending[partial.pid] = _Pending(partial, due=-math.inf)
+            core._pending[partial.pid] = _Pending(partial, due=-math.inf, sends=1)  # sent by the previous life
         return core, effects
 
     def _state(self) -> bytes:
-        return pack({"schema": SETTLED_SCHEMA, "window": self.window.to_wire()})
+        return pack({"schema": SETTLED_SCHEMA, "window": self.window.to_wire(), "next_seq": self.shard.next_pid})
 
     # --- inputs --------------------------------------------------------------------------------
     def update(self, update: UpdateMessage, *, topic_agent: str, now: float) -> list[UplinkEffect]:
