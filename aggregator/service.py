@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
+from aggregator.cohorts import cohort_settings, federation_verifier
 from aggregator.core import (
     Accepted,
     AgentsOffline,
@@ -76,9 +77,8 @@ from fedmq.messages import (
     salvage_seq,
 )
 from fedmq.secagg import ddp
-from fedmq.secagg.crypto import Verifier
 from fedmq.secagg.messages import MaskedMsg, Params, RevealMsg, decode_up
-from fedmq.secagg.server import CohortManager, SecAggSettings
+from fedmq.secagg.server import CohortManager
 from fedmq.staleness import make_staleness_fn
 from models import create_model
 from models.base import evaluate
@@ -495,36 +495,13 @@ class AggregatorService:
     def _cohort_manager(self) -> CohortManager:
         """The cohorts of secure aggregation, from ``aggregator.secagg`` (and the CA, with TLS)."""
         c, sa = self.cfg, self.cfg.secagg
-        params = Params(
-            bits=sa.bits,
-            clip_norm=sa.clip_norm,
-            clip_range=sa.clip_range,
-            staleness=c.staleness.function,
-            staleness_a=c.staleness.a,
-            staleness_b=c.staleness.b,
-            max_staleness=c.max_staleness,
-        )
-        k = sa.cohort_size or c.buffer_size
-        settings = SecAggSettings(
-            cohort_size=k,
-            overselect=sa.overselect,
-            threshold=sa.threshold,
-            degree=sa.degree,
-            min_cohort=sa.min_cohort,
-            form_wait=sa.form_wait,
-            timeout=sa.timeout,
-            max_cohorts=sa.max_cohorts,
-        )
+        settings = cohort_settings(c)
+        params = settings.params
         if sa.dp_epsilon is not None:
-            params = replace(params, **self._calibrate_ddp(sa.dp_epsilon, k, settings.members))
+            params = replace(params, **self._calibrate_ddp(sa.dp_epsilon, settings.cohort_size, settings.members))
         self._secagg_params = params
         settings = replace(settings, params=params)
-        verifier = None
-        if self.config.broker.ca_file and self.config.broker.cert_file:
-            try:
-                verifier = Verifier.from_file(self.config.broker.ca_file)
-            except (OSError, ValueError) as exc:
-                raise ConfigError("broker.ca_file", f"cannot load the federation CA: {exc}") from None
+        verifier = federation_verifier(self.config.broker)
         return CohortManager(settings, n_values=self._params + 1, verifier=verifier)
 
     def _calibrate_ddp(self, target: float, k: int, members: int) -> dict[str, Any]:
