@@ -492,3 +492,26 @@ def test_params_defaults_validate() -> None:
     assert Params.from_wire(Params().to_wire()) == Params()
     relay = RelayMsg("a" * 32, {"dev-00": b"x" * 60})
     assert decode_down(relay.to_bytes()) == relay
+
+
+def test_devices_checking_in_again_still_get_a_smaller_cohort_after_form_wait() -> None:
+    """A device in the pool checks in every few seconds; that must not restart its wait.
+
+    Four devices for cohorts of five (K = 4, rho = 0.25), checking in every 0.5 s with
+    form_wait 2 s: a cohort of the four forms once the first of them has waited 2 s.
+    """
+    from fedmq.secagg.messages import CheckIn
+    from fedmq.secagg.server import CohortManager, Formed, SecAggSettings
+
+    settings = SecAggSettings(cohort_size=4, overselect=0.25, min_cohort=3, form_wait=2.0, timeout=10.0)
+    manager = CohortManager(settings, n_values=11)
+    formed: list[Formed] = []
+    now = 0.0
+    while now < 2.6 and not formed:
+        for a in ("d0", "d1", "d2", "d3"):
+            outs = manager.check_in(a, CheckIn(a), now, version=0, run=None)
+            formed += [o for o in outs if isinstance(o, Formed)]
+        formed += [o for o in manager.tick(now, version=0, run=None) if isinstance(o, Formed)]
+        now += 0.5
+    assert [f.members for f in formed] == [("d0", "d1", "d2", "d3")]
+    assert now <= 2.5 + 1e-9

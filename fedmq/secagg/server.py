@@ -578,7 +578,9 @@ class CohortManager:
         self.verifier = verifier
         self.randbytes = randbytes
         self.pool: OrderedDict[str, float] = OrderedDict()
-        """Devices that checked in and are in no cohort, oldest first, with when they checked in."""
+        """Devices that checked in and are in no cohort, with when they last checked in (least recent first)."""
+        self._since: dict[str, float] = {}
+        """When each device in the pool began to wait: a check-in again does not restart its ``form_wait``."""
         self.cohorts: dict[str, CohortServer] = {}
         self.member_of: dict[str, str] = {}
         self._digests: OrderedDict[bytes, str] = OrderedDict()
@@ -605,6 +607,7 @@ class CohortManager:
             # It gave its cohort up (restarted, or timed out) after the first round: the cohort stops waiting.
             del self.member_of[agent]
             out += self._settle(cohort.offline(agent, now), now)
+        self._since.setdefault(agent, now)
         self.pool.pop(agent, None)
         self.pool[agent] = now
         return out + self.form(now, version=version, run=run)
@@ -631,6 +634,7 @@ class CohortManager:
     def offline(self, agent: str, now: float) -> list[Out]:
         """``agent`` went offline: out of the pool, and its cohort stops waiting for it."""
         self.pool.pop(agent, None)
+        self._since.pop(agent, None)
         current = self.member_of.get(agent)
         return self._settle(self.cohorts[current].offline(agent, now), now) if current is not None else []
 
@@ -641,7 +645,8 @@ class CohortManager:
             out += self._settle(cohort.tick(now), now)
         stale = now - 3 * self.settings.timeout  # devices in the pool check in again every few seconds
         while self.pool and next(iter(self.pool.values())) < stale:
-            self.pool.popitem(last=False)
+            gone, _ = self.pool.popitem(last=False)
+            self._since.pop(gone, None)
         return out + self.form(now, version=version, run=run)
 
     def form(self, now: float, *, version: int, run: str | None) -> list[Out]:
@@ -649,7 +654,7 @@ class CohortManager:
         s = self.settings
         out: list[Out] = []
         while self.pool and len(self.cohorts) < s.max_cohorts:
-            oldest = next(iter(self.pool.values()))
+            oldest = min(self._since.get(a, t) for a, t in self.pool.items())
             waited = now - oldest >= s.form_wait
             if len(self.pool) < s.members and not (waited and len(self.pool) >= s.smallest):
                 break
@@ -675,6 +680,7 @@ class CohortManager:
         self.cohorts[cohort.id] = cohort
         for a in members:
             self.pool.pop(a, None)
+            self._since.pop(a, None)
             self.member_of[a] = cohort.id
         self.formed += 1
         return [Formed(cohort.id, cohort.members), *(SendTo(a, announce) for a in members)]
@@ -698,6 +704,7 @@ class CohortManager:
                         if a not in self.member_of:
                             self.pool.pop(a, None)
                             self.pool[a] = now
+                            self._since.setdefault(a, now)
                 if isinstance(o, Unmasked):
                     self.applied += 1
                 else:
