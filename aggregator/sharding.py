@@ -576,6 +576,20 @@ class ShardCore:
         self._offered[partial.pid] = _Offered(partial, [])
         self._next_pid = max(self._next_pid, partial.pid + 1)
 
+    def adopt(self, version: int, contributions: Sequence[Contribution], total: float, tensors: Tensors) -> Offer:
+        """A sum made elsewhere (a secure-aggregation cohort's), offered as this shard's next partial.
+
+        Its updates are then held like those of a partial this shard filled.
+        """
+        partial = Partial(self.shard, self._next_pid, version, tuple(contributions), total, tensors)
+        self._next_pid += 1
+        self._offered[partial.pid] = _Offered(partial, [])
+        return Offer(partial)
+
+    def holds(self, key: Key) -> bool:
+        """Whether the update ``key`` is in a partial not yet settled (open or offered)."""
+        return key in self._held()
+
     @property
     def next_pid(self) -> int:
         """The number the next partial will get."""

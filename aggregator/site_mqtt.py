@@ -9,7 +9,9 @@ out, in order:
   it reads the model (retained) and its own receipts, and publishes its sums as updates to
   ``{prefix}/update/{site_id}``, with a retained ``online`` status and an ``offline`` Will;
 * on the site's broker it reads the devices' updates, and publishes their receipts and, retained,
-  each model the root publishes (the same bytes);
+  each model the root publishes (the same bytes, or with ``aggregator.secure_aggregation`` the
+  same model announcing the site's cohorts: then it reads the devices' secure-aggregation
+  messages and statuses instead, and learns only each cohort's sum);
 * a sum is written to the uplink folder (fsync'd) before it is published; the root's answer
   replaces it by the settled window (:class:`UplinkFolder`).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,12 +32,15 @@ from typing import Any
 
 import aiomqtt
 
+from aggregator.cohorts import cohort_settings, federation_verifier
 from aggregator.sharding import ShardCore
-from aggregator.uplink import DeviceReceipt, KeepSum, SendSum, Settle, UplinkCore, UplinkEffect
+from aggregator.uplink import DeviceReceipt, KeepSum, SendSecAgg, SendSum, Settle, UplinkCore, UplinkEffect
 from fedmq.codec import DecodeLimits
 from fedmq.config import BrokerConfig, Config
 from fedmq.errors import DecodeError, StateError
 from fedmq.messages import ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage, salvage_seq
+from fedmq.secagg.messages import MaskedMsg, RevealMsg, decode_up
+from fedmq.secagg.server import CohortManager
 from fedmq.staleness import make_staleness_fn
 from fedmq.state import fsync_dir, write_atomic
 from runtime.transport import backoff, client_kwargs, describe_failure, publish, subscribe
@@ -92,6 +98,11 @@ class MqttSite:
         self._to_root: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._to_site: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._model: bytes | None = None
+        self.secure = self.cfg.secure_aggregation
+        self._settings = cohort_settings(self.cfg) if self.secure else None
+        self._verifier = federation_verifier(config.broker) if self.secure else None
+        self._heavy = False
+        """Unmasking takes long enough (a large model) to run off the event loop."""
         self.reconnects = {"root": 0, "site": 0}
         self.undecodable = 0
 
@@ -138,7 +149,11 @@ class MqttSite:
         while True:
             kind, value = await self._inbox.get()
             try:
-                await self._carry(self._feed(kind, value))
+                if kind == "secagg" and self._heavy and isinstance(value[1], (MaskedMsg, RevealMsg)):
+                    effects = await asyncio.to_thread(self._feed, kind, value)  # only this task feeds the core
+                else:
+                    effects = self._feed(kind, value)
+                await self._carry(effects)
             finally:
                 self._inbox.task_done()
 
@@ -153,6 +168,11 @@ class MqttSite:
             return self.core.update(update, topic_agent=agent, now=now)
         if kind == "receipt":
             return self.core.root_receipt(value, now=now)
+        if kind == "secagg":
+            agent, msg = value
+            return self.core.secagg(agent, msg, now=now)
+        if kind == "offline":
+            return self.core.offline(value, now=now)
         if kind == "tick":
             return self.core.due(now)
         assert kind == "flush", kind
@@ -188,6 +208,11 @@ class MqttSite:
             partial_wait=self.cfg.shard.partial_wait,
             min_agents=self.cfg.shard.site_min_devices,
         )
+        cohorts = None
+        if self._settings is not None:
+            n_values = sum(t.size for t in model.tensors.values()) + 1
+            cohorts = CohortManager(self._settings, n_values=n_values, verifier=self._verifier)
+            self._heavy = n_values >= 200_000
         try:
             return UplinkCore.restore(
                 self.site_id,
@@ -198,6 +223,7 @@ class MqttSite:
                 max_pending=self.ucfg.max_pending,
                 resend_after=self.ucfg.resend_after,
                 run=model.run,
+                cohorts=cohorts,
             )
         except (DecodeError, ValueError, KeyError, TypeError) as exc:
             raise StateError(str(self.folder.path), f"the uplink folder is unreadable: {exc}") from exc
@@ -210,6 +236,8 @@ class MqttSite:
                 self._to_root.put_nowait((self.topics.update(self.site_id), e.payload, False))
             elif isinstance(e, Settle):
                 await asyncio.to_thread(self.folder.settle, e.seq, e.state)
+            elif isinstance(e, SendSecAgg):
+                self._to_site.put_nowait((self.topics.secagg_down(e.agent), e.payload, False))
             else:
                 assert isinstance(e, DeviceReceipt)
                 r = e.receipt
@@ -263,6 +291,8 @@ class MqttSite:
                 try:
                     if msg.topic.value == self.topics.model:
                         model = ModelMessage.from_bytes(body, self.limits)
+                        if self._settings is not None:  # the site's devices mask for the site's cohorts
+                            body = dataclasses.replace(model, secagg=self._settings.params).to_bytes()
                         self._model = body
                         self._to_site.put_nowait((self.topics.model, body, True))
                         self._inbox.put_nowait(("model", model))
@@ -277,11 +307,17 @@ class MqttSite:
         if self._model is not None:  # (again after a reconnect: the site's broker may have restarted)
             await publish(client, self.topics.model, self._model, qos=1, retain=True)
         await subscribe(client, self.topics.update_wildcard, qos=1)
+        if self.secure:
+            await subscribe(client, self.topics.secagg_up_wildcard, qos=1)
+            await subscribe(client, self.topics.status_wildcard, qos=1)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._send(client, self._to_site))
             async for msg in client.messages:
-                agent = self.topics.agent_of(msg.topic.value, "update")
+                topic = msg.topic.value
                 body = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+                if self.secure and self._device_protocol(topic, body):
+                    continue
+                agent = self.topics.agent_of(topic, "update")
                 if agent is None:
                     continue
                 try:
@@ -293,6 +329,27 @@ class MqttSite:
                     self._to_site.put_nowait((self.topics.receipt(agent), r.to_bytes(), False))
                     continue
                 self._inbox.put_nowait(("update", (agent, update)))
+
+    def _device_protocol(self, topic: str, body: bytes) -> bool:
+        """A secure-aggregation message or a status from a device (into the inbox); False for anything else."""
+        agent = self.topics.agent_of(topic, "secagg/up")
+        if agent is not None:
+            try:
+                self._inbox.put_nowait(("secagg", (agent, decode_up(body, self.limits))))
+            except DecodeError as exc:
+                self.undecodable += 1
+                log.info("site %s: undecodable secure-aggregation message from %s: %s", self.site_id, agent, exc)
+            return True
+        agent = self.topics.agent_of(topic, "status")
+        if agent is None:
+            return False
+        try:
+            online = bool(body) and StatusMessage.from_bytes(body).state in ("online", "training")
+        except DecodeError:
+            return True
+        if not online:  # its Will, or a goodbye: its cohort stops waiting for it
+            self._inbox.put_nowait(("offline", agent))
+        return True
 
     def _version(self) -> int:
         return self.core.shard.version if self.core is not None else 0

@@ -29,6 +29,17 @@ in its write-ahead log. A sum the root refuses for a reason that condemns its up
 another run or model) is answered ``rejected`` to each device; any other refusal is a fault of the
 deployment (the root does not list the site, say): it is logged and counted, the devices get no
 answer, and their outboxes send the updates again.
+
+**Secure aggregation inside the site.** With ``cohorts`` (a
+:class:`~fedmq.secagg.server.CohortManager`), the site serves SecAgg+ cohorts to its devices as an
+aggregator does (Bell et al., CCS 2020) and takes no plain update: it learns each cohort's sum
+and nothing of one device's update, and that sum is what it forwards. The sum is
+``sum_i w_i delta_i`` with the weights the devices applied themselves (``w_i = s(staleness)``,
+clipped deltas), so the root gets ``weight = sum_i w_i`` (the cohort's decoded weight sum), taken
+against the site's version when the masks came off. Contributors get their receipts from the
+root's answer; the other members of the cohort a :class:`~fedmq.secagg.messages.DoneMsg`. A
+cohort that the site abandons, or a sum the root refuses for no device's fault, ends as
+``abandoned`` for its members, who keep their updates for a later cohort.
 """
 
 from __future__ import annotations
@@ -40,10 +51,12 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.sharding import Ack, AppliedWindow, Nak, Offer, Partial, Receipt, ShardCore, ShardEffect
+from aggregator.sharding import Ack, AppliedWindow, Contribution, Nak, Offer, Partial, Receipt, ShardCore, ShardEffect
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, pack, unpack
 from fedmq.errors import RejectReason
 from fedmq.messages import ReceiptMessage, UpdateMessage
+from fedmq.secagg.messages import CheckIn, DoneMsg, MaskedMsg, UpMessage
+from fedmq.secagg.server import Abandoned, CohortManager, Formed, Reject, SendTo, Unmasked
 
 SETTLED_SCHEMA = 1
 CONDEMNING = frozenset(
@@ -92,7 +105,15 @@ class DeviceReceipt:
     receipt: ReceiptMessage
 
 
-UplinkEffect = KeepSum | SendSum | Settle | DeviceReceipt
+@dataclass(frozen=True)
+class SendSecAgg:
+    """Send a device a secure-aggregation message on its ``secagg/down`` topic (the site's broker)."""
+
+    agent: str
+    payload: bytes
+
+
+UplinkEffect = KeepSum | SendSum | Settle | DeviceReceipt | SendSecAgg
 
 
 @dataclass
@@ -120,6 +141,7 @@ class UplinkCore:
         resend_after: float = 30.0,
         window: AppliedWindow | None = None,
         run: str | None = None,
+        cohorts: CohortManager | None = None,
     ) -> None:
         if max_pending < 1 or not (math.isfinite(resend_after) and resend_after > 0):
             raise ValueError("need max_pending >= 1 and resend_after > 0")
@@ -142,6 +164,14 @@ class UplinkCore:
         """Sums the root refused for a reason that is no device's fault (logged; the devices send again)."""
         self.busy = 0
         """Device updates answered ``retry`` because ``max_pending`` sums await their receipt."""
+        self.cohorts = cohorts
+        self._cohort_version: dict[str, int] = {}
+        self._members: dict[int, tuple[str, tuple[str, ...]]] = {}
+        """A cohort's sum on its way: seq -> (cohort, members), to tell the members how it ended."""
+        self.secagg_refused: Counter[str] = Counter()
+        """Secure-aggregation messages refused, by reason (the cohort goes on without them)."""
+        self.cohorts_dropped: Counter[str] = Counter()
+        """Cohorts whose sum the site could not use, by reason (their members are told ``abandoned``)."""
 
     # --- restart -------------------------------------------------------------------------------
     @classmethod
@@ -188,6 +218,9 @@ class UplinkCore:
         """A device's update, decoded and checked by :meth:`UpdateMessage.from_bytes`."""
         if update.is_sum:
             return [self._refusal(update, topic_agent, RejectReason.NOT_A_SITE, "a site takes no sums from devices")]
+        if self.cohorts is not None:
+            why = "this site takes only masked updates (secure aggregation); the update was not looked at"
+            return [self._refusal(update, topic_agent, RejectReason.SECURE_AGGREGATION_REQUIRED, why)]
         if self.run is not None and update.base_run is not None and update.base_run != self.run:
             why = f"trained on run {update.base_run}, this federation runs {self.run}"
             return [self._refusal(update, topic_agent, RejectReason.WRONG_RUN, why)]
@@ -216,9 +249,109 @@ class UplinkCore:
         self.run = run
         return self._carry(self.shard.commit(version, self.window), 0.0)
 
+    def secagg(self, agent: str, msg: UpMessage, *, now: float) -> list[UplinkEffect]:
+        """A device's secure-aggregation message (from the topic of ``agent``), when the site serves cohorts."""
+        if self.cohorts is None:
+            self.secagg_refused[RejectReason.WRONG_COHORT.value] += 1
+            return []
+        version = self.shard.version
+        out: list[UplinkEffect] = []
+        if isinstance(msg, CheckIn):
+            outs = self.cohorts.check_in(agent, msg, now, version=version, run=self.run)
+        else:
+            outs = self.cohorts.receive(agent, msg, now, check=self._admit_masked)
+            if isinstance(msg, MaskedMsg):
+                applied = self.window.get((agent, msg.seq))
+                if applied is not None:  # a re-send of an applied update: its receipt again
+                    out.append(DeviceReceipt(ReceiptMessage(agent, msg.seq, "accepted", applied)))
+        out += self._cohort_outputs(outs, now)
+        if not isinstance(msg, CheckIn):  # a cohort may have ended: its devices are back in the pool
+            out += self._cohort_outputs(self.cohorts.form(now, version=version, run=self.run), now)
+        return out
+
+    def offline(self, agent: str, *, now: float) -> list[UplinkEffect]:
+        """A device went offline (its Will): its cohort stops waiting for it."""
+        return self._cohort_outputs(self.cohorts.offline(agent, now), now) if self.cohorts is not None else []
+
+    def _admit_masked(self, agent: str, msg: MaskedMsg) -> Reject | None:
+        key = (agent, msg.seq)
+        if msg.agent_id != agent:
+            return Reject(agent, RejectReason.AGENT_ID_MISMATCH, f"the upload names {msg.agent_id!r}")
+        if self.window.get(key) is not None:
+            return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} was applied before")
+        if self.shard.holds(key):
+            return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} is in a sum on its way to the root")
+        version = self.shard.version
+        if msg.base_version > version:
+            return Reject(agent, RejectReason.UNKNOWN_BASE_VERSION, f"base version {msg.base_version} > {version}")
+        if version - msg.base_version > self.shard.max_staleness:
+            why = f"staleness {version - msg.base_version} > max {self.shard.max_staleness}"
+            return Reject(agent, RejectReason.TOO_STALE, why)
+        return None
+
+    def _cohort_outputs(self, outs: list[Any], now: float) -> list[UplinkEffect]:
+        out: list[UplinkEffect] = []
+        for o in outs:
+            if isinstance(o, SendTo):
+                out.append(SendSecAgg(o.agent, o.message.to_bytes()))
+            elif isinstance(o, Reject):
+                self.secagg_refused[o.reason.value] += 1
+            elif isinstance(o, Formed):
+                self._cohort_version[o.cohort] = self.shard.version
+            elif isinstance(o, Abandoned):
+                self._cohort_version.pop(o.cohort, None)  # (its members are told by the manager)
+            elif isinstance(o, Unmasked):
+                out += self._forward_cohort(o, now)
+        return out
+
+    def _forward_cohort(self, u: Unmasked, now: float) -> list[UplinkEffect]:
+        """A cohort's sum becomes the site's next sum to the root (kept, then sent)."""
+        self._cohort_version.pop(u.cohort, None)
+        version = self.shard.version
+        reference = self.shard.reference
+        values = u.values
+        weight = float(values[-1])
+        size = sum(r.size for r in reference.values())
+        why = None
+        if u.release is not None:
+            why = "distributed DP sums are not forwarded by a site"
+        elif values.shape != (size + 1,) or not np.isfinite(values).all():
+            why = "the sum is not finite or not the model's size"
+        elif not weight > 0:
+            why = f"the weights sum to {weight!r}"
+        if why is not None:
+            self.cohorts_dropped[why] += 1
+            done = DoneMsg(u.cohort, "abandoned", version, why)
+            return [SendSecAgg(a, done.to_bytes()) for a in u.members]
+        tensors: dict[str, Any] = {}
+        offset = 0
+        for k in sorted(reference):
+            ref = reference[k]
+            tensors[k] = values[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype)
+            offset += ref.size
+        # The devices weighed their own updates; the sum hides each one's share: split evenly.
+        share = weight / len(u.contributors)
+        contributions = [Contribution(c.agent, c.seq, share, max(0, version - c.base_version)) for c in u.contributors]
+        total = math.fsum(c.weight for c in contributions)
+        offer = self.shard.adopt(version, contributions, total, tensors)
+        self._members[offer.partial.pid] = (u.cohort, u.members)
+        return self._carry([offer], now)
+
+    def _tell_members(
+        self, seq: int, status: str, version: int, reason: str | None, *, skip: set[str]
+    ) -> list[UplinkEffect]:
+        """How a cohort's sum ended, to its members that no receipt tells."""
+        cohort = self._members.pop(seq, None)
+        if cohort is None:
+            return []
+        done = DoneMsg(cohort[0], status, version, reason, included=False if status == "applied" else None)  # type: ignore[arg-type]
+        return [SendSecAgg(a, done.to_bytes()) for a in cohort[1] if a not in skip]
+
     def due(self, now: float) -> list[UplinkEffect]:
         """Time passed: an open sum that waited ``partial_wait`` leaves; unanswered sums are sent again."""
         out = self._carry(self.shard.due(now), now)
+        if self.cohorts is not None:
+            out += self._cohort_outputs(self.cohorts.tick(now, version=self.shard.version, run=self.run), now)
         for seq in sorted(self._pending):
             p = self._pending[seq]
             if p.due <= now:
@@ -245,14 +378,18 @@ class UplinkCore:
             self.accepted_sums += 1
             self.accepted_updates += len(p.partial.contributions)
             out: list[UplinkEffect] = [Settle(receipt.seq, self._state())]
-            return out + self._carry(self.shard.commit(receipt.version, self.window), now)
+            out += self._carry(self.shard.commit(receipt.version, self.window), now)
+            summed = {c.agent_id for c in p.partial.contributions}
+            return out + self._tell_members(receipt.seq, "applied", receipt.version, None, skip=summed)
         reason = receipt.reason or "unknown"
         if reason not in {r.value for r in CONDEMNING}:
             # No device's fault: the sum is dropped, its devices' outboxes send the updates again.
             del self._pending[receipt.seq]
             self.shard.drop(receipt.seq)
             self.refused[reason] += 1
-            return [Settle(receipt.seq, self._state())]
+            why = f"the root refused the site's sum ({reason})"
+            told = self._tell_members(receipt.seq, "abandoned", receipt.version, why, skip=set())
+            return [Settle(receipt.seq, self._state()), *told]
         del self._pending[receipt.seq]
         self.shard.drop(receipt.seq)
         self.condemned[reason] += 1
@@ -261,7 +398,8 @@ class UplinkCore:
         for c in p.partial.contributions:
             r = ReceiptMessage(c.agent_id, c.seq, "rejected", receipt.version, reason, detail=detail)
             out.append(DeviceReceipt(r))
-        return out
+        summed = {c.agent_id for c in p.partial.contributions}
+        return out + self._tell_members(receipt.seq, "abandoned", receipt.version, detail, skip=summed)
 
     # --- reading -------------------------------------------------------------------------------
     @property
@@ -284,6 +422,17 @@ class UplinkCore:
             "sums_refused": dict(self.refused),
             "pending": len(self._pending),
             "busy": self.busy,
+            **(
+                {
+                    "cohorts_formed": self.cohorts.formed,
+                    "cohorts_summed": self.cohorts.applied,
+                    "cohorts_abandoned": self.cohorts.abandoned,
+                    "cohorts_dropped": dict(self.cohorts_dropped),
+                    "secagg_refused": dict(self.secagg_refused),
+                }
+                if self.cohorts is not None
+                else {}
+            ),
         }
 
     # --- internals -----------------------------------------------------------------------------
@@ -329,4 +478,4 @@ class UplinkCore:
         )
 
 
-__all__ = ["CONDEMNING", "DeviceReceipt", "KeepSum", "SendSum", "Settle", "UplinkCore", "UplinkEffect"]
+__all__ = ["CONDEMNING", "DeviceReceipt", "KeepSum", "SendSecAgg", "SendSum", "Settle", "UplinkCore", "UplinkEffect"]

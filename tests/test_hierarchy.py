@@ -383,3 +383,150 @@ def test_exactly_once_through_losses_repeats_and_site_crashes(seed: int) -> None
             assert went.get((r.agent_id, r.seq)) == r.version, r
     assert w.root.stats.site_updates == len(went)
     assert len(went) > 10, (w.site.stats(), w.root.stats.to_dict())
+
+
+# --- secure aggregation inside a site ----------------------------------------------------------------
+class SiteFleet:
+    """Real SecAgg+ client sessions wired to a site's uplink core, in memory (wire encodings both ways)."""
+
+    def __init__(self, up: UplinkCore, n: int, *, clip_norm: float = 1.0) -> None:
+        from fedmq.secagg.client import ClientSession
+
+        self.up, self.clip_norm = up, clip_norm
+        self.agents = [f"dev-{i:02d}" for i in range(n)]
+        rng = np.random.default_rng(7)
+        self.deltas = {a: {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in SHAPES.items()} for a in self.agents}
+        self.sessions: dict[str, ClientSession] = {}
+        self.seqs = dict.fromkeys(self.agents, 1)
+        self.done: list[tuple[str, object]] = []
+        self.receipts: list[ReceiptMessage] = []
+        self.sums: list[UpdateMessage] = []
+        self.kept: list[Partial] = []
+        self.now = 0.0
+        self._queue: list[tuple[str, bytes]] = []
+
+    def carry(self, effects: list[UplinkEffect]) -> None:
+        from aggregator.uplink import SendSecAgg
+
+        for e in effects:
+            if isinstance(e, SendSecAgg):
+                self._queue.append((e.agent, e.payload))
+            elif isinstance(e, DeviceReceipt):
+                self.receipts.append(e.receipt)
+            elif isinstance(e, SendSum):
+                self.sums.append(UpdateMessage.from_bytes(e.payload))
+            elif isinstance(e, KeepSum):
+                self.kept.append(Partial.from_bytes(e.partial))
+
+    def check_in(self) -> None:
+        from fedmq.secagg.messages import CheckIn
+
+        for a in self.agents:
+            self.carry(self.up.secagg(a, CheckIn(a), now=self.now))
+        self.pump()
+
+    def pump(self) -> None:
+        from fedmq.secagg.client import ClientSession, NeedInput, Send, weighted_input
+        from fedmq.secagg.messages import CohortMsg, DoneMsg, decode_down, decode_up
+
+        while self._queue:
+            agent, payload = self._queue.pop(0)
+            msg = decode_down(payload)
+            if isinstance(msg, DoneMsg):
+                self.done.append((agent, msg))
+                continue
+            if isinstance(msg, CohortMsg):
+                self.sessions[agent] = ClientSession(agent, msg, now=self.now)
+                outs = self.sessions[agent].start()
+            else:
+                outs = self.sessions[agent].handle(msg)
+            for o in outs:
+                if isinstance(o, NeedInput):
+                    values = weighted_input(self.deltas[agent], clip_norm=self.clip_norm, weight=1.0)
+                    outs2 = self.sessions[agent].provide_input(values, seq=self.seqs[agent], base_version=0)
+                    for o2 in outs2:
+                        if isinstance(o2, Send):
+                            self.carry(self.up.secagg(agent, decode_up(o2.message.to_bytes()), now=self.now))
+                elif isinstance(o, Send):
+                    self.carry(self.up.secagg(agent, decode_up(o.message.to_bytes()), now=self.now))
+
+    def clipped_mean(self, agents: set[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for k in SHAPES:
+            rows = []
+            for a in sorted(agents):
+                d = self.deltas[a]
+                norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in d.values())))
+                rows.append(d[k] * min(1.0, self.clip_norm / norm))
+            out[k] = np.mean(rows, axis=0)
+        return out
+
+
+def secure_site(**kw: object) -> UplinkCore:
+    from fedmq.secagg.server import CohortManager, SecAggSettings
+
+    settings = SecAggSettings(cohort_size=4, overselect=0.25, threshold=0.6, min_cohort=3, timeout=5.0)
+    n_values = sum(int(np.prod(s)) for s in SHAPES.values()) + 1
+    return UplinkCore(SITE, shard(0), cohorts=CohortManager(settings, n_values=n_values), **kw)  # type: ignore[arg-type]
+
+
+def test_a_secure_site_forwards_only_a_cohorts_sum_and_the_root_steps_with_its_mean() -> None:
+    up = secure_site()
+    fleet = SiteFleet(up, 5)
+    fleet.check_in()
+    (msg,) = fleet.sums
+    assert (msg.agent_id, msg.contributions) == (SITE, 4)
+    assert msg.weight == pytest.approx(4.0, abs=1e-3)  # four weights of s(0) = 1, through the ring
+    contributors = {a for a, _ in fleet.kept[0].keys}
+    assert len(contributors) == 4
+    mean = fleet.clipped_mean(contributors)
+    for k in SHAPES:
+        np.testing.assert_allclose(msg.delta[k], mean[k], atol=1e-4)
+    core = root(4)
+    assert isinstance(core.receive(msg, topic_agent_id=SITE, now=1.0), Accepted)
+    assert core.version == 1
+    for k in SHAPES:
+        np.testing.assert_allclose(core.weights[k], model()[k] + mean[k], atol=1e-4)
+    # The root's receipt: each contributor gets its receipt, the member left out a DoneMsg.
+    fleet.carry(up.root_receipt(ReceiptMessage(SITE, msg.seq, "accepted", 1), now=1.0))
+    fleet.pump()
+    assert {(r.agent_id, r.status, r.version) for r in fleet.receipts} == {(a, "accepted", 1) for a in contributors}
+    (left_out,) = set(fleet.agents) - contributors
+    ((agent, done),) = fleet.done
+    assert agent == left_out
+    assert (done.status, done.included) == ("applied", False)  # type: ignore[attr-defined]
+
+
+def test_a_secure_site_looks_at_no_plain_update() -> None:
+    up = secure_site()
+    (r,) = receipts(up.update(update("d0", 1, 0, 4, seed=0), topic_agent="d0", now=0.0))
+    assert (r.status, r.reason) == ("rejected", "secure_aggregation_required")
+    assert up.shard.accepted == 0
+
+
+def test_a_masked_upload_of_an_update_in_a_pending_or_applied_sum_is_not_summed_again() -> None:
+    up = secure_site()
+    fleet = SiteFleet(up, 5)
+    fleet.check_in()
+    (first,) = fleet.sums
+    contributors = sorted(a for a, _ in fleet.kept[0].keys)
+    # While the sum is on its way, the same updates in a new cohort are refused as duplicates.
+    fleet.check_in()
+    assert len(fleet.sums) == 1, "an update in a pending sum was summed again"
+    assert up.secagg_refused["duplicate"] >= 3
+    fleet.carry(up.root_receipt(ReceiptMessage(SITE, first.seq, "accepted", 1), now=1.0))
+    assert {r.agent_id for r in fleet.receipts if r.status == "accepted"} == set(contributors)
+
+
+def test_a_sum_the_root_refuses_for_no_devices_fault_is_abandoned_for_every_member() -> None:
+    up = secure_site()
+    fleet = SiteFleet(up, 5)
+    fleet.check_in()
+    (msg,) = fleet.sums
+    fleet.done.clear()
+    fleet.carry(up.root_receipt(ReceiptMessage(SITE, msg.seq, "rejected", 0, "not_a_site"), now=1.0))
+    fleet.pump()
+    assert fleet.receipts == []
+    assert sorted(a for a, _ in fleet.done) == fleet.agents
+    assert {d.status for _, d in fleet.done} == {"abandoned"}  # type: ignore[attr-defined]
+    assert up.pending == []

@@ -81,7 +81,7 @@ class Tap:
             while not predicate(self):
                 left = deadline - time.monotonic()
                 assert left > 0, f"{what}: not within {limit} s"
-                self.changed.wait(left)
+                self.changed.wait(min(left, 0.5))  # (the predicate may also read the other tap)
 
 
 @pytest.fixture
@@ -100,20 +100,26 @@ def fedmq(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def site_process(root: MosquittoBroker, site: MosquittoBroker, folder: Path, log: Path) -> subprocess.Popen[bytes]:
+def site_process(
+    root: MosquittoBroker, site: MosquittoBroker, folder: Path, log: Path, *, secure: bool
+) -> subprocess.Popen[bytes]:
+    secagg = ["--secure-aggregation", "--cohort-size", "3", "--overselect", "0.34"] if secure else []
     return fedmq(
         [
             "aggregator", "--root", f"mqtt://{root.host}:{root.port}", "--site-id", SITE, "--uplink-dir",
             str(folder), "--broker", f"mqtt://{site.host}:{site.port}", "--prefix", PREFIX,
-            "--partial-size", "2", "--max-staleness", "1000", "--log-level", "INFO",
+            "--partial-size", "2", "--max-staleness", "1000", "--log-level", "INFO", *secagg,
         ],
         log,
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
 def test_a_site_under_a_root_aggregator_forwards_sums_applied_exactly_once_through_a_kill(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], secure: bool
 ) -> None:
+    """With ``secure``, the site serves SecAgg+ cohorts to its four devices (which require it):
+    no device update crosses even the site's broker; the site learns only cohorts' sums."""
     root_broker = MosquittoBroker().start()
     site_broker = MosquittoBroker().start()
     try:
@@ -128,20 +134,25 @@ def test_a_site_under_a_root_aggregator_forwards_sums_applied_exactly_once_throu
             tmp_path / "root.log",
         )  # fmt: skip
         processes.append(root)
-        site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site.log")
+        site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site.log", secure=secure)
         processes.append(site)
 
         train, _ = digits()
         agents = []
-        for i, broker in enumerate((site_broker, site_broker, root_broker)):
+        at_site = 4 if secure else 2
+        homes = [site_broker] * at_site + [root_broker]
+        direct = f"dev{at_site}"  # the root's own device
+        for i, broker in enumerate(homes):
             data = tmp_path / f"dev{i}.npz"
-            part = train.subset(np.arange(i, 900, 3))
+            part = train.subset(np.arange(i, 900, len(homes)))
             np.savez(data, x=part.x, y=part.y)
             cmd = [
                 "agent", "--broker", f"mqtt://{broker.host}:{broker.port}", "--prefix", PREFIX,
                 "--id", f"dev{i}", "--data", str(data), "--no-dp", "--max-updates", "24",
                 "--round-interval", "0.3", "--lr", "0.3", "--receipt-timeout", "4",
             ]  # fmt: skip
+            if secure and broker is site_broker:
+                cmd += ["--require-secure-aggregation", "--checkin-interval", "0.5"]
             agents.append(fedmq(cmd, tmp_path / f"dev{i}.log"))
         processes.extend(agents)
 
@@ -158,13 +169,19 @@ def test_a_site_under_a_root_aggregator_forwards_sums_applied_exactly_once_throu
         site.wait(30)
         root.send_signal(signal.SIGCONT)
         before = accepted_sums(root_tap)
-        site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site2.log")
+        site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site2.log", secure=secure)
         processes.append(site)
         root_tap.wait_for("sums after the restart", lambda t: accepted_sums(t) >= before + 3, 180)
 
+        if secure:  # a cohort needs three devices: the last ones could not finish alone, so stop them all
+            for a in agents[:at_site]:
+                a.send_signal(signal.SIGTERM)
         for i, a in enumerate(agents):
             a.communicate(timeout=300)
             assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+        # Before the site stops: every sum it sent is answered, and the devices' receipts are out.
+        root_tap.wait_for("every sum answered", lambda t: answered_all(t), 120)
+        site_tap.wait_for("the devices' receipts", lambda t: audit(root_tap, t)[0] == audit(root_tap, t)[1], 120)
         summaries = []
         for p in (site, root):  # SIGTERM: each flushes and prints its summary
             p.send_signal(signal.SIGTERM)
@@ -176,28 +193,20 @@ def test_a_site_under_a_root_aggregator_forwards_sums_applied_exactly_once_throu
         root_broker.cleanup()
 
     site_log = (tmp_path / "site.log").read_text() + (tmp_path / "site2.log").read_text()
-    assert {u.agent_id for u in root_tap.updates} == {SITE, "dev2"}, "a site device's update crossed to the root"
-    sums: dict[int, UpdateMessage] = {}
+    assert {u.agent_id for u in root_tap.updates} == {SITE, direct}, "a site device's update crossed to the root"
+    if secure:
+        assert site_tap.updates == [], "a device sent a plain update to a site that takes only masked ones"
     for u in root_tap.updates:
         if u.agent_id == SITE:  # a seq sent again must be the same sum: one seq names one sum
-            first = sums.setdefault(u.seq, u)
+            first = next(f for f in root_tap.updates if f.agent_id == SITE and f.seq == u.seq)
             assert u.is_sum and (u.weight, u.contributions) == (first.weight, first.contributions), u.seq
             assert all(np.array_equal(u.delta[k], first.delta[k]) for k in first.delta), f"sum {u.seq} changed"
-    root_versions: dict[int, int] = {}
-    for r in root_tap.receipts:
-        if r.agent_id == SITE and r.status == "accepted":
-            assert root_versions.setdefault(r.seq, r.version) == r.version, f"sum {r.seq} got two versions"
-    held = Counter[int]()
-    for seq, version in root_versions.items():
-        held[version] += sums[seq].contributions or 0
-    receipted: dict[tuple[str, int], int] = {}
-    for r in site_tap.receipts:
-        if r.status == "accepted":
-            key = (r.agent_id, r.seq)
-            assert receipted.setdefault(key, r.version) == r.version, f"{key} receipted with two versions"
-    per_version = Counter(receipted.values())
+    held, per_version, receipted = audit(root_tap, site_tap)
     assert per_version == held, f"device receipts per root version {per_version} != sums' updates {held}\n{site_log}"
-    assert {a for a, _ in receipted} == {"dev0", "dev1"}
+    if secure:  # each cohort leaves one of its four members out; over the run every device is in
+        assert len({a for a, _ in receipted}) >= 3, receipted
+    else:
+        assert {a for a, _ in receipted} == {f"dev{i}" for i in range(at_site)}
     assert summary["site_updates"] == sum(held.values()) == len(receipted)
     assert summary["updates_rejected"] == 0, summary["rejected_by_reason"]
     assert summary["model_versions"] >= 6
@@ -205,3 +214,30 @@ def test_a_site_under_a_root_aggregator_forwards_sums_applied_exactly_once_throu
     assert site_summary["sums_accepted"] >= 3, site_summary
     assert site_summary["sums_resent"] >= 1, site_summary  # the sum in flight at the kill
     assert not site_summary["sums_condemned"] and not site_summary["sums_refused"], site_summary
+
+
+def answered_all(root_tap: Tap) -> bool:
+    """Every sum the site sent has the root's answer."""
+    sent = {u.seq for u in root_tap.updates if u.agent_id == SITE}
+    return sent <= {r.seq for r in root_tap.receipts if r.agent_id == SITE and r.status != "retry"}
+
+
+def audit(root_tap: Tap, site_tap: Tap) -> tuple[Counter[int], Counter[int], dict[tuple[str, int], int]]:
+    """Per root version: the device updates in the sums the root accepted, and the devices' accepted receipts.
+
+    Also checks that no sum and no device update was receipted with two versions.
+    """
+    contributions = {u.seq: u.contributions or 0 for u in list(root_tap.updates) if u.agent_id == SITE}
+    root_versions: dict[int, int] = {}
+    for r in list(root_tap.receipts):
+        if r.agent_id == SITE and r.status == "accepted":
+            assert root_versions.setdefault(r.seq, r.version) == r.version, f"sum {r.seq} got two versions"
+    held = Counter[int]()
+    for seq, version in root_versions.items():
+        held[version] += contributions[seq]
+    receipted: dict[tuple[str, int], int] = {}
+    for r in list(site_tap.receipts):
+        if r.status == "accepted":
+            key = (r.agent_id, r.seq)
+            assert receipted.setdefault(key, r.version) == r.version, f"{key} receipted with two versions"
+    return held, Counter(receipted.values()), receipted
