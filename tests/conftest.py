@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -94,3 +95,14 @@ def speech_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.environ.pop("FEDMQ_CACHE", None)
     else:
         os.environ["FEDMQ_CACHE"] = old
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; any still running at the end is killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)

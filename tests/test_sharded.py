@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,16 +143,6 @@ def shard(
         "--partial-size", "2", "--max-staleness", "1000", *(["--site"] if site else []),
     ]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=log.open("wb"))
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(30)
 
 
 def test_shards_train_exactly_once_through_a_shard_kill_and_a_node_kill(
