@@ -889,6 +889,8 @@ class AggregatorCore:
         if new is not None:
             self._advance(new, effects)
             self._take_deferred(effects)
+            if self.rule.open_slots()[0]:  # the held updates opened the next buffer
+                self._buffer_opened = now
         elif self.mode == "sync":
             self._waiting.discard(aid)
             if not self._waiting:

@@ -301,6 +301,42 @@ def test_one_update_per_agent_in_each_buffer_and_a_flooder_moves_the_model_as_mu
         assert refused["agent_buffered"] + refused["rate_limited"] == rounds * 49 - 1
 
 
+def test_buffer_patience_counts_from_when_the_buffer_got_its_first_update() -> None:
+    """The buffer a step opens with the updates it held ages from that step.
+
+    Regression: with the buffer never empty between steps (a held update goes straight into the
+    next one), the open time stayed at the first buffer's, so after ``buffer_patience`` seconds of
+    training every buffer let each agent in twice, and a flooder moved the model further than an
+    honest device (the test above).
+    """
+    patience = 5.0
+    core = AggregatorCore({"W": np.zeros(3, np.float32)}, FedBuffRule(3, constant), rate_limit=0.0,
+                          buffer_patience=patience)  # fmt: skip
+    seqs = dict.fromkeys("abc", 0)
+
+    def send(agent: str, now: float) -> Accepted | Rejected:
+        seqs[agent] += 1
+        d = np.zeros(3, np.float32)
+        d["abc".index(agent)] = 1.0
+        return core.receive(UpdateMessage(agent, seqs[agent], core.version, 5, {"W": d}), topic_agent_id=agent, now=now)
+
+    for agent in "abc":
+        core.agent_status(agent, True, now=0.0)
+    assert isinstance(send("a", 0.0), Accepted)  # opens the first buffer
+    assert isinstance(send("a", 0.1), Accepted) and core.rule.held("a") == 1  # held for the next one
+    t = 100.0  # long after the first buffer opened
+    assert isinstance(send("b", t), Accepted)
+    assert send("c", t).new_version == 1  # type: ignore[union-attr]
+    assert core.rule.held("a") == 1  # the held one opened the second buffer, at t
+    early = send("a", t + patience - 0.5)  # within patience: a's share is one, this one waits
+    assert isinstance(early, Accepted) and core.rule.held("a") == 1
+    third = send("a", t + patience - 0.25)
+    assert isinstance(third, Rejected) and third.reason is RejectReason.AGENT_BUFFERED
+    assert core.version == 1
+    late = send("a", t + patience + 0.5)  # past patience: a second one goes in
+    assert isinstance(late, Accepted) and core.rule.held("a") == 2
+
+
 # --- 5. strict schema, bounded payloads, no pinned payloads ---------------------------------------
 async def test_an_unknown_top_level_field_is_refused_and_never_logged(tmp_path: Path) -> None:
     svc = make_service(tmp_path)
