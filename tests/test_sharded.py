@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,8 @@ class Auditor:
         self.receipts: list[ReceiptMessage] = []
         self.sent: set[tuple[str, int]] = set()
         self.changed = threading.Condition()
-        self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -62,7 +63,8 @@ class Auditor:
         import nats
 
         self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        self._task = asyncio.current_task()  # type: ignore[assignment]
+        nc = None
         try:
             nc = await nats.connect(self.url, max_reconnect_attempts=-1)
             js = nc.jetstream()
@@ -94,8 +96,6 @@ class Auditor:
                     await asyncio.sleep(0.2)  # polling for a stream another process creates
             self.ready.set()
             async for msg in sub.messages:
-                if self._stop.is_set():
-                    break
                 obj = msgpack.unpackb(msg.data, raw=False)
                 with self.changed:
                     keys = [(str(a), int(s)) for a, s in obj["keys"]]
@@ -103,18 +103,28 @@ class Auditor:
                     if previous != keys:  # announced again by a new leader: must be the same step
                         self.error = AssertionError(f"version {obj['version']}: {previous} then {keys}")
                     self.changed.notify_all()
-            await nc.close()
+        except asyncio.CancelledError:
+            pass  # stop()
         except BaseException as exc:
             self.error = exc
             self.ready.set()
             with self.changed:
                 self.changed.notify_all()
+        finally:
+            if nc is not None:  # else its reconnect loop outlives the cluster and logs at exit
+                await nc.close()
 
     def start(self) -> Auditor:
         self.thread.start()
         assert self.ready.wait(120), "the auditor did not start"
         assert self.error is None, self.error
         return self
+
+    def stop(self) -> None:
+        """Cancel the reader and close its connection (from the test's thread)."""
+        if self._loop is not None and self._task is not None and self.thread.is_alive():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self.thread.join(60)
 
     def wait(self, what: str, predicate: object, limit: float) -> None:
         deadline = time.monotonic() + limit
@@ -124,6 +134,15 @@ class Auditor:
                 left = deadline - time.monotonic()
                 assert left > 0, f"{what}: not within {limit} s (version {self.version})"
                 self.changed.wait(left)
+
+
+@pytest.fixture
+def auditors() -> Iterator[list[Auditor]]:
+    """Auditors to stop at the end, pass or fail."""
+    started: list[Auditor] = []
+    yield started
+    for a in started:
+        a.stop()
 
 
 def shard(
@@ -149,12 +168,15 @@ def test_shards_train_exactly_once_through_a_shard_kill_and_a_node_kill(
     cluster: NatsCluster,
     tmp_path: Path,
     processes: list[subprocess.Popen[bytes]],
+    auditors: list[Auditor],
 ) -> None:
     n1, n2, n3 = cluster.nodes
     urls = ",".join(f"nats://{n.host}:{n.client_port}" for n in cluster.nodes)
     shards = [shard(urls, n1.url, tmp_path / f"shard{i}.log") for i in range(2)]
     processes.extend(shards)
-    auditor = Auditor(f"nats://{n1.host}:{n1.client_port}").start()
+    auditor = Auditor(f"nats://{n1.host}:{n1.client_port}")
+    auditors.append(auditor)
+    auditor.start()
     auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
 
     train, _ = digits()
@@ -259,7 +281,7 @@ async def _retained_version(host: str, port: int) -> int:
 
 
 def test_a_site_forwards_only_sums_and_its_devices_are_applied_exactly_once(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
 ) -> None:
     """Two devices on a site's own Mosquitto, one on the root cluster. The site aggregator
     forwards partial sums; it is killed with SIGKILL mid-run and started again. The root never
@@ -276,7 +298,9 @@ def test_a_site_forwards_only_sums_and_its_devices_are_applied_exactly_once(
         urls = f"nats://{node.host}:{node.client_port}"
         env = {"FEDMQ_AGGREGATOR__SHARD__REPLICAS": "1"}
         processes.append(shard(urls, node.url, tmp_path / "root.log", env))
-        auditor = Auditor(urls).start()
+        auditor = Auditor(urls)
+        auditors.append(auditor)
+        auditor.start()
         auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
         site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
         site = shard(urls, site_url, tmp_path / "site.log", env, site=True)
