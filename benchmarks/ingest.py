@@ -22,6 +22,20 @@ fsync'd to the write-ahead log before its receipt (a pipelined group commit, see
 against the target of 0.8 for 1M parameters and up (issue 16: durable ingest too), and the
 aggregator's CPU use (of one core).
 
+A durable aggregator cannot log faster than the disk takes the bytes, so each durable run is
+preceded by two measurements on the file system of the log (``--state-dir``), of as many bytes
+as the run will log:
+
+* **disk**: plain ``O_DIRECT`` writes of 16 MiB and one ``fdatasync`` at the end (what ``dd
+  oflag=direct conv=fdatasync`` measures), the device's own ceiling at that moment;
+* **log**: fedmq's :class:`~aggregator.wal.WriteAheadLog` alone, fed the same payloads, with one
+  group commit in flight while the next fills, as the service runs it (CRC and staging copy
+  included): the ceiling for durable ingest with nothing else running.
+
+The table then gives durable MB/s against the lower of the two. On a VM whose disk bandwidth
+varies (this one's ``O_DIRECT`` rate measured 1.6 GB/s in one session and 0.3 GB/s in another)
+this is what tells a slow log from a slow disk.
+
 All three processes use fedmq's MQTT transport, whose PUBLISH decoder copies a payload once
 (``runtime/paho_shim.py``): the raw subscriber gets that speed-up as well.
 """
@@ -33,6 +47,8 @@ import asyncio
 import itertools
 import json
 import logging
+import mmap
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +59,8 @@ from pathlib import Path
 import aiomqtt
 import numpy as np
 
+from aggregator.service import AggregatorService
+from aggregator.wal import WalHeader, WriteAheadLog
 from broker.launcher import MosquittoBroker
 from fedmq.messages import ReceiptMessage, UpdateMessage
 from models.registry import create_model
@@ -120,7 +138,13 @@ async def run_raw(broker: MosquittoBroker, payloads: Payloads, n: int) -> float:
 
 
 async def run_aggregator(
-    broker: MosquittoBroker, model: dict[str, np.ndarray], n: int, *, features: int, durable: bool
+    broker: MosquittoBroker,
+    model: dict[str, np.ndarray],
+    n: int,
+    *,
+    features: int,
+    durable: bool,
+    state_root: Path | None = None,
 ) -> tuple[float, float]:
     """Updates/s into a real aggregator and its CPU use (of one core)."""
     # A prefix of its own per run: the aggregator's persistent session and retained model
@@ -131,7 +155,7 @@ async def run_aggregator(
         "--rule", "fedbuff", "--buffer-size", "10", "--model", "softmax", "--num-features", str(features),
         "--num-classes", str(CLASSES), "--max-staleness", "1000000", "--log-level", "WARNING",
     ]  # fmt: skip
-    with tempfile.TemporaryDirectory() as state:
+    with tempfile.TemporaryDirectory(dir=state_root) as state:
         if durable:
             cmd += ["--checkpoint-dir", state, "--checkpoint-every", "1000000"]
         agg = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -167,6 +191,65 @@ async def run_aggregator(
             agg.wait(30)
 
 
+DISK_CHUNK = 16 * 1024 * 1024
+
+
+def disk_rate(directory: Path, nbytes: int) -> float:
+    """MB/s of plain sequential ``O_DIRECT`` writes of ``nbytes`` into ``directory``, one fdatasync at the end.
+
+    Falls back to buffered writes where the file system refuses ``O_DIRECT`` (tmpfs).
+    """
+    buf = mmap.mmap(-1, DISK_CHUNK)  # page-aligned, as O_DIRECT needs
+    buf.write(np.random.default_rng(1).integers(0, 256, DISK_CHUNK, dtype=np.uint8).tobytes())
+    path = directory / "disk-probe"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o600)
+    except OSError:
+        fd = os.open(path, flags, 0o600)
+    try:
+        start = time.perf_counter()
+        written = 0
+        while written < nbytes:
+            written += os.pwrite(fd, buf, written)
+        os.fdatasync(fd)
+        return written / 1e6 / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+        buf.close()
+
+
+def log_rate(directory: Path, payload: bytes, n: int) -> float:
+    """MB/s of fedmq's write-ahead log alone: ``n`` records of ``payload``, pipelined as the service does.
+
+    A group commit starts whenever none is in flight (the service's committer task), and
+    appending waits behind the one in flight once the service's back-pressure bound is reached.
+    """
+    log_dir = directory / "log-probe"
+    log_dir.mkdir()
+    wal = WriteAheadLog.create(log_dir, WalHeader(run="probe", generation=1, base_lsn=0))
+    try:
+        start = time.perf_counter()
+        inflight = None
+        for i in range(n):
+            wal.write_update(f"a{i:06d}", payload, now=0.0, index=i)
+            if inflight is not None and (inflight.done() or wal.unsynced >= AggregatorService.GROUP_COMMIT_BYTES):
+                inflight.result()  # raises what kept a commit from the disk
+                inflight = None
+            if inflight is None:
+                inflight = wal.commit_async()
+        if inflight is not None:
+            inflight.result()
+        wal.commit_async().result()
+        return float(wal.synced_offset) / 1e6 / (time.perf_counter() - start)
+    finally:
+        wal.close()
+        for f in log_dir.iterdir():
+            f.unlink()
+        log_dir.rmdir()
+
+
 async def sink_main(host: str, port: int, prefix: str, n: int) -> None:
     got = 0
     last = 0.0
@@ -191,6 +274,7 @@ async def main_async(args: argparse.Namespace) -> None:
     cols += f" {'/raw':>5} {'ok>=0.8':>7} {'agg CPU':>7}"
     if args.durable:
         cols += f" | {'durable msg/s':>13} {'/raw':>5} {'ok>=0.8':>7} {'agg CPU':>7}"
+        cols += f" | {'disk MB/s':>9} {'log MB/s':>8} {'durable MB/s':>12} {'/min':>5}"
     print(cols)
     for params in sizes:
         features = max(1, params // CLASSES - 1)
@@ -203,6 +287,8 @@ async def main_async(args: argparse.Namespace) -> None:
         cpus: list[float] = []
         drates: list[float] = []
         dcpus: list[float] = []
+        disks: list[float] = []
+        logs: list[float] = []
         for _ in range(args.repeat):
             broker = MosquittoBroker().start()  # a fresh broker per repetition: no retained state carried over
             try:
@@ -211,7 +297,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 rates.append(rate)
                 cpus.append(cpu)
                 if args.durable:
-                    rate, cpu = await run_aggregator(broker, agg_model, n, features=features, durable=True)
+                    with tempfile.TemporaryDirectory(dir=args.state_dir) as probe:
+                        disks.append(await asyncio.to_thread(disk_rate, Path(probe), n * len(payloads.template)))
+                        logs.append(await asyncio.to_thread(log_rate, Path(probe), bytes(payloads.template), n))
+                    rate, cpu = await run_aggregator(
+                        broker, agg_model, n, features=features, durable=True, state_root=args.state_dir
+                    )
                     drates.append(rate)
                     dcpus.append(cpu)
             finally:
@@ -225,10 +316,15 @@ async def main_async(args: argparse.Namespace) -> None:
             drate = statistics.median(drates)
             dok = "yes" if drate / raw >= TARGET else ("NO" if params >= 1_000_000 else "-")
             row += f" | {drate:13.1f} {drate / raw:5.2f} {dok:>7} {statistics.median(dcpus):6.0%}"
+            disk, logged = statistics.median(disks), statistics.median(logs)
+            row += f" | {disk:9.0f} {logged:8.0f} {drate * mb:12.0f} {drate * mb / min(disk, logged):5.2f}"
         print(row, flush=True)
         if args.verbose:
             runs = f"    runs: raw {[round(x, 1) for x in raws]} fedmq {[round(x, 1) for x in rates]}"
-            print(runs + (f" durable {[round(x, 1) for x in drates]}" if drates else ""), flush=True)
+            if drates:
+                runs += f" durable {[round(x, 1) for x in drates]}"
+                runs += f" disk MB/s {[round(x) for x in disks]} log MB/s {[round(x) for x in logs]}"
+            print(runs, flush=True)
 
 
 def main() -> None:
@@ -237,6 +333,12 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=0, help="updates per run (default: about 1.5 GB worth)")
     ap.add_argument("--durable", action="store_true", help="also run with the write-ahead log (receipts after fsync)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the durable aggregator's log and the disk probes go (default: the temporary folder)",
+    )
     ap.add_argument("--verbose", action="store_true", help="print every run's figure")
     ap.add_argument("--sink", nargs=4, metavar=("HOST", "PORT", "PREFIX", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
