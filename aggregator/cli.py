@@ -77,7 +77,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--sites",
         "aggregator.sites",
         metavar="IDS",
-        help="site aggregators whose sums this aggregator takes (ids, comma-separated; docs/scale-out.md)",
+        help="site aggregators whose sums this aggregator takes (ids, comma-separated; ID:N says the site has N"
+        " devices: a sum of more is refused; docs/scale-out.md)",
     )
     flag(
         p,

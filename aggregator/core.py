@@ -191,6 +191,8 @@ class Stats:
     """Sites' sums accepted (each one of :attr:`accepted`)."""
     site_updates: int = 0
     """Device updates inside those sums."""
+    site_weight_cut: int = 0
+    """Sites' sums whose claimed weight was cut to ``contributions * max_num_examples``."""
 
     @property
     def mean_staleness(self) -> float:
@@ -213,6 +215,7 @@ class Stats:
             "duplicates": self.duplicates,
             "site_sums": self.site_sums,
             "site_updates": self.site_updates,
+            "site_weight_cut": self.site_weight_cut,
         }
 
     @classmethod
@@ -232,6 +235,7 @@ class Stats:
             int(d.get("duplicates", 0)),
             int(d.get("site_sums", 0)),
             int(d.get("site_updates", 0)),
+            int(d.get("site_weight_cut", 0)),
         )
 
 
@@ -603,7 +607,10 @@ class AggregatorCore:
         min_separation: versions between two releases one agent is in (0: any); needs ``ledger``.
         sites: the site aggregators whose sums are taken (:attr:`UpdateMessage.weight`; FedBuff
             with the weighted mean only). A site is one infrastructure peer for many devices:
-            no rate limit and no buffer share apply to it.
+            no rate limit and no buffer share apply to it. The weight a sum claims is cut to
+            what its updates could weigh, ``contributions * max_num_examples``.
+        site_devices: how many devices a site has, for those whose number is known: a sum of
+            more devices' updates is refused (``out_of_range``).
     """
 
     def __init__(
@@ -632,6 +639,7 @@ class AggregatorCore:
         max_participation: int = 0,
         min_separation: int = 0,
         sites: Iterable[str] = (),
+        site_devices: Mapping[str, int] | None = None,
     ) -> None:
         if max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
@@ -684,6 +692,9 @@ class AggregatorCore:
         self._open_cohorts: dict[str, tuple[str, ...]] = {}
         """Cohorts formed and not yet summed or abandoned (hard state: after a crash they are abandoned)."""
         self.sites = frozenset(sites)
+        self.site_devices = dict(site_devices or {})
+        if not (set(self.site_devices) <= self.sites and all(n >= 1 for n in self.site_devices.values())):
+            raise ValueError(f"site_devices must give listed sites >= 1 devices, got {self.site_devices}")
         if self.sites and not (isinstance(rule, FedBuffRule) and rule.aggregate.trusts_claims):
             raise ValueError("sites' sums go into FedBuff's weighted mean: use the fedbuff rule, no robust aggregate")
         if self.sites and (secagg is not None or central_dp is not None or noise_check is not None):
@@ -855,8 +866,9 @@ class AggregatorCore:
                     assert isinstance(self.rule, FedBuffRule)
                     assert update.weight is not None
                     count = update.contributions or 1
+                    weight = min(update.weight, count * float(self.max_num_examples))  # s <= 1: n_i s_i <= max
                     new = self.rule.add_sum(
-                        self._weights, delta, staleness=staleness, weight=update.weight, count=count, agent_id=aid
+                        self._weights, delta, staleness=staleness, weight=weight, count=count, agent_id=aid
                     )
                 else:
                     new = self.rule.add(
@@ -871,6 +883,8 @@ class AggregatorCore:
         if update.is_sum:
             self.stats.site_sums += 1
             self.stats.site_updates += update.contributions or 0
+            if update.weight is not None and update.weight > (update.contributions or 1) * float(self.max_num_examples):
+                self.stats.site_weight_cut += 1
         if update.epsilon is not None:
             self._reported(update.epsilon)
         effects.append(LogUpdate(aid, index, now, deferred=hold))
@@ -1005,6 +1019,12 @@ class AggregatorCore:
             return rej(
                 RejectReason.NOT_A_SITE,
                 f"a sum of {u.contributions} updates from {u.agent_id!r}, which aggregator.sites does not list",
+            )
+        has = self.site_devices.get(u.agent_id) if u.is_sum and not self._replaying else None
+        if has is not None and u.contributions is not None and u.contributions > has:
+            return rej(
+                RejectReason.OUT_OF_RANGE,
+                f"a sum of {u.contributions} devices' updates from {u.agent_id!r}, which has {has} (aggregator.sites)",
             )
         if self.secagg is not None and not self._replaying:
             return rej(

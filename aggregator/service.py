@@ -477,6 +477,7 @@ class AggregatorService:
             max_participation=c.max_participation if dp else 0,
             min_separation=c.min_separation if dp else 0,
             sites=c.site_ids,
+            site_devices=c.site_devices,
         )
 
     def _central_dp(self) -> CentralGaussian | None:
@@ -1445,6 +1446,7 @@ class AggregatorService:
             "cohorts_abandoned": p.cohorts_abandoned,
             "site_sums": self.core.stats.site_sums if self.core is not None else 0,
             "site_updates": self.core.stats.site_updates if self.core is not None else 0,
+            "site_weight_cut": self.core.stats.site_weight_cut if self.core is not None else 0,
         }
 
 

@@ -441,7 +441,8 @@ class AggregatorConfig:
     sites: str = ""
     """The site aggregators whose sums this aggregator takes, by id, comma-separated
     (hierarchical aggregation, docs/scale-out.md). A sum from any other sender is refused
-    (``not_a_site``). Needs rule fedbuff with the weighted mean."""
+    (``not_a_site``). Needs rule fedbuff with the weighted mean. ``ID:N`` also says that the
+    site has ``N`` devices: a sum of more devices' updates from it is refused (``out_of_range``)."""
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     http: str | None = None
     """Where to serve the dashboard, ``/metrics`` (Prometheus) and ``/healthz``: ``HOST:PORT`` (port 0:
@@ -451,8 +452,21 @@ class AggregatorConfig:
 
     @property
     def site_ids(self) -> tuple[str, ...]:
-        """:attr:`sites` split at commas."""
-        return tuple(n.strip() for n in self.sites.split(",") if n.strip())
+        """The ids in :attr:`sites`."""
+        return tuple(item.partition(":")[0].strip() for item in self._site_items())
+
+    @property
+    def site_devices(self) -> dict[str, int]:
+        """How many devices each site of :attr:`sites` that says so has (``ID:N``)."""
+        out: dict[str, int] = {}
+        for item in self._site_items():
+            name, colon, count = item.partition(":")
+            if colon:
+                out[name.strip()] = int(count)  # validated: digits only
+        return out
+
+    def _site_items(self) -> list[str]:
+        return [n.strip() for n in self.sites.split(",") if n.strip()]
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -616,6 +630,14 @@ class AggregatorConfig:
             return
         bad = [n for n in self.site_ids if not is_agent_id(n)]
         _check(bool(self.site_ids) and not bad, "aggregator.sites", f"ids of 1-64 characters of [A-Za-z0-9_.-]: {bad}")
+        counts = [item for item in self._site_items() if ":" in item]
+        bad = [
+            item
+            for item in counts
+            if not (item.partition(":")[2].strip().isdigit() and int(item.partition(":")[2]) > 0)
+        ]
+        _check(not bad, "aggregator.sites", f"ID:N gives a site's number of devices, N >= 1: {bad}")
+        _check(len(set(self.site_ids)) == len(self.site_ids), "aggregator.sites", "lists a site twice")
         unsupported = [
             ("aggregator.rule", self.rule != "fedbuff", "must be fedbuff"),
             ("aggregator.robust", self.robust != "none", "judges single updates, not sums"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from aggregator.core import Accepted, AggregatorCore, FedBuffRule, Rejected, SendReceipt
+from aggregator.core import Accepted, AggregatorCore, FedBuffRule, Rejected, SendReceipt, Stats
 from aggregator.rules import fedbuff_step
 from aggregator.sharding import Partial, ShardCore
 from aggregator.uplink import DeviceReceipt, KeepSum, SendSum, Settle, UplinkCore, UplinkEffect
@@ -176,6 +176,53 @@ def test_the_decoder_takes_weight_and_contributions_together_and_valid(fields: d
     assert why in str(err.value)
     back = UpdateMessage.from_bytes(update(SITE, 1, 0, 2, seed=0, weight=2.5, contributions=2).to_bytes())
     assert (back.weight, back.contributions, back.is_sum) == (2.5, 2, True)
+
+
+def test_a_sites_weight_above_what_its_devices_could_weigh_is_cut_to_that_bound() -> None:
+    """A device's FedBuff weight is at most max_num_examples (n is clamped to it, s <= 1), so a
+    sum of c updates weighs at most c * max_num_examples: a site claiming more is cut to it, as a
+    device's own example count is."""
+    honest = update("d9", 1, 0, 100, seed=9)
+    inflated = update(SITE, 1, 0, 1, seed=1, weight=1e9, contributions=2)
+    core = root(3, max_num_examples=100)
+    first = core.receive(inflated, topic_agent_id=SITE)
+    assert isinstance(first, Accepted)
+    assert core.stats.site_weight_cut == 1
+    last = core.receive(honest, topic_agent_id="d9")
+    assert isinstance(last, Accepted)
+    assert last.new_version == 1
+    expected, _ = fedbuff_step(model(), [inflated.delta, honest.delta], [2 * 100.0, 100.0])
+    for k in SHAPES:
+        np.testing.assert_allclose(core.weights[k], expected[k], rtol=1e-5, atol=1e-6)
+    # within the bound, the claim stands
+    core = root(3, max_num_examples=100)
+    assert isinstance(core.receive(update(SITE, 1, 0, 1, seed=1, weight=200.0, contributions=2)), Accepted)
+    assert core.stats.site_weight_cut == 0
+    assert Stats.from_dict(core.stats.to_dict()) == core.stats
+
+
+def test_a_sum_of_more_devices_than_the_site_has_is_refused_out_of_range() -> None:
+    """aggregator.sites may say how many devices a site has (``site-a:3``): a sum of more is a lie."""
+    core = root(10, site_devices={SITE: 3})
+    result = core.receive(update(SITE, 1, 0, 1, seed=1, weight=4.0, contributions=4), topic_agent_id=SITE)
+    assert isinstance(result, Rejected)
+    assert result.reason is RejectReason.OUT_OF_RANGE
+    assert "4 devices" in result.detail and "3" in result.detail
+    assert core.rule.open_slots() == (0, 10)
+    ok = core.receive(update(SITE, 2, 0, 1, seed=2, weight=3.0, contributions=3), topic_agent_id=SITE)
+    assert isinstance(ok, Accepted)
+    assert core.stats.site_updates == 3
+
+
+def test_config_reads_how_many_devices_each_site_has() -> None:
+    cfg = AggregatorConfig(sites="site-a:40, site-b")
+    cfg.validate()
+    assert cfg.site_ids == ("site-a", "site-b")
+    assert cfg.site_devices == {"site-a": 40}
+    for bad in ["site-a:0", "site-a:x", "site-a:", ":3"]:
+        with pytest.raises(ConfigError) as err:
+            AggregatorConfig(sites=bad).validate()
+        assert err.value.key == "aggregator.sites"
 
 
 def test_config_refuses_sites_with_what_judges_single_updates() -> None:
