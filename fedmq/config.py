@@ -765,6 +765,11 @@ class AgentConfig:
     """Seconds without a receipt after which an update is published again."""
     heartbeat_interval: float = 15.0
     """Seconds between status heartbeats (retained ``online`` with the current seq and epsilon)."""
+    model_wait: float = 30.0
+    """Seconds without a global model after subscribing (or since the last ask) before the agent
+    subscribes to the model topic again, which makes the broker send the retained model again.
+    A NATS cluster keeps retained messages eventually consistent: a device that subscribes on
+    one node just after the model was written on another can miss it (docs/scale-out.md)."""
     compression: str = "none"
     """Update compression on the wire: none, fp16, int8 or topk (see :mod:`fedmq.compression`)."""
     topk_fraction: float = 0.01
@@ -805,6 +810,7 @@ class AgentConfig:
             "must be > 0 seconds",
         )
         _check(self.heartbeat_interval > 0, "agent.heartbeat_interval", "must be > 0 seconds")
+        _check(self.model_wait > 0 and math.isfinite(self.model_wait), "agent.model_wait", "must be > 0 seconds")
         _check(
             self.round_interval >= 0 and math.isfinite(self.round_interval),
             "agent.round_interval",

@@ -59,6 +59,22 @@ async def _retained(host: str, port: int, topic: str, *, identifier: str, limit:
     return None
 
 
+async def _retained_eventually(
+    host: str, port: int, topic: str, *, identifier: str, asks: int, limit: float
+) -> bytes | None:
+    """Ask again, as a new client each time, until the node has the retained message (or ``asks`` run out).
+
+    A node's retained messages are eventually consistent: a SUBSCRIBE that reaches it before the
+    model written on another node gets nothing, and nothing later (in one fresh-clone CI run the
+    first read waited 60 s in vain). Agents ask again too (``agent.model_wait``).
+    """
+    for attempt in range(asks):
+        got = await _retained(host, port, topic, identifier=f"{identifier}-{attempt}", limit=limit)
+        if got is not None:
+            return got
+    return None
+
+
 def test_a_retained_model_written_on_one_node_reaches_others_and_survives_its_node(cluster: NatsCluster) -> None:
     """Each phase is bounded on its own (a sync test: JetStream's failover may take tens of seconds)."""
     n1, n2, n3 = cluster.nodes
@@ -69,23 +85,19 @@ def test_a_retained_model_written_on_one_node_reaches_others_and_survives_its_no
             await server.publish("fedmq/c/model", model, qos=1, retain=True)
 
     asyncio.run(asyncio.wait_for(publish(), 60))
-    assert asyncio.run(_retained(n3.host, n3.mqtt_port, "fedmq/c/model", identifier="dev-3", limit=60)) == model
+    got = _retained_eventually(n3.host, n3.mqtt_port, "fedmq/c/model", identifier="dev-3", asks=12, limit=10)
+    assert asyncio.run(got) == model
 
     cluster.kill(0)  # kill -9 the node the model was written on
 
     # JetStream elects new leaders for the MQTT streams (about 10 s here); a device connecting
     # now, to another node, must still get the model. Ask again until it does.
-    async def after_failover() -> bytes | None:
-        for attempt in range(30):
-            got = await _retained(n2.host, n2.mqtt_port, "fedmq/c/model", identifier=f"dev-2-{attempt}", limit=10)
-            if got is not None:
-                return got
-        return None
-
-    assert asyncio.run(after_failover()) == model
+    got = _retained_eventually(n2.host, n2.mqtt_port, "fedmq/c/model", identifier="dev-2", asks=30, limit=10)
+    assert asyncio.run(got) == model
 
     cluster.restart(0, timeout=120)  # the node comes back, catches up, and serves the model too
-    assert asyncio.run(_retained(n1.host, n1.mqtt_port, "fedmq/c/model", identifier="dev-1", limit=120)) == model
+    got = _retained_eventually(n1.host, n1.mqtt_port, "fedmq/c/model", identifier="dev-1", asks=12, limit=10)
+    assert asyncio.run(got) == model
 
 
 async def test_a_federation_trains_with_its_devices_on_different_nodes(cluster: NatsCluster) -> None:
