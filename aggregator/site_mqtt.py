@@ -43,7 +43,7 @@ from fedmq.secagg.messages import MaskedMsg, RevealMsg, decode_up
 from fedmq.secagg.server import CohortManager
 from fedmq.staleness import make_staleness_fn
 from fedmq.state import fsync_dir, write_atomic
-from runtime.transport import backoff, client_kwargs, describe_failure, publish, subscribe
+from runtime.transport import ask_for_retained, backoff, client_kwargs, describe_failure, publish, subscribe
 
 log = logging.getLogger("fedmq.site")
 
@@ -105,6 +105,8 @@ class MqttSite:
         """Unmasking takes long enough (a large model) to run off the event loop."""
         self.reconnects = {"root": 0, "site": 0}
         self.undecodable = 0
+        self.model_asks = 0
+        """Subscriptions to the root's model topic repeated because no model had come (``uplink.model_wait``)."""
 
     # --- lifecycle -------------------------------------------------------------------------------
     def startup(self) -> None:
@@ -282,10 +284,13 @@ class MqttSite:
     async def _root_session(self, client: aiomqtt.Client) -> None:
         online = StatusMessage(self.site_id, "online", ts=time.time()).to_bytes()
         await publish(client, self.topics.status(self.site_id), online, qos=1, retain=True)
+        model_came = asyncio.Event()
         await subscribe(client, self.topics.model, qos=1)
         await subscribe(client, self.topics.receipt(self.site_id), qos=1)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._send(client, self._to_root))
+            wait = self.config.aggregator.uplink.model_wait
+            tg.create_task(ask_for_retained(client, self.topics.model, model_came, wait=wait, on_ask=self._asking))
             async for msg in client.messages:
                 body = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
                 try:
@@ -296,11 +301,17 @@ class MqttSite:
                         self._model = body
                         self._to_site.put_nowait((self.topics.model, body, True))
                         self._inbox.put_nowait(("model", model))
+                        model_came.set()
                     else:
                         self._inbox.put_nowait(("receipt", ReceiptMessage.from_bytes(body)))
                 except DecodeError as exc:  # the root's own messages: a fault of the deployment
                     self.undecodable += 1
                     log.error("site %s: undecodable message from the root on %s: %s", self.site_id, msg.topic, exc)
+
+    def _asking(self) -> None:
+        self.model_asks += 1
+        wait = self.config.aggregator.uplink.model_wait
+        log.info("site %s: no model from the root for %.0f s: subscribing again", self.site_id, wait)
 
     async def _site_session(self, client: aiomqtt.Client) -> None:
         await self.ready.wait()  # devices are answered only once the root's model is known

@@ -42,6 +42,7 @@ from fedmq.messages import AgentState, ModelMessage, ReceiptMessage, StatusMessa
 from models.base import TrainingCancelled
 from runtime.process import Pulse
 from runtime.transport import (
+    ask_for_retained,
     backoff,
     client_kwargs,
     describe_failure,
@@ -202,7 +203,7 @@ class AgentService:
         self._blocked: tuple[str | None, int] | None = None  # (run, version) the aggregator does not know
         self._pause_until = 0.0  # monotonic: no training before (a retry receipt)
         self._resend_wanted = asyncio.Event()
-        self._model_came = asyncio.Event()  # set by each model received (see _ask_for_model)
+        self._model_came = asyncio.Event()  # a model came in this session (see runtime.transport.ask_for_retained)
         self._cancel: threading.Event | None = None
         self._new_model = asyncio.Event()
         self._secure: SecureUploads | None = None
@@ -291,7 +292,7 @@ class AgentService:
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event, grace: asyncio.Timeout) -> None:
         await publish(client, self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
-        models_before = self.stats.models_received  # what came before this session's subscription
+        self._model_came = asyncio.Event()  # this session's: set by the first model it receives
         await subscribe(client, self.topics.model, qos=1)
         self.stats.state = "online"
         self.pulse.notify()
@@ -313,7 +314,10 @@ class AgentService:
                 tg.create_task(self._heartbeat(client))
                 tg.create_task(self._summarize())
                 tg.create_task(self._secagg_loop(client))
-                tg.create_task(self._ask_for_model(client, models_before))
+                wait = self.config.agent.model_wait
+                tg.create_task(
+                    ask_for_retained(client, self.topics.model, self._model_came, wait=wait, on_ask=self._asking)
+                )
                 await self._watch(stop)  # in the body, not a child: see AggregatorService._session
         except* _Finished:
             final = "budget_exhausted" if self.trainer.exhausted is not None else "stopped"
@@ -618,29 +622,10 @@ class AgentService:
             await asyncio.sleep(self.config.agent.heartbeat_interval)
             await publish(client, self.topics.status(self.agent_id), self._status("online"), qos=1, retain=True)
 
-    async def _ask_for_model(self, client: aiomqtt.Client, models_before: int) -> None:
-        """Subscribe to the model topic again until a model comes in this session.
-
-        ``models_before``: :attr:`AgentStats.models_received` before the session subscribed.
-
-        A broker sends the retained model on every SUBSCRIBE to its topic (MQTT 3.1.1, 3.8.4).
-        One whose retained messages are eventually consistent (a NATS cluster) may not hold the
-        model yet when the session subscribes, and would not send it when it arrives: without
-        asking again, a device would wait for the next version, and at a federation's start for
-        ever.
-        """
-        while self.stats.models_received == models_before:
-            self._model_came.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.agent.model_wait):
-                    await self._model_came.wait()
-            if self.stats.models_received > models_before:
-                return
-            self.stats.model_asks += 1
-            log.info(
-                "agent %s: no global model for %.0f s: subscribing again", self.agent_id, self.config.agent.model_wait
-            )
-            await subscribe(client, self.topics.model, qos=1)
+    def _asking(self) -> None:
+        """No global model yet in this session after ``agent.model_wait``: the model topic is subscribed again."""
+        self.stats.model_asks += 1
+        log.info("agent %s: no global model for %.0f s: subscribing again", self.agent_id, self.config.agent.model_wait)
 
     async def _resender(self, client: aiomqtt.Client) -> None:
         """Re-publish updates whose receipt is overdue (lost, the aggregator away) or whose retry is due."""

@@ -238,6 +238,9 @@ class UplinkConfig:
     """Sums sent and not yet receipted; beyond it devices are answered ``retry`` (back-pressure)."""
     resend_after: float = 30.0
     """Seconds after which a sum the root has not receipted is sent again (same seq: exactly once)."""
+    model_wait: float = 30.0
+    """Seconds without the root's model after subscribing before the site subscribes again (a root
+    broker that is a NATS cluster may not hold the retained model yet: see ``agent.model_wait``)."""
 
     def broker(self) -> BrokerConfig:
         """How to reach the root's broker."""
@@ -264,6 +267,7 @@ class UplinkConfig:
         _check(bool(self.state_dir), k + "state_dir", "is required: sums are kept there until the root receipts them")
         _check(1 <= self.max_pending <= 1024, k + "max_pending", "must be in [1, 1024]")
         _check(_finite(self.resend_after) and self.resend_after >= 1, k + "resend_after", "must be >= 1 second")
+        _check(_finite(self.model_wait) and self.model_wait > 0, k + "model_wait", "must be > 0 seconds")
         pair = (self.cert_file is None) == (self.key_file is None)
         _check(pair, k + "cert_file", "cert_file and key_file go together")
         for key in ("ca_file", "cert_file", "key_file"):

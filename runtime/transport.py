@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import random
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiomqtt
@@ -105,6 +106,27 @@ async def subscribe(client: aiomqtt.Client, topic: str, *, qos: int) -> None:
     """``client.subscribe`` that never swallows a cancellation (see :func:`publish`)."""
     await client.subscribe(topic, qos=qos)
     _reraise_swallowed_cancellation()
+
+
+async def ask_for_retained(
+    client: aiomqtt.Client, topic: str, came: asyncio.Event, *, wait: float, on_ask: Callable[[], None]
+) -> None:
+    """Subscribe to ``topic`` again every ``wait`` seconds until ``came`` is set (its retained message came).
+
+    A broker sends the retained message on every SUBSCRIBE to its topic (MQTT 3.1.1, 3.8.4).
+    One whose retained messages are eventually consistent (a NATS cluster, docs/scale-out.md)
+    may not hold the message yet when a session subscribes, and does not send it when it
+    arrives; it does on a later SUBSCRIBE. Run it beside the session's receive loop, which sets
+    ``came``; ``on_ask`` is called before each new SUBSCRIBE (to count and log it).
+    """
+    while not came.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await came.wait()
+        if came.is_set():
+            return
+        on_ask()
+        await subscribe(client, topic, qos=1)
 
 
 def tolerate_aiomqtt_disconnect_race(loop: asyncio.AbstractEventLoop) -> None:

@@ -4,7 +4,8 @@ A NATS cluster keeps retained messages eventually consistent: a device that subs
 node just after the model was written on another can subscribe before that node holds it, and
 is not sent it when it arrives. The client here behaves that way: its first SUBSCRIBE to the
 model topic finds nothing retained, a later one finds the model. The agent's own ``_receive``
-and ``_ask_for_model`` run against it.
+and the asking loop it runs beside it (``runtime.transport.ask_for_retained``, which a site
+over MQTT runs for the root's model too) run against it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fedmq.errors import ConfigError
 from fedmq.messages import ModelMessage, ModelSpec
 from models import create_model
 from models.datasets import digits
+from runtime.transport import ask_for_retained
 
 
 class LaggingRetainedStore:
@@ -61,6 +63,12 @@ def agent(model_wait: float) -> AgentService:
     return AgentService(Config(prefix="fedmq/t", agent=acfg).validate(), trainer)
 
 
+async def ask(svc: AgentService, client: LaggingRetainedStore) -> None:
+    """What the agent's session runs beside its receive loop."""
+    wait = svc.config.agent.model_wait
+    await ask_for_retained(client, svc.topics.model, svc._model_came, wait=wait, on_ask=svc._asking)  # type: ignore[arg-type]
+
+
 def model_bytes() -> bytes:
     weights = create_model("softmax", num_features=64, num_classes=10).get_weights()
     return ModelMessage(0, ModelSpec("softmax", 64, 10), weights).to_bytes()
@@ -74,7 +82,7 @@ async def test_an_agent_subscribes_again_until_the_retained_model_comes_then_sto
     receiving = asyncio.create_task(svc._receive(client))  # type: ignore[arg-type]
     try:
         async with asyncio.timeout(60):
-            await svc._ask_for_model(client, 0)  # type: ignore[arg-type]  # returns once a model came
+            await ask(svc, client)  # returns once a model came
         assert svc.stats.models_received == 1
         assert svc.stats.model_asks == holds_from - 1
         assert client.asks == holds_from
@@ -88,7 +96,7 @@ async def test_an_agent_that_got_its_model_does_not_ask_again() -> None:
     client = LaggingRetainedStore(svc.topics.model, model_bytes(), holds_from=1)
     receiving = asyncio.create_task(svc._receive(client))  # type: ignore[arg-type]
     try:
-        asking = asyncio.create_task(svc._ask_for_model(client, 0))  # type: ignore[arg-type]
+        asking = asyncio.create_task(ask(svc, client))
         await client.subscribe(svc.topics.model, qos=1)  # the session's subscription finds the model
         async with asyncio.timeout(60):
             await asking
