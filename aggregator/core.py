@@ -857,6 +857,7 @@ class AggregatorCore:
         delta = detached(update.delta)  # a kept delta must not keep a larger payload alive
         claimed = min(update.num_examples, self.max_num_examples)
         new: Tensors | None = None
+        weight_cut = False
         was_empty = self.rule.open_slots()[0] == 0
         if hold:  # waits for the next buffer: the agent has one in this one
             self._deferred.append(Deferred(aid, delta, claimed, update.base_version))
@@ -867,6 +868,7 @@ class AggregatorCore:
                     assert update.weight is not None
                     count = update.contributions or 1
                     weight = min(update.weight, count * float(self.max_num_examples))  # s <= 1: n_i s_i <= max
+                    weight_cut = weight < update.weight
                     new = self.rule.add_sum(
                         self._weights, delta, staleness=staleness, weight=weight, count=count, agent_id=aid
                     )
@@ -883,8 +885,7 @@ class AggregatorCore:
         if update.is_sum:
             self.stats.site_sums += 1
             self.stats.site_updates += update.contributions or 0
-            if update.weight is not None and update.weight > (update.contributions or 1) * float(self.max_num_examples):
-                self.stats.site_weight_cut += 1
+            self.stats.site_weight_cut += weight_cut
         if update.epsilon is not None:
             self._reported(update.epsilon)
         effects.append(LogUpdate(aid, index, now, deferred=hold))

@@ -200,7 +200,7 @@ def disk_rate(directory: Path, nbytes: int) -> float:
     Falls back to buffered writes where the file system refuses ``O_DIRECT`` (tmpfs).
     """
     buf = mmap.mmap(-1, DISK_CHUNK)  # page-aligned, as O_DIRECT needs
-    buf.write(np.random.default_rng(1).integers(0, 256, DISK_CHUNK, dtype=np.uint8).tobytes())
+    buf.write(os.urandom(DISK_CHUNK))  # bytes no file system could compress
     path = directory / "disk-probe"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:

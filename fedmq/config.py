@@ -457,20 +457,21 @@ class AggregatorConfig:
     @property
     def site_ids(self) -> tuple[str, ...]:
         """The ids in :attr:`sites`."""
-        return tuple(item.partition(":")[0].strip() for item in self._site_items())
+        return tuple(name for name, _ in self._site_entries())
 
     @property
     def site_devices(self) -> dict[str, int]:
         """How many devices each site of :attr:`sites` that says so has (``ID:N``)."""
-        out: dict[str, int] = {}
-        for item in self._site_items():
-            name, colon, count = item.partition(":")
-            if colon:
-                out[name.strip()] = int(count)  # validated: digits only
-        return out
+        return {name: int(count) for name, count in self._site_entries() if count is not None}
 
-    def _site_items(self) -> list[str]:
-        return [n.strip() for n in self.sites.split(",") if n.strip()]
+    def _site_entries(self) -> list[tuple[str, str | None]]:
+        """``(id, N as written, or None)`` for each comma-separated entry of :attr:`sites`."""
+        entries: list[tuple[str, str | None]] = []
+        for item in self.sites.split(","):
+            if item.strip():
+                name, colon, count = item.partition(":")
+                entries.append((name.strip(), count.strip() if colon else None))
+        return entries
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -634,12 +635,7 @@ class AggregatorConfig:
             return
         bad = [n for n in self.site_ids if not is_agent_id(n)]
         _check(bool(self.site_ids) and not bad, "aggregator.sites", f"ids of 1-64 characters of [A-Za-z0-9_.-]: {bad}")
-        counts = [item for item in self._site_items() if ":" in item]
-        bad = [
-            item
-            for item in counts
-            if not (item.partition(":")[2].strip().isdigit() and int(item.partition(":")[2]) > 0)
-        ]
+        bad = [f"{n}:{c}" for n, c in self._site_entries() if c is not None and not (c.isdigit() and int(c) > 0)]
         _check(not bad, "aggregator.sites", f"ID:N gives a site's number of devices, N >= 1: {bad}")
         _check(len(set(self.site_ids)) == len(self.site_ids), "aggregator.sites", "lists a site twice")
         unsupported = [

@@ -34,14 +34,12 @@ class LaggingRetainedStore:
     def __init__(self, model_topic: str, model: bytes, holds_from: int) -> None:
         self.model_topic, self.model, self.holds_from = model_topic, model, holds_from
         self.asks = 0
-        self.asked = asyncio.Event()
         self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
 
     async def subscribe(self, topic: str, qos: int = 0) -> None:
         if topic != self.model_topic:
             return
         self.asks += 1
-        self.asked.set()
         if self.asks >= self.holds_from:  # a broker sends what it retains on every SUBSCRIBE
             self._inbox.put_nowait(aiomqtt.Message(topic, self.model, 1, True, self.asks, None))
 
