@@ -41,6 +41,7 @@ from typing import Any
 import aiomqtt
 
 from aggregator.sharding import (
+    STALE,
     Ack,
     AppliedWindow,
     LeaderCore,
@@ -96,6 +97,7 @@ def encode_state(state: LeaderState, run: str) -> bytes:
             "weights": encode_tensors(state.weights),
             "window": state.window.to_wire(),
             "keys": [list(k) for k in state.keys],
+            "refused": [list(k) for k in state.refused],
         }
     )
 
@@ -107,8 +109,9 @@ def decode_state(data: bytes) -> tuple[LeaderState, str]:
         raise ValueError(f"cluster state schema {obj.get('schema')!r}, this fedmq reads {STATE_SCHEMA}")
     weights = {k: v.copy() for k, v in decode_tensors(obj["weights"], where="state", limits=_STATE_LIMITS).items()}
     keys = tuple((str(a), int(s)) for a, s in obj.get("keys", []))
+    refused = tuple((str(a), int(s)) for a, s in obj.get("refused", []))
     window = AppliedWindow.from_wire(obj["window"])
-    return LeaderState(int(obj["version"]), weights, window, keys), str(obj["run"])
+    return LeaderState(int(obj["version"]), weights, window, keys, refused), str(obj["run"])
 
 
 class ClusterAggregator:
@@ -144,6 +147,7 @@ class ClusterAggregator:
             max_num_examples=self.cfg.max_num_examples,
             partial_size=self.scfg.partial_for(self.cfg.buffer_size),
             partial_wait=self.scfg.partial_wait,
+            stale_by_commit=True,  # another shard may hold a copy: the commit decides (sharding.py)
         )
         self.ready = asyncio.Event()
         self.leading = asyncio.Event()
@@ -429,6 +433,7 @@ class ClusterAggregator:
                         if version <= seen:
                             continue
                     window.add([(str(a), int(q)) for a, q in obj["keys"]], version)
+                    window.add([(str(a), int(q)) for a, q in obj.get("refused", [])], STALE)
                     seen = version
                     self._carry(self.core.commit(version, window))
                     await self._committed(version)
@@ -565,7 +570,11 @@ class ClusterAggregator:
 
     async def _announce(self, state: LeaderState, keys: Sequence[Any], run: str, mqtt: aiomqtt.Client) -> None:
         """Tell the shards (the commit log) and the devices (the retained model)."""
-        commit = {"version": state.version, "keys": [list(k) for k in keys]}
+        commit = {
+            "version": state.version,
+            "keys": [list(k) for k in keys],
+            "refused": [list(k) for k in state.refused],
+        }
         await self._js.publish(self.names["commit"], pack(commit), stream=self.names["commits"])
         model = ModelMessage(
             version=state.version,
@@ -576,4 +585,7 @@ class ClusterAggregator:
             created_at=time.time(),
         )
         await publish(mqtt, self.topics.model, model.to_bytes(), qos=1, retain=True)
-        log.info("version %d committed and published (%d updates)", state.version, len(keys))
+        log.info(
+            "version %d committed and published (%d updates, %d refused as too stale)",
+            state.version, len(keys), len(state.refused),
+        )  # fmt: skip

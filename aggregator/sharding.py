@@ -34,6 +34,17 @@ state lists its key; then it acknowledges the message and sends the device its r
   keys it has seen committed and hands every other message back for redelivery (the first
   partial may still die in the leader's buffer, its shard with it).
 
+**One answer per update.** Whether an update is too stale depends on when a shard looks: a
+device's re-sent copy can reach shard B after the version moved on while its first copy still
+waits, unreceipted, in shard A's partial, which the leader will apply. B cannot know that, so
+a cluster's shard (``stale_by_commit``) does not refuse a too-stale update on its own: it lists
+the key as refused in its next partial, and holds the message. The leader commits refused keys
+with its next step, in the window, as :data:`STALE`; a partial listing a key another partial
+already holds, as update or as refusal, is refused as a duplicate like any overlap. So the
+committed state decides once, for every copy: the device is told ``accepted`` or ``rejected``
+(``too_stale``), never both, and never ``rejected`` for an update the model holds. The price:
+a refusal is answered with the next step, not at once.
+
 The window is bounded (:attr:`AppliedWindow.per_agent` keys per agent): a device re-sends only
 updates not yet receipted, from an outbox of at most 16 (``agent.outbox_max``).
 """
@@ -59,6 +70,8 @@ Tensors = dict[str, npt.NDArray[Any]]
 Key = tuple[str, int]
 """An update's identity: ``(agent_id, seq)``."""
 PARTIAL_SCHEMA = 1
+STALE = -1
+"""In an :class:`AppliedWindow`, in place of a version: the update was refused as too stale."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +100,16 @@ class Partial:
     """The version the shard computed staleness against."""
     contributions: tuple[Contribution, ...]
     total: float
-    """``sum_i c_i``."""
+    """``sum_i c_i`` (0 for a partial of refusals only)."""
     tensors: Tensors
+    """``sum_i c_i delta_i`` (empty for a partial of refusals only)."""
+    refused: tuple[Key, ...] = ()
+    """Updates this shard found too stale, to be refused through the commit (``stale_by_commit``)."""
 
     @property
     def keys(self) -> list[Key]:
-        """The keys of its updates."""
-        return [c.key for c in self.contributions]
+        """The keys of its updates, then those of its refusals."""
+        return [c.key for c in self.contributions] + list(self.refused)
 
     def to_bytes(self) -> bytes:
         """msgpack, schema :data:`PARTIAL_SCHEMA`."""
@@ -106,6 +122,7 @@ class Partial:
                 "contributions": [[c.agent_id, c.seq, c.weight, c.staleness] for c in self.contributions],
                 "total": self.total,
                 "tensors": encode_tensors(self.tensors),
+                "refused": [list(k) for k in self.refused],
             }
         )
 
@@ -115,9 +132,18 @@ class Partial:
         obj = unpack(payload, limits)
         if obj.get("schema") != PARTIAL_SCHEMA:
             raise DecodeError(RejectReason.SCHEMA_VERSION, f"partial schema {obj.get('schema')!r}, expected 1")
-        rows = obj.get("contributions")
-        if not isinstance(rows, list) or not rows or len(rows) > limits.max_array_len:
-            raise DecodeError(RejectReason.BAD_FIELD, "contributions must be a non-empty list")
+        rows, refused_rows = obj.get("contributions"), obj.get("refused", [])
+        if not isinstance(rows, list) or len(rows) > limits.max_array_len:
+            raise DecodeError(RejectReason.BAD_FIELD, "contributions must be a list")
+        if not isinstance(refused_rows, list) or len(refused_rows) > limits.max_array_len:
+            raise DecodeError(RejectReason.BAD_FIELD, "refused must be a list")
+        if not rows and not refused_rows:
+            raise DecodeError(RejectReason.BAD_FIELD, "a partial lists no update and no refusal")
+        refused: list[Key] = []
+        for row in refused_rows:
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and type(row[1]) is int):
+                raise DecodeError(RejectReason.BAD_FIELD, "a refusal is [agent_id, seq]")
+            refused.append((row[0], row[1]))
         contributions = []
         for row in rows:
             if not (
@@ -134,20 +160,21 @@ class Partial:
                 what = "a contribution is [agent_id, seq, weight > 0, staleness >= 0]"
                 raise DecodeError(RejectReason.BAD_FIELD, what)
             contributions.append(Contribution(row[0], row[1], row[2], row[3]))
-        if len({c.key for c in contributions}) != len(contributions):
+        if len({c.key for c in contributions} | set(refused)) != len(contributions) + len(refused):
             raise DecodeError(RejectReason.BAD_FIELD, "a partial lists an update twice")
         total = obj.get("total")
-        if not isinstance(total, float) or not math.isclose(total, sum(c.weight for c in contributions), rel_tol=1e-9):
+        weights = math.fsum(c.weight for c in contributions)
+        if not isinstance(total, float) or not math.isclose(total, weights, rel_tol=1e-9):
             raise DecodeError(RejectReason.BAD_FIELD, "total is not the sum of the contributions' weights")
         shard, pid, version = obj.get("shard"), obj.get("pid"), obj.get("version")
         if not isinstance(shard, str) or type(pid) is not int or type(version) is not int or version < 0:
             raise DecodeError(RejectReason.BAD_FIELD, "shard (str), pid and version (int >= 0) are required")
         tensors = decode_tensors(obj.get("tensors"), where="tensors", limits=limits)
-        return cls(shard, pid, version, tuple(contributions), total, tensors)
+        return cls(shard, pid, version, tuple(contributions), total, tensors, tuple(refused))
 
 
 class AppliedWindow:
-    """The keys applied, each with the version it went into: the leader's dedupe state.
+    """The keys settled, each with the version it went into (or :data:`STALE`): the dedupe state.
 
     Per agent the newest :attr:`per_agent` seqs are kept; agents beyond ``max_agents`` go out
     least recently applied first.
@@ -160,7 +187,7 @@ class AppliedWindow:
         self._agents: OrderedDict[str, dict[int, int]] = OrderedDict()
 
     def get(self, key: Key) -> int | None:
-        """The version ``key`` went into, or ``None``."""
+        """The version ``key`` went into, :data:`STALE` if it was refused, or ``None``."""
         seqs = self._agents.get(key[0])
         return None if seqs is None else seqs.get(key[1])
 
@@ -209,6 +236,8 @@ class LeaderState:
     window: AppliedWindow
     keys: tuple[Key, ...] = ()
     """The updates of the step that made this version (a new leader announces them again)."""
+    refused: tuple[Key, ...] = ()
+    """The updates refused as too stale with that step (announced with it)."""
 
 
 @dataclass(frozen=True)
@@ -260,7 +289,7 @@ class LeaderCore:
 
     @property
     def buffered(self) -> int:
-        """Updates in the buffer."""
+        """Updates in the buffer (refusals do not count towards ``K``)."""
         return sum(len(p.contributions) for p in self._buffer)
 
     def offer(self, partial: Partial) -> tuple[Taken | Refused, Step | None]:
@@ -287,20 +316,23 @@ class LeaderCore:
         return Taken(partial.shard, partial.pid), self._step
 
     def _make_step(self) -> Step:
-        total = math.fsum(p.total for p in self._buffer)
+        sums = [p for p in self._buffer if p.contributions]  # at least one: K >= 1 updates are buffered
+        total = math.fsum(p.total for p in sums)
         weights = self.state.weights
         new: Tensors = {}
         for k, w in weights.items():
             acc = np.zeros(w.shape, np.float64)
-            for p in self._buffer:
+            for p in sums:
                 acc += p.tensors[k]
             new[k] = (w + (self.server_lr * acc / total).astype(w.dtype)).astype(w.dtype, copy=False)
         window = self.state.window.copy()
         version = self.state.version + 1
-        keys = tuple(k for p in self._buffer for k in p.keys)
+        keys = tuple(c.key for p in self._buffer for c in p.contributions)
+        refused = tuple(k for p in self._buffer for k in p.refused)
         window.add(keys, version)
+        window.add(refused, STALE)
         partials = tuple((p.shard, p.pid) for p in self._buffer)
-        return Step(LeaderState(version, new, window, keys), keys, partials)
+        return Step(LeaderState(version, new, window, keys, refused), keys, partials)
 
     def committed(self) -> Step:
         """The step's write succeeded: it is the state now; the buffer starts empty."""
@@ -333,6 +365,8 @@ class LeaderCore:
 
 def gate_partial(reference: Mapping[str, npt.NDArray[Any]], partial: Partial) -> str | None:
     """Why a partial cannot be added to the model, or ``None``: its layout, finiteness, weights."""
+    if not partial.contributions:  # refusals only: nothing to add
+        return None if partial.total == 0 and not partial.tensors else "a partial of refusals only carries a sum"
     if not (math.isfinite(partial.total) and partial.total > 0):
         return f"total weight {partial.total!r} is not > 0"
     if partial.tensors.keys() != reference.keys():
@@ -389,12 +423,19 @@ class _Open:
     sums: Tensors
     contributions: list[Contribution] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    refused: list[Key] = field(default_factory=list)
+    refused_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[Key]:
+        return [c.key for c in self.contributions] + self.refused
 
 
 @dataclass
 class _Offered:
     partial: Partial
     tokens: list[int]
+    """The messages behind ``partial.keys``, in that order (none for a sum restored or adopted)."""
 
 
 class ShardCore:
@@ -422,6 +463,7 @@ class ShardCore:
         partial_wait: float,
         min_agents: int = 1,
         first_pid: int = 1,
+        stale_by_commit: bool = False,
     ) -> None:
         if partial_size < 1 or not partial_wait > 0 or min_agents < 1 or first_pid < 1:
             raise ValueError("partial_size, min_agents and first_pid must be >= 1, partial_wait > 0")
@@ -437,6 +479,8 @@ class ShardCore:
         self.partial_wait = partial_wait
         self.min_agents = min_agents
         """A partial leaves only with the updates of at least this many devices (a site's floor)."""
+        self.stale_by_commit = stale_by_commit
+        """Refuse a too-stale update through the leader's commit, not at once (see the module's docs)."""
         self._next_pid = first_pid
         self._open: _Open | None = None
         self._offered: dict[int, _Offered] = {}
@@ -444,16 +488,31 @@ class ShardCore:
         self.rejected: dict[str, int] = {}
 
     def _held(self) -> set[Key]:
-        keys = {c.key for o in self._offered.values() for c in o.partial.contributions}
+        keys = {k for o in self._offered.values() for k in o.partial.keys}
         if self._open is not None:
-            keys.update(c.key for c in self._open.contributions)
+            keys.update(self._open.keys)
         return keys
 
     def _held_tokens(self) -> set[int]:
         tokens = {t for o in self._offered.values() for t in o.tokens}
         if self._open is not None:
-            tokens.update(self._open.tokens)
+            tokens.update(self._open.tokens + self._open.refused_tokens)
         return tokens
+
+    def _settled(self, key: Key, version: int, *, count: bool = False) -> Receipt:
+        """The receipt for an update the committed window lists (applied, or refused: :data:`STALE`)."""
+        if version != STALE:
+            return Receipt(ReceiptMessage(key[0], key[1], "accepted", version))
+        if count:
+            self.rejected[RejectReason.TOO_STALE.value] = self.rejected.get(RejectReason.TOO_STALE.value, 0) + 1
+        return Receipt(ReceiptMessage(key[0], key[1], "rejected", self.version, RejectReason.TOO_STALE.value))
+
+    def _box(self, now: float) -> _Open:
+        if self._open is None:
+            sums = {k: np.zeros(v.shape, np.float64) for k, v in self.reference.items()}
+            self._open = _Open(self._next_pid, now, sums)
+            self._next_pid += 1
+        return self._open
 
     def update(self, token: int, update: UpdateMessage, *, topic_agent: str, now: float) -> list[ShardEffect]:
         """A device's update (already decoded and checked by :meth:`UpdateMessage.from_bytes`)."""
@@ -462,8 +521,8 @@ class ShardCore:
             why = f"the topic names agent {topic_agent!r}"
             return self._refuse(token, topic_agent, update.seq, RejectReason.AGENT_ID_MISMATCH, why)
         applied = self.window.get(key)
-        if applied is not None:  # a re-send of an applied update: its receipt again
-            return [Ack((token,)), Receipt(ReceiptMessage(update.agent_id, update.seq, "accepted", applied))]
+        if applied is not None:  # a re-send of a settled update: its receipt again
+            return [Ack((token,)), self._settled(key, applied)]
         if token in self._held_tokens():
             return []  # the same message again (its ack wait ran out): still held, still ours
         if key in self._held():
@@ -472,17 +531,18 @@ class ShardCore:
             return [Nak((token,))]  # from a newer version than this shard has seen yet: later, or elsewhere
         staleness = self.version - update.base_version
         if staleness > self.max_staleness:
+            if self.stale_by_commit:  # another shard may hold a copy the leader will apply: the commit decides
+                box = self._box(now)
+                box.refused.append(key)
+                box.refused_tokens.append(token)
+                return []
             why = f"staleness {staleness} > {self.max_staleness}"
             return self._refuse(token, update.agent_id, update.seq, RejectReason.TOO_STALE, why)
         bad, _ = gate(self.reference, update.delta, self.max_update_norm)
         if bad is not None:
             return self._refuse(token, update.agent_id, update.seq, bad[0], bad[1])
         weight = float(min(update.num_examples, self.max_num_examples)) * float(self.staleness(staleness))
-        if self._open is None:
-            sums = {k: np.zeros(v.shape, np.float64) for k, v in self.reference.items()}
-            self._open = _Open(self._next_pid, now, sums)
-            self._next_pid += 1
-        box = self._open
+        box = self._box(now)
         for k, acc in box.sums.items():
             acc += weight * update.delta[k]
         box.contributions.append(Contribution(update.agent_id, update.seq, weight, staleness))
@@ -493,6 +553,8 @@ class ShardCore:
         return []
 
     def _enough(self, box: _Open) -> bool:
+        if not box.contributions:  # refusals only: they carry no sum to protect
+            return bool(box.refused)
         return len({c.agent_id for c in box.contributions}) >= self.min_agents
 
     def _refuse(self, token: int, agent: str, seq: int, reason: RejectReason, detail: str) -> list[ShardEffect]:
@@ -512,17 +574,19 @@ class ShardCore:
             return []
         if self._enough(self._open):
             return self._close()
-        tokens, self._open = tuple(self._open.tokens), None
+        tokens, self._open = tuple(self._open.tokens + self._open.refused_tokens), None
         return [Nak(tokens)]
 
     def _close(self) -> list[ShardEffect]:
         box = self._open
         assert box is not None
         self._open = None
-        tensors = {k: acc.astype(self.reference[k].dtype) for k, acc in box.sums.items()}
+        # A partial of refusals only carries no sum (nothing for the leader to add).
+        tensors = {k: a.astype(self.reference[k].dtype) for k, a in box.sums.items()} if box.contributions else {}
         total = math.fsum(c.weight for c in box.contributions)
-        partial = Partial(self.shard, box.pid, self.version, tuple(box.contributions), total, tensors)
-        self._offered[box.pid] = _Offered(partial, box.tokens)
+        contributions, refused = tuple(box.contributions), tuple(box.refused)
+        partial = Partial(self.shard, box.pid, self.version, contributions, total, tensors, refused)
+        self._offered[box.pid] = _Offered(partial, box.tokens + box.refused_tokens)
         return [Offer(partial)]
 
     def answer(self, answer: Taken | Refused) -> list[ShardEffect]:
@@ -536,13 +600,13 @@ class ShardCore:
         # buffer dies with the leader, and the other copy's holder may have died too.
         out: list[ShardEffect] = []
         done, back = [], []
-        for c, token in zip(offered.partial.contributions, offered.tokens, strict=True):
-            version = self.window.get(c.key)
+        for key, token in zip(offered.partial.keys, offered.tokens, strict=True):
+            version = self.window.get(key)
             if version is None:
                 back.append(token)
             else:
                 done.append(token)
-                out.append(Receipt(ReceiptMessage(c.agent_id, c.seq, "accepted", version)))
+                out.append(self._settled(key, version, count=True))
         if done:
             out.insert(0, Ack(tuple(done)))
         if back:
@@ -556,13 +620,14 @@ class ShardCore:
         out: list[ShardEffect] = []
         for pid in sorted(self._offered):
             offered = self._offered[pid]
-            versions = [window.get(c.key) for c in offered.partial.contributions]
+            keys = offered.partial.keys
+            versions = [window.get(k) for k in keys]
             if all(v is not None for v in versions):
                 del self._offered[pid]
                 out.append(Ack(tuple(offered.tokens)))
-                for c, v in zip(offered.partial.contributions, versions, strict=True):
+                for k, v in zip(keys, versions, strict=True):
                     assert v is not None
-                    out.append(Receipt(ReceiptMessage(c.agent_id, c.seq, "accepted", v)))
+                    out.append(self._settled(k, v, count=True))
         return out
 
     def restore(self, partial: Partial) -> None:
@@ -611,10 +676,14 @@ class ShardCore:
     @property
     def holding(self) -> int:
         """Messages held, not yet settled."""
-        return sum(len(o.tokens) for o in self._offered.values()) + (len(self._open.tokens) if self._open else 0)
+        held = sum(len(o.tokens) for o in self._offered.values())
+        if self._open is not None:
+            held += len(self._open.tokens) + len(self._open.refused_tokens)
+        return held
 
 
 __all__ = [
+    "STALE",
     "Ack",
     "AppliedWindow",
     "Contribution",

@@ -46,6 +46,7 @@ class Auditor:
     def __init__(self, url: str) -> None:
         self.url = url
         self.commits: dict[int, list[tuple[str, int]]] = {}
+        self.refused: dict[int, list[tuple[str, int]]] = {}
         self.receipts: list[ReceiptMessage] = []
         self.sent: set[tuple[str, int]] = set()
         self.changed = threading.Condition()
@@ -99,6 +100,7 @@ class Auditor:
                 obj = msgpack.unpackb(msg.data, raw=False)
                 with self.changed:
                     keys = [(str(a), int(s)) for a, s in obj["keys"]]
+                    self.refused[int(obj["version"])] = [(str(a), int(s)) for a, s in obj.get("refused", [])]
                     previous = self.commits.setdefault(int(obj["version"]), keys)
                     if previous != keys:  # announced again by a new leader: must be the same step
                         self.error = AssertionError(f"version {obj['version']}: {previous} then {keys}")
@@ -146,7 +148,13 @@ def auditors() -> Iterator[list[Auditor]]:
 
 
 def shard(
-    nats_urls: str, broker: str, log: Path, env: dict[str, str] | None = None, *, site: bool = False
+    nats_urls: str,
+    broker: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    *,
+    site: bool = False,
+    max_staleness: int = 1000,
 ) -> subprocess.Popen[bytes]:
     """A `fedmq aggregator --nats` process (a shard, or with ``site`` a site aggregator)."""
     full = {
@@ -159,7 +167,7 @@ def shard(
     cmd = [
         sys.executable, "-m", "cli", "aggregator", "--nats", nats_urls, "--broker", broker, "--prefix", PREFIX,
         "--model", "softmax", "--num-features", "64", "--num-classes", "10", "--buffer-size", "4",
-        "--partial-size", "2", "--max-staleness", "1000", *(["--site"] if site else []),
+        "--partial-size", "2", "--max-staleness", str(max_staleness), *(["--site"] if site else []),
     ]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=log.open("wb"))
 
@@ -377,3 +385,66 @@ class SiteReceipts:
                 left = deadline - time.monotonic()
                 assert left > 0, f"not within {limit} s: {len(self.got)} receipts"
                 self.changed.wait(left)
+
+
+def test_a_too_stale_update_is_refused_once_through_the_commit_log(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
+) -> None:
+    """Two shards, ``max_staleness`` 1. An update based on version 0 arrives at version 3, and its
+    device sends it again: it is refused with the next committed step (the commit log lists it),
+    and every receipt for it, one per copy at most, says ``rejected``, ``too_stale``."""
+    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    from models import create_model
+
+    root = NatsCluster(1, workdir=tmp_path / "nats").start(timeout=120)
+    try:
+        node = root.nodes[0]
+        urls = f"nats://{node.host}:{node.client_port}"
+        env = {"FEDMQ_AGGREGATOR__SHARD__REPLICAS": "1"}
+        for i in range(2):
+            processes.append(shard(urls, node.url, tmp_path / f"shard{i}.log", env, max_staleness=1))
+        auditor = Auditor(urls)
+        auditors.append(auditor)
+        auditor.start()
+        auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
+        weights = create_model("softmax", num_features=64, num_classes=10).get_weights()
+
+        def update(agent: str, seq: int, base: int) -> bytes:
+            delta = {k: np.full_like(v, 0.01) for k, v in weights.items()}
+            return UpdateMessage(agent, seq, base, 10, delta).to_bytes()
+
+        async def drive() -> None:
+            async with aiomqtt.Client(node.host, node.mqtt_port, identifier="driver", timeout=60) as client:
+
+                async def step(version: int) -> None:  # four fresh updates (K = 4): one more version
+                    for i in range(4):
+                        await client.publish(f"{PREFIX}/update/fresh{i}", update(f"fresh{i}", version, version), qos=1)
+                    await asyncio.to_thread(
+                        auditor.wait, f"version {version + 1}", lambda: auditor.version > version, 120
+                    )
+
+                for v in range(3):
+                    await step(v)
+                late = update("late", 1, 0)  # staleness 3 > 1
+                await client.publish(f"{PREFIX}/update/late", late, qos=1)
+                await client.publish(f"{PREFIX}/update/late", late, qos=1)  # sent again: its receipt was late
+                await step(3)
+
+        asyncio.run(drive())
+
+        def answered() -> bool:
+            return any(r.agent_id == "late" for r in auditor.receipts)
+
+        auditor.wait("the late update's answer", answered, 120)
+        with auditor.changed:
+            refused_in = [v for v, keys in auditor.refused.items() if ("late", 1) in keys]
+            assert refused_in == [4], auditor.refused  # committed once, with the step after it came
+            assert all(("late", 1) not in keys for keys in auditor.commits.values())
+            answers = [r for r in auditor.receipts if r.agent_id == "late"]
+        assert 1 <= len(answers) <= 2 and {(r.status, r.reason) for r in answers} == {("rejected", "too_stale")}
+    finally:
+        for p in processes:  # before the cluster: a shard left running would log its reconnects
+            p.kill()
+            p.wait(30)
+        root.stop()

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from aggregator.rules.fedbuff import fedbuff_step
 from aggregator.sharding import (
+    STALE,
     Ack,
     AppliedWindow,
+    Contribution,
     LeaderCore,
     LeaderState,
     Nak,
@@ -45,7 +47,9 @@ def update(agent: str, seq: int, base: int, n: int, seed: int) -> UpdateMessage:
     return UpdateMessage(agent, seq, base, n, delta)
 
 
-def shard(name: str, version: int = 0, partial_size: int = 3, max_staleness: int = 10) -> ShardCore:
+def shard(
+    name: str, version: int = 0, partial_size: int = 3, max_staleness: int = 10, stale_by_commit: bool = False
+) -> ShardCore:
     return ShardCore(
         name,
         model(),
@@ -56,6 +60,7 @@ def shard(name: str, version: int = 0, partial_size: int = 3, max_staleness: int
         max_num_examples=1000,
         partial_size=partial_size,
         partial_wait=5.0,
+        stale_by_commit=stale_by_commit,
     )
 
 
@@ -134,18 +139,21 @@ class Stream:
 class Cluster:
     """Shards, a leader and a stream, driven by a random schedule; the audit at the end."""
 
-    def __init__(self, rng: random.Random, n_shards: int, k: int, partial_size: int) -> None:
+    def __init__(
+        self, rng: random.Random, n_shards: int, k: int, partial_size: int, max_staleness: int = 10**6
+    ) -> None:
         self.rng = rng
         self.k = k
         self.partial_size = partial_size
+        self.max_staleness = max_staleness
         self.messages: dict[int, UpdateMessage] = {}
         self.stream = Stream()
-        # No update grows too stale here: a refusal for staleness is tested above, not exactly-once.
-        self.shards = {f"s{i}": shard(f"s{i}", partial_size=partial_size, max_staleness=10**6) for i in range(n_shards)}
+        self.shards = {f"s{i}": self.new_shard(f"s{i}") for i in range(n_shards)}
         self.committed = LeaderState(0, model(), AppliedWindow())
         self.leader = LeaderCore(self.committed, buffer_size=k)
         self.steps: list[tuple[int, tuple[tuple[str, int], ...]]] = []
         self.receipts: dict[tuple[str, int], set[int]] = {}
+        self.answers: dict[tuple[str, int], set[str]] = {}  # every status a device was told
         self.inbox: list[tuple[str, Partial]] = []  # offers on their way to the leader
         self.restarts = 0
 
@@ -165,10 +173,14 @@ class Cluster:
                     if self.stream.held.pop(t, None) is not None:
                         self.stream.queue.append(t)
             elif isinstance(e, Receipt):
+                self.answers.setdefault((e.receipt.agent_id, e.receipt.seq), set()).add(e.receipt.status)
                 if e.receipt.status == "accepted":
                     self.receipts.setdefault((e.receipt.agent_id, e.receipt.seq), set()).add(e.receipt.version)
             elif isinstance(e, Offer):
                 self.inbox.append((name, e.partial))
+
+    def new_shard(self, name: str) -> ShardCore:
+        return shard(name, partial_size=self.partial_size, max_staleness=self.max_staleness, stale_by_commit=True)
 
     def deliver(self) -> None:
         if not self.stream.queue:
@@ -210,7 +222,7 @@ class Cluster:
                 del self.stream.held[t]
                 self.stream.queue.append(t)
         self.restarts += 1  # a new process: a new id (the service draws one per start)
-        fresh = shard(f"{name}.{self.restarts}", partial_size=self.partial_size, max_staleness=10**6)
+        fresh = self.new_shard(f"{name}.{self.restarts}")
         fresh.version, fresh.window = self.committed.version, self.committed.window.copy()
         self.shards[name] = fresh  # its offers already on their way may still reach the leader
 
@@ -272,6 +284,138 @@ def test_every_update_is_applied_exactly_once_whatever_crashes(
     for key, versions in c.receipts.items():
         assert versions == {step_of[key]}, f"{key} was receipted with {versions}, applied in {step_of[key]}"
     assert set(c.stream.acked) == set(c.messages), "a message was never acknowledged"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_shards=st.integers(2, 3),
+    k=st.integers(1, 4),
+    partial_size=st.integers(1, 3),
+    n_updates=st.integers(2, 25),
+)
+def test_a_device_gets_one_answer_per_update_when_updates_grow_too_stale(
+    seed: int, n_shards: int, k: int, partial_size: int, n_updates: int
+) -> None:
+    """With a small ``max_staleness``, a re-sent copy can reach a shard after the version moved
+    on while its first copy still waits, unreceipted, in another shard's partial. Whatever the
+    schedule, a device is never told both ``rejected`` and ``accepted`` for one update, a
+    refused update is in no step, and every update is settled one way or the other."""
+    rng = random.Random(seed)
+    c = Cluster(rng, n_shards, k, partial_size, max_staleness=1)
+    sent: list[UpdateMessage] = []
+
+    def new_update() -> None:  # a device trains on a model at most 3 versions old
+        base = rng.randint(max(0, c.committed.version - 3), c.committed.version)
+        sent.append(update(f"d{len(sent) % 5}", len(sent), base, 1 + len(sent) % 7, len(sent)))
+        c.publish(sent[-1])
+
+    for _ in range(n_updates):
+        new_update()
+    for _ in range(400):
+        roll = rng.random()
+        if roll < 0.4:
+            c.deliver()
+        elif roll < 0.75:
+            c.lead()
+        elif roll < 0.8:
+            c.crash_shard()
+        elif roll < 0.83:
+            c.crash_leader()
+        elif roll < 0.9:
+            c.tick()
+        elif roll < 0.95:
+            new_update()
+        else:
+            c.publish(rng.choice(sent))  # a device re-sends (its receipt was late)
+    c.last_call()
+    for i in range(20_000):
+        if not (c.stream.queue or c.inbox or any(s.holding for s in c.shards.values())):
+            break
+        c.deliver()
+        c.lead()
+        c.tick()
+        if i % 200 == 199:
+            new_update()  # the federation goes on: a refusal is settled by the next commit
+    else:
+        raise AssertionError("the cluster did not drain")
+    applied = [key for _, keys in c.steps for key in keys]
+    assert len(applied) == len(set(applied)), "an update went into two steps"
+    for key, statuses in c.answers.items():
+        assert len(statuses) == 1, f"{key} was answered {sorted(statuses)}"
+        assert (statuses == {"accepted"}) == (key in set(applied)), f"{key}: told {statuses}, applied {key in applied}"
+    assert {(u.agent_id, u.seq) for u in sent} <= set(c.answers) | set(applied), "an update was never settled"
+    step_of = {key: v for v, keys in c.steps for key in keys}
+    for key, versions in c.receipts.items():
+        assert versions == {step_of[key]}
+    assert set(c.stream.acked) == set(c.messages), "a message was never acknowledged"
+
+
+def test_a_copy_too_stale_at_one_shard_while_its_first_copy_waits_at_another_gets_one_answer() -> None:
+    """The race, step by step: ``x``'s update waits in shard A's offer while B's updates move the
+    version on by 2 (max_staleness 1); ``x`` re-sends it and B gets the copy. B must not refuse it
+    on its own: A's partial then commits it."""
+    c = Cluster(random.Random(0), 2, k=1, partial_size=1, max_staleness=1)
+    a, b = c.shards["s0"], c.shards["s1"]
+    u = update("x", 1, 0, 5, 1)
+    c.publish(u)
+    c.stream.held[1] = "s0"
+    c.run(a.update(1, u, topic_agent="x", now=0.0), "s0")  # A offers {x1}: on its way to the leader
+    assert len(c.inbox) == 1
+    for seq, base in ((1, 0), (2, 1)):  # B's updates, each a step (K = 1): version 2
+        y = update("y", seq, base, 5, 10 + seq)
+        c.publish(y)
+        token = len(c.messages)
+        c.stream.held[token] = "s1"
+        c.run(b.update(token, y, topic_agent="y", now=0.0), "s1")
+        c.inbox.append(c.inbox.pop(0))  # A's offer stays behind
+        c.lead()
+    assert c.committed.version == 2 and b.version == 2
+    c.publish(u)  # x re-sends: B gets the copy, staleness 2 > 1
+    c.stream.held[4] = "s1"
+    c.run(b.update(4, u, topic_agent="x", now=0.0), "s1")
+    c.run(b.due(now=10.0), "s1")
+    while c.inbox:
+        c.lead()
+    assert c.answers.get(("x", 1), {"accepted"}) == {"accepted"}
+    assert [v for v, keys in c.steps if ("x", 1) in keys] == [3]
+
+
+def test_a_refusal_rides_in_a_partial_counts_nothing_towards_k_and_is_settled_by_the_next_step() -> None:
+    """A cluster's shard holds a too-stale update and lists it as refused; the leader commits it
+    as STALE with its next step, and only then is the device told ``rejected`` (once)."""
+    a = shard("a", version=5, partial_size=2, max_staleness=1, stale_by_commit=True)
+    assert a.update(1, update("x", 1, 2, 5, 1), topic_agent="x", now=0.0) == []  # staleness 3 > 1: held
+    assert a.holding == 1 and a.rejected == {}
+    assert a.update(2, update("x", 1, 2, 5, 1), topic_agent="x", now=1.0) == [Ack((2,))]  # a re-send: held already
+    (refusals,) = offers(a.due(now=10.0))  # refusals alone leave after partial_wait
+    assert refusals.contributions == () and refusals.refused == (("x", 1),)
+    assert refusals.total == 0.0 and refusals.tensors == {}
+    assert Partial.from_bytes(refusals.to_bytes()) == refusals
+    with_sum = Partial("a", 9, 5, (), 0.0, model(), (("x", 2),))
+    with pytest.raises(DecodeError, match="no update and no refusal"):
+        Partial.from_bytes(Partial("a", 9, 5, (), 0.0, {}, ()).to_bytes())
+
+    leader = LeaderCore(LeaderState(5, model(), AppliedWindow()), buffer_size=1)
+    assert leader.offer(with_sum)[0] == Refused("a", 9, "a partial of refusals only carries a sum")
+    answer, step = leader.offer(refusals)
+    assert answer == Taken("a", refusals.pid) and step is None and leader.buffered == 0  # no step for refusals
+    assert a.answer(answer) == []
+    b = shard("b", version=5, partial_size=1)
+    (p,) = offers(b.update(1, update("y", 1, 5, 5, 2), topic_agent="y", now=0.0))
+    _, step = leader.offer(p)
+    assert step is not None and step.keys == (("y", 1),) and step.state.refused == (("x", 1),)
+    leader.committed()
+    assert step.state.window.get(("x", 1)) == STALE
+    out = a.commit(step.state.version, step.state.window)
+    assert out[0] == Ack((1,)) and len(out) == 2 and isinstance(out[1], Receipt)
+    assert (out[1].receipt.status, out[1].receipt.reason) == ("rejected", "too_stale")
+    assert a.rejected == {"too_stale": 1} and a.holding == 0
+    again = a.update(3, update("x", 1, 2, 5, 1), topic_agent="x", now=20.0)  # a late re-send: the same answer
+    assert again[0] == Ack((3,)) and again[1].receipt.status == "rejected"  # type: ignore[union-attr]
+    # A partial holding the update itself, offered after the refusal was committed, is a duplicate.
+    late = Partial("c", 1, 5, (Contribution("x", 1, 1.0, 3),), 1.0, model(), ())
+    assert leader.offer(late)[0] == Refused("c", 1, "duplicates", (("x", 1),))
 
 
 def test_sharding_refuses_at_startup_what_it_does_not_do_naming_the_key() -> None:
