@@ -1195,6 +1195,9 @@ class AggregatorCore:
         rec = self._agents.get(agent)
         if rec is not None and (msg.seq in rec.receipts or msg.seq < rec.floor):
             return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} was applied before")
+        refusal = self._participation(agent)  # checked at check-in too; this holds whatever put it in a cohort
+        if refusal is not None:
+            return Reject(agent, refusal[0], f"{agent!r} {refusal[1]}")
         if msg.agent_id != agent:
             return Reject(agent, RejectReason.AGENT_ID_MISMATCH, f"the upload names {msg.agent_id!r}")
         if msg.base_version > self.version:
@@ -1285,6 +1288,10 @@ class AggregatorCore:
         self._open_cohorts.pop(cohort, None)
         base = self.version
         self._charge([c.agent for c in contributors], release)
+        if self.secagg is not None and self.ledger is not None:
+            for c in contributors:  # spent, or too recently in a sum: out of the pool the cohort put them in
+                if self._participation(c.agent) is not None:
+                    self.secagg.leave(c.agent)
         self._advance(new, effects)
         self.stats.cohorts_applied += 1
         for c in contributors:

@@ -212,3 +212,35 @@ def test_secagg_settings_are_validated_by_key() -> None:
         with pytest.raises(ConfigError) as err:
             SecAggConfig(**{field: value}).validate()
         assert err.value.key == f"aggregator.secagg.{field}"
+
+
+def test_a_device_at_its_participation_cap_joins_no_cohort_even_without_checking_in() -> None:
+    """After a sum, its devices wait in the pool for the next cohort without a check-in: the cap
+    (checked at check-in) must hold for them too, or a capped device's next upload is charged."""
+    from aggregator.privacy import FederationLedger
+    from fedmq.secagg.messages import Params
+
+    params = Params(clip_norm=1.0, dp_stddev=0.05, dp_survivors=8)
+    settings = dataclasses.replace(SETTINGS, params=params)
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.normal(0, 1, (20, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    n = sum(v.size for v in weights.values())
+    core = AggregatorCore(
+        weights,
+        FedBuffRule(settings.cohort_size, constant),
+        run_id="ab" * 8,
+        secagg=CohortManager(settings, n_values=n + 1),
+        checkpoint_every=0,
+        ledger=FederationLedger(1e-5),
+        max_participation=1,
+    )
+    fleet = CoreFleet(core, 12)
+    fleet.check_in()
+    assert core.version == 1 and core.ledger is not None
+    spent = {a for a in fleet.agents if core.ledger.count(a) == 1}
+    assert len(spent) == 10
+    for _ in range(3):
+        fleet.check_in()
+        fleet.advance(30.0)
+    assert max(core.ledger.count(a) for a in fleet.agents) == 1, "a capped device was charged again"
+    assert core.version == 1

@@ -631,6 +631,15 @@ class CohortManager:
                 self._digests.popitem(last=False)
         return self._settle(cohort.receive(agent, msg, now, check), now)
 
+    def leave(self, agent: str) -> None:
+        """``agent`` may join no cohort for now (its privacy ledger says so): out of the pool, until it checks in again.
+
+        A device whose cohort was summed waits in the pool without a check-in; the caller, which
+        checks participation limits at check-in, takes out the ones the sum just spent.
+        """
+        self.pool.pop(agent, None)
+        self._since.pop(agent, None)
+
     def offline(self, agent: str, now: float) -> list[Out]:
         """``agent`` went offline: out of the pool, and its cohort stops waiting for it."""
         self.pool.pop(agent, None)
