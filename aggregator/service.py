@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from aggregator.cohorts import cohort_settings, federation_verifier
+from aggregator.cohorts import cohort_settings, federation_verifier, with_distributed_dp
 from aggregator.core import (
     Accepted,
     AgentsOffline,
@@ -76,7 +76,6 @@ from fedmq.messages import (
     metrics_to_bytes,
     salvage_seq,
 )
-from fedmq.secagg import ddp
 from fedmq.secagg.messages import MaskedMsg, Params, RevealMsg, decode_up
 from fedmq.secagg.server import CohortManager
 from fedmq.staleness import make_staleness_fn
@@ -495,34 +494,10 @@ class AggregatorService:
 
     def _cohort_manager(self) -> CohortManager:
         """The cohorts of secure aggregation, from ``aggregator.secagg`` (and the CA, with TLS)."""
-        c, sa = self.cfg, self.cfg.secagg
-        settings = cohort_settings(c)
-        params = settings.params
-        if sa.dp_epsilon is not None:
-            params = replace(params, **self._calibrate_ddp(sa.dp_epsilon, settings.cohort_size, settings.members))
-        self._secagg_params = params
-        settings = replace(settings, params=params)
+        settings = with_distributed_dp(self.cfg, cohort_settings(self.cfg), self._params)
+        self._secagg_params = settings.params
         verifier = federation_verifier(self.config.broker)
         return CohortManager(settings, n_values=self._params + 1, verifier=verifier)
-
-    def _calibrate_ddp(self, target: float, k: int, members: int) -> dict[str, Any]:
-        """Distributed DP's noise for ``target`` over ``max_participation`` sums (ddp.calibrate); logged."""
-        c, sa = self.cfg, self.cfg.secagg
-        t = sa.survivors_for(k)
-        try:
-            calib = ddp.calibrate(
-                target, c.dp_delta, releases=c.max_participation, survivors=t, summands=members,
-                dim=self._params + 1, clip=ddp.input_clip(sa.clip_norm), bits=sa.bits,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise ConfigError("aggregator.secagg.dp_epsilon", str(exc)) from None
-        log.info(
-            "distributed DP: each sum of >= %d uploads carries discrete Gaussian noise of std %.4g "
-            "(z = %.3f on the clip %.3g); a device in %d sums has epsilon %.3f at delta %g",
-            t, calib.params.central_stddev, calib.noise_multiplier, calib.params.clip, c.max_participation,
-            calib.epsilon, c.dp_delta,
-        )  # fmt: skip
-        return {"dp_stddev": calib.params.central_stddev, "dp_survivors": t}
 
     def _restore(self, core: AggregatorCore, restored: Restored) -> AggregatorCore:
         """Load the checkpoint and feed the log back through the core: the state before the crash."""

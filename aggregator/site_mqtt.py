@@ -32,7 +32,8 @@ from typing import Any
 
 import aiomqtt
 
-from aggregator.cohorts import cohort_settings, federation_verifier
+from aggregator.cohorts import cohort_settings, federation_verifier, with_distributed_dp
+from aggregator.privacy import FederationLedger
 from aggregator.sharding import ShardCore
 from aggregator.uplink import DeviceReceipt, KeepSum, SendSecAgg, SendSum, Settle, UplinkCore, UplinkEffect
 from fedmq.codec import DecodeLimits
@@ -40,7 +41,7 @@ from fedmq.config import BrokerConfig, Config
 from fedmq.errors import DecodeError, StateError
 from fedmq.messages import ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage, salvage_seq
 from fedmq.secagg.messages import MaskedMsg, RevealMsg, decode_up
-from fedmq.secagg.server import CohortManager
+from fedmq.secagg.server import CohortManager, SecAggSettings
 from fedmq.staleness import make_staleness_fn
 from fedmq.state import fsync_dir, write_atomic
 from runtime.transport import ask_for_retained, backoff, client_kwargs, describe_failure, publish, subscribe
@@ -65,8 +66,10 @@ class UplinkFolder:
         settled = self.settled.read_bytes() if self.settled.exists() else None
         return kept, settled
 
-    def keep(self, seq: int, body: bytes) -> None:
-        """Write sum ``seq`` durably (before it is sent)."""
+    def keep(self, seq: int, body: bytes, state: bytes | None = None) -> None:
+        """Write sum ``seq`` durably (before it is sent), after ``state`` (the ledger charged for it), if given."""
+        if state is not None:
+            write_atomic(self.settled, state)
         write_atomic(self.sums / f"{seq:012d}.sum", body)
 
     def settle(self, seq: int, state: bytes) -> None:
@@ -101,6 +104,8 @@ class MqttSite:
         self.secure = self.cfg.secure_aggregation
         self._settings = cohort_settings(self.cfg) if self.secure else None
         self._verifier = federation_verifier(config.broker) if self.secure else None
+        self._calibrated: tuple[int, SecAggSettings] | None = None
+        """The cohorts' settings for a model size (distributed DP's noise depends on it)."""
         self._heavy = False
         """Unmasking takes long enough (a large model) to run off the event loop."""
         self.reconnects = {"root": 0, "site": 0}
@@ -195,6 +200,14 @@ class MqttSite:
             return []
         return self.core.model(model.version, model.run)
 
+    def _cohort_settings(self, model: ModelMessage) -> SecAggSettings:
+        """The cohorts' settings for the root's model: distributed DP's noise is calibrated for its size (once)."""
+        assert self._settings is not None
+        n_params = sum(t.size for t in model.tensors.values())
+        if self._calibrated is None or self._calibrated[0] != n_params:
+            self._calibrated = (n_params, with_distributed_dp(self.cfg, self._settings, n_params))
+        return self._calibrated[1]
+
     def _restore(self, model: ModelMessage) -> tuple[UplinkCore, list[UplinkEffect]]:
         """The core, from the uplink folder, with the root's model as the layout updates must have."""
         kept, settled = self.folder.load()
@@ -211,10 +224,14 @@ class MqttSite:
             min_agents=self.cfg.shard.site_min_devices,
         )
         cohorts = None
+        ledger = None
         if self._settings is not None:
-            n_values = sum(t.size for t in model.tensors.values()) + 1
-            cohorts = CohortManager(self._settings, n_values=n_values, verifier=self._verifier)
-            self._heavy = n_values >= 200_000
+            settings = self._cohort_settings(model)
+            n_params = sum(t.size for t in model.tensors.values())
+            cohorts = CohortManager(settings, n_values=n_params + 1, verifier=self._verifier)
+            self._heavy = n_params + 1 >= 200_000
+            if settings.params.distributed_dp:
+                ledger = FederationLedger(self.cfg.dp_delta)
         try:
             return UplinkCore.restore(
                 self.site_id,
@@ -226,6 +243,9 @@ class MqttSite:
                 resend_after=self.ucfg.resend_after,
                 run=model.run,
                 cohorts=cohorts,
+                ledger=ledger,
+                max_participation=self.cfg.max_participation if ledger is not None else 0,
+                min_separation=self.cfg.min_separation if ledger is not None else 0,
             )
         except (DecodeError, ValueError, KeyError, TypeError) as exc:
             raise StateError(str(self.folder.path), f"the uplink folder is unreadable: {exc}") from exc
@@ -233,7 +253,7 @@ class MqttSite:
     async def _carry(self, effects: list[UplinkEffect]) -> None:
         for e in effects:
             if isinstance(e, KeepSum):
-                await asyncio.to_thread(self.folder.keep, e.seq, e.partial)
+                await asyncio.to_thread(self.folder.keep, e.seq, e.partial, e.state)
             elif isinstance(e, SendSum):
                 self._to_root.put_nowait((self.topics.update(self.site_id), e.payload, False))
             elif isinstance(e, Settle):
@@ -297,7 +317,8 @@ class MqttSite:
                     if msg.topic.value == self.topics.model:
                         model = ModelMessage.from_bytes(body, self.limits)
                         if self._settings is not None:  # the site's devices mask for the site's cohorts
-                            body = dataclasses.replace(model, secagg=self._settings.params).to_bytes()
+                            params = self._cohort_settings(model).params
+                            body = dataclasses.replace(model, secagg=params).to_bytes()
                         self._model = body
                         self._to_site.put_nowait((self.topics.model, body, True))
                         self._inbox.put_nowait(("model", model))

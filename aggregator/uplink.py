@@ -40,6 +40,19 @@ against the site's version when the masks came off. Contributors get their recei
 root's answer; the other members of the cohort a :class:`~fedmq.secagg.messages.DoneMsg`. A
 cohort that the site abandons, or a sum the root refuses for no device's fault, ends as
 ``abandoned`` for its members, who keep their updates for a later cohort.
+
+**Distributed DP inside the site.** With noise announced to the cohorts (``Params.dp_stddev``,
+calibrated for ``aggregator.secagg.dp_epsilon`` by :func:`aggregator.cohorts.with_distributed_dp`),
+each device adds its share of discrete Gaussian noise before masking (Kairouz, Liu and Steinke,
+ICML 2021, arXiv:2102.06387), so what leaves the site is a differentially private release: the
+root, and whoever reads its broker, learn a noised sum. The noised weights' sum is not divided
+by (that would scale the step by noise): the site sends the sum over the number of uploads,
+DP-FedAvg's fixed denominator (McMahan et al., ICLR 2018), with ``weight`` that number. The site
+keeps the devices' ledger (:class:`~aggregator.privacy.FederationLedger`): each contributor is
+charged the cohort's release when its sum leaves, a device in ``max_participation`` sums (or
+whose last sum is fewer than ``min_separation`` root versions old) is refused at check-in, and the
+ledger is written with each sum, before it is sent, so a restart neither forgets nor repeats a
+charge.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.privacy import FederationLedger
 from aggregator.sharding import Ack, AppliedWindow, Contribution, Nak, Offer, Partial, Receipt, ShardCore, ShardEffect
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, pack, unpack
 from fedmq.errors import RejectReason
@@ -80,6 +94,8 @@ class KeepSum:
     seq: int
     partial: bytes
     """:meth:`Partial.to_bytes`: what :meth:`UplinkCore.restore` takes back."""
+    state: bytes | None = None
+    """With a ledger: the settled state charged for this sum, to write (durably) before the sum."""
 
 
 @dataclass(frozen=True)
@@ -142,9 +158,16 @@ class UplinkCore:
         window: AppliedWindow | None = None,
         run: str | None = None,
         cohorts: CohortManager | None = None,
+        ledger: FederationLedger | None = None,
+        max_participation: int = 0,
+        min_separation: int = 0,
     ) -> None:
         if max_pending < 1 or not (math.isfinite(resend_after) and resend_after > 0):
             raise ValueError("need max_pending >= 1 and resend_after > 0")
+        if (max_participation or min_separation) and ledger is None:
+            raise ValueError("participation limits need a ledger")
+        if max_participation < 0 or min_separation < 0:
+            raise ValueError("max_participation and min_separation must be >= 0")
         self.site_id = site_id
         self.shard = shard
         self.max_pending = max_pending
@@ -172,6 +195,10 @@ class UplinkCore:
         """Secure-aggregation messages refused, by reason (the cohort goes on without them)."""
         self.cohorts_dropped: Counter[str] = Counter()
         """Cohorts whose sum the site could not use, by reason (their members are told ``abandoned``)."""
+        self.ledger = ledger
+        """Under distributed DP: every device's releases (the sums of its that left the site)."""
+        self.max_participation = max_participation
+        self.min_separation = min_separation
 
     # --- restart -------------------------------------------------------------------------------
     @classmethod
@@ -200,6 +227,8 @@ class UplinkCore:
             window = AppliedWindow.from_wire(obj["window"])
             shard.reserve(int(obj["next_seq"]))
         core = cls(site_id, shard, window=window, **kwargs)
+        if settled is not None and core.ledger is not None and obj.get("privacy") is not None:
+            core.ledger.load_state_dict(obj["privacy"])  # (none: distributed DP is new here, nothing was charged)
         effects: list[UplinkEffect] = []
         for body in kept:
             partial = Partial.from_bytes(body, limits)
@@ -211,7 +240,14 @@ class UplinkCore:
         return core, effects
 
     def _state(self) -> bytes:
-        return pack({"schema": SETTLED_SCHEMA, "window": self.window.to_wire(), "next_seq": self.shard.next_pid})
+        state: dict[str, Any] = {
+            "schema": SETTLED_SCHEMA,
+            "window": self.window.to_wire(),
+            "next_seq": self.shard.next_pid,
+        }
+        if self.ledger is not None:
+            state["privacy"] = self.ledger.state_dict()
+        return pack(state)
 
     # --- inputs --------------------------------------------------------------------------------
     def update(self, update: UpdateMessage, *, topic_agent: str, now: float) -> list[UplinkEffect]:
@@ -257,6 +293,10 @@ class UplinkCore:
         version = self.shard.version
         out: list[UplinkEffect] = []
         if isinstance(msg, CheckIn):
+            refusal = self._participation(agent)
+            if refusal is not None:  # not in the pool: a capped device is done, a separated one checks in again
+                self.secagg_refused[refusal.value] += 1
+                return []
             outs = self.cohorts.check_in(agent, msg, now, version=version, run=self.run)
         else:
             outs = self.cohorts.receive(agent, msg, now, check=self._admit_masked)
@@ -268,6 +308,17 @@ class UplinkCore:
         if not isinstance(msg, CheckIn):  # a cohort may have ended: its devices are back in the pool
             out += self._cohort_outputs(self.cohorts.form(now, version=version, run=self.run), now)
         return out
+
+    def _participation(self, agent: str) -> RejectReason | None:
+        """Why ``agent`` may not join another cohort now (its ledger), if so; as the aggregator's core decides."""
+        if self.ledger is None:
+            return None
+        if self.max_participation and self.ledger.count(agent) >= self.max_participation:
+            return RejectReason.PARTICIPATION_CAP
+        last = self.ledger.last.get(agent)
+        if self.min_separation and last is not None and self.shard.version - last < self.min_separation:
+            return RejectReason.PARTICIPATION_WINDOW
+        return None
 
     def offline(self, agent: str, *, now: float) -> list[UplinkEffect]:
         """A device went offline (its Will): its cohort stops waiting for it."""
@@ -281,6 +332,9 @@ class UplinkCore:
             return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} was applied before")
         if self.shard.holds(key):
             return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} is in a sum on its way to the root")
+        refusal = self._participation(agent)  # checked at check-in too; this holds whatever put it in a cohort
+        if refusal is not None:
+            return Reject(agent, refusal, f"{agent!r} may join no sum now (its privacy ledger)")
         version = self.shard.version
         if msg.base_version > version:
             return Reject(agent, RejectReason.UNKNOWN_BASE_VERSION, f"base version {msg.base_version} > {version}")
@@ -310,15 +364,16 @@ class UplinkCore:
         version = self.shard.version
         reference = self.shard.reference
         values = u.values
-        weight = float(values[-1])
+        # Under distributed DP the weights' sum is noised too: the fixed denominator is the count.
+        weight = float(values[-1]) if u.release is None else float(len(u.contributors))
         size = sum(r.size for r in reference.values())
         why = None
-        if u.release is not None:
-            why = "distributed DP sums are not forwarded by a site"
-        elif values.shape != (size + 1,) or not np.isfinite(values).all():
+        if values.shape != (size + 1,) or not np.isfinite(values).all():
             why = "the sum is not finite or not the model's size"
         elif not weight > 0:
             why = f"the weights sum to {weight!r}"
+        elif u.release is not None and self.ledger is None:
+            why = "a distributed DP sum needs the site's ledger"  # our wiring's fault: never forwarded uncharged
         if why is not None:
             self.cohorts_dropped[why] += 1
             done = DoneMsg(u.cohort, "abandoned", version, why)
@@ -333,6 +388,12 @@ class UplinkCore:
         share = weight / len(u.contributors)
         contributions = [Contribution(c.agent, c.seq, share, max(0, version - c.base_version)) for c in u.contributors]
         total = math.fsum(c.weight for c in contributions)
+        if u.release is not None:
+            assert self.ledger is not None
+            self.ledger.record([c.agent for c in u.contributors], u.release, version + 1)  # as the core does
+            for c in u.contributors:  # spent, or too recently in a sum: out of the pool the cohort put them in
+                if self.cohorts is not None and self._participation(c.agent) is not None:
+                    self.cohorts.leave(c.agent)
         offer = self.shard.adopt(version, contributions, total, tensors)
         self._members[offer.partial.pid] = (u.cohort, u.members)
         return self._carry([offer], now)
@@ -433,6 +494,7 @@ class UplinkCore:
                 if self.cohorts is not None
                 else {}
             ),
+            **({"max_epsilon": self.ledger.max_epsilon} if self.ledger is not None else {}),
         }
 
     # --- internals -----------------------------------------------------------------------------
@@ -445,7 +507,8 @@ class UplinkCore:
             elif isinstance(e, Offer):
                 p = _Pending(e.partial, due=now)
                 self._pending[e.partial.pid] = p
-                out += [KeepSum(e.partial.pid, e.partial.to_bytes()), self._send(p, now)]
+                state = self._state() if self.ledger is not None else None  # the charge, before the sum leaves
+                out += [KeepSum(e.partial.pid, e.partial.to_bytes(), state), self._send(p, now)]
             else:
                 assert isinstance(e, Ack | Nak)
         return out

@@ -275,7 +275,6 @@ class UplinkConfig:
             _check(path is None or Path(path).is_file(), k + key, f"no such file: {path}")
         _check(not agg.shard.nats, k + "root", "a site has one root: aggregator.shard.nats or this, not both")
         unsupported = [
-            ("aggregator.secagg.dp_epsilon", agg.secagg.dp_epsilon is not None, "is not forwarded by a site yet"),
             ("aggregator.robust", agg.robust != "none", "judges single updates: a site forwards sums"),
         ]
         for key, bad, why in unsupported:

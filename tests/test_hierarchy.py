@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from aggregator.core import Accepted, AggregatorCore, FedBuffRule, Rejected, SendReceipt, Stats
+from aggregator.privacy import FederationLedger
 from aggregator.rules import fedbuff_step
 from aggregator.sharding import Partial, ShardCore
 from aggregator.uplink import DeviceReceipt, KeepSum, SendSum, Settle, UplinkCore, UplinkEffect
@@ -577,3 +578,97 @@ def test_a_sum_the_root_refuses_for_no_devices_fault_is_abandoned_for_every_memb
     assert sorted(a for a, _ in fleet.done) == fleet.agents
     assert {d.status for _, d in fleet.done} == {"abandoned"}  # type: ignore[attr-defined]
     assert up.pending == []
+
+
+# --- distributed DP at a secure site ---------------------------------------------------------------
+DDP_STDDEV = 0.05
+
+
+def ddp_site(max_participation: int = 0, **kw: object) -> UplinkCore:
+    """A secure site whose cohorts carry distributed DP noise, with a ledger of its devices' releases."""
+    from aggregator.privacy import FederationLedger
+    from fedmq.secagg.messages import Params
+    from fedmq.secagg.server import CohortManager, SecAggSettings
+
+    params = Params(clip_norm=1.0, dp_stddev=DDP_STDDEV, dp_survivors=3)
+    settings = SecAggSettings(cohort_size=4, overselect=0.25, threshold=0.6, min_cohort=3, timeout=5.0, params=params)
+    n_values = sum(int(np.prod(s)) for s in SHAPES.values()) + 1
+    return UplinkCore(
+        SITE,
+        shard(0),
+        cohorts=CohortManager(settings, n_values=n_values),
+        ledger=FederationLedger(1e-5),
+        max_participation=max_participation,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_a_secure_site_forwards_a_distributed_dp_sum_over_its_count_and_charges_each_contributor_once() -> None:
+    """The noised weights' sum is not divided by (it would scale the step by noise): the site sends
+    the noised sum over the number of uploads, DP-FedAvg's fixed denominator, as the aggregator
+    does; each contributor's ledger is charged the cohort's release once, when the sum leaves."""
+    up = ddp_site()
+    fleet = SiteFleet(up, 5)
+    fleet.check_in()
+    (msg,) = fleet.sums
+    assert (msg.agent_id, msg.contributions, msg.weight) == (SITE, 4, 4.0)
+    contributors = {a for a, _ in fleet.kept[0].keys}
+    mean = fleet.clipped_mean(contributors)
+    noise = np.concatenate([(msg.delta[k] - mean[k]).ravel() for k in SHAPES])
+    assert 0 < float(np.abs(noise).max()) < 10 * DDP_STDDEV  # noised, by about dp_stddev / 4 per value
+    assert up.ledger is not None
+    assert {a: up.ledger.count(a) for a in fleet.agents} == {a: int(a in contributors) for a in fleet.agents}
+    assert up.stats()["max_epsilon"] == pytest.approx(up.ledger.max_epsilon) and up.ledger.max_epsilon > 0
+    core = root(4)
+    assert isinstance(core.receive(msg, topic_agent_id=SITE, now=1.0), Accepted)
+
+
+def test_a_device_at_its_participation_cap_is_refused_at_check_in_by_a_ddp_site() -> None:
+    up = ddp_site(max_participation=1)
+    fleet = SiteFleet(up, 5)
+    fleet.check_in()
+    (first,) = fleet.sums
+    fleet.carry(up.root_receipt(ReceiptMessage(SITE, first.seq, "accepted", 1), now=1.0))
+    fleet.pump()
+    fleet.seqs = dict.fromkeys(fleet.agents, 2)
+    fleet.now = 10.0
+    fleet.check_in()
+    assert up.secagg_refused["participation_cap"] == 4
+    assert len(fleet.sums) == 1, "a capped device was in another sum"
+
+
+def test_a_restarted_ddp_site_keeps_its_ledger_and_charges_a_kept_sum_once() -> None:
+    """The ledger is written with the sum, before the sum leaves: a site that restarts before the
+    root's answer neither forgets the charge nor makes it twice."""
+    up = ddp_site()
+    fleet = SiteFleet(up, 5)
+    effects: list[UplinkEffect] = []
+    carry = fleet.carry
+
+    def keep(es: list[UplinkEffect]) -> None:
+        effects.extend(es)
+        carry(es)
+
+    fleet.carry = keep  # type: ignore[method-assign]
+    fleet.check_in()
+    (kept,) = [e for e in effects if isinstance(e, KeepSum)]
+    assert kept.state is not None
+    contributors = {a for a, _ in fleet.kept[0].keys}
+    again, _ = UplinkCore.restore(
+        SITE, shard(0), kept=[kept.partial], settled=kept.state, ledger=FederationLedger(1e-5), max_participation=0
+    )
+    assert again.ledger is not None
+    assert {a: again.ledger.count(a) for a in fleet.agents} == {a: int(a in contributors) for a in fleet.agents}
+    assert again.ledger.max_epsilon == pytest.approx(up.ledger.max_epsilon)  # type: ignore[union-attr]
+
+
+def test_config_takes_distributed_dp_at_a_secure_site() -> None:
+    from fedmq.config import SecAggConfig, UplinkConfig
+
+    cfg = AggregatorConfig(
+        secure_aggregation=True,
+        secagg=SecAggConfig(dp_epsilon=8.0),
+        max_participation=5,
+        uplink=UplinkConfig(root="mqtt://root:1883", site_id="hospital-a", state_dir="/tmp"),
+    )
+    cfg.validate()

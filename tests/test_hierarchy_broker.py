@@ -91,9 +91,9 @@ def fedmq(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def site_process(
-    root: MosquittoBroker, site: MosquittoBroker, folder: Path, log: Path, *, secure: bool
+    root: MosquittoBroker, site: MosquittoBroker, folder: Path, log: Path, *, secure: bool, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
-    secagg = ["--secure-aggregation", "--cohort-size", "3", "--overselect", "0.34"] if secure else []
+    secagg = ["--secure-aggregation", "--cohort-size", "3", "--overselect", "0.34", *extra] if secure else []
     return fedmq(
         [
             "aggregator", "--root", f"mqtt://{root.host}:{root.port}", "--site-id", SITE, "--uplink-dir",
@@ -233,3 +233,74 @@ def audit(root_tap: Tap, site_tap: Tap) -> tuple[Counter[int], Counter[int], dic
             key = (r.agent_id, r.seq)
             assert receipted.setdefault(key, r.version) == r.version, f"{key} receipted with two versions"
     return held, Counter(receipted.values()), receipted
+
+
+def test_a_site_with_distributed_dp_sends_the_root_only_noised_sums_and_caps_its_devices(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """``--dp-epsilon`` at a secure site: its devices (which require distributed DP) add their
+    noise before masking, the site forwards each noised sum over its number of uploads
+    (``weight == contributions``), keeps their ledger and refuses a device's third sum
+    (``--max-participation 2``); its summary reports the devices' largest epsilon."""
+    root_broker = MosquittoBroker().start()
+    site_broker = MosquittoBroker().start()
+    try:
+        root_tap = Tap(root_broker.host, root_broker.port, "root").start()
+        site_tap = Tap(site_broker.host, site_broker.port, "site").start()
+        root = fedmq(
+            [
+                "aggregator", "--broker", f"mqtt://{root_broker.host}:{root_broker.port}", "--prefix", PREFIX,
+                "--sites", SITE, "--buffer-size", "3", "--max-staleness", "1000",
+            ],
+            tmp_path / "root.log",
+        )  # fmt: skip
+        processes.append(root)
+        ddp = ("--dp-epsilon", "8", "--max-participation", "2")
+        site = site_process(
+            root_broker, site_broker, tmp_path / "uplink", tmp_path / "site.log", secure=True, extra=ddp
+        )
+        processes.append(site)
+        train, _ = digits()
+        agents = []
+        for i in range(4):
+            data = tmp_path / f"dev{i}.npz"
+            part = train.subset(np.arange(i, 900, 4))
+            np.savez(data, x=part.x, y=part.y)
+            cmd = [
+                "agent", "--broker", f"mqtt://{site_broker.host}:{site_broker.port}", "--prefix", PREFIX,
+                "--id", f"dev{i}", "--data", str(data), "--no-dp", "--max-updates", "24", "--round-interval", "0.3",
+                "--lr", "0.3", "--receipt-timeout", "4", "--require-secure-aggregation", "--require-distributed-dp",
+                "--checkin-interval", "0.5",
+            ]  # fmt: skip
+            agents.append(fedmq(cmd, tmp_path / f"dev{i}.log"))
+        processes.extend(agents)
+
+        def accepted_sums(tap: Tap) -> int:
+            return sum(r.agent_id == SITE and r.status == "accepted" for r in tap.receipts)
+
+        root_tap.wait_for("two of the site's sums accepted", lambda t: accepted_sums(t) >= 2, 240)
+        site_tap.wait_for("the devices' receipts", lambda t: sum(r.status == "accepted" for r in t.receipts) >= 6, 120)
+        for a in agents:  # capped devices go on checking in: stop them
+            a.send_signal(signal.SIGTERM)
+        for i, a in enumerate(agents):
+            a.communicate(timeout=120)
+            assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+        root_tap.wait_for("every sum answered", lambda t: answered_all(t), 120)
+        site.send_signal(signal.SIGTERM)
+        out, _ = site.communicate(timeout=120)
+        site_summary = json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        site_broker.cleanup()
+        root_broker.cleanup()
+
+    site_log = (tmp_path / "site.log").read_text()
+    assert "distributed DP: each sum of >= 3 uploads" in site_log, site_log[-3000:]
+    sums = [u for u in root_tap.updates if u.agent_id == SITE]
+    assert sums and all(u.weight == float(u.contributions or 0) for u in sums), [
+        (u.weight, u.contributions) for u in sums
+    ]
+    assert {u.agent_id for u in root_tap.updates} == {SITE}
+    assert site_tap.updates == []
+    per_device = Counter(r.agent_id for r in site_tap.receipts if r.status == "accepted")
+    assert per_device and max(per_device.values()) <= 2, per_device  # the cap, over every sum that left
+    assert 0 < site_summary["max_epsilon"] <= 8.0 + 1e-6, site_summary
