@@ -28,7 +28,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
@@ -90,6 +91,27 @@ def fedmq(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+@dataclass
+class Brokers:
+    """A root's and a site's Mosquitto, each with a :class:`Tap`."""
+
+    root: MosquittoBroker
+    site: MosquittoBroker
+    root_tap: Tap
+    site_tap: Tap
+
+
+@pytest.fixture
+def brokers() -> Iterator[Brokers]:
+    """Two Mosquittos and their taps, stopped at the end, pass or fail."""
+    root, site = MosquittoBroker().start(), MosquittoBroker().start()
+    try:
+        yield Brokers(root, site, Tap(root.host, root.port, "root").start(), Tap(site.host, site.port, "site").start())
+    finally:
+        site.cleanup()
+        root.cleanup()
+
+
 def site_process(
     root: MosquittoBroker, site: MosquittoBroker, folder: Path, log: Path, *, secure: bool, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
@@ -106,83 +128,76 @@ def site_process(
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
 def test_a_site_under_a_root_aggregator_forwards_sums_applied_exactly_once_through_a_kill(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], secure: bool
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], brokers: Brokers, secure: bool
 ) -> None:
     """With ``secure``, the site serves SecAgg+ cohorts to its four devices (which require it):
     no device update crosses even the site's broker; the site learns only cohorts' sums."""
-    root_broker = MosquittoBroker().start()
-    site_broker = MosquittoBroker().start()
-    try:
-        root_tap = Tap(root_broker.host, root_broker.port, "root").start()
-        site_tap = Tap(site_broker.host, site_broker.port, "site").start()
-        root = fedmq(
-            [
-                "aggregator", "--broker", f"mqtt://{root_broker.host}:{root_broker.port}", "--prefix", PREFIX,
-                "--sites", SITE, "--buffer-size", "4", "--max-staleness", "1000", "--checkpoint-dir",
-                str(tmp_path / "root-state"), "--http", "127.0.0.1:0", "--eval-data", "builtin:digits-test",
-            ],
-            tmp_path / "root.log",
-        )  # fmt: skip
-        processes.append(root)
-        site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site.log", secure=secure)
-        processes.append(site)
+    root_broker, site_broker, root_tap, site_tap = brokers.root, brokers.site, brokers.root_tap, brokers.site_tap
+    root = fedmq(
+        [
+            "aggregator", "--broker", f"mqtt://{root_broker.host}:{root_broker.port}", "--prefix", PREFIX,
+            "--sites", SITE, "--buffer-size", "4", "--max-staleness", "1000", "--checkpoint-dir",
+            str(tmp_path / "root-state"), "--http", "127.0.0.1:0", "--eval-data", "builtin:digits-test",
+        ],
+        tmp_path / "root.log",
+    )  # fmt: skip
+    processes.append(root)
+    site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site.log", secure=secure)
+    processes.append(site)
 
-        train, _ = digits()
-        agents = []
-        at_site = 4 if secure else 2
-        homes = [site_broker] * at_site + [root_broker]
-        direct = f"dev{at_site}"  # the root's own device
-        for i, broker in enumerate(homes):
-            data = tmp_path / f"dev{i}.npz"
-            part = train.subset(np.arange(i, 900, len(homes)))
-            np.savez(data, x=part.x, y=part.y)
-            cmd = [
-                "agent", "--broker", f"mqtt://{broker.host}:{broker.port}", "--prefix", PREFIX,
-                "--id", f"dev{i}", "--data", str(data), "--no-dp", "--max-updates", "24",
-                "--round-interval", "0.3", "--lr", "0.3", "--receipt-timeout", "4",
-            ]  # fmt: skip
-            if secure and broker is site_broker:
-                cmd += ["--require-secure-aggregation", "--checkin-interval", "0.5"]
-            agents.append(fedmq(cmd, tmp_path / f"dev{i}.log"))
-        processes.extend(agents)
+    train, _ = digits()
+    agents = []
+    at_site = 4 if secure else 2
+    homes = [site_broker] * at_site + [root_broker]
+    direct = f"dev{at_site}"  # the root's own device
+    for i, broker in enumerate(homes):
+        data = tmp_path / f"dev{i}.npz"
+        part = train.subset(np.arange(i, 900, len(homes)))
+        np.savez(data, x=part.x, y=part.y)
+        cmd = [
+            "agent", "--broker", f"mqtt://{broker.host}:{broker.port}", "--prefix", PREFIX,
+            "--id", f"dev{i}", "--data", str(data), "--no-dp", "--max-updates", "24",
+            "--round-interval", "0.3", "--lr", "0.3", "--receipt-timeout", "4",
+        ]  # fmt: skip
+        if secure and broker is site_broker:
+            cmd += ["--require-secure-aggregation", "--checkin-interval", "0.5"]
+        agents.append(fedmq(cmd, tmp_path / f"dev{i}.log"))
+    processes.extend(agents)
 
-        def accepted_sums(tap: Tap) -> int:
-            return sum(r.agent_id == SITE and r.status == "accepted" for r in tap.receipts)
+    def accepted_sums(tap: Tap) -> int:
+        return sum(r.agent_id == SITE and r.status == "accepted" for r in tap.receipts)
 
-        root_tap.wait_for("three of the site's sums accepted", lambda t: accepted_sums(t) >= 3, 180)
-        # The root stops answering (SIGSTOP), so the site's next sum is on its way when the site
-        # dies: the restarted site must send that sum again, not a new sum of its updates.
-        root.send_signal(signal.SIGSTOP)
-        # Answers the root sent before it stopped may still be on their way to the site; with
-        # three sums kept in the site's folder at least one is unanswered for sure.
-        kept = tmp_path / "uplink" / "sums"
-        root_tap.wait_for("three sums kept unanswered", lambda _: len(list(kept.glob("*.sum"))) >= 3, 120)
-        site.send_signal(signal.SIGKILL)
-        site.wait(30)
-        root.send_signal(signal.SIGCONT)
-        before = accepted_sums(root_tap)
-        site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site2.log", secure=secure)
-        processes.append(site)
-        root_tap.wait_for("sums after the restart", lambda t: accepted_sums(t) >= before + 3, 180)
+    root_tap.wait_for("three of the site's sums accepted", lambda t: accepted_sums(t) >= 3, 180)
+    # The root stops answering (SIGSTOP), so the site's next sum is on its way when the site
+    # dies: the restarted site must send that sum again, not a new sum of its updates.
+    root.send_signal(signal.SIGSTOP)
+    # Answers the root sent before it stopped may still be on their way to the site; with
+    # three sums kept in the site's folder at least one is unanswered for sure.
+    kept = tmp_path / "uplink" / "sums"
+    root_tap.wait_for("three sums kept unanswered", lambda _: len(list(kept.glob("*.sum"))) >= 3, 120)
+    site.send_signal(signal.SIGKILL)
+    site.wait(30)
+    root.send_signal(signal.SIGCONT)
+    before = accepted_sums(root_tap)
+    site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site2.log", secure=secure)
+    processes.append(site)
+    root_tap.wait_for("sums after the restart", lambda t: accepted_sums(t) >= before + 3, 180)
 
-        if secure:  # a cohort needs three devices: the last ones could not finish alone, so stop them all
-            for a in agents[:at_site]:
-                a.send_signal(signal.SIGTERM)
-        for i, a in enumerate(agents):
-            a.communicate(timeout=300)
-            assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
-        # Before the site stops: every sum it sent is answered, and the devices' receipts are out.
-        root_tap.wait_for("every sum answered", lambda t: answered_all(t), 120)
-        site_tap.wait_for("the devices' receipts", lambda t: audit(root_tap, t)[0] == audit(root_tap, t)[1], 120)
-        summaries = []
-        for p in (site, root):  # SIGTERM: each flushes and prints its summary
-            p.send_signal(signal.SIGTERM)
-            out, _ = p.communicate(timeout=120)
-            summaries.append(json.loads(out.decode().strip().splitlines()[-1]))
-        site_summary, summary = summaries
-    finally:
-        site_broker.cleanup()
-        root_broker.cleanup()
+    if secure:  # a cohort needs three devices: the last ones could not finish alone, so stop them all
+        for a in agents[:at_site]:
+            a.send_signal(signal.SIGTERM)
+    for i, a in enumerate(agents):
+        a.communicate(timeout=300)
+        assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+    # Before the site stops: every sum it sent is answered, and the devices' receipts are out.
+    root_tap.wait_for("every sum answered", lambda t: answered_all(t), 120)
+    site_tap.wait_for("the devices' receipts", lambda t: audit(root_tap, t)[0] == audit(root_tap, t)[1], 120)
+    summaries = []
+    for p in (site, root):  # SIGTERM: each flushes and prints its summary
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+        summaries.append(json.loads(out.decode().strip().splitlines()[-1]))
+    site_summary, summary = summaries
 
     site_log = (tmp_path / "site.log").read_text() + (tmp_path / "site2.log").read_text()
     assert {u.agent_id for u in root_tap.updates} == {SITE, direct}, "a site device's update crossed to the root"
@@ -236,62 +251,53 @@ def audit(root_tap: Tap, site_tap: Tap) -> tuple[Counter[int], Counter[int], dic
 
 
 def test_a_site_with_distributed_dp_sends_the_root_only_noised_sums_and_caps_its_devices(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], brokers: Brokers
 ) -> None:
     """``--dp-epsilon`` at a secure site: its devices (which require distributed DP) add their
     noise before masking, the site forwards each noised sum over its number of uploads
     (``weight == contributions``), keeps their ledger and refuses a device's third sum
     (``--max-participation 2``); its summary reports the devices' largest epsilon."""
-    root_broker = MosquittoBroker().start()
-    site_broker = MosquittoBroker().start()
-    try:
-        root_tap = Tap(root_broker.host, root_broker.port, "root").start()
-        site_tap = Tap(site_broker.host, site_broker.port, "site").start()
-        root = fedmq(
-            [
-                "aggregator", "--broker", f"mqtt://{root_broker.host}:{root_broker.port}", "--prefix", PREFIX,
-                "--sites", SITE, "--buffer-size", "3", "--max-staleness", "1000",
-            ],
-            tmp_path / "root.log",
-        )  # fmt: skip
-        processes.append(root)
-        ddp = ("--dp-epsilon", "8", "--max-participation", "2")
-        site = site_process(
-            root_broker, site_broker, tmp_path / "uplink", tmp_path / "site.log", secure=True, extra=ddp
-        )
-        processes.append(site)
-        train, _ = digits()
-        agents = []
-        for i in range(4):
-            data = tmp_path / f"dev{i}.npz"
-            part = train.subset(np.arange(i, 900, 4))
-            np.savez(data, x=part.x, y=part.y)
-            cmd = [
-                "agent", "--broker", f"mqtt://{site_broker.host}:{site_broker.port}", "--prefix", PREFIX,
-                "--id", f"dev{i}", "--data", str(data), "--no-dp", "--max-updates", "24", "--round-interval", "0.3",
-                "--lr", "0.3", "--receipt-timeout", "4", "--require-secure-aggregation", "--require-distributed-dp",
-                "--checkin-interval", "0.5",
-            ]  # fmt: skip
-            agents.append(fedmq(cmd, tmp_path / f"dev{i}.log"))
-        processes.extend(agents)
+    root_broker, site_broker, root_tap, site_tap = brokers.root, brokers.site, brokers.root_tap, brokers.site_tap
+    root = fedmq(
+        [
+            "aggregator", "--broker", f"mqtt://{root_broker.host}:{root_broker.port}", "--prefix", PREFIX,
+            "--sites", SITE, "--buffer-size", "3", "--max-staleness", "1000",
+        ],
+        tmp_path / "root.log",
+    )  # fmt: skip
+    processes.append(root)
+    ddp = ("--dp-epsilon", "8", "--max-participation", "2")
+    site = site_process(root_broker, site_broker, tmp_path / "uplink", tmp_path / "site.log", secure=True, extra=ddp)
+    processes.append(site)
+    train, _ = digits()
+    agents = []
+    for i in range(4):
+        data = tmp_path / f"dev{i}.npz"
+        part = train.subset(np.arange(i, 900, 4))
+        np.savez(data, x=part.x, y=part.y)
+        cmd = [
+            "agent", "--broker", f"mqtt://{site_broker.host}:{site_broker.port}", "--prefix", PREFIX,
+            "--id", f"dev{i}", "--data", str(data), "--no-dp", "--max-updates", "24", "--round-interval", "0.3",
+            "--lr", "0.3", "--receipt-timeout", "4", "--require-secure-aggregation", "--require-distributed-dp",
+            "--checkin-interval", "0.5",
+        ]  # fmt: skip
+        agents.append(fedmq(cmd, tmp_path / f"dev{i}.log"))
+    processes.extend(agents)
 
-        def accepted_sums(tap: Tap) -> int:
-            return sum(r.agent_id == SITE and r.status == "accepted" for r in tap.receipts)
+    def accepted_sums(tap: Tap) -> int:
+        return sum(r.agent_id == SITE and r.status == "accepted" for r in tap.receipts)
 
-        root_tap.wait_for("two of the site's sums accepted", lambda t: accepted_sums(t) >= 2, 240)
-        site_tap.wait_for("the devices' receipts", lambda t: sum(r.status == "accepted" for r in t.receipts) >= 6, 120)
-        for a in agents:  # capped devices go on checking in: stop them
-            a.send_signal(signal.SIGTERM)
-        for i, a in enumerate(agents):
-            a.communicate(timeout=120)
-            assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
-        root_tap.wait_for("every sum answered", lambda t: answered_all(t), 120)
-        site.send_signal(signal.SIGTERM)
-        out, _ = site.communicate(timeout=120)
-        site_summary = json.loads(out.decode().strip().splitlines()[-1])
-    finally:
-        site_broker.cleanup()
-        root_broker.cleanup()
+    root_tap.wait_for("two of the site's sums accepted", lambda t: accepted_sums(t) >= 2, 240)
+    site_tap.wait_for("the devices' receipts", lambda t: sum(r.status == "accepted" for r in t.receipts) >= 6, 120)
+    for a in agents:  # capped devices go on checking in: stop them
+        a.send_signal(signal.SIGTERM)
+    for i, a in enumerate(agents):
+        a.communicate(timeout=120)
+        assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+    root_tap.wait_for("every sum answered", lambda t: answered_all(t), 120)
+    site.send_signal(signal.SIGTERM)
+    out, _ = site.communicate(timeout=120)
+    site_summary = json.loads(out.decode().strip().splitlines()[-1])
 
     site_log = (tmp_path / "site.log").read_text()
     assert "distributed DP: each sum of >= 3 uploads" in site_log, site_log[-3000:]

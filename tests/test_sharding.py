@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -236,6 +237,31 @@ class Cluster:
         for name, s in self.shards.items():
             self.run(s.flush(), name)
 
+    def chaos(self, steps: int, resend: Callable[[], UpdateMessage], fresh: Callable[[], None] | None = None) -> None:
+        """A random schedule: deliveries, offers, shard and leader crashes, flushes, device re-sends
+        (and, with ``fresh``, devices' new updates)."""
+        moves: list[tuple[float, Callable[[], None]]] = [
+            (0.4, self.deliver), (0.35, self.lead), (0.05, self.crash_shard), (0.03, self.crash_leader),
+            (0.07, self.tick), (0.05, lambda: self.publish(resend())),
+        ]  # fmt: skip
+        if fresh is not None:
+            moves.append((0.05, fresh))
+        for _ in range(steps):
+            self.rng.choices([m for _, m in moves], weights=[w for w, _ in moves])[0]()
+
+    def drain(self, fresh: Callable[[], None] | None = None) -> None:
+        """No more crashes, no buffer left short of K; ``fresh`` every 200 rounds: the federation goes on."""
+        self.last_call()
+        for i in range(20_000):
+            if not (self.stream.queue or self.inbox or any(s.holding for s in self.shards.values())):
+                return
+            self.deliver()
+            self.lead()
+            self.tick()
+            if fresh is not None and i % 200 == 199:
+                fresh()  # a refusal is settled by the next commit
+        raise AssertionError("the cluster did not drain")
+
 
 @settings(max_examples=150, deadline=None)
 @given(
@@ -256,27 +282,8 @@ def test_every_update_is_applied_exactly_once_whatever_crashes(
     sent = [update(f"d{i % 5}", i, 0, 1 + i % 7, i) for i in range(n_updates)]
     for u in sent:
         c.publish(u)
-    for _ in range(400):
-        roll = rng.random()
-        if roll < 0.45:
-            c.deliver()
-        elif roll < 0.8:
-            c.lead()
-        elif roll < 0.86:
-            c.crash_shard()
-        elif roll < 0.89:
-            c.crash_leader()
-        elif roll < 0.95:
-            c.tick()
-        else:
-            c.publish(rng.choice(sent))  # a device re-sends (its receipt was late)
-    c.last_call()  # drain: no more crashes, no buffer left short of K
-    for _ in range(10_000):
-        if not (c.stream.queue or c.inbox or any(s.holding for s in c.shards.values())):
-            break
-        c.deliver()
-        c.lead()
-        c.tick()
+    c.chaos(400, resend=lambda: rng.choice(sent))  # a device re-sends when its receipt was late
+    c.drain()
     applied = [key for _, keys in c.steps for key in keys]
     assert len(applied) == len(set(applied)), "an update went into two steps"
     assert sorted(applied) == sorted({(u.agent_id, u.seq) for u in sent}), "an update was lost"
@@ -312,33 +319,8 @@ def test_a_device_gets_one_answer_per_update_when_updates_grow_too_stale(
 
     for _ in range(n_updates):
         new_update()
-    for _ in range(400):
-        roll = rng.random()
-        if roll < 0.4:
-            c.deliver()
-        elif roll < 0.75:
-            c.lead()
-        elif roll < 0.8:
-            c.crash_shard()
-        elif roll < 0.83:
-            c.crash_leader()
-        elif roll < 0.9:
-            c.tick()
-        elif roll < 0.95:
-            new_update()
-        else:
-            c.publish(rng.choice(sent))  # a device re-sends (its receipt was late)
-    c.last_call()
-    for i in range(20_000):
-        if not (c.stream.queue or c.inbox or any(s.holding for s in c.shards.values())):
-            break
-        c.deliver()
-        c.lead()
-        c.tick()
-        if i % 200 == 199:
-            new_update()  # the federation goes on: a refusal is settled by the next commit
-    else:
-        raise AssertionError("the cluster did not drain")
+    c.chaos(400, resend=lambda: rng.choice(sent), fresh=new_update)
+    c.drain(fresh=new_update)
     applied = [key for _, keys in c.steps for key in keys]
     assert len(applied) == len(set(applied)), "an update went into two steps"
     for key, statuses in c.answers.items():
