@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,13 +22,15 @@ from tests.secagg_pair import CoreFleet
 SETTINGS = SecAggSettings(cohort_size=10, overselect=0.2, threshold=0.6, timeout=5.0)
 
 
-def make_core(settings: SecAggSettings = SETTINGS, *, server_lr: float = 1.0, momentum: float = 0.0) -> AggregatorCore:
+def make_core(
+    settings: SecAggSettings = SETTINGS, *, server_lr: float = 1.0, momentum: float = 0.0, **kw: Any
+) -> AggregatorCore:
     rng = np.random.default_rng(0)
     weights = {"w": rng.normal(0, 1, (20, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
     n = sum(v.size for v in weights.values())
     rule = FedBuffRule(settings.cohort_size, constant, server_lr=server_lr, momentum=momentum)
     return AggregatorCore(
-        weights, rule, run_id="ab" * 8, secagg=CohortManager(settings, n_values=n + 1), checkpoint_every=0
+        weights, rule, run_id="ab" * 8, secagg=CohortManager(settings, n_values=n + 1), checkpoint_every=0, **kw
     )
 
 
@@ -222,18 +225,7 @@ def test_a_device_at_its_participation_cap_joins_no_cohort_even_without_checking
 
     params = Params(clip_norm=1.0, dp_stddev=0.05, dp_survivors=8)
     settings = dataclasses.replace(SETTINGS, params=params)
-    rng = np.random.default_rng(0)
-    weights = {"w": rng.normal(0, 1, (20, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
-    n = sum(v.size for v in weights.values())
-    core = AggregatorCore(
-        weights,
-        FedBuffRule(settings.cohort_size, constant),
-        run_id="ab" * 8,
-        secagg=CohortManager(settings, n_values=n + 1),
-        checkpoint_every=0,
-        ledger=FederationLedger(1e-5),
-        max_participation=1,
-    )
+    core = make_core(settings, ledger=FederationLedger(1e-5), max_participation=1)
     fleet = CoreFleet(core, 12)
     fleet.check_in()
     assert core.version == 1 and core.ledger is not None
