@@ -51,6 +51,7 @@ from aggregator.sharding import (
     Partial,
     Receipt,
     Refused,
+    Settled,
     ShardCore,
     ShardEffect,
     Taken,
@@ -337,6 +338,8 @@ class ClusterAggregator:
                 self._out.put_nowait(("receipt", (self.names["receipt"] + r.agent_id, r.to_bytes())))
             elif isinstance(e, Offer):
                 self._offers.put_nowait(e.partial)
+            else:  # a partial settled: its acks and receipts came with it
+                assert isinstance(e, Settled)
 
     async def _sender(self) -> None:
         """Send the queued acks, naks, keep-alives and receipts, in the order they were decided.

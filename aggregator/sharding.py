@@ -411,7 +411,21 @@ class Offer:
     partial: Partial
 
 
-ShardEffect = Ack | Nak | Receipt | Offer
+@dataclass(frozen=True)
+class Settled:
+    """An offered partial is done with.
+
+    ``applied`` in ``version`` (its receipts go out with this), or refused for good (``applied``
+    false: a sum made elsewhere, with no messages to hand back).
+    """
+
+    pid: int
+    version: int
+    applied: bool
+    reason: str | None = None
+
+
+ShardEffect = Ack | Nak | Receipt | Offer | Settled
 
 
 @dataclass
@@ -594,11 +608,19 @@ class ShardCore:
         if isinstance(answer, Taken) or answer.pid not in self._offered:
             return []
         offered = self._offered.pop(answer.pid)
+        if not offered.tokens:  # a sum made elsewhere (adopt): no messages to hand back, so it ends here
+            keys = offered.partial.keys
+            versions = [self.window.get(k) for k in keys]
+            out: list[ShardEffect] = [
+                self._settled(k, v, count=True) for k, v in zip(keys, versions, strict=True) if v is not None
+            ]
+            applied = all(v is not None for v in versions)
+            return [*out, Settled(answer.pid, self.version, applied, None if applied else answer.reason)]
         # Only a duplicate this shard has seen committed is done with: acknowledged, and its
         # receipt sent again. Everything else goes back to the stream to be decided again, by
         # any shard, including duplicates of a partial still in the leader's buffer: that
         # buffer dies with the leader, and the other copy's holder may have died too.
-        out: list[ShardEffect] = []
+        out = []
         done, back = [], []
         for key, token in zip(offered.partial.keys, offered.tokens, strict=True):
             version = self.window.get(key)
@@ -628,6 +650,7 @@ class ShardCore:
                 for k, v in zip(keys, versions, strict=True):
                     assert v is not None
                     out.append(self._settled(k, v, count=True))
+                out.append(Settled(pid, version, True))
         return out
 
     def restore(self, partial: Partial) -> None:
@@ -694,6 +717,7 @@ __all__ = [
     "Partial",
     "Receipt",
     "Refused",
+    "Settled",
     "ShardCore",
     "Step",
     "Taken",

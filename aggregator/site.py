@@ -19,7 +19,16 @@ over the site's MQTT broker instead of the root's JetStream stream:
 
 The site holds nothing durable of its own: the devices' outboxes are its log. A site that
 restarts loses its open partial, and its devices re-send after ``agent.receipt_timeout``.
-Secure aggregation inside a site is not combined with this yet (docs/scale-out.md).
+
+**Secure aggregation inside the site** (``aggregator.secure_aggregation``): the site serves
+SecAgg+ cohorts to its devices (:class:`~aggregator.site_cohorts.SiteCohorts`, as a site over
+MQTT does), takes no plain update, and offers each cohort's sum as its next partial: neither the
+site nor the root sees one device's update. Contributors are receipted from the commit that
+holds the sum; the other members get a ``DoneMsg``, and all of them ``abandoned`` if the root
+refuses the sum for good (they keep their updates for a later cohort). A cohort's sum lost with
+the site is not receipted: its devices send their updates again. Unmasking runs on the event
+loop. Distributed DP needs a durable ledger, which this site does not keep: it is refused by key
+(a site over MQTT keeps one).
 """
 
 from __future__ import annotations
@@ -37,10 +46,14 @@ from typing import Any
 import aiomqtt
 
 from aggregator.cluster import ClusterAggregator, decode_state
-from aggregator.sharding import Ack, Nak, Offer, Receipt, ShardEffect
+from aggregator.cohorts import cohort_settings, federation_verifier
+from aggregator.sharding import Ack, Nak, Offer, Receipt, Settled, ShardEffect
+from aggregator.site_cohorts import CohortEffect, SendSecAgg, SiteCohorts
 from fedmq.config import Config
-from fedmq.errors import DecodeError
-from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage, salvage_seq
+from fedmq.errors import DecodeError, RejectReason
+from fedmq.messages import ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage, salvage_seq
+from fedmq.secagg.messages import Params, decode_up
+from fedmq.secagg.server import CohortManager
 from runtime.transport import client_kwargs, publish, subscribe
 
 log = logging.getLogger("fedmq.site")
@@ -60,6 +73,17 @@ class SiteAggregator(ClusterAggregator):
         self.core.min_agents = self.scfg.site_min_devices
         self._tokens = itertools.count(1)
         self._local: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
+        self.secure: SiteCohorts | None = None
+        self._cohort_params: Params | None = None
+        """What the relayed model announces to the devices: this site's cohorts."""
+        if self.cfg.secure_aggregation:
+            settings = cohort_settings(self.cfg)
+            n_values = sum(v.size for v in self.initial.values()) + 1
+            cohorts = CohortManager(settings, n_values=n_values, verifier=federation_verifier(config.broker))
+            self.secure = SiteCohorts(self.core, cohorts)
+            self._cohort_params = settings.params
+        self._run: str | None = None
+        """The root's federation run (from its committed state): cohorts are announced for it."""
 
     async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
         """Serve until ``stop``; return a summary."""
@@ -75,6 +99,9 @@ class SiteAggregator(ClusterAggregator):
             )
             async with aiomqtt.Client(**client_kwargs(self.config.broker)) as local:
                 await subscribe(local, self.topics.update_wildcard, qos=1)
+                if self.secure is not None:
+                    await subscribe(local, self.topics.secagg_up_wildcard, qos=1)
+                    await subscribe(local, self.topics.status_wildcard, qos=1)
                 self.ready.set()
                 log.info("site %s up: devices on %s, root at %s", self.site_id, self.config.broker.host, servers)
                 async with asyncio.TaskGroup() as tg:
@@ -85,6 +112,8 @@ class SiteAggregator(ClusterAggregator):
                         tg.create_task(self._watch_commits()),
                         tg.create_task(self._ticker()),
                     ]
+                    if self.secure is not None:
+                        tasks.append(tg.create_task(self._cohort_ticker()))
                     await self._serve_until(stop, tasks)
         finally:
             await self._close_nats()
@@ -94,13 +123,22 @@ class SiteAggregator(ClusterAggregator):
             "accepted": self.core.accepted,
             "forwarded": self.offered,
             "rejected": self.core.rejected,
+            **(self.secure.stats() if self.secure is not None else {}),
         }
 
     async def _receive(self, local: aiomqtt.Client) -> None:
         async for msg in local.messages:
-            agent = self.topics.agent_of(msg.topic.value, "update")
             payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+            if self.secure is not None and self._device_protocol(msg.topic.value, payload):
+                continue
+            agent = self.topics.agent_of(msg.topic.value, "update")
             if agent is None:
+                continue
+            if self.secure is not None:
+                seq = salvage_seq(payload, self.limits) or 0
+                why = "this site takes only masked updates (secure aggregation); the update was not looked at"
+                reason = RejectReason.SECURE_AGGREGATION_REQUIRED.value
+                self._carry([Receipt(ReceiptMessage(agent, seq, "rejected", self.core.version, reason, detail=why))])
                 continue
             token = next(self._tokens)
             try:
@@ -111,20 +149,60 @@ class SiteAggregator(ClusterAggregator):
                 continue
             self._carry(self.core.update(token, update, topic_agent=agent, now=self.clock()))
 
-    def _carry(self, effects: Sequence[ShardEffect]) -> None:
+    def _device_protocol(self, topic: str, body: bytes) -> bool:
+        """A secure-aggregation message or a status from a device (decided now); False for anything else."""
+        assert self.secure is not None
+        agent = self.topics.agent_of(topic, "secagg/up")
+        if agent is not None:
+            try:
+                msg = decode_up(body, self.limits)
+            except DecodeError as exc:
+                log.info("site %s: undecodable secure-aggregation message from %s: %s", self.site_id, agent, exc)
+                return True
+            self._carry(self.secure.message(agent, msg, now=self.clock(), run=self._run))
+            return True
+        agent = self.topics.agent_of(topic, "status")
+        if agent is None:
+            return False
+        try:
+            online = bool(body) and StatusMessage.from_bytes(body).state in ("online", "training")
+        except DecodeError:
+            return True
+        if not online:  # its Will, or a goodbye: its cohort stops waiting for it
+            self._carry(self.secure.offline(agent, now=self.clock()))
+        return True
+
+    async def _cohort_ticker(self) -> None:
+        """Round timeouts, and cohorts formed after ``form_wait``."""
+        assert self.secure is not None
+        while True:
+            await asyncio.sleep(0.25)  # a clock for the cohorts' timeouts, not a wait for an event
+            self._carry(self.secure.tick(self.clock(), run=self._run))
+
+    def _carry(self, effects: Sequence[ShardEffect | CohortEffect]) -> None:
         """Acks and naks need nothing here: the device's outbox re-sends what is not receipted."""
+        receipted: set[str] = set()
         for e in effects:
             if isinstance(e, Receipt):
                 r = e.receipt
+                receipted.add(r.agent_id)
                 self._local.put_nowait((self.topics.receipt(r.agent_id), r.to_bytes(), False))
             elif isinstance(e, Offer):
                 self._offers.put_nowait(e.partial)
+            elif isinstance(e, SendSecAgg):
+                self._local.put_nowait((self.topics.secagg_down(e.agent), e.payload, False))
+            elif isinstance(e, Settled):  # a cohort's sum: its members that no receipt told, how it ended
+                if self.secure is not None:
+                    status = "applied" if e.applied else "abandoned"
+                    why = None if e.applied else f"the root refused the site's sum ({e.reason})"
+                    self._carry(self.secure.settled(e.pid, status, e.version, why, skip=receipted))
             else:
                 assert isinstance(e, Ack | Nak)
 
     async def _committed(self, version: int) -> None:
         """Relay the committed model to the site's devices (retained on the site's broker)."""
         state, run = decode_state((await self._state_kv.get("state")).value)
+        self._run = run
         model = ModelMessage(
             version=state.version,
             model=self.spec,
@@ -132,6 +210,7 @@ class SiteAggregator(ClusterAggregator):
             max_staleness=self.cfg.max_staleness,
             run=run,
             created_at=time.time(),
+            secagg=self._cohort_params,  # with secure aggregation: the site's devices mask for its cohorts
         )
         self._local.put_nowait((self.topics.model, model.to_bytes(), True))
 

@@ -31,28 +31,20 @@ deployment (the root does not list the site, say): it is logged and counted, the
 answer, and their outboxes send the updates again.
 
 **Secure aggregation inside the site.** With ``cohorts`` (a
-:class:`~fedmq.secagg.server.CohortManager`), the site serves SecAgg+ cohorts to its devices as an
-aggregator does (Bell et al., CCS 2020) and takes no plain update: it learns each cohort's sum
-and nothing of one device's update, and that sum is what it forwards. The sum is
-``sum_i w_i delta_i`` with the weights the devices applied themselves (``w_i = s(staleness)``,
-clipped deltas), so the root gets ``weight = sum_i w_i`` (the cohort's decoded weight sum), taken
-against the site's version when the masks came off. Contributors get their receipts from the
-root's answer; the other members of the cohort a :class:`~fedmq.secagg.messages.DoneMsg`. A
-cohort that the site abandons, or a sum the root refuses for no device's fault, ends as
-``abandoned`` for its members, who keep their updates for a later cohort.
+:class:`~fedmq.secagg.server.CohortManager`), the site serves SecAgg+ cohorts to its devices
+(:class:`~aggregator.site_cohorts.SiteCohorts`, shared with the NATS site) and takes no plain
+update: it learns each cohort's sum and nothing of one device's update, and that sum is what it
+forwards. Contributors get their receipts from the root's answer; the other members of the
+cohort a :class:`~fedmq.secagg.messages.DoneMsg`. A cohort that the site abandons, or a sum the
+root refuses for no device's fault, ends as ``abandoned`` for its members, who keep their
+updates for a later cohort.
 
-**Distributed DP inside the site.** With noise announced to the cohorts (``Params.dp_stddev``,
-calibrated for ``aggregator.secagg.dp_epsilon`` by :func:`aggregator.cohorts.with_distributed_dp`),
-each device adds its share of discrete Gaussian noise before masking (Kairouz, Liu and Steinke,
-ICML 2021, arXiv:2102.06387), so what leaves the site is a differentially private release: the
-root, and whoever reads its broker, learn a noised sum. The noised weights' sum is not divided
-by (that would scale the step by noise): the site sends the sum over the number of uploads,
-DP-FedAvg's fixed denominator (McMahan et al., ICLR 2018), with ``weight`` that number. The site
-keeps the devices' ledger (:class:`~aggregator.privacy.FederationLedger`): each contributor is
-charged the cohort's release when its sum leaves, a device in ``max_participation`` sums (or
-whose last sum is fewer than ``min_separation`` root versions old) is refused at check-in, and the
-ledger is written with each sum, before it is sent, so a restart neither forgets nor repeats a
-charge.
+**Distributed DP inside the site.** With noise announced to the cohorts (calibrated for
+``aggregator.secagg.dp_epsilon`` by :func:`aggregator.cohorts.with_distributed_dp`), what leaves
+the site is a differentially private release: the root, and whoever reads its broker, learn a
+noised sum, over its number of uploads. The devices' ledger (charged when a sum is adopted) is
+written with each sum, before it is sent (:attr:`KeepSum.state`), so a restart neither forgets
+nor repeats a charge.
 """
 
 from __future__ import annotations
@@ -65,12 +57,13 @@ from typing import Any
 import numpy as np
 
 from aggregator.privacy import FederationLedger
-from aggregator.sharding import Ack, AppliedWindow, Contribution, Nak, Offer, Partial, Receipt, ShardCore, ShardEffect
+from aggregator.sharding import Ack, AppliedWindow, Nak, Offer, Partial, Receipt, Settled, ShardCore, ShardEffect
+from aggregator.site_cohorts import CohortEffect, SendSecAgg, SiteCohorts
 from fedmq.codec import DEFAULT_LIMITS, DecodeLimits, pack, unpack
 from fedmq.errors import RejectReason
 from fedmq.messages import ReceiptMessage, UpdateMessage
-from fedmq.secagg.messages import CheckIn, DoneMsg, MaskedMsg, UpMessage
-from fedmq.secagg.server import Abandoned, CohortManager, Formed, Reject, SendTo, Unmasked
+from fedmq.secagg.messages import UpMessage
+from fedmq.secagg.server import CohortManager
 
 SETTLED_SCHEMA = 1
 CONDEMNING = frozenset(
@@ -121,14 +114,6 @@ class DeviceReceipt:
     receipt: ReceiptMessage
 
 
-@dataclass(frozen=True)
-class SendSecAgg:
-    """Send a device a secure-aggregation message on its ``secagg/down`` topic (the site's broker)."""
-
-    agent: str
-    payload: bytes
-
-
 UplinkEffect = KeepSum | SendSum | Settle | DeviceReceipt | SendSecAgg
 
 
@@ -164,10 +149,8 @@ class UplinkCore:
     ) -> None:
         if max_pending < 1 or not (math.isfinite(resend_after) and resend_after > 0):
             raise ValueError("need max_pending >= 1 and resend_after > 0")
-        if (max_participation or min_separation) and ledger is None:
-            raise ValueError("participation limits need a ledger")
-        if max_participation < 0 or min_separation < 0:
-            raise ValueError("max_participation and min_separation must be >= 0")
+        if ledger is not None and cohorts is None:
+            raise ValueError("a ledger counts cohorts' sums: it needs cohorts")
         self.site_id = site_id
         self.shard = shard
         self.max_pending = max_pending
@@ -187,18 +170,24 @@ class UplinkCore:
         """Sums the root refused for a reason that is no device's fault (logged; the devices send again)."""
         self.busy = 0
         """Device updates answered ``retry`` because ``max_pending`` sums await their receipt."""
-        self.cohorts = cohorts
-        self._cohort_version: dict[str, int] = {}
-        self._members: dict[int, tuple[str, tuple[str, ...]]] = {}
-        """A cohort's sum on its way: seq -> (cohort, members), to tell the members how it ended."""
-        self.secagg_refused: Counter[str] = Counter()
-        """Secure-aggregation messages refused, by reason (the cohort goes on without them)."""
-        self.cohorts_dropped: Counter[str] = Counter()
-        """Cohorts whose sum the site could not use, by reason (their members are told ``abandoned``)."""
-        self.ledger = ledger
+        self.secure: SiteCohorts | None = None
+        if cohorts is not None:
+            self.secure = SiteCohorts(
+                shard, cohorts, ledger=ledger, max_participation=max_participation, min_separation=min_separation
+            )
+        elif max_participation or min_separation:
+            raise ValueError("participation limits need a ledger")
+        self._refused_plain: Counter[str] = Counter()
+
+    @property
+    def ledger(self) -> FederationLedger | None:
         """Under distributed DP: every device's releases (the sums of its that left the site)."""
-        self.max_participation = max_participation
-        self.min_separation = min_separation
+        return self.secure.ledger if self.secure is not None else None
+
+    @property
+    def secagg_refused(self) -> Counter[str]:
+        """Secure-aggregation messages refused, by reason (the cohort goes on without them)."""
+        return self.secure.refused if self.secure is not None else self._refused_plain
 
     # --- restart -------------------------------------------------------------------------------
     @classmethod
@@ -254,7 +243,7 @@ class UplinkCore:
         """A device's update, decoded and checked by :meth:`UpdateMessage.from_bytes`."""
         if update.is_sum:
             return [self._refusal(update, topic_agent, RejectReason.NOT_A_SITE, "a site takes no sums from devices")]
-        if self.cohorts is not None:
+        if self.secure is not None:
             why = "this site takes only masked updates (secure aggregation); the update was not looked at"
             return [self._refusal(update, topic_agent, RejectReason.SECURE_AGGREGATION_REQUIRED, why)]
         if self.run is not None and update.base_run is not None and update.base_run != self.run:
@@ -287,132 +276,35 @@ class UplinkCore:
 
     def secagg(self, agent: str, msg: UpMessage, *, now: float) -> list[UplinkEffect]:
         """A device's secure-aggregation message (from the topic of ``agent``), when the site serves cohorts."""
-        if self.cohorts is None:
-            self.secagg_refused[RejectReason.WRONG_COHORT.value] += 1
+        if self.secure is None:
+            self._refused_plain[RejectReason.WRONG_COHORT.value] += 1
             return []
-        version = self.shard.version
-        out: list[UplinkEffect] = []
-        if isinstance(msg, CheckIn):
-            refusal = self._participation(agent)
-            if refusal is not None:  # not in the pool: a capped device is done, a separated one checks in again
-                self.secagg_refused[refusal.value] += 1
-                return []
-            outs = self.cohorts.check_in(agent, msg, now, version=version, run=self.run)
-        else:
-            outs = self.cohorts.receive(agent, msg, now, check=self._admit_masked)
-            if isinstance(msg, MaskedMsg):
-                applied = self.window.get((agent, msg.seq))
-                if applied is not None:  # a re-send of an applied update: its receipt again
-                    out.append(DeviceReceipt(ReceiptMessage(agent, msg.seq, "accepted", applied)))
-        out += self._cohort_outputs(outs, now)
-        if not isinstance(msg, CheckIn):  # a cohort may have ended: its devices are back in the pool
-            out += self._cohort_outputs(self.cohorts.form(now, version=version, run=self.run), now)
-        return out
-
-    def _participation(self, agent: str) -> RejectReason | None:
-        """Why ``agent`` may not join another cohort now (its ledger), if so; as the aggregator's core decides."""
-        if self.ledger is None:
-            return None
-        if self.max_participation and self.ledger.count(agent) >= self.max_participation:
-            return RejectReason.PARTICIPATION_CAP
-        last = self.ledger.last.get(agent)
-        if self.min_separation and last is not None and self.shard.version - last < self.min_separation:
-            return RejectReason.PARTICIPATION_WINDOW
-        return None
+        return self._cohort_effects(self.secure.message(agent, msg, now=now, run=self.run), now)
 
     def offline(self, agent: str, *, now: float) -> list[UplinkEffect]:
         """A device went offline (its Will): its cohort stops waiting for it."""
-        return self._cohort_outputs(self.cohorts.offline(agent, now), now) if self.cohorts is not None else []
+        return self._cohort_effects(self.secure.offline(agent, now=now), now) if self.secure is not None else []
 
-    def _admit_masked(self, agent: str, msg: MaskedMsg) -> Reject | None:
-        key = (agent, msg.seq)
-        if msg.agent_id != agent:
-            return Reject(agent, RejectReason.AGENT_ID_MISMATCH, f"the upload names {msg.agent_id!r}")
-        if self.window.get(key) is not None:
-            return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} was applied before")
-        if self.shard.holds(key):
-            return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} is in a sum on its way to the root")
-        refusal = self._participation(agent)  # checked at check-in too; this holds whatever put it in a cohort
-        if refusal is not None:
-            return Reject(agent, refusal, f"{agent!r} may join no sum now (its privacy ledger)")
-        version = self.shard.version
-        if msg.base_version > version:
-            return Reject(agent, RejectReason.UNKNOWN_BASE_VERSION, f"base version {msg.base_version} > {version}")
-        if version - msg.base_version > self.shard.max_staleness:
-            why = f"staleness {version - msg.base_version} > max {self.shard.max_staleness}"
-            return Reject(agent, RejectReason.TOO_STALE, why)
-        return None
-
-    def _cohort_outputs(self, outs: list[Any], now: float) -> list[UplinkEffect]:
+    def _cohort_effects(self, effects: list[CohortEffect], now: float) -> list[UplinkEffect]:
+        """The cohorts' effects: a sum adopted is kept and sent (the ledger's charge with it); receipts go out."""
         out: list[UplinkEffect] = []
-        for o in outs:
-            if isinstance(o, SendTo):
-                out.append(SendSecAgg(o.agent, o.message.to_bytes()))
-            elif isinstance(o, Reject):
-                self.secagg_refused[o.reason.value] += 1
-            elif isinstance(o, Formed):
-                self._cohort_version[o.cohort] = self.shard.version
-            elif isinstance(o, Abandoned):
-                self._cohort_version.pop(o.cohort, None)  # (its members are told by the manager)
-            elif isinstance(o, Unmasked):
-                out += self._forward_cohort(o, now)
+        for e in effects:
+            out += [e] if isinstance(e, SendSecAgg) else self._carry([e], now)
         return out
-
-    def _forward_cohort(self, u: Unmasked, now: float) -> list[UplinkEffect]:
-        """A cohort's sum becomes the site's next sum to the root (kept, then sent)."""
-        self._cohort_version.pop(u.cohort, None)
-        version = self.shard.version
-        reference = self.shard.reference
-        values = u.values
-        # Under distributed DP the weights' sum is noised too: the fixed denominator is the count.
-        weight = float(values[-1]) if u.release is None else float(len(u.contributors))
-        size = sum(r.size for r in reference.values())
-        why = None
-        if values.shape != (size + 1,) or not np.isfinite(values).all():
-            why = "the sum is not finite or not the model's size"
-        elif not weight > 0:
-            why = f"the weights sum to {weight!r}"
-        elif u.release is not None and self.ledger is None:
-            why = "a distributed DP sum needs the site's ledger"  # our wiring's fault: never forwarded uncharged
-        if why is not None:
-            self.cohorts_dropped[why] += 1
-            done = DoneMsg(u.cohort, "abandoned", version, why)
-            return [SendSecAgg(a, done.to_bytes()) for a in u.members]
-        tensors: dict[str, Any] = {}
-        offset = 0
-        for k in sorted(reference):
-            ref = reference[k]
-            tensors[k] = values[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype)
-            offset += ref.size
-        # The devices weighed their own updates; the sum hides each one's share: split evenly.
-        share = weight / len(u.contributors)
-        contributions = [Contribution(c.agent, c.seq, share, max(0, version - c.base_version)) for c in u.contributors]
-        total = math.fsum(c.weight for c in contributions)
-        if u.release is not None:
-            assert self.ledger is not None
-            self.ledger.record([c.agent for c in u.contributors], u.release, version + 1)  # as the core does
-            for c in u.contributors:  # spent, or too recently in a sum: out of the pool the cohort put them in
-                if self.cohorts is not None and self._participation(c.agent) is not None:
-                    self.cohorts.leave(c.agent)
-        offer = self.shard.adopt(version, contributions, total, tensors)
-        self._members[offer.partial.pid] = (u.cohort, u.members)
-        return self._carry([offer], now)
 
     def _tell_members(
         self, seq: int, status: str, version: int, reason: str | None, *, skip: set[str]
     ) -> list[UplinkEffect]:
         """How a cohort's sum ended, to its members that no receipt tells."""
-        cohort = self._members.pop(seq, None)
-        if cohort is None:
+        if self.secure is None:
             return []
-        done = DoneMsg(cohort[0], status, version, reason, included=False if status == "applied" else None)  # type: ignore[arg-type]
-        return [SendSecAgg(a, done.to_bytes()) for a in cohort[1] if a not in skip]
+        return list(self.secure.settled(seq, status, version, reason, skip=skip))
 
     def due(self, now: float) -> list[UplinkEffect]:
         """Time passed: an open sum that waited ``partial_wait`` leaves; unanswered sums are sent again."""
         out = self._carry(self.shard.due(now), now)
-        if self.cohorts is not None:
-            out += self._cohort_outputs(self.cohorts.tick(now, version=self.shard.version, run=self.run), now)
+        if self.secure is not None:
+            out += self._cohort_effects(self.secure.tick(now, run=self.run), now)
         for seq in sorted(self._pending):
             p = self._pending[seq]
             if p.due <= now:
@@ -483,18 +375,7 @@ class UplinkCore:
             "sums_refused": dict(self.refused),
             "pending": len(self._pending),
             "busy": self.busy,
-            **(
-                {
-                    "cohorts_formed": self.cohorts.formed,
-                    "cohorts_summed": self.cohorts.applied,
-                    "cohorts_abandoned": self.cohorts.abandoned,
-                    "cohorts_dropped": dict(self.cohorts_dropped),
-                    "secagg_refused": dict(self.secagg_refused),
-                }
-                if self.cohorts is not None
-                else {}
-            ),
-            **({"max_epsilon": self.ledger.max_epsilon} if self.ledger is not None else {}),
+            **(self.secure.stats() if self.secure is not None else {}),
         }
 
     # --- internals -----------------------------------------------------------------------------
@@ -509,8 +390,8 @@ class UplinkCore:
                 self._pending[e.partial.pid] = p
                 state = self._state() if self.ledger is not None else None  # the charge, before the sum leaves
                 out += [KeepSum(e.partial.pid, e.partial.to_bytes(), state), self._send(p, now)]
-            else:
-                assert isinstance(e, Ack | Nak)
+            else:  # acks and naks mean nothing over MQTT; a settled partial was answered by the root already
+                assert isinstance(e, Ack | Nak | Settled)
         return out
 
     def _send(self, p: _Pending, now: float) -> SendSum:

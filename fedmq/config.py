@@ -196,7 +196,16 @@ class ShardConfig:
         _check(self.site_min_devices >= 1, k + "site_min_devices", "must be >= 1")
         unsupported = [
             ("aggregator.rule", agg.rule != "fedbuff", "must be fedbuff"),
-            ("aggregator.secure_aggregation", agg.secure_aggregation, "is not sharded yet"),
+            (
+                "aggregator.secure_aggregation",
+                agg.secure_aggregation and not self.site,
+                "is not sharded yet (a site serves cohorts)",
+            ),
+            (
+                "aggregator.secagg.dp_epsilon",
+                agg.secagg.dp_epsilon is not None,
+                "needs the durable ledger that a site over MQTT keeps (aggregator.uplink) and a NATS site does not",
+            ),
             ("aggregator.robust", agg.robust != "none", "is not sharded yet (a robust rule needs every update)"),
             ("aggregator.central_dp_noise_multiplier", agg.central_dp_noise_multiplier is not None, "is not sharded"),
             ("aggregator.dp_noise_multiplier", agg.dp_noise_multiplier is not None, "is not sharded yet"),

@@ -18,11 +18,12 @@ import pytest
 from aggregator.core import Accepted, AggregatorCore, FedBuffRule, Rejected, SendReceipt, Stats
 from aggregator.privacy import FederationLedger
 from aggregator.rules import fedbuff_step
-from aggregator.sharding import Partial, ShardCore
+from aggregator.sharding import AppliedWindow, Partial, ShardCore
 from aggregator.uplink import DeviceReceipt, KeepSum, SendSum, Settle, UplinkCore, UplinkEffect
 from fedmq.config import AggregatorConfig
 from fedmq.errors import ConfigError, DecodeError, RejectReason
 from fedmq.messages import ReceiptMessage, UpdateMessage
+from fedmq.secagg.server import CohortManager
 from fedmq.staleness import make_staleness_fn
 
 SHAPES = {"W": (5, 3), "b": (3,)}
@@ -584,19 +585,22 @@ def test_a_sum_the_root_refuses_for_no_devices_fault_is_abandoned_for_every_memb
 DDP_STDDEV = 0.05
 
 
-def ddp_site(max_participation: int = 0, **kw: object) -> UplinkCore:
-    """A secure site whose cohorts carry distributed DP noise, with a ledger of its devices' releases."""
-    from aggregator.privacy import FederationLedger
+def ddp_cohorts() -> CohortManager:
+    """Cohorts that announce distributed DP noise."""
     from fedmq.secagg.messages import Params
-    from fedmq.secagg.server import CohortManager, SecAggSettings
+    from fedmq.secagg.server import SecAggSettings
 
     params = Params(clip_norm=1.0, dp_stddev=DDP_STDDEV, dp_survivors=3)
     settings = SecAggSettings(cohort_size=4, overselect=0.25, threshold=0.6, min_cohort=3, timeout=5.0, params=params)
-    n_values = sum(int(np.prod(s)) for s in SHAPES.values()) + 1
+    return CohortManager(settings, n_values=sum(int(np.prod(s)) for s in SHAPES.values()) + 1)
+
+
+def ddp_site(max_participation: int = 0, **kw: object) -> UplinkCore:
+    """A secure site whose cohorts carry distributed DP noise, with a ledger of its devices' releases."""
     return UplinkCore(
         SITE,
         shard(0),
-        cohorts=CohortManager(settings, n_values=n_values),
+        cohorts=ddp_cohorts(),
         ledger=FederationLedger(1e-5),
         max_participation=max_participation,
         **kw,  # type: ignore[arg-type]
@@ -655,7 +659,7 @@ def test_a_restarted_ddp_site_keeps_its_ledger_and_charges_a_kept_sum_once() -> 
     assert kept.state is not None
     contributors = {a for a, _ in fleet.kept[0].keys}
     again, _ = UplinkCore.restore(
-        SITE, shard(0), kept=[kept.partial], settled=kept.state, ledger=FederationLedger(1e-5), max_participation=0
+        SITE, shard(0), kept=[kept.partial], settled=kept.state, cohorts=ddp_cohorts(), ledger=FederationLedger(1e-5)
     )
     assert again.ledger is not None
     assert {a: again.ledger.count(a) for a in fleet.agents} == {a: int(a in contributors) for a in fleet.agents}
@@ -672,3 +676,112 @@ def test_config_takes_distributed_dp_at_a_secure_site() -> None:
         uplink=UplinkConfig(root="mqtt://root:1883", site_id="hospital-a", state_dir="/tmp"),
     )
     cfg.validate()
+
+
+# --- secure aggregation at a site that is a shard of a NATS root -----------------------------------
+class NatsSite:
+    """The decisions of ``fedmq aggregator --site --nats --secure-aggregation``, in memory: the
+    site's shard core and cohorts, and the root's leader (what aggregator/site.py moves bytes for)."""
+
+    def __init__(self, k: int = 4) -> None:
+        from aggregator.sharding import LeaderCore, LeaderState
+        from aggregator.site_cohorts import SiteCohorts
+        from fedmq.secagg.server import SecAggSettings
+
+        self.shard = ShardCore(
+            SITE, model(), version=0, staleness=S, max_staleness=50, max_update_norm=100.0, max_num_examples=1000,
+            partial_size=2, partial_wait=5.0, min_agents=2, stale_by_commit=True,
+        )  # fmt: skip
+        settings = SecAggSettings(cohort_size=4, overselect=0.25, threshold=0.6, min_cohort=3, timeout=5.0)
+        n_values = sum(int(np.prod(s)) for s in SHAPES.values()) + 1
+        self.cohorts = SiteCohorts(self.shard, CohortManager(settings, n_values=n_values))
+        self.leader = LeaderCore(LeaderState(0, model(), AppliedWindow()), buffer_size=k)
+        self.offers: list[Partial] = []
+
+    def secagg(self, agent: str, msg: object, *, now: float) -> list[object]:
+        return self.carry(self.cohorts.message(agent, msg, now=now, run=None))  # type: ignore[arg-type]
+
+    def carry(self, effects: list[object]) -> list[object]:
+        """As aggregator/site.py does: offers to the leader, receipts and cohort messages to the devices."""
+        from aggregator.sharding import Offer, Receipt, Settled
+
+        out: list[object] = []
+        receipted: set[str] = set()
+        for e in effects:
+            if isinstance(e, Offer):
+                self.offers.append(e.partial)
+            elif isinstance(e, Receipt):
+                receipted.add(e.receipt.agent_id)
+                out.append(DeviceReceipt(e.receipt))
+            elif isinstance(e, Settled):
+                status = "applied" if e.applied else "abandoned"
+                out += self.cohorts.settled(e.pid, status, e.version, e.reason, skip=receipted)
+            else:
+                out.append(e)
+        return out
+
+    def lead(self) -> list[object]:
+        """The leader takes every offer; a step is committed and followed by the site."""
+        out: list[object] = []
+        while self.offers:
+            answer, step = self.leader.offer(self.offers.pop(0))
+            out += self.carry(self.shard.answer(answer))  # type: ignore[arg-type]
+            if step is not None:
+                self.leader.committed()
+                out += self.carry(self.shard.commit(step.state.version, step.state.window))  # type: ignore[arg-type]
+        return out
+
+
+def test_a_secure_nats_site_offers_a_cohorts_sum_and_receipts_it_from_the_commit() -> None:
+    site = NatsSite(k=4)
+    fleet = SiteFleet(site, 5)  # type: ignore[arg-type]
+    fleet.check_in()
+    (partial,) = site.offers
+    contributors = {c.agent_id for c in partial.contributions}
+    assert len(contributors) == 4 and partial.total == pytest.approx(4.0, abs=1e-3)
+    mean = fleet.clipped_mean(contributors)
+    fleet.carry(site.lead())  # type: ignore[arg-type]
+    fleet.pump()
+    assert site.leader.state.version == 1
+    for k in SHAPES:
+        np.testing.assert_allclose(site.leader.state.weights[k], model()[k] + mean[k], atol=1e-4)
+    assert {(r.agent_id, r.status, r.version) for r in fleet.receipts} == {(a, "accepted", 1) for a in contributors}
+    ((agent, done),) = fleet.done
+    assert agent not in contributors and (done.status, done.included) == ("applied", False)  # type: ignore[attr-defined]
+
+
+def test_a_secure_nats_sites_sum_the_root_refuses_for_good_is_abandoned_for_its_members() -> None:
+    """A cohort's sum has no messages to hand back to the stream: refused, its members keep their updates."""
+    site = NatsSite(k=4)
+    fleet = SiteFleet(site, 5)  # type: ignore[arg-type]
+    fleet.check_in()
+    (partial,) = site.offers
+    first = partial.contributions[0].key
+    window = AppliedWindow()
+    window.add([first], 1)  # the root has one of its updates already (the site restarted, say)
+    from aggregator.sharding import LeaderCore, LeaderState
+
+    site.leader = LeaderCore(LeaderState(1, model(), window), buffer_size=4)
+    site.shard.window = window
+    fleet.done.clear()
+    fleet.carry(site.lead())  # type: ignore[arg-type]
+    fleet.pump()
+    assert {(r.agent_id, r.status) for r in fleet.receipts} == {(first[0], "accepted")}
+    assert sorted(a for a, _ in fleet.done) == sorted(set(fleet.agents) - {first[0]})
+    assert {d.status for _, d in fleet.done} == {"abandoned"}  # type: ignore[attr-defined]
+    assert not site.shard.holds(partial.contributions[1].key), "the others may upload their updates again"
+
+
+def test_config_takes_secure_aggregation_at_a_nats_site_but_not_distributed_dp() -> None:
+    from fedmq.config import SecAggConfig, ShardConfig
+
+    site = ShardConfig(nats="nats://127.0.0.1:4222", site=True)
+    AggregatorConfig(shard=site, secure_aggregation=True).validate()
+    with pytest.raises(ConfigError) as err:
+        AggregatorConfig(shard=ShardConfig(nats="nats://127.0.0.1:4222"), secure_aggregation=True).validate()
+    assert err.value.key == "aggregator.secure_aggregation"
+    with pytest.raises(ConfigError) as err:
+        AggregatorConfig(
+            shard=site, secure_aggregation=True, secagg=SecAggConfig(dp_epsilon=8.0), max_participation=2
+        ).validate()
+    assert err.value.key == "aggregator.secagg.dp_epsilon"

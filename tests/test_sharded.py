@@ -155,6 +155,7 @@ def shard(
     *,
     site: bool = False,
     max_staleness: int = 1000,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """A `fedmq aggregator --nats` process (a shard, or with ``site`` a site aggregator)."""
     full = {
@@ -167,7 +168,7 @@ def shard(
     cmd = [
         sys.executable, "-m", "cli", "aggregator", "--nats", nats_urls, "--broker", broker, "--prefix", PREFIX,
         "--model", "softmax", "--num-features", "64", "--num-classes", "10", "--buffer-size", "4",
-        "--partial-size", "2", "--max-staleness", str(max_staleness), *(["--site"] if site else []),
+        "--partial-size", "2", "--max-staleness", str(max_staleness), *(["--site"] if site else []), *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=log.open("wb"))
 
@@ -448,3 +449,69 @@ def test_a_too_stale_update_is_refused_once_through_the_commit_log(
             p.kill()
             p.wait(30)
         root.stop()
+
+
+def test_a_secure_site_on_nats_forwards_only_its_cohorts_sums(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
+) -> None:
+    """``--site --nats --secure-aggregation``: four devices that require secure aggregation on the
+    site's Mosquitto. The site serves them cohorts and offers only each cohort's sum: no device
+    update crosses to the root, the root's commits hold the site's devices' updates, and every
+    accepted receipt at the site names the version its update went into."""
+    from broker.launcher import MosquittoBroker
+
+    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    root = NatsCluster(1, workdir=tmp_path / "nats").start(timeout=120)
+    site_broker = MosquittoBroker().start()
+    try:
+        node = root.nodes[0]
+        urls = f"nats://{node.host}:{node.client_port}"
+        env = {"FEDMQ_AGGREGATOR__SHARD__REPLICAS": "1"}
+        processes.append(shard(urls, node.url, tmp_path / "root.log", env))
+        auditor = Auditor(urls)
+        auditors.append(auditor)
+        auditor.start()
+        auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
+        site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
+        secure = ("--secure-aggregation", "--cohort-size", "3", "--overselect", "0.34")
+        site = shard(urls, site_url, tmp_path / "site.log", env, site=True, extra=secure)
+        processes.append(site)
+        site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
+        train, _ = digits()
+        agents = []
+        for i in range(4):
+            data = tmp_path / f"dev{i}.npz"
+            part = train.subset(np.arange(i, 800, 4))
+            np.savez(data, x=part.x, y=part.y)
+            cmd = [
+                sys.executable, "-m", "cli", "agent", "--broker", site_url, "--prefix", PREFIX, "--id", f"dev{i}",
+                "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3", "--lr", "0.3",
+                "--receipt-timeout", "4", "--require-secure-aggregation", "--checkin-interval", "0.5",
+            ]  # fmt: skip
+            agents.append(
+                subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
+            )
+        processes.extend(agents)
+
+        def site_updates_applied() -> int:
+            return sum(a.startswith("dev") for keys in auditor.commits.values() for a, _ in keys)
+
+        auditor.wait("nine site updates in the root's commits", lambda: site_updates_applied() >= 9, 240)
+        site_receipts.wait_for(lambda got: sum(r.status == "accepted" for r in got) >= 9, 120)
+        for a in agents:  # a cohort needs three devices: stop them together
+            a.send_signal(signal.SIGTERM)
+        for i, a in enumerate(agents):
+            a.communicate(timeout=120)
+            assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+        site.send_signal(signal.SIGTERM)
+        out, _ = site.communicate(timeout=120)
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert auditor.error is None, auditor.error
+        with auditor.changed:
+            _applied_once(auditor.commits, site_receipts.got)
+            assert not auditor.sent, "a device's update crossed to the root"
+        assert summary["cohorts_summed"] >= 3 and summary["accepted"] == 0, summary  # no plain update taken
+    finally:
+        site_broker.cleanup()
+        root.cleanup()

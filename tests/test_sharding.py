@@ -26,6 +26,7 @@ from aggregator.sharding import (
     Partial,
     Receipt,
     Refused,
+    Settled,
     ShardCore,
     Step,
     Taken,
@@ -390,7 +391,8 @@ def test_a_refusal_rides_in_a_partial_counts_nothing_towards_k_and_is_settled_by
     leader.committed()
     assert step.state.window.get(("x", 1)) == STALE
     out = a.commit(step.state.version, step.state.window)
-    assert out[0] == Ack((1,)) and len(out) == 2 and isinstance(out[1], Receipt)
+    assert out[0] == Ack((1,)) and len(out) == 3 and isinstance(out[1], Receipt)
+    assert out[2] == Settled(refusals.pid, step.state.version, True)
     assert (out[1].receipt.status, out[1].receipt.reason) == ("rejected", "too_stale")
     assert a.rejected == {"too_stale": 1} and a.holding == 0
     again = a.update(3, update("x", 1, 2, 5, 1), topic_agent="x", now=20.0)  # a late re-send: the same answer
