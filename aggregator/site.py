@@ -48,11 +48,11 @@ import aiomqtt
 from aggregator.cluster import ClusterAggregator, decode_state
 from aggregator.cohorts import cohort_settings, federation_verifier
 from aggregator.sharding import Ack, Nak, Offer, Receipt, Settled, ShardEffect
-from aggregator.site_cohorts import CohortEffect, SendSecAgg, SiteCohorts
+from aggregator.site_cohorts import CohortEffect, SendSecAgg, SiteCohorts, device_input
 from fedmq.config import Config
 from fedmq.errors import DecodeError, RejectReason
-from fedmq.messages import ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage, salvage_seq
-from fedmq.secagg.messages import Params, decode_up
+from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage, salvage_seq
+from fedmq.secagg.messages import Params
 from fedmq.secagg.server import CohortManager
 from runtime.transport import client_kwargs, publish, subscribe
 
@@ -152,24 +152,15 @@ class SiteAggregator(ClusterAggregator):
     def _device_protocol(self, topic: str, body: bytes) -> bool:
         """A secure-aggregation message or a status from a device (decided now); False for anything else."""
         assert self.secure is not None
-        agent = self.topics.agent_of(topic, "secagg/up")
-        if agent is not None:
-            try:
-                msg = decode_up(body, self.limits)
-            except DecodeError as exc:
-                log.info("site %s: undecodable secure-aggregation message from %s: %s", self.site_id, agent, exc)
-                return True
-            self._carry(self.secure.message(agent, msg, now=self.clock(), run=self._run))
-            return True
-        agent = self.topics.agent_of(topic, "status")
-        if agent is None:
+        got = device_input(self.topics, topic, body, self.limits)
+        if got is None:
             return False
-        try:
-            online = bool(body) and StatusMessage.from_bytes(body).state in ("online", "training")
-        except DecodeError:
-            return True
-        if not online:  # its Will, or a goodbye: its cohort stops waiting for it
-            self._carry(self.secure.offline(agent, now=self.clock()))
+        if got.error is not None:
+            log.info("site %s: undecodable secure-aggregation message from %s: %s", self.site_id, got.agent, got.error)
+        elif got.message is not None:
+            self._carry(self.secure.message(got.agent, got.message, now=self.clock(), run=self._run))
+        elif got.offline:
+            self._carry(self.secure.offline(got.agent, now=self.clock()))
         return True
 
     async def _cohort_ticker(self) -> None:

@@ -35,10 +35,12 @@ import numpy as np
 
 from aggregator.privacy import FederationLedger
 from aggregator.sharding import STALE, Contribution, Offer, Receipt, ShardCore
-from fedmq.errors import RejectReason
-from fedmq.messages import ReceiptMessage
-from fedmq.secagg.messages import CheckIn, DoneMsg, MaskedMsg, UpMessage
+from fedmq.codec import DecodeLimits
+from fedmq.errors import DecodeError, RejectReason
+from fedmq.messages import ReceiptMessage, StatusMessage
+from fedmq.secagg.messages import CheckIn, DoneMsg, MaskedMsg, UpMessage, decode_up
 from fedmq.secagg.server import Abandoned, CohortManager, Formed, Reject, SendTo, Unmasked
+from fedmq.topics import Topics
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,41 @@ class SendSecAgg:
 
 
 CohortEffect = SendSecAgg | Receipt | Offer
+
+
+@dataclass(frozen=True)
+class DeviceInput:
+    """A device's message for the cohorts, read off the site's broker (see :func:`device_input`)."""
+
+    agent: str
+    message: UpMessage | None = None
+    """Its secure-aggregation message; ``None`` with :attr:`offline` or :attr:`error`."""
+    offline: bool = False
+    """Its status says it is gone (its Will, or a goodbye): its cohort stops waiting for it."""
+    error: DecodeError | None = None
+    """An undecodable secure-aggregation message (counted and logged by the site)."""
+
+
+def device_input(topics: Topics, topic: str, body: bytes, limits: DecodeLimits) -> DeviceInput | None:
+    """What a message on ``topic`` means to a site's cohorts; ``None`` for a topic that is not theirs.
+
+    A status that says the device is still there, or does not decode, means nothing
+    (:class:`DeviceInput` with neither a message nor ``offline``).
+    """
+    agent = topics.agent_of(topic, "secagg/up")
+    if agent is not None:
+        try:
+            return DeviceInput(agent, decode_up(body, limits))
+        except DecodeError as exc:
+            return DeviceInput(agent, error=exc)
+    agent = topics.agent_of(topic, "status")
+    if agent is None:
+        return None
+    try:
+        online = bool(body) and StatusMessage.from_bytes(body).state in ("online", "training")
+    except DecodeError:
+        return DeviceInput(agent)
+    return DeviceInput(agent, offline=not online)
 
 
 class SiteCohorts:
@@ -216,4 +253,4 @@ class SiteCohorts:
         return [offer]
 
 
-__all__ = ["CohortEffect", "SendSecAgg", "SiteCohorts"]
+__all__ = ["CohortEffect", "DeviceInput", "SendSecAgg", "SiteCohorts", "device_input"]

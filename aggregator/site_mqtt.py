@@ -35,12 +35,13 @@ import aiomqtt
 from aggregator.cohorts import cohort_settings, federation_verifier, with_distributed_dp
 from aggregator.privacy import FederationLedger
 from aggregator.sharding import ShardCore
+from aggregator.site_cohorts import device_input
 from aggregator.uplink import DeviceReceipt, KeepSum, SendSecAgg, SendSum, Settle, UplinkCore, UplinkEffect
 from fedmq.codec import DecodeLimits
 from fedmq.config import BrokerConfig, Config
 from fedmq.errors import DecodeError, StateError
 from fedmq.messages import ModelMessage, ReceiptMessage, StatusMessage, UpdateMessage, salvage_seq
-from fedmq.secagg.messages import MaskedMsg, RevealMsg, decode_up
+from fedmq.secagg.messages import MaskedMsg, RevealMsg
 from fedmq.secagg.server import CohortManager, SecAggSettings
 from fedmq.staleness import make_staleness_fn
 from fedmq.state import fsync_dir, write_atomic
@@ -364,23 +365,16 @@ class MqttSite:
 
     def _device_protocol(self, topic: str, body: bytes) -> bool:
         """A secure-aggregation message or a status from a device (into the inbox); False for anything else."""
-        agent = self.topics.agent_of(topic, "secagg/up")
-        if agent is not None:
-            try:
-                self._inbox.put_nowait(("secagg", (agent, decode_up(body, self.limits))))
-            except DecodeError as exc:
-                self.undecodable += 1
-                log.info("site %s: undecodable secure-aggregation message from %s: %s", self.site_id, agent, exc)
-            return True
-        agent = self.topics.agent_of(topic, "status")
-        if agent is None:
+        got = device_input(self.topics, topic, body, self.limits)
+        if got is None:
             return False
-        try:
-            online = bool(body) and StatusMessage.from_bytes(body).state in ("online", "training")
-        except DecodeError:
-            return True
-        if not online:  # its Will, or a goodbye: its cohort stops waiting for it
-            self._inbox.put_nowait(("offline", agent))
+        if got.error is not None:
+            self.undecodable += 1
+            log.info("site %s: undecodable secure-aggregation message from %s: %s", self.site_id, got.agent, got.error)
+        elif got.message is not None:
+            self._inbox.put_nowait(("secagg", (got.agent, got.message)))
+        elif got.offline:
+            self._inbox.put_nowait(("offline", got.agent))
         return True
 
     def _version(self) -> int:

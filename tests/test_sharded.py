@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,44 @@ def auditors() -> Iterator[list[Auditor]]:
     yield started
     for a in started:
         a.stop()
+
+
+ROOT_ENV = {"FEDMQ_AGGREGATOR__SHARD__REPLICAS": "1"}
+
+
+@dataclass
+class RootAndSite:
+    """A one-node NATS root with one shard (its leader) and an auditor, and a site's Mosquitto."""
+
+    node: Any
+    urls: str
+    auditor: Auditor
+    site_broker: Any
+
+
+@pytest.fixture
+def root_and_site(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
+) -> Iterator[RootAndSite]:
+    """The root serving (version 0 committed); both stopped at the end, pass or fail."""
+    from broker.launcher import MosquittoBroker
+
+    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    root = NatsCluster(1, workdir=tmp_path / "nats").start(timeout=120)
+    site_broker = MosquittoBroker().start()
+    try:
+        node = root.nodes[0]
+        urls = f"nats://{node.host}:{node.client_port}"
+        processes.append(shard(urls, node.url, tmp_path / "root.log", ROOT_ENV))
+        auditor = Auditor(urls)
+        auditors.append(auditor)
+        auditor.start()
+        auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
+        yield RootAndSite(node, urls, auditor, site_broker)
+    finally:
+        site_broker.cleanup()
+        root.cleanup()
 
 
 def shard(
@@ -290,68 +329,52 @@ async def _retained_version(host: str, port: int) -> int:
 
 
 def test_a_site_forwards_only_sums_and_its_devices_are_applied_exactly_once(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], root_and_site: RootAndSite
 ) -> None:
     """Two devices on a site's own Mosquitto, one on the root cluster. The site aggregator
     forwards partial sums; it is killed with SIGKILL mid-run and started again. The root never
     carries a site device's update; every accepted receipt, at the site or at the root, names
     the one version its update went into."""
-    from broker.launcher import MosquittoBroker
+    node, urls, env = root_and_site.node, root_and_site.urls, ROOT_ENV
+    auditor, site_broker = root_and_site.auditor, root_and_site.site_broker
+    site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
+    site = shard(urls, site_url, tmp_path / "site.log", env, site=True)
+    processes.append(site)
+    site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
 
-    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
-        pytest.skip("nats-server is not installed (apt-get install nats-server)")
-    root = NatsCluster(1, workdir=tmp_path / "nats").start(timeout=120)
-    site_broker = MosquittoBroker().start()
-    try:
-        node = root.nodes[0]
-        urls = f"nats://{node.host}:{node.client_port}"
-        env = {"FEDMQ_AGGREGATOR__SHARD__REPLICAS": "1"}
-        processes.append(shard(urls, node.url, tmp_path / "root.log", env))
-        auditor = Auditor(urls)
-        auditors.append(auditor)
-        auditor.start()
-        auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
-        site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
-        site = shard(urls, site_url, tmp_path / "site.log", env, site=True)
-        processes.append(site)
-        site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
+    train, _ = digits()
+    agents = []
+    for i, where in enumerate((site_url, site_url, node.url)):
+        data = tmp_path / f"dev{i}.npz"
+        part = train.subset(np.arange(i, 600, 3))
+        np.savez(data, x=part.x, y=part.y)
+        cmd = [
+            sys.executable, "-m", "cli", "agent", "--broker", where, "--prefix", PREFIX, "--id", f"dev{i}",
+            "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3",
+            "--lr", "0.3", "--receipt-timeout", "4",
+        ]  # fmt: skip
+        agents.append(
+            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
+        )
+    processes.extend(agents)
+    auditor.wait("three versions", lambda: auditor.version >= 3, 180)
+    site.send_signal(signal.SIGKILL)
+    site.wait(30)
+    at_kill = auditor.version
+    processes.append(shard(urls, site_url, tmp_path / "site2.log", env, site=True))
+    site_receipts.wait_for(lambda got: any(r.version > at_kill + 1 for r in got), 180)
 
-        train, _ = digits()
-        agents = []
-        for i, where in enumerate((site_url, site_url, node.url)):
-            data = tmp_path / f"dev{i}.npz"
-            part = train.subset(np.arange(i, 600, 3))
-            np.savez(data, x=part.x, y=part.y)
-            cmd = [
-                sys.executable, "-m", "cli", "agent", "--broker", where, "--prefix", PREFIX, "--id", f"dev{i}",
-                "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3",
-                "--lr", "0.3", "--receipt-timeout", "4",
-            ]  # fmt: skip
-            agents.append(
-                subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
-            )
-        processes.extend(agents)
-        auditor.wait("three versions", lambda: auditor.version >= 3, 180)
-        site.send_signal(signal.SIGKILL)
-        site.wait(30)
-        at_kill = auditor.version
-        processes.append(shard(urls, site_url, tmp_path / "site2.log", env, site=True))
-        site_receipts.wait_for(lambda got: any(r.version > at_kill + 1 for r in got), 180)
-
-        for i, a in enumerate(agents):
-            a.communicate(timeout=300)
-            assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
-        assert auditor.error is None, auditor.error
-        with auditor.changed:
-            applied = _applied_once(auditor.commits, site_receipts.got + auditor.receipts)
-            assert {a for a, _ in auditor.sent} <= {"dev2"}, "a site device's update crossed to the root"
-            site_devices = {a for a, _ in applied} & {"dev0", "dev1"}
-            assert site_devices == {"dev0", "dev1"}, "the site's sums were applied"
-        accepted = [r for r in site_receipts.got + auditor.receipts if r.status == "accepted"]
-        assert {r.agent_id for r in accepted} == {"dev0", "dev1", "dev2"}
-    finally:
-        site_broker.cleanup()
-        root.cleanup()
+    for i, a in enumerate(agents):
+        a.communicate(timeout=300)
+        assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+    assert auditor.error is None, auditor.error
+    with auditor.changed:
+        applied = _applied_once(auditor.commits, site_receipts.got + auditor.receipts)
+        assert {a for a, _ in auditor.sent} <= {"dev2"}, "a site device's update crossed to the root"
+        site_devices = {a for a, _ in applied} & {"dev0", "dev1"}
+        assert site_devices == {"dev0", "dev1"}, "the site's sums were applied"
+    accepted = [r for r in site_receipts.got + auditor.receipts if r.status == "accepted"]
+    assert {r.agent_id for r in accepted} == {"dev0", "dev1", "dev2"}
 
 
 class SiteReceipts:
@@ -452,66 +475,50 @@ def test_a_too_stale_update_is_refused_once_through_the_commit_log(
 
 
 def test_a_secure_site_on_nats_forwards_only_its_cohorts_sums(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], root_and_site: RootAndSite
 ) -> None:
     """``--site --nats --secure-aggregation``: four devices that require secure aggregation on the
     site's Mosquitto. The site serves them cohorts and offers only each cohort's sum: no device
     update crosses to the root, the root's commits hold the site's devices' updates, and every
     accepted receipt at the site names the version its update went into."""
-    from broker.launcher import MosquittoBroker
+    urls, env = root_and_site.urls, ROOT_ENV
+    auditor, site_broker = root_and_site.auditor, root_and_site.site_broker
+    site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
+    secure = ("--secure-aggregation", "--cohort-size", "3", "--overselect", "0.34")
+    site = shard(urls, site_url, tmp_path / "site.log", env, site=True, extra=secure)
+    processes.append(site)
+    site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
+    train, _ = digits()
+    agents = []
+    for i in range(4):
+        data = tmp_path / f"dev{i}.npz"
+        part = train.subset(np.arange(i, 800, 4))
+        np.savez(data, x=part.x, y=part.y)
+        cmd = [
+            sys.executable, "-m", "cli", "agent", "--broker", site_url, "--prefix", PREFIX, "--id", f"dev{i}",
+            "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3", "--lr", "0.3",
+            "--receipt-timeout", "4", "--require-secure-aggregation", "--checkin-interval", "0.5",
+        ]  # fmt: skip
+        agents.append(
+            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
+        )
+    processes.extend(agents)
 
-    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
-        pytest.skip("nats-server is not installed (apt-get install nats-server)")
-    root = NatsCluster(1, workdir=tmp_path / "nats").start(timeout=120)
-    site_broker = MosquittoBroker().start()
-    try:
-        node = root.nodes[0]
-        urls = f"nats://{node.host}:{node.client_port}"
-        env = {"FEDMQ_AGGREGATOR__SHARD__REPLICAS": "1"}
-        processes.append(shard(urls, node.url, tmp_path / "root.log", env))
-        auditor = Auditor(urls)
-        auditors.append(auditor)
-        auditor.start()
-        auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
-        site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
-        secure = ("--secure-aggregation", "--cohort-size", "3", "--overselect", "0.34")
-        site = shard(urls, site_url, tmp_path / "site.log", env, site=True, extra=secure)
-        processes.append(site)
-        site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
-        train, _ = digits()
-        agents = []
-        for i in range(4):
-            data = tmp_path / f"dev{i}.npz"
-            part = train.subset(np.arange(i, 800, 4))
-            np.savez(data, x=part.x, y=part.y)
-            cmd = [
-                sys.executable, "-m", "cli", "agent", "--broker", site_url, "--prefix", PREFIX, "--id", f"dev{i}",
-                "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3", "--lr", "0.3",
-                "--receipt-timeout", "4", "--require-secure-aggregation", "--checkin-interval", "0.5",
-            ]  # fmt: skip
-            agents.append(
-                subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
-            )
-        processes.extend(agents)
+    def site_updates_applied() -> int:
+        return sum(a.startswith("dev") for keys in auditor.commits.values() for a, _ in keys)
 
-        def site_updates_applied() -> int:
-            return sum(a.startswith("dev") for keys in auditor.commits.values() for a, _ in keys)
-
-        auditor.wait("nine site updates in the root's commits", lambda: site_updates_applied() >= 9, 240)
-        site_receipts.wait_for(lambda got: sum(r.status == "accepted" for r in got) >= 9, 120)
-        for a in agents:  # a cohort needs three devices: stop them together
-            a.send_signal(signal.SIGTERM)
-        for i, a in enumerate(agents):
-            a.communicate(timeout=120)
-            assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
-        site.send_signal(signal.SIGTERM)
-        out, _ = site.communicate(timeout=120)
-        summary = json.loads(out.decode().strip().splitlines()[-1])
-        assert auditor.error is None, auditor.error
-        with auditor.changed:
-            _applied_once(auditor.commits, site_receipts.got)
-            assert not auditor.sent, "a device's update crossed to the root"
-        assert summary["cohorts_summed"] >= 3 and summary["accepted"] == 0, summary  # no plain update taken
-    finally:
-        site_broker.cleanup()
-        root.cleanup()
+    auditor.wait("nine site updates in the root's commits", lambda: site_updates_applied() >= 9, 240)
+    site_receipts.wait_for(lambda got: sum(r.status == "accepted" for r in got) >= 9, 120)
+    for a in agents:  # a cohort needs three devices: stop them together
+        a.send_signal(signal.SIGTERM)
+    for i, a in enumerate(agents):
+        a.communicate(timeout=120)
+        assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+    site.send_signal(signal.SIGTERM)
+    out, _ = site.communicate(timeout=120)
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert auditor.error is None, auditor.error
+    with auditor.changed:
+        _applied_once(auditor.commits, site_receipts.got)
+        assert not auditor.sent, "a device's update crossed to the root"
+    assert summary["cohorts_summed"] >= 3 and summary["accepted"] == 0, summary  # no plain update taken
