@@ -186,7 +186,9 @@ class SiteAggregator(ClusterAggregator):
                 if self.secure is not None:
                     status = "applied" if e.applied else "abandoned"
                     why = None if e.applied else f"the root refused the site's sum ({e.reason})"
-                    self._carry(self.secure.settled(e.pid, status, e.version, why, skip=receipted))
+                    # (a refused sum's receipts are its own; a commit's may be other partials' too)
+                    skip = set() if e.applied else receipted
+                    self._carry(self.secure.settled(e.pid, status, e.version, why, skip=skip))
             else:
                 assert isinstance(e, Ack | Nak)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,8 +112,8 @@ class SiteCohorts:
         """Under distributed DP: every device's releases (the sums of its that left the site)."""
         self.max_participation = max_participation
         self.min_separation = min_separation
-        self._members: dict[int, tuple[str, tuple[str, ...]]] = {}
-        """A cohort's partial on its way: pid -> (cohort, members), to tell the members how it ended."""
+        self._members: dict[int, tuple[str, tuple[str, ...], frozenset[str]]] = {}
+        """A cohort's partial on its way: pid -> (cohort, members, contributors), to tell the members how it ended."""
         self.refused: Counter[str] = Counter()
         """Secure-aggregation messages refused, by reason (the cohort goes on without them)."""
         self.dropped: Counter[str] = Counter()
@@ -148,13 +149,21 @@ class SiteCohorts:
         """Time passed: round timeouts, and maybe a new cohort."""
         return self._outputs(self.cohorts.tick(now, version=self.shard.version, run=run))
 
-    def settled(self, pid: int, status: str, version: int, reason: str | None, *, skip: set[str]) -> list[SendSecAgg]:
-        """How partial ``pid`` ended (``applied`` or ``abandoned``), to its cohort's members that no receipt tells."""
+    def settled(
+        self, pid: int, status: str, version: int, reason: str | None, *, skip: Set[str] = frozenset()
+    ) -> list[SendSecAgg]:
+        """How partial ``pid`` ended (``applied`` or ``abandoned``), to its cohort's members that no receipt tells.
+
+        Its contributors are told by their receipts when it was applied; ``skip`` names any
+        other member a receipt told.
+        """
         cohort = self._members.pop(pid, None)
         if cohort is None:
             return []
-        done = DoneMsg(cohort[0], status, version, reason, included=False if status == "applied" else None)  # type: ignore[arg-type]
-        return [SendSecAgg(a, done.to_bytes()) for a in cohort[1] if a not in skip]
+        name, members, contributors = cohort
+        told = set(skip) | (contributors if status == "applied" else set())
+        done = DoneMsg(name, status, version, reason, included=False if status == "applied" else None)  # type: ignore[arg-type]
+        return [SendSecAgg(a, done.to_bytes()) for a in members if a not in told]
 
     def stats(self) -> dict[str, Any]:
         """Counters for the site's summary."""
@@ -249,7 +258,7 @@ class SiteCohorts:
                 if self._participation(c.agent) is not None:
                     self.cohorts.leave(c.agent)
         offer = self.shard.adopt(version, contributions, total, tensors)
-        self._members[offer.partial.pid] = (u.cohort, u.members)
+        self._members[offer.partial.pid] = (u.cohort, u.members, frozenset(c.agent for c in u.contributors))
         return [offer]
 
 

@@ -715,7 +715,7 @@ class NatsSite:
                 out.append(DeviceReceipt(e.receipt))
             elif isinstance(e, Settled):
                 status = "applied" if e.applied else "abandoned"
-                out += self.cohorts.settled(e.pid, status, e.version, e.reason, skip=receipted)
+                out += self.cohorts.settled(e.pid, status, e.version, e.reason, skip=set() if e.applied else receipted)
             else:
                 out.append(e)
         return out
@@ -785,3 +785,22 @@ def test_config_takes_secure_aggregation_at_a_nats_site_but_not_distributed_dp()
             shard=site, secure_aggregation=True, secagg=SecAggConfig(dp_epsilon=8.0), max_participation=2
         ).validate()
     assert err.value.key == "aggregator.secagg.dp_epsilon"
+
+
+def test_a_member_left_out_of_one_sum_hears_of_it_though_it_is_in_another_that_one_commit_settles() -> None:
+    """One commit can settle two cohorts' sums; a device summed in the first and left out of the
+    second is receipted for the first and still told the second went on without it."""
+    from aggregator.sharding import Receipt, Settled
+    from aggregator.site_cohorts import SendSecAgg
+    from fedmq.secagg.messages import decode_down
+
+    site = NatsSite()
+    c1, c2 = "1" * 32, "2" * 32
+    site.cohorts._members[1] = (c1, ("a", "b", "c"), frozenset({"a", "b", "c"}))
+    site.cohorts._members[2] = (c2, ("a", "d", "e"), frozenset({"d", "e"}))
+    commit = [Receipt(ReceiptMessage(x, 1, "accepted", 1)) for x in "abc"]
+    commit += [Settled(1, 1, True), *(Receipt(ReceiptMessage(x, 1, "accepted", 1)) for x in "de"), Settled(2, 1, True)]
+    told = [e for e in site.carry(commit) if isinstance(e, SendSecAgg)]  # type: ignore[arg-type]
+    assert [e.agent for e in told] == ["a"]
+    done = decode_down(told[0].payload)
+    assert (done.cohort, done.status, done.included) == (c2, "applied", False)  # type: ignore[union-attr]
