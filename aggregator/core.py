@@ -1110,19 +1110,17 @@ class AggregatorCore:
     def _participation(self, agent: str, pending: int = 0) -> tuple[RejectReason, str] | None:
         """Why ``agent`` (with ``pending`` updates not yet released) may not join another sum now, if so.
 
-        ``participation_cap``: it is in ``max_participation`` sums already (final).
-        ``participation_window``: its last sum is fewer than ``min_separation`` versions old, or it
-        has one waiting (retry later).
+        The ledger decides (:meth:`FederationLedger.refusal`), for the sites as for this core.
         """
         if self.ledger is None:
             return None
-        if self.max_participation and self.ledger.count(agent) + pending >= self.max_participation:
-            return RejectReason.PARTICIPATION_CAP, f"already in {self.max_participation} released sums"
-        last = self.ledger.last.get(agent)
-        if self.min_separation and (pending or (last is not None and self.version - last < self.min_separation)):
-            why = "has an update waiting" if pending else f"was in the sum that made version {last}"
-            return RejectReason.PARTICIPATION_WINDOW, f"{why}; sums are {self.min_separation} versions apart"
-        return None
+        return self.ledger.refusal(
+            agent,
+            version=self.version,
+            max_participation=self.max_participation,
+            min_separation=self.min_separation,
+            pending=pending,
+        )
 
     def _held_back(self, agent: str) -> int:
         return sum(d.agent_id == agent for d in self._deferred)

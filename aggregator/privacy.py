@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.rules.central_dp import noised_mean
+from fedmq.errors import RejectReason
 from fedmq.secagg.ddp import ORDERS, DdgParams, rdp
 from fedmq.secagg.ddp import epsilon as rdp_epsilon
 
@@ -139,6 +140,24 @@ class FederationLedger:
             self.releases.setdefault(a, Counter())[release] += 1
             self.last[a] = version
             self.max_epsilon = max(self.max_epsilon, self.epsilon(a))
+
+    def refusal(
+        self, agent: str, *, version: int, max_participation: int, min_separation: int, pending: int = 0
+    ) -> tuple[RejectReason, str] | None:
+        """Why ``agent`` may not join another release now, if so (the aggregator and the sites ask this).
+
+        ``participation_cap``: it is in ``max_participation`` releases already, counting
+        ``pending`` updates not yet released (final; 0: no cap). ``participation_window``: its
+        last release made a version fewer than ``min_separation`` before ``version``, or it has
+        one pending (retry later; 0: no separation).
+        """
+        if max_participation and self.count(agent) + pending >= max_participation:
+            return RejectReason.PARTICIPATION_CAP, f"already in {max_participation} released sums"
+        last = self.last.get(agent)
+        if min_separation and (pending or (last is not None and version - last < min_separation)):
+            why = "has an update waiting" if pending else f"was in the sum that made version {last}"
+            return RejectReason.PARTICIPATION_WINDOW, f"{why}; sums are {min_separation} versions apart"
+        return None
 
     def count(self, agent: str) -> int:
         """Releases that included ``agent``."""

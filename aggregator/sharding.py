@@ -643,14 +643,14 @@ class ShardCore:
         for pid in sorted(self._offered):
             offered = self._offered[pid]
             keys = offered.partial.keys
-            versions = [window.get(k) for k in keys]
-            if all(v is not None for v in versions):
+            found = [window.get(k) for k in keys]
+            versions = [v for v in found if v is not None]
+            if len(versions) == len(keys):
                 del self._offered[pid]
                 out.append(Ack(tuple(offered.tokens)))
-                for k, v in zip(keys, versions, strict=True):
-                    assert v is not None
-                    out.append(self._settled(k, v, count=True))
-                out.append(Settled(pid, version, True))
+                out += [self._settled(k, v, count=True) for k, v in zip(keys, versions, strict=True)]
+                went = max((v for v in versions if v != STALE), default=version)  # the version its step made
+                out.append(Settled(pid, went, True))
         return out
 
     def restore(self, partial: Partial) -> None:

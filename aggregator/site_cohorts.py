@@ -127,7 +127,7 @@ class SiteCohorts:
         if isinstance(msg, CheckIn):
             refusal = self._participation(agent)
             if refusal is not None:  # not in the pool: a capped device is done, a separated one checks in again
-                self.refused[refusal.value] += 1
+                self.refused[refusal[0].value] += 1
                 return []
             outs = self.cohorts.check_in(agent, msg, now, version=version, run=run)
         else:
@@ -179,16 +179,16 @@ class SiteCohorts:
         return out
 
     # --- internals -----------------------------------------------------------------------------
-    def _participation(self, agent: str) -> RejectReason | None:
-        """Why ``agent`` may not join another cohort now (its ledger), if so; as the aggregator's core decides."""
+    def _participation(self, agent: str) -> tuple[RejectReason, str] | None:
+        """Why ``agent`` may not join another cohort now, if so: its ledger decides, as for the aggregator."""
         if self.ledger is None:
             return None
-        if self.max_participation and self.ledger.count(agent) >= self.max_participation:
-            return RejectReason.PARTICIPATION_CAP
-        last = self.ledger.last.get(agent)
-        if self.min_separation and last is not None and self.shard.version - last < self.min_separation:
-            return RejectReason.PARTICIPATION_WINDOW
-        return None
+        return self.ledger.refusal(
+            agent,
+            version=self.shard.version,
+            max_participation=self.max_participation,
+            min_separation=self.min_separation,
+        )
 
     def _admit_masked(self, agent: str, msg: MaskedMsg) -> Reject | None:
         key = (agent, msg.seq)
@@ -200,7 +200,7 @@ class SiteCohorts:
             return Reject(agent, RejectReason.DUPLICATE, f"seq {msg.seq} is in a sum on its way to the root")
         refusal = self._participation(agent)  # checked at check-in too; this holds whatever put it in a cohort
         if refusal is not None:
-            return Reject(agent, refusal, f"{agent!r} may join no sum now (its privacy ledger)")
+            return Reject(agent, refusal[0], f"{agent!r} {refusal[1]}")
         version = self.shard.version
         if msg.base_version > version:
             return Reject(agent, RejectReason.UNKNOWN_BASE_VERSION, f"base version {msg.base_version} > {version}")
