@@ -783,6 +783,7 @@ class AgentService:
 
     def _train_and_stage(self, model: ModelMessage, cancel: threading.Event) -> None:
         """Worker thread: train, encode, put in the outbox (durably with a state dir) before any publish."""
+        log.debug("agent %s: a local round on version %d begins", self.agent_id, model.version)
         update = self.trainer.train(model, cancel=cancel)
         floor = min([seq for seq, _ in self.outbox.pending()] + [update.seq])
         update = dataclasses.replace(update, oldest_pending=floor)  # lets the aggregator forget the rest

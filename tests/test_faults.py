@@ -17,10 +17,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import numpy as np
@@ -116,12 +118,12 @@ async def test_a_full_disk_is_named_and_waited_out_without_a_crash(
 ) -> None:
     state = tiny_fs / "state"
     log = tmp_path / "aggregator.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "aggregator", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
-             "--prefix", prefix, "--buffer-size", "4", "--checkpoint-dir", str(state), "--checkpoint-every", "2"],
-            cwd=ROOT, stderr=err, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "aggregator", "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}",
+         "--prefix", prefix, "--buffer-size", "4", "--checkpoint-dir", str(state), "--checkpoint-every", "2"],
+        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    tap = StderrTap(proc, log)
     filler = tiny_fs / "filler"
     try:
         receipts = await Receipts.start(mosquitto, prefix)
@@ -149,7 +151,7 @@ async def test_a_full_disk_is_named_and_waited_out_without_a_crash(
             seq += 1
             u = UpdateMessage(f"d{seq % 50}", seq, 0, 8, zeros)
             await receipts.client.publish(f"{prefix}/update/d{seq % 50}", u.to_bytes(), qos=1)
-        await wait_for_text(log, "no space", 30)
+        await asyncio.to_thread(tap.wait_for, "no space", 30)
         assert proc.poll() is None, log.read_text()
         text = log.read_text()
         assert str(state) in text and "bytes" in text, text
@@ -214,29 +216,33 @@ class Receipts:
         await self.client.__aexit__(None, None, None)
 
 
-async def wait_for_text(path: Path, text: str, limit: float) -> None:
-    """Wait until ``text`` appears in the file ``path`` (a child's log): poll its size, bounded."""
-    deadline = time.monotonic() + limit
-    while text not in path.read_text(errors="replace").lower():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in {path} after {limit} s:\n{path.read_text()[-2000:]}")
-        await asyncio.sleep(0.1)
+class StderrTap:
+    """A child's stderr, line by line, into ``path`` and memory (own thread): a waiter is woken by each line."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], path: Path) -> None:
+        assert proc.stderr is not None
+        self.path = path
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._pump, args=(proc.stderr,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        with open(self.path, "wb") as out:
+            for line in iter(stream.readline, b""):
+                out.write(line)
+                out.flush()
+                with self.changed:
+                    self.lines.append(line.decode(errors="replace").lower())
+                    self.changed.notify_all()
+
+    def wait_for(self, text: str, limit: float) -> None:
+        """Until a line holds ``text`` (lower case), at most ``limit`` seconds."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: any(text in line for line in self.lines), timeout=limit):
+                raise AssertionError(f"{text!r} not in {self.path} after {limit} s:\n{''.join(self.lines)[-2000:]}")
 
 
 # --- 7. bounded shutdown -------------------------------------------------------------------------
-async def wait_for_cpu(pid: int, *, busy_seconds: float, limit: float) -> None:
-    """Wait until process ``pid`` has used ``busy_seconds`` of CPU more than it had when called
-    (start-up is done and it computes); bounded by ``limit`` seconds."""
-    from simulator.measure import proc_stats
-
-    start = proc_stats(pid)["cpu_s"]
-    deadline = time.monotonic() + limit
-    while proc_stats(pid)["cpu_s"] - start < busy_seconds:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"process {pid} did not compute for {busy_seconds} s within {limit} s")
-        await asyncio.sleep(0.2)
-
-
 def agent_cmd(broker: MosquittoBroker, prefix: str, agent_id: str, *extra: str) -> list[str]:
     url = f"mqtt://{broker.host}:{broker.port}"
     return [sys.executable, "-m", "cli", "agent", "--broker", url, "--prefix", prefix, "--id", agent_id,
@@ -251,12 +257,17 @@ async def test_sigterm_abandons_a_long_local_round_without_releasing(
     state = tmp_path / "agent"
     # 100,000 epochs over 1,437 examples: about 5 minutes of training for one round here.
     proc = subprocess.Popen(
-        agent_cmd(mosquitto, prefix, "slow-pi", "--epochs", "100000", "--state-dir", str(state)), cwd=ROOT
+        agent_cmd(
+            mosquitto, prefix, "slow-pi", "--epochs", "100000", "--state-dir", str(state), "--log-level", "DEBUG"
+        ),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
     )
+    tap = StderrTap(proc, tmp_path / "agent.log")
     try:
         assert server.core is not None
         await wait_until(server.pulse, lambda: "slow-pi" in server.core.online, limit=60)  # type: ignore[union-attr]
-        await wait_for_cpu(proc.pid, busy_seconds=3.0, limit=120)  # past start-up: it is in the round
+        await asyncio.to_thread(tap.wait_for, "a local round on version", 120)  # it is in the round
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         code = await asyncio.to_thread(proc.wait, 60)

@@ -84,18 +84,25 @@ class Auditor:
 
             await nc.subscribe(PREFIX.replace("/", ".") + ".receipt.*", cb=on_receipt)
             await nc.subscribe(PREFIX.replace("/", ".") + ".update.*", cb=on_update)
+            from nats.errors import Error as NatsError
             from nats.js.api import DeliverPolicy
 
-            sub = None
-            while sub is None:  # the first shard creates the commit log
-                try:
-                    sub = await js.subscribe(
-                        PREFIX.replace("/", ".") + ".cluster.commit",
-                        ordered_consumer=True,
-                        deliver_policy=DeliverPolicy.ALL,
-                    )
-                except Exception:
-                    await asyncio.sleep(0.2)  # polling for a stream another process creates
+            # The first shard creates the commit log before it can lead, and the leader announces
+            # each version on its subject: a plain subscription made first hears the first
+            # announcement, after which the log exists (an event to wait on, not a poll).
+            subject = PREFIX.replace("/", ".") + ".cluster.commit"
+            announced = asyncio.Event()
+
+            async def on_announcement(_msg: object) -> None:
+                announced.set()
+
+            first = await nc.subscribe(subject, cb=on_announcement)
+            try:
+                sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+            except NatsError:  # no shard has made the log yet (or JetStream is still electing its leader)
+                await announced.wait()
+                sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+            await first.unsubscribe()
             self.ready.set()
             async for msg in sub.messages:
                 obj = msgpack.unpackb(msg.data, raw=False)
