@@ -633,15 +633,18 @@ class AggregatorService:
         in_flight = 2 * self.SECAGG_IN_FLIGHT + self.RECEIPTS_IN_FLIGHT
         client.pending_calls_threshold = max(client.pending_calls_threshold, in_flight)
         await publish(client, self.topics.server_status, self._status("online"), qos=1, retain=True)
+        # Subscribed before the model goes out: a device may answer the model at once, and what
+        # reaches the broker before the subscription is lost (test_broker's first-model test).
+        await subscribe(client, self.topics.update_wildcard, qos=1)
+        await subscribe(client, self.topics.status_wildcard, qos=1)
+        if self.cfg.secure_aggregation:
+            await subscribe(client, self.topics.secagg_up_wildcard, qos=1)
         if self._model_view is None:
             self._mark_model_dirty()
         else:  # the newest durable version (the core may be ahead of it, by a group not yet on disk)
             self._model_dirty.set()
         await self.publish_pending_model(client)
-        await subscribe(client, self.topics.update_wildcard, qos=1)
-        await subscribe(client, self.topics.status_wildcard, qos=1)
         if self.cfg.secure_aggregation:
-            await subscribe(client, self.topics.secagg_up_wildcard, qos=1)
             await self.settle_restart()
         self.ready.set()
         try:

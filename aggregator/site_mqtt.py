@@ -337,12 +337,13 @@ class MqttSite:
 
     async def _site_session(self, client: aiomqtt.Client) -> None:
         await self.ready.wait()  # devices are answered only once the root's model is known
-        if self._model is not None:  # (again after a reconnect: the site's broker may have restarted)
-            await publish(client, self.topics.model, self._model, qos=1, retain=True)
+        # Subscribed before the model goes out: a device may answer it at once (see the aggregator).
         await subscribe(client, self.topics.update_wildcard, qos=1)
         if self.secure:
             await subscribe(client, self.topics.secagg_up_wildcard, qos=1)
             await subscribe(client, self.topics.status_wildcard, qos=1)
+        if self._model is not None:  # (again after a reconnect: the site's broker may have restarted)
+            await publish(client, self.topics.model, self._model, qos=1, retain=True)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._send(client, self._to_site))
             async for msg in client.messages:

@@ -13,7 +13,7 @@ from typing import Any
 import aiomqtt
 
 from aggregator.service import AggregatorService
-from broker.launcher import MosquittoBroker, free_port
+from broker.launcher import DEV_CONF, MosquittoBroker, free_port
 from broker.pki import init
 from fedmq.config import Config
 from runtime.process import Pulse
@@ -74,3 +74,31 @@ def tls_deployment(agents: Sequence[str], prefix: str) -> Iterator[tuple[Path, M
     finally:
         broker.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def tracing_mosquitto(workdir: Path) -> MosquittoBroker:
+    """A started Mosquitto with the project's dev config and ``log_type all``: its log is a packet trace."""
+    from tests.conftest import require_mosquitto
+
+    require_mosquitto()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "trace.conf"
+    conf.write_text(DEV_CONF.read_text() + "log_type all\n")
+    return MosquittoBroker(conf=conf, workdir=workdir).start()
+
+
+def published_before_subscribing(log: Path, client: str, subscription: str, topic: str) -> list[str]:
+    """From a :func:`tracing_mosquitto` log: each connection of ``client`` that published on
+    ``topic`` before it subscribed to ``subscription`` (the lines in between); empty when none did."""
+    found: list[str] = []
+    subscribed, start = False, 0
+    lines = log.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if f"Sending CONNACK to {client} (" in line:
+            subscribed, start = False, i
+        elif line.endswith(f": {client} 1 {subscription}"):
+            subscribed = True
+        elif not subscribed and f"Received PUBLISH from {client} " in line and f"'{topic}'" in line:
+            found.append("\n".join(lines[start : i + 1]))
+            subscribed = True  # one report per connection
+    return found

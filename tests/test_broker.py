@@ -22,10 +22,23 @@ from broker.launcher import MosquittoBroker
 from edge_agent.service import AgentService
 from edge_agent.trainer import LocalTrainer
 from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, PrivacyConfig
-from fedmq.messages import ModelMessage, StatusMessage, UpdateMessage, metrics_from_bytes
+from fedmq.messages import (
+    ModelMessage,
+    ReceiptMessage,
+    StatusMessage,
+    UpdateMessage,
+    metrics_from_bytes,
+)
 from models.datasets import digits
 from simulator.harness import SimConfig, Stragglers, run_federation, split_task
-from tests.helpers import payload, start_aggregator, wait_for_message, wait_until
+from tests.helpers import (
+    payload,
+    published_before_subscribing,
+    start_aggregator,
+    tracing_mosquitto,
+    wait_for_message,
+    wait_until,
+)
 from tests.test_models import HAS_ONNX
 
 pytestmark = pytest.mark.broker
@@ -67,6 +80,44 @@ def aggregator_cmd(broker: MosquittoBroker, prefix: str, checkpoint_dir: Path, *
         "--log-level",
         "WARNING",
     )
+
+
+async def test_an_update_sent_the_moment_the_first_model_appears_is_heard(prefix: str, tmp_path: Path) -> None:
+    """The model is the aggregator's promise to listen: it subscribes to updates before it announces one.
+
+    A device already waiting for the model answers it at once. An aggregator that announced the
+    model first and subscribed afterwards lost such an update whenever the device was quicker
+    than its SUBSCRIBE (its fresh session had no subscription for the broker to queue it for):
+    CI saw an update of version 1 refused as ahead of version 0, its predecessor never having
+    arrived. That race is lost only on a busy machine, so the broker's own log (Mosquitto at
+    ``log_type all``) is the witness of the order, whoever wins the race here.
+    """
+    broker = tracing_mosquitto(tmp_path / "broker")
+    try:
+        cfg = config(broker, prefix, buffer_size=1)
+        async with aiomqtt.Client(broker.host, broker.port) as dev:
+            await dev.subscribe(cfg.topics.model, qos=1)
+            await dev.subscribe(cfg.topics.receipt("first"), qos=1)
+            _, stop, task = await start_aggregator(cfg)
+            try:
+                async with asyncio.timeout(20):
+                    async for msg in dev.messages:
+                        if msg.topic.matches(cfg.topics.model):
+                            model = ModelMessage.from_bytes(payload(msg))
+                            delta = {k: np.zeros_like(v) for k, v in model.tensors.items()}
+                            u = UpdateMessage(agent_id="first", seq=1, base_version=0, num_examples=1, delta=delta)
+                            await dev.publish(cfg.topics.update("first"), u.to_bytes(), qos=1)
+                        else:
+                            receipt = ReceiptMessage.from_bytes(payload(msg))
+                            break
+            finally:
+                stop.set()
+                await task
+        assert (receipt.status, receipt.seq, receipt.version) == ("accepted", 1, 1), receipt
+    finally:
+        broker.stop()
+    me = f"fedmq-aggregator-{prefix.replace('/', '-')}"
+    assert published_before_subscribing(broker.log_path, me, cfg.topics.update_wildcard, cfg.topics.model) == []
 
 
 async def test_late_joining_agent_gets_the_retained_model_and_contributes(

@@ -38,7 +38,9 @@ import pytest
 
 from broker.launcher import MosquittoBroker
 from fedmq.messages import ReceiptMessage, UpdateMessage
+from fedmq.topics import Topics
 from models.datasets import digits
+from tests.helpers import published_before_subscribing, tracing_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "fedmq/hier"
@@ -102,9 +104,10 @@ class Brokers:
 
 
 @pytest.fixture
-def brokers() -> Iterator[Brokers]:
+def brokers(tmp_path: Path) -> Iterator[Brokers]:
     """Two Mosquittos and their taps, stopped at the end, pass or fail."""
-    root, site = MosquittoBroker().start(), MosquittoBroker().start()
+    root = MosquittoBroker().start()
+    site = tracing_mosquitto(tmp_path / "site-broker")  # its log shows the site subscribed before it relayed
     try:
         yield Brokers(root, site, Tap(root.host, root.port, "root").start(), Tap(site.host, site.port, "site").start())
     finally:
@@ -200,6 +203,11 @@ def test_a_site_under_a_root_aggregator_forwards_sums_applied_exactly_once_throu
     site_summary, summary = summaries
 
     site_log = (tmp_path / "site.log").read_text() + (tmp_path / "site2.log").read_text()
+    topics = Topics(PREFIX)  # both runs of the site listened before they relayed the model
+    relayed_early = published_before_subscribing(
+        site_broker.log_path, f"fedmq-site-{SITE}-local", topics.update_wildcard, topics.model
+    )
+    assert relayed_early == [], relayed_early
     assert {u.agent_id for u in root_tap.updates} == {SITE, direct}, "a site device's update crossed to the root"
     if secure:
         assert site_tap.updates == [], "a device sent a plain update to a site that takes only masked ones"
