@@ -237,7 +237,7 @@ def run_shard(config: Config) -> int:
     """One shard of a sharded aggregator (aggregator.shard.nats): serve until signalled."""
     require("cluster", key="aggregator.shard.nats", why="sharded aggregation")
     if config.aggregator.shard.site:
-        from aggregator.site import SiteAggregator
+        from aggregator.site import LedgerConflict, SiteAggregator
 
         site = SiteAggregator(config)
         logging.getLogger("fedmq.aggregator").info(
@@ -248,8 +248,14 @@ def run_shard(config: Config) -> int:
             config.aggregator.shard.nats,
             config.prefix,
         )
-        print(json.dumps(run_until_signalled(site.run)))
-        return 0
+        try:
+            print(json.dumps(run_until_signalled(site.run)))
+        except* LedgerConflict as group:  # the deployment's fault, said plainly (no sum left uncharged)
+            logging.getLogger("fedmq.aggregator").error("site %s stopped: %s", site.site_id, group.exceptions[0])
+            conflict = True
+        else:
+            conflict = False
+        return 1 if conflict else 0
     from aggregator.cluster import ClusterAggregator
 
     shard = ClusterAggregator(config)

@@ -81,6 +81,7 @@ def names(prefix: str) -> dict[str, str]:
         "consumer": "shards",
         "state": f"fedmq_{slug}_state",
         "lease": f"fedmq_{slug}_lease",
+        "ledgers": f"fedmq_{slug}_ledgers",
         "offer": f"{subject}.cluster.offer",
         "commits": f"FEDMQ_{slug.upper()}_COMMITS",
         "commit": f"{subject}.cluster.commit",
@@ -376,6 +377,7 @@ class ClusterAggregator:
 
         while True:
             partial = await self._offers.get()
+            await self._before_offer(partial)
             try:
                 reply = await self._nc.request(self.names["offer"], partial.to_bytes(), timeout=self.scfg.lease)
             except NatsError:  # no leader now, or the cluster is electing one
@@ -389,6 +391,9 @@ class ClusterAggregator:
             else:
                 dups = tuple((str(a), int(s)) for a, s in answer.get("duplicates", []))
                 self._carry(self.core.answer(Refused(partial.shard, partial.pid, str(answer.get("reason")), dups)))
+
+    async def _before_offer(self, partial: Partial) -> None:
+        """What must be durable before ``partial`` leaves this process (a site's privacy ledger); nothing here."""
 
     async def _ticker(self) -> None:
         """Time for the core (a partial's wait), keep-alives for held messages, offers again."""

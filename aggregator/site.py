@@ -27,8 +27,18 @@ site nor the root sees one device's update. Contributors are receipted from the 
 holds the sum; the other members get a ``DoneMsg``, and all of them ``abandoned`` if the root
 refuses the sum for good (they keep their updates for a later cohort). A cohort's sum lost with
 the site is not receipted: its devices send their updates again. Unmasking runs on the event
-loop. Distributed DP needs a durable ledger, which this site does not keep: it is refused by key
-(a site over MQTT keeps one).
+loop.
+
+**Distributed DP inside the site** (``aggregator.secagg.dp_epsilon``, with ``max_participation``):
+the cohorts announce the noise calibrated for the model (:func:`~aggregator.cohorts.with_distributed_dp`,
+as the aggregator and a site over MQTT do), each device noises its update before masking, and a
+sum leaves as a DP release. The devices' ledger is the one durable thing the site keeps: in the
+cluster's ``ledgers`` bucket (replicated as the root's state), under the site's stable id
+(``aggregator.uplink.site_id``, required). A sum's charge is written there, by compare-and-set,
+before the sum is offered to the root, so a restarted site finds every charge (it may find one
+for a sum that never left: an over-count, never an under-count). Two processes serving one site
+id would each overwrite the other's charges: the second one's write fails its compare-and-set and
+that process stops with :class:`LedgerConflict`, before its sum leaves.
 """
 
 from __future__ import annotations
@@ -46,9 +56,11 @@ from typing import Any
 import aiomqtt
 
 from aggregator.cluster import ClusterAggregator, decode_state
-from aggregator.cohorts import cohort_settings, federation_verifier
-from aggregator.sharding import Ack, Nak, Offer, Receipt, Settled, ShardEffect
+from aggregator.cohorts import cohort_settings, federation_verifier, with_distributed_dp
+from aggregator.privacy import FederationLedger
+from aggregator.sharding import Ack, Nak, Offer, Partial, Receipt, Settled, ShardEffect
 from aggregator.site_cohorts import CohortEffect, SendSecAgg, SiteCohorts, device_input
+from fedmq.codec import pack, unpack
 from fedmq.config import Config
 from fedmq.errors import DecodeError, RejectReason
 from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage, salvage_seq
@@ -59,6 +71,10 @@ from runtime.transport import client_kwargs, publish, subscribe
 log = logging.getLogger("fedmq.site")
 
 
+class LedgerConflict(RuntimeError):
+    """Another process wrote this site's privacy ledger: two processes serve one ``aggregator.uplink.site_id``."""
+
+
 class SiteAggregator(ClusterAggregator):
     """One site: the root's shard for the devices of one local broker.
 
@@ -67,20 +83,39 @@ class SiteAggregator(ClusterAggregator):
     """
 
     def __init__(self, config: Config, *, site_id: str | None = None, clock: Any = time.time) -> None:
-        site_id = site_id or f"site-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        stable = config.aggregator.uplink.site_id
+        # A shard id of its own per process (the root tells partials apart by it), named after the site.
+        site_id = site_id or f"{stable or 'site'}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         super().__init__(config, shard_id=site_id, clock=clock)
         self.site_id = site_id
+        self.ledger_key = stable
+        """Where this site's privacy ledger lives in the cluster's ``ledgers`` bucket (distributed DP)."""
         self.core.min_agents = self.scfg.site_min_devices
         self._tokens = itertools.count(1)
         self._local: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self.secure: SiteCohorts | None = None
         self._cohort_params: Params | None = None
         """What the relayed model announces to the devices: this site's cohorts."""
+        self.ledger: FederationLedger | None = None
+        """Under distributed DP: the devices' releases; durable in the cluster before each sum leaves."""
+        self._ledger_kv: Any = None
+        self._ledger_revision = 0
+        """The ledger's revision in the bucket as this process last read or wrote it (0: none yet)."""
+        self._charged: set[int] = set()
+        """Partials whose contributors' charge is not yet durable in the bucket."""
         if self.cfg.secure_aggregation:
-            settings = cohort_settings(self.cfg)
-            n_values = sum(v.size for v in self.initial.values()) + 1
-            cohorts = CohortManager(settings, n_values=n_values, verifier=federation_verifier(config.broker))
-            self.secure = SiteCohorts(self.core, cohorts)
+            n_params = sum(v.size for v in self.initial.values())
+            settings = with_distributed_dp(self.cfg, cohort_settings(self.cfg), n_params)
+            cohorts = CohortManager(settings, n_values=n_params + 1, verifier=federation_verifier(config.broker))
+            if self.cfg.secagg.dp_epsilon is not None:
+                self.ledger = FederationLedger(self.cfg.dp_delta)
+            self.secure = SiteCohorts(
+                self.core,
+                cohorts,
+                ledger=self.ledger,
+                max_participation=self.cfg.max_participation if self.ledger is not None else 0,
+                min_separation=self.cfg.min_separation if self.ledger is not None else 0,
+            )
             self._cohort_params = settings.params
         self._run: str | None = None
         """The root's federation run (from its committed state): cohorts are announced for it."""
@@ -97,6 +132,8 @@ class SiteAggregator(ClusterAggregator):
             self._state_kv = await self._retrying(
                 "finding the root's state", lambda: self._js.key_value(self.names["state"]), limit=120
             )
+            if self.ledger is not None:
+                await self._retrying("reading the privacy ledger", self._load_ledger, limit=120)
             async with aiomqtt.Client(**client_kwargs(self.config.broker)) as local:
                 await subscribe(local, self.topics.update_wildcard, qos=1)
                 if self.secure is not None:
@@ -158,7 +195,13 @@ class SiteAggregator(ClusterAggregator):
         if got.error is not None:
             log.info("site %s: undecodable secure-aggregation message from %s: %s", self.site_id, got.agent, got.error)
         elif got.message is not None:
+            capped = len(self.secure.capped)
             self._carry(self.secure.message(got.agent, got.message, now=self.clock(), run=self._run))
+            if len(self.secure.capped) > capped:  # once per device: it checks in again and again
+                log.info(
+                    "site %s: %s joins no more cohorts: it is in %d released sums (aggregator.max_participation)",
+                    self.site_id, got.agent, self.ledger.count(got.agent) if self.ledger is not None else 0,
+                )  # fmt: skip
         elif got.offline:
             self._carry(self.secure.offline(got.agent, now=self.clock()))
         return True
@@ -179,6 +222,8 @@ class SiteAggregator(ClusterAggregator):
                 receipted.add(r.agent_id)
                 self._local.put_nowait((self.topics.receipt(r.agent_id), r.to_bytes(), False))
             elif isinstance(e, Offer):
+                if self.ledger is not None:  # its charge goes to the cluster before it leaves (_before_offer)
+                    self._charged.add(e.partial.pid)
                 self._offers.put_nowait(e.partial)
             elif isinstance(e, SendSecAgg):
                 self._local.put_nowait((self.topics.secagg_down(e.agent), e.payload, False))
@@ -191,6 +236,65 @@ class SiteAggregator(ClusterAggregator):
                     self._carry(self.secure.settled(e.pid, status, e.version, why, skip=skip))
             else:
                 assert isinstance(e, Ack | Nak)
+
+    # --- the privacy ledger (distributed DP) -----------------------------------------------------
+    async def _load_ledger(self) -> None:
+        """Create the ``ledgers`` bucket if absent and read this site's ledger from it (none: a new site)."""
+        from nats.js.api import KeyValueConfig, StorageType
+        from nats.js.errors import KeyNotFoundError
+
+        assert self.ledger is not None
+        self._ledger_kv = await self._js.create_key_value(
+            KeyValueConfig(
+                bucket=self.names["ledgers"], history=1, replicas=self.scfg.replicas, storage=StorageType.FILE
+            )
+        )
+        try:
+            entry = await self._ledger_kv.get(self.ledger_key)
+        except KeyNotFoundError:
+            log.info("site %s: no privacy ledger for %r in the cluster yet: a new site", self.site_id, self.ledger_key)
+            return
+        try:
+            self.ledger.load_state_dict(unpack(entry.value or b""))
+        except (DecodeError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerConflict(
+                f"the privacy ledger of site {self.ledger_key!r} in bucket {self.names['ledgers']} "
+                f"does not decode ({exc}): refusing to serve cohorts without it"
+            ) from None
+        self._ledger_revision = int(entry.revision or 0)
+        log.info(
+            "site %s: privacy ledger of %r read: %d devices, largest epsilon %.3f",
+            self.site_id, self.ledger_key, len(self.ledger.releases), self.ledger.max_epsilon,
+        )  # fmt: skip
+
+    async def _before_offer(self, partial: Partial) -> None:
+        """A cohort's sum leaves only once its contributors' charge is durable in the cluster."""
+        if self.ledger is None or partial.pid not in self._charged:
+            return
+        body = pack(self.ledger.state_dict())  # every charge so far: later sums' too (an over-count is safe)
+        self._ledger_revision = await self._retrying(
+            "writing the privacy ledger", lambda: self._write_ledger(body), limit=float("inf")
+        )
+        self._charged.clear()
+
+    async def _write_ledger(self, body: bytes) -> int:
+        """Compare-and-set the ledger; the new revision. A write of ours whose answer was lost counts as done."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        try:
+            return int(await self._ledger_kv.update(self.ledger_key, body, last=self._ledger_revision))
+        except KeyWrongLastSequenceError:
+            try:
+                entry = await self._ledger_kv.get(self.ledger_key)
+            except KeyNotFoundError:
+                entry = None
+            if entry is not None and entry.value == body:
+                return int(entry.revision or 0)
+            raise LedgerConflict(
+                f"another process wrote the privacy ledger of site {self.ledger_key!r} (revision "
+                f"{None if entry is None else entry.revision}, this one read {self._ledger_revision}): one "
+                "process per aggregator.uplink.site_id; this one stops before its sum leaves"
+            ) from None
 
     async def _committed(self, version: int) -> None:
         """Relay the committed model to the site's devices (retained on the site's broker)."""

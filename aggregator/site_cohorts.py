@@ -118,6 +118,8 @@ class SiteCohorts:
         """Secure-aggregation messages refused, by reason (the cohort goes on without them)."""
         self.dropped: Counter[str] = Counter()
         """Cohorts whose sum the site could not use, by reason (their members are told ``abandoned``)."""
+        self.capped: set[str] = set()
+        """Devices refused at check-in for ``max_participation``: they join no cohort of this site again."""
 
     # --- inputs ------------------------------------------------------------------------------
     def message(self, agent: str, msg: UpMessage, *, now: float, run: str | None) -> list[CohortEffect]:
@@ -128,6 +130,8 @@ class SiteCohorts:
             refusal = self._participation(agent)
             if refusal is not None:  # not in the pool: a capped device is done, a separated one checks in again
                 self.refused[refusal[0].value] += 1
+                if refusal[0] is RejectReason.PARTICIPATION_CAP:
+                    self.capped.add(agent)
                 return []
             outs = self.cohorts.check_in(agent, msg, now, version=version, run=run)
         else:

@@ -203,8 +203,14 @@ class ShardConfig:
             ),
             (
                 "aggregator.secagg.dp_epsilon",
-                agg.secagg.dp_epsilon is not None,
-                "needs the durable ledger that a site over MQTT keeps (aggregator.uplink) and a NATS site does not",
+                agg.secagg.dp_epsilon is not None and not self.site,
+                "needs secure aggregation, which only a site serves (aggregator.shard.site)",
+            ),
+            (
+                "aggregator.uplink.site_id",
+                agg.secagg.dp_epsilon is not None and self.site and not is_agent_id(agg.uplink.site_id),
+                "is required for distributed DP at a site (1-64 characters of [A-Za-z0-9_.-]): it names the "
+                "site's privacy ledger in the cluster, which a restarted site must find again",
             ),
             ("aggregator.robust", agg.robust != "none", "is not sharded yet (a robust rule needs every update)"),
             ("aggregator.central_dp_noise_multiplier", agg.central_dp_noise_multiplier is not None, "is not sharded"),
@@ -230,7 +236,9 @@ class UplinkConfig:
     """The root's broker: ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS). Set: this
     aggregator is a site of that root."""
     site_id: str = ""
-    """This site's id at the root: its MQTT identity there, listed in the root's ``aggregator.sites``."""
+    """This site's id at the root: its MQTT identity there, listed in the root's ``aggregator.sites``.
+    A site of a NATS root (``aggregator.shard.site``) needs it only for distributed DP: it names
+    the site's privacy ledger in the cluster (each site process still has a shard id of its own)."""
     state_dir: str = ""
     """The uplink folder: each sum is written here before it is sent and kept until the root's
     receipt, with the receipts of the last sums (a restarted site sends a sum again, never a new

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,29 @@ def published_before_subscribing(log: Path, client: str, subscription: str, topi
             found.append("\n".join(lines[start : i + 1]))
             subscribed = True  # one report per connection
     return found
+
+
+class StderrTap:
+    """A child's stderr, line by line, into ``path`` and memory (own thread): a waiter is woken by each line."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], path: Path) -> None:
+        assert proc.stderr is not None
+        self.path = path
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._pump, args=(proc.stderr,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        with open(self.path, "wb") as out:
+            for line in iter(stream.readline, b""):
+                out.write(line)
+                out.flush()
+                with self.changed:
+                    self.lines.append(line.decode(errors="replace").lower())
+                    self.changed.notify_all()
+
+    def wait_for(self, text: str, limit: float) -> None:
+        """Until a line holds ``text`` (lower case), at most ``limit`` seconds."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: any(text in line for line in self.lines), timeout=limit):
+                raise AssertionError(f"{text!r} not in {self.path} after {limit} s:\n{''.join(self.lines)[-2000:]}")

@@ -17,12 +17,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import numpy as np
@@ -35,7 +33,7 @@ from fedmq.config import AgentConfig, AggregatorConfig, BrokerConfig, Config, Pr
 from fedmq.messages import ReceiptMessage, UpdateMessage
 from models.datasets import digits
 from tests.conftest import require_mosquitto
-from tests.helpers import payload, start_aggregator, wait_until
+from tests.helpers import StderrTap, payload, start_aggregator, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,32 +212,6 @@ class Receipts:
         if self.task is not None:
             self.task.cancel()
         await self.client.__aexit__(None, None, None)
-
-
-class StderrTap:
-    """A child's stderr, line by line, into ``path`` and memory (own thread): a waiter is woken by each line."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], path: Path) -> None:
-        assert proc.stderr is not None
-        self.path = path
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        threading.Thread(target=self._pump, args=(proc.stderr,), daemon=True).start()
-
-    def _pump(self, stream: Any) -> None:
-        with open(self.path, "wb") as out:
-            for line in iter(stream.readline, b""):
-                out.write(line)
-                out.flush()
-                with self.changed:
-                    self.lines.append(line.decode(errors="replace").lower())
-                    self.changed.notify_all()
-
-    def wait_for(self, text: str, limit: float) -> None:
-        """Until a line holds ``text`` (lower case), at most ``limit`` seconds."""
-        with self.changed:
-            if not self.changed.wait_for(lambda: any(text in line for line in self.lines), timeout=limit):
-                raise AssertionError(f"{text!r} not in {self.path} after {limit} s:\n{''.join(self.lines)[-2000:]}")
 
 
 # --- 7. bounded shutdown -------------------------------------------------------------------------

@@ -772,19 +772,19 @@ def test_a_secure_nats_sites_sum_the_root_refuses_for_good_is_abandoned_for_its_
     assert not site.shard.holds(partial.contributions[1].key), "the others may upload their updates again"
 
 
-def test_config_takes_secure_aggregation_at_a_nats_site_but_not_distributed_dp() -> None:
-    from fedmq.config import SecAggConfig, ShardConfig
+def test_config_takes_secure_aggregation_and_distributed_dp_at_a_nats_site_with_a_stable_id() -> None:
+    from fedmq.config import SecAggConfig, ShardConfig, UplinkConfig
 
     site = ShardConfig(nats="nats://127.0.0.1:4222", site=True)
     AggregatorConfig(shard=site, secure_aggregation=True).validate()
     with pytest.raises(ConfigError) as err:
         AggregatorConfig(shard=ShardConfig(nats="nats://127.0.0.1:4222"), secure_aggregation=True).validate()
     assert err.value.key == "aggregator.secure_aggregation"
-    with pytest.raises(ConfigError) as err:
-        AggregatorConfig(
-            shard=site, secure_aggregation=True, secagg=SecAggConfig(dp_epsilon=8.0), max_participation=2
-        ).validate()
-    assert err.value.key == "aggregator.secagg.dp_epsilon"
+    ddp = {"secure_aggregation": True, "secagg": SecAggConfig(dp_epsilon=8.0), "max_participation": 2}
+    with pytest.raises(ConfigError) as err:  # the ledger needs a name that outlives the process
+        AggregatorConfig(shard=site, **ddp).validate()  # type: ignore[arg-type]
+    assert err.value.key == "aggregator.uplink.site_id"
+    AggregatorConfig(shard=site, uplink=UplinkConfig(site_id="hospital-a"), **ddp).validate()  # type: ignore[arg-type]
 
 
 def test_a_member_left_out_of_one_sum_hears_of_it_though_it_is_in_another_that_one_commit_settles() -> None:

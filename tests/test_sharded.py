@@ -33,6 +33,7 @@ import pytest
 from broker.nats import NatsCluster
 from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage
 from models.datasets import digits
+from tests.helpers import StderrTap
 from tests.test_cluster import cluster as cluster
 
 pytestmark = pytest.mark.cluster
@@ -170,9 +171,12 @@ class RootAndSite:
 
 @pytest.fixture
 def root_and_site(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
+    request: pytest.FixtureRequest, tmp_path: Path, processes: list[subprocess.Popen[bytes]], auditors: list[Auditor]
 ) -> Iterator[RootAndSite]:
-    """The root serving (version 0 committed); both stopped at the end, pass or fail."""
+    """The root serving (version 0 committed); both stopped at the end, pass or fail.
+
+    Parametrized indirectly, the value is the root's FedBuff K (4 otherwise).
+    """
     from broker.launcher import MosquittoBroker
 
     if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
@@ -182,7 +186,8 @@ def root_and_site(
     try:
         node = root.nodes[0]
         urls = f"nats://{node.host}:{node.client_port}"
-        processes.append(shard(urls, node.url, tmp_path / "root.log", ROOT_ENV))
+        k = str(getattr(request, "param", 4))
+        processes.append(shard(urls, node.url, tmp_path / "root.log", ROOT_ENV, extra=("--buffer-size", k)))
         auditor = Auditor(urls)
         auditors.append(auditor)
         auditor.start()
@@ -202,8 +207,12 @@ def shard(
     site: bool = False,
     max_staleness: int = 1000,
     extra: tuple[str, ...] = (),
+    tap: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """A `fedmq aggregator --nats` process (a shard, or with ``site`` a site aggregator)."""
+    """A `fedmq aggregator --nats` process (a shard, or with ``site`` a site aggregator).
+
+    Its stderr goes to ``log``; with ``tap`` it is a pipe for a :class:`~tests.helpers.StderrTap` to write there.
+    """
     full = {
         **os.environ,
         "FEDMQ_AGGREGATOR__SHARD__LEASE": "2",
@@ -216,7 +225,8 @@ def shard(
         "--model", "softmax", "--num-features", "64", "--num-classes", "10", "--buffer-size", "4",
         "--partial-size", "2", "--max-staleness", str(max_staleness), *(["--site"] if site else []), *extra,
     ]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=log.open("wb"))
+    stderr = subprocess.PIPE if tap else log.open("wb")
+    return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=stderr)
 
 
 def test_shards_train_exactly_once_through_a_shard_kill_and_a_node_kill(
@@ -481,6 +491,40 @@ def test_a_too_stale_update_is_refused_once_through_the_commit_log(
         root.stop()
 
 
+def secure_site_agents(tmp_path: Path, site_url: str, *extra: str) -> list[subprocess.Popen[bytes]]:
+    """Four `fedmq agent`s on a site's broker that require secure aggregation, a quarter of digits each."""
+    train, _ = digits()
+    agents = []
+    for i in range(4):
+        data = tmp_path / f"dev{i}.npz"
+        part = train.subset(np.arange(i, 800, 4))
+        np.savez(data, x=part.x, y=part.y)
+        cmd = [
+            sys.executable, "-m", "cli", "agent", "--broker", site_url, "--prefix", PREFIX, "--id", f"dev{i}",
+            "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3", "--lr", "0.3",
+            "--receipt-timeout", "4", "--require-secure-aggregation", "--checkin-interval", "0.5", *extra,
+        ]  # fmt: skip
+        agents.append(
+            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
+        )
+    return agents
+
+
+def stop_site_and_agents(
+    tmp_path: Path, site: subprocess.Popen[bytes], agents: list[subprocess.Popen[bytes]]
+) -> dict[str, Any]:
+    """SIGTERM the agents (each must exit 0), then the site; the site's summary."""
+    for a in agents:
+        a.send_signal(signal.SIGTERM)
+    for i, a in enumerate(agents):
+        a.communicate(timeout=120)
+        assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
+    site.send_signal(signal.SIGTERM)
+    out, _ = site.communicate(timeout=120)
+    summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return summary
+
+
 def test_a_secure_site_on_nats_forwards_only_its_cohorts_sums(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]], root_and_site: RootAndSite
 ) -> None:
@@ -495,20 +539,7 @@ def test_a_secure_site_on_nats_forwards_only_its_cohorts_sums(
     site = shard(urls, site_url, tmp_path / "site.log", env, site=True, extra=secure)
     processes.append(site)
     site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
-    train, _ = digits()
-    agents = []
-    for i in range(4):
-        data = tmp_path / f"dev{i}.npz"
-        part = train.subset(np.arange(i, 800, 4))
-        np.savez(data, x=part.x, y=part.y)
-        cmd = [
-            sys.executable, "-m", "cli", "agent", "--broker", site_url, "--prefix", PREFIX, "--id", f"dev{i}",
-            "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3", "--lr", "0.3",
-            "--receipt-timeout", "4", "--require-secure-aggregation", "--checkin-interval", "0.5",
-        ]  # fmt: skip
-        agents.append(
-            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
-        )
+    agents = secure_site_agents(tmp_path, site_url)
     processes.extend(agents)
 
     def site_updates_applied() -> int:
@@ -516,16 +547,128 @@ def test_a_secure_site_on_nats_forwards_only_its_cohorts_sums(
 
     auditor.wait("nine site updates in the root's commits", lambda: site_updates_applied() >= 9, 240)
     site_receipts.wait_for(lambda got: sum(r.status == "accepted" for r in got) >= 9, 120)
-    for a in agents:  # a cohort needs three devices: stop them together
-        a.send_signal(signal.SIGTERM)
-    for i, a in enumerate(agents):
-        a.communicate(timeout=120)
-        assert a.returncode == 0, (tmp_path / f"dev{i}.log").read_text()[-3000:]
-    site.send_signal(signal.SIGTERM)
-    out, _ = site.communicate(timeout=120)
-    summary = json.loads(out.decode().strip().splitlines()[-1])
+    summary = stop_site_and_agents(tmp_path, site, agents)  # a cohort needs three devices: together
     assert auditor.error is None, auditor.error
     with auditor.changed:
         _applied_once(auditor.commits, site_receipts.got)
         assert not auditor.sent, "a device's update crossed to the root"
     assert summary["cohorts_summed"] >= 3 and summary["accepted"] == 0, summary  # no plain update taken
+
+
+@pytest.mark.parametrize("root_and_site", [3], indirect=True)  # K = 3: one cohort's sum makes a step
+def test_a_dp_site_on_nats_keeps_its_devices_ledger_in_the_cluster_through_a_kill(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], root_and_site: RootAndSite
+) -> None:
+    """``--dp-epsilon`` at a secure NATS site: its devices (which require distributed DP) noise
+    before masking, and each sum's contributors are charged in the site's ledger in the cluster
+    (bucket ``ledgers``, key ``--site-id``) before the sum leaves. With ``--max-participation 1``
+    a site killed (SIGKILL) and started again reads the ledger back and refuses the devices it
+    charged: no device is in two sums, though all four are free to form a cohort again for a
+    site that forgot them."""
+    urls, auditor, site_broker = root_and_site.urls, root_and_site.auditor, root_and_site.site_broker
+    site_url = f"mqtt://{site_broker.host}:{site_broker.port}"
+    ddp = (
+        "--secure-aggregation", "--cohort-size", "3", "--overselect", "0.34", "--dp-epsilon", "8",
+        "--max-participation", "1", "--site-id", "hospital-a",
+    )  # fmt: skip
+
+    def start_site(log: str) -> tuple[subprocess.Popen[bytes], StderrTap]:
+        proc = shard(urls, site_url, tmp_path / log, ROOT_ENV, site=True, extra=ddp, tap=True)
+        processes.append(proc)
+        return proc, StderrTap(proc, tmp_path / log)
+
+    site, tap = start_site("site.log")
+    agents = secure_site_agents(tmp_path, site_url, "--require-distributed-dp")
+    processes.extend(agents)
+
+    def applied() -> dict[str, int]:
+        """Per site device: the root's versions that hold an update of its."""
+        with auditor.changed:
+            keys = [a for keys in auditor.commits.values() for a, _ in keys if a.startswith("dev")]
+        return {a: keys.count(a) for a in set(keys)}
+
+    auditor.wait("a cohort's sum in the root's commits", lambda: sum(applied().values()) >= 3, 240)
+    tap.wait_for("distributed dp: each sum of >= 3 uploads", 10)
+    contributors = applied()
+    assert set(contributors.values()) == {1}, contributors
+    stored = asyncio.run(_site_ledger(urls, "hospital-a"))  # written before the sum left: there now
+    assert {a: stored.count(a) for a in stored.releases} == contributors
+
+    site.send_signal(signal.SIGKILL)
+    site.wait(30)
+    site, tap = start_site("site2.log")
+    tap.wait_for(f"privacy ledger of 'hospital-a' read: {len(contributors)} devices", 120)
+    for agent in contributors:  # they go on checking in: refused, by the ledger the restart read
+        tap.wait_for(f"{agent} joins no more cohorts", 120)
+    summary = stop_site_and_agents(tmp_path, site, agents)  # capped devices go on checking in
+    assert max(applied().values()) == 1, applied()  # the cap held across the restart
+    assert summary["max_epsilon"] == pytest.approx(stored.max_epsilon) and 0 < summary["max_epsilon"] <= 8.0 + 1e-6
+    assert summary["secagg_refused"].get("participation_cap", 0) >= len(contributors), summary
+    assert auditor.error is None, auditor.error
+    assert not auditor.sent, "a device's update crossed to the root"
+
+
+async def _site_ledger(urls: str, site_id: str) -> Any:
+    """The privacy ledger a site keeps in the cluster, read as the site reads it."""
+    import nats
+
+    from aggregator.cluster import names
+    from aggregator.privacy import FederationLedger
+    from fedmq.codec import unpack
+
+    nc = await nats.connect(urls.split(","))
+    try:
+        kv = await nc.jetstream().key_value(names(PREFIX)["ledgers"])
+        ledger = FederationLedger(1e-5)
+        ledger.load_state_dict(unpack((await kv.get(site_id)).value or b""))
+        return ledger
+    finally:
+        await nc.close()
+
+
+async def test_two_processes_of_one_dp_site_cannot_both_write_its_ledger(tmp_path: Path) -> None:
+    """The ledger is written by compare-and-set: a second process serving the same site id fails
+    with :class:`LedgerConflict` before its sum leaves, instead of overwriting the first one's
+    charges; a write of its own whose answer was lost (the same bytes are there) counts as done."""
+    import nats
+
+    from aggregator.site import LedgerConflict, SiteAggregator
+    from fedmq.codec import pack
+    from fedmq.config import AggregatorConfig, BrokerConfig, Config, SecAggConfig, ShardConfig, UplinkConfig
+
+    if not (shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists()):
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    node_cluster = NatsCluster(1, workdir=tmp_path / "nats").start(timeout=120)
+    try:
+        node = node_cluster.nodes[0]
+        url = f"nats://{node.host}:{node.client_port}"
+        agg = AggregatorConfig(
+            shard=ShardConfig(nats=url, site=True, replicas=1),
+            uplink=UplinkConfig(site_id="hospital-a"),
+            secure_aggregation=True,
+            secagg=SecAggConfig(dp_epsilon=8.0),
+            max_participation=2,
+        )
+        config = Config(prefix=PREFIX, broker=BrokerConfig(port=1), aggregator=agg).validate()
+        sites = [SiteAggregator(config), SiteAggregator(config)]
+        for site in sites:
+            site._nc = await nats.connect([url])
+            site._js = site._nc.jetstream()
+            await site._load_ledger()  # both read "no ledger yet"
+        try:
+            first, second = sites
+            assert first.ledger is not None
+            first.ledger.record(["dev0"], ("gaussian", 1.0), 1)
+            body = pack(first.ledger.state_dict())
+            revision = await first._write_ledger(body)  # (its caller keeps the revision; this one does not)
+            assert revision > 0
+            assert await first._write_ledger(body) == revision  # as if its answer was lost: the same bytes, done
+            with pytest.raises(LedgerConflict, match="another process wrote the privacy ledger of site 'hospital-a'"):
+                await second._write_ledger(pack({"delta": 1e-5, "releases": {}, "last": {}}))
+            stored = await (await first._js.key_value(first.names["ledgers"])).get("hospital-a")
+            assert stored.value == body  # the first one's charges stand
+        finally:
+            for site in sites:
+                await site._nc.close()
+    finally:
+        node_cluster.cleanup()
