@@ -53,7 +53,7 @@ from fedmq.config import AggregatorConfig
 from fedmq.errors import RETRYABLE, RejectReason
 from fedmq.messages import ReceiptMessage, ReceiptStatus, UpdateMessage
 from fedmq.secagg.ddp import DdgParams
-from fedmq.secagg.messages import CheckIn, DoneMsg, MaskedMsg, UpMessage
+from fedmq.secagg.messages import CheckIn, CohortMsg, DoneMsg, MaskedMsg, UpMessage
 from fedmq.secagg.server import (
     Abandoned,
     CohortManager,
@@ -1216,7 +1216,9 @@ class AggregatorCore:
         refused: list[Rejected] = []
         for o in outs:
             if isinstance(o, SendTo):
-                effects.append(SendSecAgg(o.agent, o.message.to_bytes()))
+                # A cohort's announcement waits for its sa_open record to be durable: a device
+                # then never hears of a cohort that a restart cannot abandon (settle_restart).
+                effects.append(SendSecAgg(o.agent, o.message.to_bytes(), durable=isinstance(o.message, CohortMsg)))
             elif isinstance(o, Reject):
                 repeat = o.reason is RejectReason.DUPLICATE and o.agent == resent
                 if repeat:

@@ -221,7 +221,11 @@ async def test_kill_9_of_the_aggregator_mid_cohort_abandons_cleanly_and_applies_
     core = service.startup()
     receipts = sum(len(rec.receipts) for a in AGENTS if (rec := core.agent(a)) is not None)
     assert receipts == core.stats.accepted > 0
-    assert core.stats.cohorts_abandoned >= len(wanted)  # one per kill at least: each had a cohort open
+    # One abandoned cohort per kill at least, for each kill past a cohort's first round. In
+    # collecting_keys the metrics (the core in memory) may show a cohort whose opening was not
+    # yet durable: its devices had heard nothing of it (its messages wait for the fsync), so the
+    # restart has nothing to abandon, and that is clean too.
+    assert core.stats.cohorts_abandoned >= sum(p != "collecting_keys" for p in phases), phases
     summary = json.loads(out.decode().strip().splitlines()[-1])
     assert summary["cohorts_applied"] == core.stats.cohorts_applied and core.version == summary["model_versions"]
 

@@ -182,6 +182,36 @@ async def test_a_crash_in_any_round_abandons_the_cohort_and_the_next_one_sums(tm
     assert all(np.array_equal(svc3.core.weights[k], v) for k, v in core.weights.items())
 
 
+async def test_devices_hear_of_a_cohort_only_once_its_opening_is_on_disk(tmp_path: Path) -> None:
+    """A cohort a device heard of is one a restart can abandon: its first messages wait for the fsync.
+
+    The process dies at the fsync that would make the cohort's opening durable (simulated: the
+    sync fails and nothing after the last durable record survives). Sent at once, the cohort's
+    messages had reached its devices, and the restarted aggregator, which never knew the
+    cohort, could not tell them it was over: they waited out their timeout and their uploads
+    were refused as ``wrong_cohort`` (CI's kill -9 test saw one such kill: 3 cohorts abandoned
+    for 4 kills, and 9 wrong_cohort refusals).
+    """
+    clock = Clock()
+    devices = Devices(make_service(tmp_path, clock), clock)
+    svc = devices.svc
+    assert svc.store is not None and svc.store.wal is not None and svc.core is not None
+
+    def dies() -> None:
+        raise OSError(5, "the process dies before this fsync")
+
+    svc.store.wal.sync = dies  # type: ignore[method-assign]
+    await devices.check_in()
+    assert svc.core.secagg is not None and svc.core.secagg.in_flight(), "a cohort formed (in memory)"
+    sent = []
+    while not svc._secagg_out.empty():
+        sent.append(decode_down(svc._secagg_out.get_nowait()[1]))
+    assert not [m for m in sent if isinstance(m, CohortMsg)], "devices heard of a cohort the log does not hold"
+    restarted = AggregatorService(svc.config, clock=clock)
+    restarted.startup()
+    assert restarted.core is not None and restarted.core.open_cohorts == {}
+
+
 async def test_a_crash_after_the_sum_is_logged_applies_it_once(tmp_path: Path) -> None:
     """The last reveal arrives, the sum is applied and fsync'd; the process dies before any receipt goes out."""
     clock = Clock()
