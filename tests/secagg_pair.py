@@ -18,6 +18,7 @@ from fedmq.secagg import crypto
 from fedmq.secagg.client import ClientSession, Finished, Ignored, NeedInput, Refused, Send
 from fedmq.secagg.messages import CheckIn, CohortMsg, DownMessage, UpMessage, decode_down, decode_up
 from fedmq.secagg.server import Abandoned, CohortManager, Reject, SecAggSettings, SendTo, Unmasked, done_messages
+from tests.cipher_rng import CipherRng
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Fleet:
         self.agents = [f"dev-{i:02d}" for i in range(self.n)]
         self.manager = CohortManager(self.settings, n_values=self.n_values, verifier=self.verifier)
         self.sessions: dict[str, ClientSession] = {}
-        rng = np.random.default_rng(self.seed)
+        rng = CipherRng(self.seed)
         self.inputs = {a: rng.uniform(-0.5, 0.5, self.n_values - 1) for a in self.agents}
         self.weights = {a: float(rng.uniform(0.2, 1.0)) for a in self.agents}
         self.dead: set[str] = set()
@@ -184,7 +185,7 @@ class CoreFleet:
         self.fixed_seq: dict[str, int] = {}
         """agent -> the seq its next upload carries (a re-send of an old one); others count up."""
         self._queue: deque[tuple[str, bytes]] = deque()
-        rng = np.random.default_rng(self.seed)
+        rng = CipherRng(self.seed)
         weights = self.core.weights
         self.deltas = {
             a: {k: rng.normal(0, 0.05, v.shape).astype(v.dtype) for k, v in weights.items()} for a in self.agents

@@ -19,6 +19,7 @@ from fedmq.secagg import ddg_noise
 from fedmq.secagg.ddp import cohort_params, input_clip, weight_scale
 from fedmq.secagg.messages import CohortMsg, Params, UnmaskMsg, decode_down
 from fedmq.secagg.server import Abandoned, SecAggSettings, Unmasked
+from tests.cipher_rng import CipherRng
 from tests.secagg_pair import Fleet
 
 DDP = Params(clip_norm=1.0, dp_stddev=2.0, dp_survivors=8)
@@ -27,7 +28,7 @@ SETTINGS = SecAggSettings(cohort_size=10, overselect=0.2, threshold=0.6, timeout
 
 def ddp_fleet(n_values: int = 2001, settings: SecAggSettings = SETTINGS) -> Fleet:
     fleet = Fleet(12, settings, n_values=n_values)
-    rng = np.random.default_rng(7)
+    rng = CipherRng(7)
     for a in fleet.agents:  # clipped as weighted_input would: ||x|| <= clip_norm
         x = rng.normal(size=n_values - 1)
         fleet.inputs[a] = x / np.linalg.norm(x) * rng.uniform(0.1, 1.0)

@@ -17,6 +17,7 @@ from fedmq.secagg.messages import DoneMsg, MaskedMsg, decode_down
 from fedmq.secagg.quantize import scale_for
 from fedmq.secagg.server import CohortManager, SecAggSettings
 from fedmq.staleness import constant
+from tests.cipher_rng import CipherRng
 from tests.secagg_pair import CoreFleet
 
 SETTINGS = SecAggSettings(cohort_size=10, overselect=0.2, threshold=0.6, timeout=5.0)
@@ -25,7 +26,7 @@ SETTINGS = SecAggSettings(cohort_size=10, overselect=0.2, threshold=0.6, timeout
 def make_core(
     settings: SecAggSettings = SETTINGS, *, server_lr: float = 1.0, momentum: float = 0.0, **kw: Any
 ) -> AggregatorCore:
-    rng = np.random.default_rng(0)
+    rng = CipherRng(0)
     weights = {"w": rng.normal(0, 1, (20, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
     n = sum(v.size for v in weights.values())
     rule = FedBuffRule(settings.cohort_size, constant, server_lr=server_lr, momentum=momentum)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from fedmq.secagg import crypto, shamir
 from fedmq.secagg.graph import auto_degree, build_graph, threshold_for
 from fedmq.secagg.quantize import dequantize, quantize, reduce, scale_for
+from tests.cipher_rng import CipherRng
 
 SECRETS = st.binary(min_size=32, max_size=32)
 
@@ -98,7 +99,7 @@ def test_masks_come_from_the_full_key() -> None:
 
 
 def test_pairwise_masks_cancel_exactly_mod_2_to_the_bits() -> None:
-    rng = np.random.default_rng(0)
+    rng = CipherRng(0)
     bits, n, devices = 32, 1000, ["a", "b", "c", "d"]
     priv = {d: crypto.new_key() for d in devices}
     pub = {d: crypto.public_bytes(k) for d, k in priv.items()}
@@ -120,7 +121,7 @@ def test_pairwise_masks_cancel_exactly_mod_2_to_the_bits() -> None:
 @given(st.integers(1, 60), st.floats(0.1, 20), st.integers(0, 2**31))
 @settings(max_examples=40, deadline=None)
 def test_quantized_sums_are_within_the_bound(summands: int, clip: float, seed: int) -> None:
-    rng = np.random.default_rng(seed)
+    rng = CipherRng(seed)
     bits = 32
     scale = scale_for(bits, clip, summands)
     xs = [rng.uniform(-clip, clip, 200) for _ in range(summands)]
@@ -200,3 +201,18 @@ def test_a_uniform_stream_replays_one_aes_ctr_keystream_and_needs_a_full_key() -
     assert not np.array_equal(first, crypto.UniformStream(bytes(32))(256))
     with pytest.raises(ValueError, match="32-byte key"):
         crypto.UniformStream(key[:16])
+
+
+def test_the_tests_cipher_rng_is_deterministic_and_draws_in_range() -> None:
+    """The secure-aggregation tests' inputs (tests/cipher_rng.py): same seed, same draws; the right ranges."""
+    a, b = CipherRng(5), CipherRng(5)
+    x = a.normal(0, 2, (50_000,))
+    assert np.array_equal(x, b.normal(0, 2, (50_000,)))
+    assert not np.array_equal(CipherRng(6).normal(0, 2, (50_000,)), x)
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 2) < 0.05
+    u = a.uniform(-0.5, 0.5, (1000,))
+    assert u.min() >= -0.5 and u.max() < 0.5 and isinstance(a.uniform(0.2, 1.0), float)
+    ints = a.integers(-1000, 1000, 5000)
+    assert ints.min() >= -1000 and ints.max() < 1000 and len(set(ints.tolist())) > 1500
+    wide = a.integers(0, 2**32, 1000, dtype=np.uint64)
+    assert wide.dtype == np.uint64 and int(wide.max()) < 2**32

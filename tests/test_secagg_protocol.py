@@ -29,6 +29,7 @@ from fedmq.secagg.messages import (
 )
 from fedmq.secagg.quantize import scale_for
 from fedmq.secagg.server import Abandoned, SecAggSettings, Unmasked
+from tests.cipher_rng import CipherRng
 from tests.secagg_pair import Fleet
 
 SMALL = SecAggSettings(cohort_size=10, overselect=0.2, threshold=0.6, timeout=5.0)  # 12 devices, complete graph
@@ -63,7 +64,7 @@ def test_the_sum_is_exact_mod_2_to_the_bits() -> None:
     """Inputs on the quantization grid quantize exactly: the recovered sum equals the plain one to the bit."""
     fleet = Fleet(12, SMALL)
     scale = scale_for(32, SMALL.params.clip_range, 12)
-    rng = np.random.default_rng(3)
+    rng = CipherRng(3)
     for a in fleet.agents:
         fleet.weights[a] = 1.0
         fleet.inputs[a] = rng.integers(-1000, 1000, fleet.n_values - 1) / scale

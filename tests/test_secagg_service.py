@@ -24,6 +24,7 @@ from fedmq.config import AggregatorConfig, Config, SecAggConfig
 from fedmq.messages import ModelMessage, ReceiptMessage, UpdateMessage
 from fedmq.secagg.client import Aborted, ClientSession, Finished, NeedInput, Output, Send, weighted_input
 from fedmq.secagg.messages import CheckIn, CohortMsg, decode_down
+from tests.cipher_rng import CipherRng
 
 N = 12
 
@@ -65,7 +66,7 @@ class Devices:
         self.assigned: dict[str, int] = {}
         self.seq = {a: 0 for a in self.agents}
         self.settled: dict[tuple[str, int], list[ReceiptMessage]] = {}
-        self.rng = np.random.default_rng(1)
+        self.rng = CipherRng(1)
 
     def model(self) -> ModelMessage:
         view = self.svc._model_view
@@ -283,7 +284,7 @@ class Agents:
         self.seq = dict.fromkeys(self.agents, 0)
         self.receipts: list[ReceiptMessage] = []
         self.late: list[list[ReceiptMessage]] = []
-        self.rng = np.random.default_rng(2)
+        self.rng = CipherRng(2)
 
     def model(self) -> ModelMessage:
         self.svc._mark_model_dirty()
