@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,20 +244,7 @@ def test_shards_train_exactly_once_through_a_shard_kill_and_a_node_kill(
     auditor.start()
     auditor.wait("version 0", lambda: 0 in auditor.commits, 120)
 
-    train, _ = digits()
-    agents = []
-    for i, node in enumerate((n2, n2, n3, n3)):
-        data = tmp_path / f"dev{i}.npz"
-        part = train.subset(np.arange(i, 800, 4))
-        np.savez(data, x=part.x, y=part.y)
-        cmd = [
-            sys.executable, "-m", "cli", "agent", "--broker", node.url, "--prefix", PREFIX, "--id", f"dev{i}",
-            "--data", str(data), "--no-dp", "--max-updates", str(UPDATES_EACH), "--round-interval", "0.3",
-            "--lr", "0.3", "--receipt-timeout", "5",
-        ]  # fmt: skip
-        agents.append(
-            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
-        )
+    agents = start_agents(tmp_path, [n.url for n in (n2, n2, n3, n3)], max_updates=UPDATES_EACH, receipt_timeout=5)
     processes.extend(agents)
 
     # 1. The leading shard dies (SIGKILL) once the federation is under way; another takes over.
@@ -359,20 +346,7 @@ def test_a_site_forwards_only_sums_and_its_devices_are_applied_exactly_once(
     processes.append(site)
     site_receipts = SiteReceipts(site_broker.host, site_broker.port).start()
 
-    train, _ = digits()
-    agents = []
-    for i, where in enumerate((site_url, site_url, node.url)):
-        data = tmp_path / f"dev{i}.npz"
-        part = train.subset(np.arange(i, 600, 3))
-        np.savez(data, x=part.x, y=part.y)
-        cmd = [
-            sys.executable, "-m", "cli", "agent", "--broker", where, "--prefix", PREFIX, "--id", f"dev{i}",
-            "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3",
-            "--lr", "0.3", "--receipt-timeout", "4",
-        ]  # fmt: skip
-        agents.append(
-            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
-        )
+    agents = start_agents(tmp_path, [site_url, site_url, node.url])
     processes.extend(agents)
     auditor.wait("three versions", lambda: auditor.version >= 3, 180)
     site.send_signal(signal.SIGKILL)
@@ -491,23 +465,30 @@ def test_a_too_stale_update_is_refused_once_through_the_commit_log(
         root.stop()
 
 
-def secure_site_agents(tmp_path: Path, site_url: str, *extra: str) -> list[subprocess.Popen[bytes]]:
-    """Four `fedmq agent`s on a site's broker that require secure aggregation, a quarter of digits each."""
+def start_agents(
+    tmp_path: Path, brokers: Sequence[str], *extra: str, max_updates: int = 30, receipt_timeout: float = 4
+) -> list[subprocess.Popen[bytes]]:
+    """One `fedmq agent` per entry of ``brokers`` (device i on broker i), 200 digits examples each."""
     train, _ = digits()
     agents = []
-    for i in range(4):
+    for i, broker in enumerate(brokers):
         data = tmp_path / f"dev{i}.npz"
-        part = train.subset(np.arange(i, 800, 4))
+        part = train.subset(np.arange(i, 200 * len(brokers), len(brokers)))
         np.savez(data, x=part.x, y=part.y)
         cmd = [
-            sys.executable, "-m", "cli", "agent", "--broker", site_url, "--prefix", PREFIX, "--id", f"dev{i}",
-            "--data", str(data), "--no-dp", "--max-updates", "30", "--round-interval", "0.3", "--lr", "0.3",
-            "--receipt-timeout", "4", "--require-secure-aggregation", "--checkin-interval", "0.5", *extra,
+            sys.executable, "-m", "cli", "agent", "--broker", broker, "--prefix", PREFIX, "--id", f"dev{i}",
+            "--data", str(data), "--no-dp", "--max-updates", str(max_updates), "--round-interval", "0.3",
+            "--lr", "0.3", "--receipt-timeout", str(receipt_timeout), *extra,
         ]  # fmt: skip
         agents.append(
             subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / f"dev{i}.log").open("wb"))
         )
     return agents
+
+
+def secure_site_agents(tmp_path: Path, site_url: str, *extra: str) -> list[subprocess.Popen[bytes]]:
+    """Four agents on a site's broker that require secure aggregation."""
+    return start_agents(tmp_path, [site_url] * 4, "--require-secure-aggregation", "--checkin-interval", "0.5", *extra)
 
 
 def stop_site_and_agents(
