@@ -101,8 +101,8 @@ class SiteAggregator(ClusterAggregator):
         self._ledger_kv: Any = None
         self._ledger_revision = 0
         """The ledger's revision in the bucket as this process last read or wrote it (0: none yet)."""
-        self._charged: set[int] = set()
-        """Partials whose contributors' charge is not yet durable in the bucket."""
+        self._unsaved = False
+        """Charges made since the ledger was last snapshotted for the bucket (a sum offered now must wait)."""
         if self.cfg.secure_aggregation:
             n_params = sum(v.size for v in self.initial.values())
             settings = with_distributed_dp(self.cfg, cohort_settings(self.cfg), n_params)
@@ -223,7 +223,7 @@ class SiteAggregator(ClusterAggregator):
                 self._local.put_nowait((self.topics.receipt(r.agent_id), r.to_bytes(), False))
             elif isinstance(e, Offer):
                 if self.ledger is not None:  # its charge goes to the cluster before it leaves (_before_offer)
-                    self._charged.add(e.partial.pid)
+                    self._unsaved = True
                 self._offers.put_nowait(e.partial)
             elif isinstance(e, SendSecAgg):
                 self._local.put_nowait((self.topics.secagg_down(e.agent), e.payload, False))
@@ -269,13 +269,19 @@ class SiteAggregator(ClusterAggregator):
 
     async def _before_offer(self, partial: Partial) -> None:
         """A cohort's sum leaves only once its contributors' charge is durable in the cluster."""
-        if self.ledger is None or partial.pid not in self._charged:
+        if self.ledger is None or not self._unsaved:
             return
-        body = pack(self.ledger.state_dict())  # every charge so far: later sums' too (an over-count is safe)
-        self._ledger_revision = await self._retrying(
-            "writing the privacy ledger", lambda: self._write_ledger(body), limit=float("inf")
-        )
-        self._charged.clear()
+        # Every charge so far, later sums' too (an over-count is safe); one made during the write
+        # below marks the ledger unsaved again, for its own sum's turn.
+        self._unsaved = False
+        body = pack(self.ledger.state_dict())
+        try:
+            self._ledger_revision = await self._retrying(
+                "writing the privacy ledger", lambda: self._write_ledger(body), limit=float("inf")
+            )
+        except BaseException:
+            self._unsaved = True
+            raise
 
     async def _write_ledger(self, body: bytes) -> int:
         """Compare-and-set the ledger; the new revision. A write of ours whose answer was lost counts as done."""

@@ -613,6 +613,7 @@ async def test_two_processes_of_one_dp_site_cannot_both_write_its_ledger(tmp_pat
     charges; a write of its own whose answer was lost (the same bytes are there) counts as done."""
     import nats
 
+    from aggregator.sharding import Partial
     from aggregator.site import LedgerConflict, SiteAggregator
     from fedmq.codec import pack
     from fedmq.config import AggregatorConfig, BrokerConfig, Config, SecAggConfig, ShardConfig, UplinkConfig
@@ -648,6 +649,21 @@ async def test_two_processes_of_one_dp_site_cannot_both_write_its_ledger(tmp_pat
                 await second._write_ledger(pack({"delta": 1e-5, "releases": {}, "last": {}}))
             stored = await (await first._js.key_value(first.names["ledgers"])).get("hospital-a")
             assert stored.value == body  # the first one's charges stand
+            # A cohort summed while a write is in flight: its charge is not in that write's bytes,
+            # so its own offer must write again (the ledger stays unsaved).
+            first._ledger_revision = revision
+            write = first._write_ledger
+
+            async def charged_meanwhile(data: bytes) -> int:
+                assert first.ledger is not None
+                first.ledger.record(["dev1"], ("gaussian", 1.0), 2)
+                first._unsaved = True  # as SiteAggregator._carry marks it for the new sum's Offer
+                return await write(data)
+
+            first._write_ledger = charged_meanwhile  # type: ignore[method-assign]
+            first._unsaved = True
+            await first._before_offer(Partial(first.site_id, 1, 0, (), 0.0, {}))
+            assert first._unsaved, "the charge made during the write was marked saved"
         finally:
             for site in sites:
                 await site._nc.close()
