@@ -100,7 +100,7 @@ async def test_an_update_sent_the_moment_the_first_model_appears_is_heard(prefix
             await dev.subscribe(cfg.topics.receipt("first"), qos=1)
             _, stop, task = await start_aggregator(cfg)
             try:
-                async with asyncio.timeout(20):
+                async with asyncio.timeout(60):
                     async for msg in dev.messages:
                         if msg.topic.matches(cfg.topics.model):
                             model = ModelMessage.from_bytes(payload(msg))
